@@ -1,0 +1,1 @@
+"""RL glue: SB3 VecEnv adapter, feature extractors, training/evaluating agents; the CLI."""

@@ -1,0 +1,52 @@
+"""``matrix-world``: one command line for every stage of the pipeline.
+
+This module sits at the top of the import graph. Subcommands are dispatched by string so that
+``matrix-world --help`` imports no torch and the env never imports training code. Each target is a
+``main(argv: list[str]) -> int`` function; it raises :class:`world_model.errors.UsageError` for bad input, which is
+printed without a traceback and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from world_model.errors import UsageError
+
+# name -> ("module:function", one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "record": ("world_model.data.record:main", "record episodes of a real Gymnasium env (frames, actions, rewards)"),
+    "import-videos": ("world_model.data.record:import_videos_main", "import a folder of video files as unlabelled footage"),
+    "data-info": ("world_model.data.episodes:data_info_main", "print the data set card of a recorded data directory"),
+}
+
+
+def _usage() -> str:
+    width = max(len(n) for n in COMMANDS)
+    lines = ["usage: matrix-world <command> [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "matrix-world <command> --help shows a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``matrix-world`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"error: unknown command {name!r}; expected one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module_name, func_name = COMMANDS[name][0].split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    try:
+        return int(func(rest) or 0)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Export paths: ONNX / ONNX Runtime, TensorRT, torch.compile."""

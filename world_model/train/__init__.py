@@ -1,0 +1,1 @@
+"""Training loops (VAE, DiT). Nothing outside the CLI imports this package."""
