@@ -1,0 +1,164 @@
+"""The recorder: real 720p CarRacing episodes, labels, unlabelled footage, resume after SIGKILL, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import imageio
+import numpy as np
+import pytest
+
+from world_model.data import episodes as E
+from world_model.data.record import RecordArgs, parse_resolution, record, to_train_res
+from world_model.errors import UsageError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "agents.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=REPO)
+
+
+def test_record_carracing_720p(tmp_path: Path) -> None:
+    out = tmp_path / "data"
+    r = cli("record", "--env", "CarRacing-v3", "--episodes", "2", "--steps", "30", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    eps = E.list_episodes(out)
+    assert [p.name for p in eps] == ["ep_000000", "ep_000001"]
+    for ep in eps:
+        arrays = E.open_episode(ep)
+        meta = E.read_meta(ep)
+        n = meta["steps"] + 1
+        assert arrays["frames"].shape == (n, 72, 128, 3) and arrays["frames"].dtype == np.uint8
+        assert arrays["actions"][0] == -1 and set(arrays["actions"][1:].tolist()) <= set(range(9))
+        assert arrays["rewards"].dtype == np.float32 and arrays["terminated"].dtype == bool
+        assert meta["labelled"] and meta["frame_skip"] == 4 and meta["env_id"] == "CarRacing-v3"
+        reader = imageio.get_reader(ep / E.VIDEO_FILE)
+        frames = [f for f in reader]
+        reader.close()
+        assert len(frames) == n
+        assert frames[5].shape == (720, 1280, 3) and frames[5].dtype == np.uint8
+        # the training frame is the 720p frame averaged down (up to H.264's near-lossless error)
+        err = np.abs(to_train_res(frames[5]).astype(int) - arrays["frames"][5].astype(int)).mean()
+        assert err < 4.0
+        # file hashes in meta match the files
+        for fname, digest in meta["sha256"].items():
+            assert E.sha256_file(ep / fname) == digest
+    manifest = json.loads((out / E.MANIFEST).read_text())
+    assert manifest["format_version"] == E.FORMAT_VERSION and manifest["totals"]["episodes"] == 2
+    assert sum(manifest["action_counts"].values()) == manifest["totals"]["steps"]
+    info = cli("data-info", str(out))
+    assert info.returncode == 0 and "episodes: 2" in info.stdout and "MB per 1,000 steps" in info.stdout
+
+
+def test_unlabelled_has_no_action_labels(tmp_path: Path) -> None:
+    record(RecordArgs(out=tmp_path, unlabelled=True, episodes=1, steps=8, resolution="320x180"))
+    (ep,) = E.list_episodes(tmp_path)
+    meta = E.read_meta(ep)
+    assert not meta["labelled"] and meta["env_kwargs"]["domain_randomize"] is True
+    assert (E.open_episode(ep)["actions"] == -1).all()
+    assert json.loads((tmp_path / E.MANIFEST).read_text())["action_counts"] == {"unknown": meta["steps"]}
+
+
+def test_generic_discrete_env(tmp_path: Path) -> None:
+    record(RecordArgs(out=tmp_path, env="CartPole-v1", episodes=1, steps=12, resolution="320x240"))
+    (ep,) = E.list_episodes(tmp_path)
+    meta = E.read_meta(ep)
+    assert meta["sentences"] == ["Action 0.", "Action 1."] and meta["policy"] == "random"
+    a = E.open_episode(ep)["actions"][1:]
+    assert set(a.tolist()) <= {0, 1}
+
+
+def test_kill_and_resume(tmp_path: Path) -> None:
+    out = tmp_path / "data"
+    args = ["record", "--episodes", "3", "--steps", "40", "--resolution", "320x180", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "agents.cli", *args], env=env, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    first = out / E.EPISODES_DIR / "ep_000000"
+    while time.time() < deadline:  # kill while the second episode is half written
+        if first.exists() and list((out / E.EPISODES_DIR).glob(f"{E.TMP_PREFIX}ep_000001*")):
+            break
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = E.list_episodes(out)
+    assert [p.name for p in done] == ["ep_000000"]  # only complete episodes count
+    first_hash = E.sha256_file(first / "meta.json")
+    r = cli(*args)
+    assert r.returncode == 0, r.stderr
+    names = [p.name for p in E.list_episodes(out)]
+    assert names == ["ep_000000", "ep_000001", "ep_000002"]  # resumed, no duplicates
+    assert E.sha256_file(first / "meta.json") == first_hash  # the finished episode was not re-recorded
+    assert not list((out / E.EPISODES_DIR).glob(f"{E.TMP_PREFIX}*"))
+    manifest = json.loads((out / E.MANIFEST).read_text())
+    assert [e["name"] for e in manifest["episodes"]] == names
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--env", "NoSuchEnv-v9"], "NoSuchEnv-v9"),
+        (["--env", "Pendulum-v1"], "Discrete"),
+        (["--resolution", "big"], "'big'"),
+        (["--episodes", "0"], "--episodes 0"),
+    ],
+)
+def test_bad_input_exits_2_and_writes_nothing(tmp_path: Path, extra: list[str], needle: str) -> None:
+    out = tmp_path / "data"
+    r = cli("record", "--out", str(out), "--steps", "2", *extra)
+    assert r.returncode == 2, r.stderr
+    assert needle in r.stderr
+    assert not out.exists()
+
+
+def test_out_is_a_file_or_foreign_manifest(tmp_path: Path) -> None:
+    f = tmp_path / "file"
+    f.write_text("x")
+    r = cli("record", "--out", str(f), "--steps", "2")
+    assert r.returncode == 2 and "is a file" in r.stderr
+    d = tmp_path / "old"
+    d.mkdir()
+    (d / E.MANIFEST).write_text(json.dumps({"format_version": 99}))
+    r = cli("record", "--out", str(d), "--steps", "2")
+    assert r.returncode == 2 and "format_version 99" in r.stderr
+    assert sorted(p.name for p in d.iterdir()) == [E.MANIFEST]
+
+
+def test_parse_resolution() -> None:
+    assert parse_resolution("1280x720") == (1280, 720)
+    with pytest.raises(UsageError, match="'12x7'"):
+        parse_resolution("12x7")
+
+
+def test_import_videos(tmp_path: Path) -> None:
+    src = tmp_path / "videos"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    imageio.mimwrite(src / "clip.mp4", rng.integers(0, 255, (6, 64, 96, 3), dtype=np.uint8), fps=10,
+                     macro_block_size=8)
+    r = cli("import-videos", "--src", str(src), "--out", str(tmp_path / "data"), "--resolution", "320x180")
+    assert r.returncode == 0, r.stderr
+    (ep,) = E.list_episodes(tmp_path / "data")
+    meta = E.read_meta(ep)
+    assert not meta["labelled"] and meta["steps"] == 5
+    assert (E.open_episode(ep)["actions"] == -1).all()
+    r = cli("import-videos", "--src", str(src), "--out", str(tmp_path / "data"), "--resolution", "320x180")
+    assert r.returncode == 0 and len(E.list_episodes(tmp_path / "data")) == 1  # resumable, no duplicate
+
+
+@pytest.mark.slow
+def test_twenty_episodes_cover_all_nine_actions(tmp_path: Path) -> None:
+    record(RecordArgs(out=tmp_path, episodes=20, steps=250, resolution="320x180", workers=2))
+    counts = json.loads((tmp_path / E.MANIFEST).read_text())["action_counts"]
+    assert set(counts) == {"D", "DL", "DR", "B", "BL", "BR", "N", "NL", "NR"}

@@ -1,0 +1,1 @@
+"""Recorded data: recorders, on-disk episode format, windowed loaders."""

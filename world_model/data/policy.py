@@ -1,0 +1,99 @@
+"""Recording policies: what drives the real env while we record.
+
+``TrackFollower`` (CarRacing): a pure-pursuit steering controller on the track's centre line with a
+speed target, plus epsilon action noise and random held bursts. The bursts push the car onto the
+grass and the controller then drives it back, so the data holds recoveries as well as clean laps,
+and all nine driving actions occur (the noise and bursts draw uniformly from the table).
+``RandomPolicy``: uniform random actions for any Discrete env (the generic recorder's default).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from world_model.actions import action_id
+
+
+class RandomPolicy:
+    """Uniform random actions held for a random number of steps (1-4)."""
+
+    name = "random-hold"
+
+    def __init__(self, num_actions: int, rng: np.random.Generator) -> None:
+        self.num_actions, self.rng = num_actions, rng
+        self._action, self._left = 0, 0
+
+    def __call__(self, env) -> int:  # noqa: ANN001 - any gym env
+        if self._left <= 0:
+            self._action, self._left = int(self.rng.integers(self.num_actions)), int(self.rng.integers(1, 5))
+        self._left -= 1
+        return self._action
+
+
+@dataclass
+class TrackFollowerConfig:
+    """Knobs of the CarRacing recording policy; each episode samples its own within these ranges."""
+
+    lookahead: tuple[int, int] = (4, 8)  # track tiles ahead of the nearest one to steer at
+    target_speed: tuple[float, float] = (35.0, 70.0)  # hull speed (m/s in Box2D units) to hold
+    steer_deadzone: float = 0.08  # radians of heading error treated as "straight"
+    epsilon: tuple[float, float] = (0.1, 0.3)  # probability of a uniform random action per step
+    burst_prob: float = 0.03  # probability per step of starting a held random burst
+    burst_len: tuple[int, int] = (4, 14)  # steps a burst holds its action
+
+
+class TrackFollower:
+    """Pure-pursuit controller for CarRacing-v3 over the nine driving actions, with exploration noise."""
+
+    name = "track-follower+noise"
+
+    def __init__(self, rng: np.random.Generator, cfg: TrackFollowerConfig | None = None) -> None:
+        self.cfg = cfg or TrackFollowerConfig()
+        self.rng = rng
+        c = self.cfg
+        self.lookahead = int(rng.integers(c.lookahead[0], c.lookahead[1] + 1))
+        self.target_speed = float(rng.uniform(*c.target_speed))
+        self.epsilon = float(rng.uniform(*c.epsilon))
+        self._burst_action, self._burst_left = 0, 0
+        self._track_xy: np.ndarray | None = None
+
+    def params(self) -> dict[str, float]:
+        """This episode's sampled parameters (stored in the episode's meta)."""
+        return {"lookahead": self.lookahead, "target_speed": self.target_speed, "epsilon": self.epsilon}
+
+    def controller(self, env) -> int:  # noqa: ANN001 - CarRacing (unwrapped)
+        """The noiseless action: steer towards a point ``lookahead`` tiles ahead, hold the target speed."""
+        if self._track_xy is None:
+            self._track_xy = np.array([(t[2], t[3]) for t in env.track], dtype=np.float64)  # (n, 2)
+        hull = env.car.hull
+        pos = np.array(hull.position, dtype=np.float64)
+        nearest = int(np.argmin(((self._track_xy - pos) ** 2).sum(1)))
+        target = self._track_xy[(nearest + self.lookahead) % len(self._track_xy)]
+        forward, right = np.array(hull.GetWorldVector((0, 1))), np.array(hull.GetWorldVector((1, 0)))
+        d = target - pos
+        heading_err = math.atan2(float(d @ right), float(d @ forward))  # > 0: target is to the right
+        steer = 0 if abs(heading_err) < self.cfg.steer_deadzone else (1 if heading_err > 0 else -1)
+        speed = float(np.linalg.norm(np.array(hull.linearVelocity)))
+        # brake into sharp corners, drive below the target speed, coast above it
+        if abs(heading_err) > 0.6 and speed > 0.6 * self.target_speed:
+            throttle = 1
+        elif speed < self.target_speed:
+            throttle = 0
+        else:
+            throttle = 2
+        return action_id(steer, throttle)
+
+    def __call__(self, env) -> int:  # noqa: ANN001
+        if self._burst_left > 0:
+            self._burst_left -= 1
+            return self._burst_action
+        if self.rng.random() < self.cfg.burst_prob:
+            self._burst_action = int(self.rng.integers(9))
+            self._burst_left = int(self.rng.integers(self.cfg.burst_len[0], self.cfg.burst_len[1] + 1)) - 1
+            return self._burst_action
+        if self.rng.random() < self.epsilon:
+            return int(self.rng.integers(9))
+        return self.controller(env)

@@ -1,0 +1,325 @@
+"""Video DiT with per-frame noise levels and The Matrix's interactive module.
+
+Input: a window of T noisy latent frames, each with its own flow time ``t`` (Swin-DPM / diffusion
+forcing), and per-frame control tokens (the action sentence's text-encoder tokens). Output: the
+rectified-flow velocity ``v = eps - x0`` for every frame (``x_t = (1 - t) x0 + t eps``).
+
+Each block factorises attention into spatial self-attention (within a frame) and temporal
+self-attention (across frames at the same spatial location, block-causal when ``cfg.causal`` so
+that frame i only sees frames <= i). Every block is adaLN-Zero modulated per frame by the frame's
+timestep embedding plus its pooled control embedding. After every ``cross_every`` blocks an
+interactive module cross-attends from each frame's tokens to that frame's control tokens; its
+output passes through a zero-initialised gate, so a freshly initialised model ignores it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+# Flow time t in [0, 1] is scaled to DiT's usual [0, 1000] range before the sinusoidal embedding.
+TIME_SCALE = 1000.0
+# Width of the sinusoidal timestep features (DiT's frequency_embedding_size).
+TIME_FREQ_DIM = 256
+
+
+@dataclass
+class DiTConfig:
+    """Video DiT hyper-parameters."""
+
+    latent_channels: int = 8
+    """C, channels of the (normalised) VAE latent."""
+    latent_hw: tuple[int, int] = (9, 16)
+    """(H, W) of the latent; must be divisible by ``patch``."""
+    patch: int = 1
+    """Patch size; tokens per frame P = (H / patch) * (W / patch)."""
+    dim: int = 192
+    """D, hidden width."""
+    depth: int = 6
+    """Number of DiT blocks."""
+    heads: int = 6
+    """Attention heads (dim must be divisible by heads)."""
+    mlp_ratio: float = 4.0
+    """MLP hidden width = mlp_ratio * dim."""
+    max_frames: int = 16
+    """Maximum window length T (size of the temporal position table)."""
+    text_dim: int = 384
+    """Dt, width of the control tokens (MiniLM: 384)."""
+    cross_every: int = 2
+    """Insert an interactive (cross-attention) module after every this many blocks (The Matrix: 2)."""
+    causal: bool = True
+    """Block-causal temporal attention: frame i attends frames <= i."""
+    qk_norm: bool = True
+    """RMS-normalise queries and keys per head (stabilises attention logits)."""
+
+
+DIT_PRESETS: dict[str, DiTConfig] = {
+    "tiny": DiTConfig(latent_channels=4, latent_hw=(8, 8), dim=32, depth=2, heads=2, max_frames=8),
+    "S": DiTConfig(dim=128, depth=4, heads=4),
+    "B": DiTConfig(dim=256, depth=8, heads=8),
+}
+
+
+def get_preset(name: str, **overrides: object) -> DiTConfig:
+    """A copy of ``DIT_PRESETS[name]`` with fields replaced by ``overrides``."""
+    return replace(DIT_PRESETS[name], **overrides)
+
+
+def sincos_1d(positions: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features of arbitrary-shaped positions.
+
+    Args:
+        positions: (...) float tensor.
+        dim: feature width (even).
+        max_period: lowest frequency's period.
+
+    Returns:
+        (..., dim) float32 features ``[cos, sin]``.
+    """
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=positions.device) / half
+    )  # (half,)
+    args = positions.float()[..., None] * freqs  # (..., half)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (..., dim)
+
+
+def sincos_2d(h: int, w: int, dim: int) -> torch.Tensor:
+    """2D sin-cos position table (MAE/DiT): half the channels encode rows, half columns.
+
+    Returns:
+        (h * w, dim) float32, row-major over (h, w).
+    """
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")  # (h, w) each
+    emb = torch.cat([sincos_1d(ys.flatten(), dim // 2), sincos_1d(xs.flatten(), dim // 2)], dim=-1)
+    return emb  # (h*w, dim)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: x (B, T, P, D), shift/scale (B, T, D) -> (B, T, P, D)."""
+    return x * (1 + scale[:, :, None]) + shift[:, :, None]
+
+
+class Attention(nn.Module):
+    """Multi-head attention over the second-to-last axis with optional QK RMS-norm.
+
+    Queries come from ``x``; keys and values from ``context`` (self-attention when None).
+    """
+
+    def __init__(self, dim: int, heads: int, qk_norm: bool, context_dim: int | None = None) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim={dim} is not divisible by heads={heads}")
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(context_dim or dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.q_norm = nn.RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        """Attend.
+
+        Args:
+            x: (B', N, D) queries.
+            context: (B', M, Dc) keys/values source; ``x`` when None.
+            attn_mask: bool mask broadcastable to (B', heads, N, M); True = attend.
+            is_causal: causal mask over N == M.
+
+        Returns:
+            (B', N, D).
+        """
+        context = x if context is None else context
+        q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.heads)  # (B', h, N, d)
+        kv = rearrange(self.kv(context), "b m (two h d) -> two b h m d", two=2, h=self.heads)
+        k, v = kv.unbind(0)  # 2 x (B', h, M, d)
+        q, k = self.q_norm(q), self.k_norm(k)
+        # (B', h, N, d)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        return self.proj(rearrange(out, "b h n d -> b n (h d)"))  # (B', N, D)
+
+
+class DiTBlock(nn.Module):
+    """Spatial attention, temporal attention and MLP, each adaLN-Zero modulated per frame."""
+
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        d = cfg.dim
+        self.causal = cfg.causal
+        self.norm_s = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.attn_s = Attention(d, cfg.heads, cfg.qk_norm)
+        self.norm_t = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.attn_t = Attention(d, cfg.heads, cfg.qk_norm)
+        self.norm_m = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        hidden = int(d * cfg.mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, d))
+        # 3 sub-layers x (shift, scale, gate); zero-init so every block starts as the identity.
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(d, 9 * d))
+        nn.init.zeros_(self.ada[-1].weight)
+        nn.init.zeros_(self.ada[-1].bias)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Apply the block: x (B, T, P, D), c (B, T, D) per-frame conditioning -> (B, T, P, D)."""
+        b, t, p, _ = x.shape
+        mods = self.ada(c).chunk(9, dim=-1)  # 9 x (B, T, D)
+        sh_s, sc_s, g_s, sh_t, sc_t, g_t, sh_m, sc_m, g_m = mods
+
+        # Spatial attention within each frame.
+        h = modulate(self.norm_s(x), sh_s, sc_s)  # (B, T, P, D)
+        h = self.attn_s(rearrange(h, "b t p d -> (b t) p d"))  # (B*T, P, D)
+        x = x + g_s[:, :, None] * rearrange(h, "(b t) p d -> b t p d", b=b)  # (B, T, P, D)
+
+        # Temporal attention across frames at each spatial location.
+        h = modulate(self.norm_t(x), sh_t, sc_t)  # (B, T, P, D)
+        h = self.attn_t(rearrange(h, "b t p d -> (b p) t d"), is_causal=self.causal)  # (B*P, T, D)
+        x = x + g_t[:, :, None] * rearrange(h, "(b p) t d -> b t p d", b=b, p=p)  # (B, T, P, D)
+
+        h = self.mlp(modulate(self.norm_m(x), sh_m, sc_m))  # (B, T, P, D)
+        return x + g_m[:, :, None] * h
+
+
+class InteractiveModule(nn.Module):
+    """Frame-aligned cross-attention from each frame's tokens to its own control tokens.
+
+    The output is scaled by ``tanh(gate)`` with ``gate`` initialised to zero (Flamingo-style), so
+    inserting the module does not change a model's output until training opens the gate.
+    """
+
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.dim, eps=1e-6)
+        # Text-encoder hidden states have their own scale; normalise before projecting.
+        self.ctx_norm = nn.LayerNorm(cfg.text_dim, eps=1e-6)
+        self.attn = Attention(cfg.dim, cfg.heads, cfg.qk_norm, context_dim=cfg.text_dim)
+        self.gate = nn.Parameter(torch.zeros(cfg.dim))
+
+    def forward(self, x: torch.Tensor, ctrl_tokens: torch.Tensor, ctrl_mask: torch.Tensor) -> torch.Tensor:
+        """Add gated cross-attention.
+
+        Args:
+            x: (B, T, P, D) video tokens.
+            ctrl_tokens: (B, T, N, Dt) control tokens of each frame.
+            ctrl_mask: (B, T, N) bool, True = real token.
+
+        Returns:
+            (B, T, P, D).
+        """
+        b = x.shape[0]
+        # A frame whose mask is all False would make SDPA return NaN: let it attend to everything
+        # and zero its output instead (a masked write, no host sync).
+        has_ctrl = ctrl_mask.any(dim=-1)  # (B, T)
+        safe_mask = ctrl_mask | ~has_ctrl[..., None]  # (B, T, N)
+        q = rearrange(self.norm(x), "b t p d -> (b t) p d")  # (B*T, P, D)
+        ctx = rearrange(self.ctx_norm(ctrl_tokens), "b t n e -> (b t) n e")  # (B*T, N, Dt)
+        mask = rearrange(safe_mask, "b t n -> (b t) 1 1 n")  # (B*T, 1, 1, N)
+        h = rearrange(self.attn(q, ctx, attn_mask=mask), "(b t) p d -> b t p d", b=b)  # (B, T, P, D)
+        h = h * has_ctrl[:, :, None, None].to(h.dtype)
+        return x + torch.tanh(self.gate) * h
+
+
+class VideoDiT(nn.Module):
+    """Action-conditioned video diffusion transformer (velocity prediction, per-frame noise level)."""
+
+    pos_spatial: torch.Tensor
+
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        h, w = cfg.latent_hw
+        if h % cfg.patch or w % cfg.patch:
+            raise ValueError(f"latent_hw={cfg.latent_hw} is not divisible by patch={cfg.patch}")
+        if cfg.cross_every < 1:
+            raise ValueError(f"cross_every must be >= 1, got {cfg.cross_every}")
+        self.cfg = cfg
+        self.grid = (h // cfg.patch, w // cfg.patch)
+        d = cfg.dim
+        patch_dim = cfg.latent_channels * cfg.patch**2
+
+        self.patch_embed = nn.Linear(patch_dim, d)
+        # Fixed spatial table, recomputed from the config (not stored in checkpoints).
+        self.register_buffer("pos_spatial", sincos_2d(*self.grid, d), persistent=False)  # (P, D)
+        self.pos_temporal = nn.Parameter(torch.zeros(cfg.max_frames, d))  # (T_max, D)
+        nn.init.trunc_normal_(self.pos_temporal, std=0.02)
+
+        self.t_embed = nn.Sequential(nn.Linear(TIME_FREQ_DIM, d), nn.SiLU(), nn.Linear(d, d))
+        self.ctrl_embed = nn.Linear(cfg.text_dim, d)
+
+        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
+        self.interactive = nn.ModuleList(InteractiveModule(cfg) for _ in range(cfg.depth // cfg.cross_every))
+
+        self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
+        self.final = nn.Linear(d, patch_dim)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.normal_(self.t_embed[0].weight, std=0.02)
+        nn.init.normal_(self.t_embed[2].weight, std=0.02)
+        # adaLN-Zero: modulation and output layers start at zero (DiT).
+        for blk in self.blocks:
+            nn.init.zeros_(blk.ada[-1].weight)
+            nn.init.zeros_(blk.ada[-1].bias)
+        for lin in (self.final_ada[-1], self.final):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def gates(self) -> list[nn.Parameter]:
+        """The interactive modules' gates (pre-tanh), e.g. to log how much control is used."""
+        return [m.gate for m in self.interactive]
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, ctrl_tokens: torch.Tensor, ctrl_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Predict the flow velocity of every frame.
+
+        Args:
+            x: (B, T, C, H, W) noisy latents, T <= max_frames.
+            t: (B, T) flow time per frame in [0, 1] (0 clean, 1 pure noise).
+            ctrl_tokens: (B, T, N, Dt) control tokens per frame.
+            ctrl_mask: (B, T, N) bool, True = real token.
+
+        Returns:
+            (B, T, C, H, W) velocity ``eps - x0``.
+        """
+        b, n_frames, _, h, w = x.shape
+        p = self.cfg.patch
+        if n_frames > self.cfg.max_frames:
+            raise ValueError(f"T={n_frames} exceeds max_frames={self.cfg.max_frames}")
+
+        # (B, T, P, C*p*p)
+        tokens = rearrange(x, "b t c (gh p1) (gw p2) -> b t (gh gw) (c p1 p2)", p1=p, p2=p)
+        tokens = self.patch_embed(tokens)  # (B, T, P, D)
+        tokens = tokens + self.pos_spatial + self.pos_temporal[:n_frames, None]  # (B, T, P, D)
+
+        # Per-frame conditioning: timestep + masked mean of the frame's control tokens.
+        mask_f = ctrl_mask.to(ctrl_tokens.dtype)[..., None]  # (B, T, N, 1)
+        pooled = (ctrl_tokens * mask_f).sum(dim=2) / mask_f.sum(dim=2).clamp(min=1.0)  # (B, T, Dt)
+        t_feat = sincos_1d(t * TIME_SCALE, TIME_FREQ_DIM).to(tokens.dtype)  # (B, T, 256)
+        c = self.t_embed(t_feat) + self.ctrl_embed(pooled)  # (B, T, D)
+
+        for i, blk in enumerate(self.blocks):
+            tokens = blk(tokens, c)  # (B, T, P, D)
+            if (i + 1) % self.cfg.cross_every == 0:
+                tokens = self.interactive[(i + 1) // self.cfg.cross_every - 1](tokens, ctrl_tokens, ctrl_mask)
+
+        shift, scale = self.final_ada(c).chunk(2, dim=-1)  # 2 x (B, T, D)
+        out = self.final(modulate(self.final_norm(tokens), shift, scale))  # (B, T, P, C*p*p)
+        return rearrange(
+            out, "b t (gh gw) (c p1 p2) -> b t c (gh p1) (gw p2)", gh=h // p, p1=p, p2=p
+        )  # (B, T, C, H, W)
