@@ -1,0 +1,220 @@
+"""Env throughput: MatrixWorld single and batched, at 84x84 and 720p, beside the real CarRacing-v3.
+
+Prints one table: env steps/s, milliseconds per (batched) step, the ratio to CarRacing-v3 measured
+in the same run, and the process's peak RSS after each row. CarRacing-v3 runs with discrete
+actions and frame-skip 4 (the recorder's setting), so one of its "steps" is one recorded frame =
+4 physics steps, the unit MatrixWorld generates.
+
+    PYTHONPATH=. python benchmarks/bench_env.py --world path/to/world [--quick] [--steps 50]
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable without installing
+
+FRAME_SKIP = 4  # CarRacing physics steps per recorded frame
+WARMUP_STEPS = 2
+
+
+@dataclass
+class BenchArgs:
+    """Benchmark MatrixWorld env throughput against CarRacing-v3."""
+
+    world: str | None = None
+    """World-model checkpoint directory (default: the shipped world)."""
+    steps: int = 30
+    """Timed steps per configuration (after warm-up)."""
+    quick: bool = False
+    """Fewer configurations and steps (a smoke run)."""
+    device: str = "cpu"
+    """Torch device of the model."""
+    dtype: str = "float32"
+    """Network precision: float32, bfloat16 or float16."""
+    sampler_mode: str | None = None
+    """Swin-DPM mode (default: the checkpoint's)."""
+    threads: int = 0
+    """torch.set_num_threads (0: torch's default)."""
+    carracing: bool = True
+    """Also measure the real CarRacing-v3."""
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far, MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def time_steps(step, steps: int) -> float:
+    """Seconds for ``steps`` calls of ``step`` after warm-up calls."""
+    for _ in range(WARMUP_STEPS):
+        step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return time.perf_counter() - t0
+
+
+def bench_carracing(steps: int) -> float:
+    """Recorded frames per second of CarRacing-v3 (discrete, frame-skip 4, random actions)."""
+    import gymnasium as gym
+
+    env = gym.make("CarRacing-v3", continuous=False)
+    env.reset(seed=0)
+    rng = np.random.default_rng(0)
+
+    def step() -> None:
+        action = int(rng.integers(env.action_space.n))
+        for _ in range(FRAME_SKIP):
+            _, _, terminated, truncated, _ = env.step(action)
+            if terminated or truncated:
+                env.reset()
+                break
+
+    seconds = time_steps(step, steps)
+    env.close()
+    return steps / seconds
+
+
+def bench_single(args: BenchArgs, obs_size: tuple[int, int], steps: int) -> float:
+    """Env steps/s of one MatrixWorldEnv."""
+    from matrix_env.env import MatrixWorldEnv
+
+    env = MatrixWorldEnv(
+        world=args.world,
+        obs_size=obs_size,
+        sampler_mode=args.sampler_mode,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    env.reset(seed=0)
+    rng = np.random.default_rng(0)
+
+    def step() -> None:
+        _, _, terminated, truncated, _ = env.step(int(rng.integers(env.action_space.n)))
+        if terminated or truncated:
+            env.reset()
+
+    return steps / time_steps(step, steps)
+
+
+def bench_vector(args: BenchArgs, num_envs: int, obs_size: tuple[int, int], steps: int) -> float:
+    """Env steps/s (all sub-envs together) of one MatrixWorldVectorEnv."""
+    from matrix_env.vector import MatrixWorldVectorEnv
+
+    envs = MatrixWorldVectorEnv(
+        num_envs=num_envs,
+        world=args.world,
+        obs_size=obs_size,
+        sampler_mode=args.sampler_mode,
+        device=args.device,
+        dtype=args.dtype,
+        max_episode_steps=1000,
+    )
+    envs.reset(seed=0)
+    rng = np.random.default_rng(0)
+
+    def step() -> None:
+        envs.step(rng.integers(envs.single_action_space.n, size=num_envs))
+
+    return num_envs * steps / time_steps(step, steps)
+
+
+def run(args: BenchArgs) -> list[dict[str, object]]:
+    """Measure every configuration; returns the table rows."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    steps = min(args.steps, 10) if args.quick else args.steps
+    small, hd = (84, 84), (720, 1280)
+    configs: list[tuple[str, int | None, tuple[int, int]]] = [("MatrixWorldEnv", None, small)]
+    configs += [("MatrixWorldVectorEnv", n, small) for n in ((1, 4) if args.quick else (1, 4, 16, 64))]
+    configs += [("MatrixWorldEnv", None, hd)]
+    configs += [("MatrixWorldVectorEnv", n, hd) for n in ((1,) if args.quick else (1, 4))]
+
+    rows: list[dict[str, object]] = []
+    base = None
+    if args.carracing:
+        base = bench_carracing(steps * 2)
+        rows.append(
+            {
+                "env": f"CarRacing-v3 (frame-skip {FRAME_SKIP})",
+                "num_envs": 1,
+                "obs": "96x96",
+                "steps_s": base,
+                "ms_step": 1000 / base,
+                "rss": peak_rss_mib(),
+            }
+        )
+    for name, n, size in configs:
+        if n is None:
+            rate = bench_single(args, size, steps)
+            batch = 1
+        else:
+            rate = bench_vector(args, n, size, max(2, steps // max(1, n // 4)))
+            batch = n
+        rows.append(
+            {
+                "env": name,
+                "num_envs": batch,
+                "obs": f"{size[0]}x{size[1]}",
+                "steps_s": rate,
+                "ms_step": 1000 * batch / rate,
+                "rss": peak_rss_mib(),
+            }
+        )
+    for row in rows:
+        row["vs_carracing"] = row["steps_s"] / base if base else float("nan")
+    return rows
+
+
+def format_table(rows: list[dict[str, object]]) -> str:
+    """Markdown table of the rows."""
+    lines = [
+        "| env | num_envs | obs | env steps/s | ms / step (batch) | x CarRacing | peak RSS MiB |",
+        "|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['env']} | {r['num_envs']} | {r['obs']} | {r['steps_s']:.1f} | {r['ms_step']:.1f} | "
+            f"{r['vs_carracing']:.2f} | {r['rss']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python benchmarks/bench_env.py``."""
+    import platform
+
+    import torch
+    import tyro
+
+    from world_model.errors import UsageError
+
+    args = tyro.cli(BenchArgs, args=argv, description=__doc__.split("\n\n")[0])
+    if args.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    rows = run(args)
+    print(
+        f"# bench_env: world={args.world or 'default'} device={args.device} dtype={args.dtype} "
+        f"threads={torch.get_num_threads()} cpu={platform.processor() or platform.machine()}"
+    )
+    print(format_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    from world_model.errors import UsageError
+
+    try:
+        raise SystemExit(main(sys.argv[1:]))
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,313 @@
+"""``MatrixWorldEnv``: one stream of the learned world model as a ``gymnasium.Env``.
+
+The helpers here (world loading, observation spaces, the per-episode draw from ``np_random``, the
+pygame viewer) are shared with :mod:`matrix_env.vector`, so a vector env and N single envs make
+exactly the same random choices.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+
+from matrix_env import DEFAULT_WORLD
+from world_model.checkpoint import CheckpointError, WorldModel, load_world
+from world_model.errors import UsageError
+from world_model.simulator import RewardFn, Simulator, sampler_config
+from world_model.swin_dpm import KEY_HIGH
+
+ObsType = Literal["rgb", "latent"]
+OBS_TYPES: tuple[str, ...] = ("rgb", "latent")
+HD_SIZE = (720, 1280)  # default observation / render size (H, W)
+DEFAULT_FPS = 15
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# --------------------------------------------------------------------------------- shared helpers
+def resolve_world(world: str | os.PathLike | WorldModel | None, device: torch.device | str) -> WorldModel:
+    """Load a world model from a checkpoint directory (default: the shipped one), or pass one through.
+
+    Raises:
+        CheckpointError: the directory is missing or the checkpoint does not load.
+    """
+    if isinstance(world, WorldModel):
+        return world
+    path = DEFAULT_WORLD if world is None else world
+    if not os.path.isdir(path):
+        hint = (
+            "the shipped default world is not installed; train one (matrix-world train-dit ...) "
+            "and save it there, or pass world=<checkpoint directory>"
+            if world is None
+            else "pass world=<a checkpoint directory written by world_model.checkpoint.save_world>"
+        )
+        raise CheckpointError(f"no world model at {os.fspath(path)!r}: {hint}")
+    return load_world(path, device)
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """'float32' | 'bfloat16' | 'float16' (or the torch dtype) -> torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise UsageError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def check_obs(obs_type: str, obs_size: tuple[int, int] | list[int] | None) -> tuple[int, int] | None:
+    """Validate the observation settings; returns the (H, W) of rgb observations (None for latents)."""
+    if obs_type not in OBS_TYPES:
+        raise UsageError(f"obs_type must be one of {OBS_TYPES}, got {obs_type!r}")
+    if obs_type == "latent":
+        if obs_size is not None:
+            raise UsageError("obs_size applies to obs_type='rgb' only; latent observations are (C, H, W)")
+        return None
+    if obs_size is None:
+        return HD_SIZE
+    size = tuple(obs_size)
+    if len(size) != 2 or not all(isinstance(s, int | np.integer) and s > 0 for s in size):
+        raise UsageError(f"obs_size must be (height, width) with positive ints, got {obs_size!r}")
+    return int(size[0]), int(size[1])
+
+
+def make_observation_space(sim: Simulator, obs_hw: tuple[int, int] | None) -> spaces.Box:
+    """Box(0, 255, (H, W, 3), uint8) for rgb, Box(-inf, inf, (C, H, W), float32) for latents."""
+    if obs_hw is None:
+        return spaces.Box(-np.inf, np.inf, sim.latent_shape, np.float32)
+    return spaces.Box(0, 255, (*obs_hw, 3), np.uint8)
+
+
+def draw_episode(rng: np.random.Generator, num_starts: int) -> tuple[int, int]:
+    """The random choices of one episode, drawn from the env's ``np_random``.
+
+    Returns:
+        ``(start_index, noise_key)``: which recorded start context, and the key of the episode's
+        counter-based noise stream (all sampling noise of the episode derives from it).
+    """
+    start = int(rng.integers(num_starts))
+    key = int(rng.integers(0, KEY_HIGH, dtype=np.int64))
+    return start, key
+
+
+def start_index_option(options: dict[str, Any] | None, num_starts: int) -> int | None:
+    """``options["start_index"]`` (a recorded start context to begin from), validated."""
+    if not options or options.get("start_index") is None:
+        return None
+    idx = options["start_index"]
+    if not isinstance(idx, int | np.integer) or not 0 <= idx < num_starts:
+        raise UsageError(f"options['start_index'] must be an int in [0, {num_starts}), got {idx!r}")
+    return int(idx)
+
+
+class PygameViewer:
+    """A pygame window showing uint8 (H, W, 3) frames at a fixed rate (render_mode="human")."""
+
+    def __init__(self, title: str, fps: int) -> None:
+        self.title, self.fps = title, fps
+        self.screen = None
+        self.clock = None
+
+    def show(self, frame: np.ndarray) -> None:
+        """Draw one frame and keep the window responsive."""
+        import pygame
+
+        h, w = frame.shape[:2]
+        if self.screen is None:
+            pygame.init()
+            pygame.display.init()
+            pygame.display.set_caption(self.title)
+            self.screen = pygame.display.set_mode((w, h))
+            self.clock = pygame.time.Clock()
+        pygame.event.pump()
+        surface = pygame.surfarray.make_surface(np.ascontiguousarray(frame.transpose(1, 0, 2)))  # (W, H, 3)
+        self.screen.blit(surface, (0, 0))
+        pygame.display.flip()
+        self.clock.tick(self.fps)
+
+    def close(self) -> None:
+        """Close the window."""
+        if self.screen is not None:
+            import pygame
+
+            pygame.display.quit()
+            pygame.quit()
+            self.screen = None
+
+
+# --------------------------------------------------------------------------------------- the env
+class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
+    """A driving world dreamt by a learned video model (The Matrix / Swin-DPM DiT of CarRacing).
+
+    ## Description
+    Each step, a video diffusion transformer generates the next frame of a CarRacing-style drive,
+    conditioned on the recent frames and on the chosen action's sentence ("The car is driving
+    forward and turning left."). Frames are produced in a compact latent space by the Swin-DPM
+    sliding-window sampler and decoded to pixels (720p by default, or any smaller size).
+
+    ## Action Space
+    ``Discrete(A)``; for the driving table A = 9: 0 D (drive), 1 DL, 2 DR, 3 B (brake), 4 BL,
+    5 BR, 6 N (coast), 7 NL, 8 NR (L / R: steer left / right). ``get_action_meanings()`` and the
+    ``info["action_meanings"]`` of ``reset`` give the names.
+
+    ## Observation Space
+    ``obs_type="rgb"``: ``Box(0, 255, (H, W, 3), uint8)``, (H, W) = ``obs_size`` (default
+    (720, 1280); sizes up to twice the model's native 72x128 per side, e.g. 84x84, skip the 720p
+    decoder).
+    ``obs_type="latent"``: ``Box(-inf, inf, (C, h, w), float32)``, the model's normalised latent.
+
+    ## Rewards
+    Predicted by the checkpoint's reward head from (previous frame, new frame, action), trained on
+    CarRacing's rewards (-0.1 per frame, +1000/N per new track tile); or ``reward_fn(latents_prev,
+    latents, actions) -> (B,)`` if given.
+
+    ## Starting State
+    A real recorded context (a few encoded frames shipped with the checkpoint), chosen with the
+    env's ``np_random``; ``reset(options={"start_index": i})`` picks one. The first observation is
+    the newest recorded frame.
+
+    ## Episode End
+    Terminated when the termination head's logit is positive (e.g. the car leaves the playfield);
+    truncated after ``max_episode_steps`` (1000 when made with ``gym.make``).
+
+    ## Arguments
+    ```python
+    gym.make("MatrixWorld-v0", world=None, render_mode=None, obs_size=None, obs_type="rgb",
+             sampler_mode=None, device="cpu", dtype="float32", reward_fn=None)
+    ```
+    * ``world``: checkpoint directory (default: the shipped ``matrix_env/worlds/default``) or a
+      loaded :class:`~world_model.checkpoint.WorldModel`.
+    * ``render_mode``: None, "rgb_array" (720p frames) or "human" (a pygame window).
+    * ``obs_size`` / ``obs_type``: see Observation Space.
+    * ``sampler_mode``: "pipelined", "reconditioned" or "immediate" (default: the checkpoint's).
+    * ``device`` / ``dtype``: where and in which precision the networks run.
+    * ``reward_fn``: replaces the reward head.
+
+    Same seed, same actions -> identical frames (all sampling noise comes from a stream keyed by
+    ``np_random``).
+
+    ## Version History
+    * v0: initial release.
+
+    ## Example
+    >>> import gymnasium as gym, matrix_env
+    >>> env = gym.make("MatrixWorld-v0", obs_size=(84, 84))  # doctest: +SKIP
+    >>> obs, info = env.reset(seed=0)  # doctest: +SKIP
+    >>> obs.shape  # doctest: +SKIP
+    (84, 84, 3)
+    """
+
+    metadata = {"render_modes": ["human", "rgb_array"], "render_fps": DEFAULT_FPS}
+
+    def __init__(
+        self,
+        world: str | os.PathLike | WorldModel | None = None,
+        render_mode: str | None = None,
+        obs_size: tuple[int, int] | None = None,
+        obs_type: ObsType = "rgb",
+        sampler_mode: str | None = None,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = "float32",
+        reward_fn: RewardFn | None = None,
+    ) -> None:
+        """Load the world model and allocate one stream. See the class docstring for arguments."""
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise UsageError(
+                f"render_mode must be None or one of {self.metadata['render_modes']}, got {render_mode!r}"
+            )
+        self.render_mode = render_mode
+        self.obs_type = obs_type
+        self.obs_hw = check_obs(obs_type, obs_size)
+        self.world = resolve_world(world, device)
+        self.sim = Simulator(
+            self.world, 1, device, sampler_config(self.world, sampler_mode), parse_dtype(dtype), reward_fn
+        )
+        self.metadata = {**self.metadata, "render_fps": int(self.world.meta.get("fps", DEFAULT_FPS))}
+        self.action_meanings = list(self.world.action_names)
+        self.action_space = spaces.Discrete(self.world.num_actions)
+        self.observation_space = make_observation_space(self.sim, self.obs_hw)
+        self._all = torch.ones(1, dtype=torch.bool)
+        self._latent: torch.Tensor | None = None  # (1, C, H, W) newest frame
+        self._obs: np.ndarray | None = None
+        self._viewer: PygameViewer | None = None
+
+    def get_action_meanings(self) -> list[str]:
+        """Names of the actions, indexed by action id (e.g. "D", "DL", ...)."""
+        return list(self.action_meanings)
+
+    def _observe(self, latent: torch.Tensor) -> np.ndarray:
+        if self.obs_hw is None:
+            return latent[0].cpu().numpy()  # (C, H, W) float32
+        return self.sim.decode(latent, self.obs_hw)[0].cpu().numpy()  # (H, W, 3) uint8
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """Start a new episode from a recorded context chosen by ``np_random``.
+
+        Args:
+            seed: reseeds ``np_random`` (and so every later random choice).
+            options: ``{"start_index": i}`` picks recorded start context i.
+
+        Returns:
+            ``(obs, info)``; info has ``start_index`` and ``action_meanings``.
+        """
+        super().reset(seed=seed)
+        start, key = draw_episode(self.np_random, self.sim.num_starts)
+        chosen = start_index_option(options, self.sim.num_starts)
+        start = start if chosen is None else chosen
+        self._latent = self.sim.reset(
+            self._all,
+            torch.tensor([start], dtype=torch.long),
+            noise_key=torch.tensor([key], dtype=torch.long),
+        )
+        self._obs = self._observe(self._latent)
+        if self.render_mode == "human":
+            self.render()
+        return self._obs, {"start_index": start, "action_meanings": self.get_action_meanings()}
+
+    def step(self, action: int | np.integer) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        """Generate the next frame under ``action``.
+
+        Returns:
+            ``(obs, reward, terminated, truncated, info)``; info has ``action_meaning``.
+        """
+        if self._latent is None:
+            raise gym.error.ResetNeeded("call reset() before step()")
+        if not self.action_space.contains(action):
+            raise UsageError(f"action must be an int in [0, {self.action_space.n}), got {action!r}")
+        a = int(action)
+        latent, reward, terminated = self.sim.step(torch.tensor([a], dtype=torch.long))
+        self._latent = latent
+        self._obs = self._observe(latent)
+        if self.render_mode == "human":
+            self.render()
+        info = {"action_meaning": self.action_meanings[a]}
+        return self._obs, float(reward[0]), bool(terminated[0]), False, info
+
+    def render(self) -> np.ndarray | None:
+        """A 720p uint8 frame ("rgb_array"), or draw it in a window ("human")."""
+        if self.render_mode is None:
+            gym.logger.warn("render() called without a render_mode; pass render_mode='rgb_array' or 'human'")
+            return None
+        if self._latent is None:
+            raise gym.error.ResetNeeded("call reset() before render()")
+        if self.obs_hw == self.sim.hr_hw and self._obs is not None:
+            frame = self._obs
+        else:
+            frame = self.sim.decode(self._latent, "720p")[0].cpu().numpy()  # (720, 1280, 3)
+        if self.render_mode == "rgb_array":
+            return frame
+        if self._viewer is None:
+            self._viewer = PygameViewer("MatrixWorld", self.metadata["render_fps"])
+        self._viewer.show(frame)
+        return None
+
+    def close(self) -> None:
+        """Close the window, if any."""
+        if self._viewer is not None:
+            self._viewer.close()
+            self._viewer = None

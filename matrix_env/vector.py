@@ -1,0 +1,249 @@
+"""``MatrixWorldVectorEnv``: N world-model streams stepped by ONE batched forward pass.
+
+Gymnasium 1.x ``NEXT_STEP`` autoreset: the step after an episode ends resets that sub-env
+(returning its first observation, reward 0, not done) instead of stepping it; the other sub-envs
+step as usual. Resets are masked tensor writes in the simulator.
+
+Seeding: every sub-env i has its own ``np_random`` (seeded with ``seed + i``, as
+``SyncVectorEnv`` seeds its sub-envs) from which it draws exactly what a single
+:class:`~matrix_env.env.MatrixWorldEnv` draws per episode: the start context and the key of the
+episode's noise stream (:func:`~matrix_env.env.draw_episode`). The sampler's noise is
+counter-based per stream, so ``make_vec(..., num_envs=N)`` reset with seed s produces the frames of
+N single envs reset with seeds s, s+1, ..., s+N-1 (up to float rounding of batched vs. unbatched
+matmuls). The only per-env Python work is that draw, on the host, for the sub-envs that reset
+(two integers each); the step itself has no loop over envs.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+from gymnasium.utils import seeding
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+
+from matrix_env.env import (
+    DEFAULT_FPS,
+    ObsType,
+    PygameViewer,
+    check_obs,
+    draw_episode,
+    make_observation_space,
+    parse_dtype,
+    resolve_world,
+)
+from world_model.checkpoint import WorldModel
+from world_model.errors import UsageError
+from world_model.simulator import RewardFn, Simulator, sampler_config
+
+
+class MatrixWorldVectorEnv(VectorEnv):
+    """N independent MatrixWorld episodes in one batched simulator (see the module docstring).
+
+    Arguments are those of :class:`~matrix_env.env.MatrixWorldEnv` plus ``num_envs`` and
+    ``max_episode_steps`` (truncation; ``gym.make_vec`` passes the registered 1000).
+
+    Example::
+
+        envs = gym.make_vec("MatrixWorld-v0", num_envs=16, obs_size=(84, 84))
+        obs, info = envs.reset(seed=0)                        # (16, 84, 84, 3)
+        obs, reward, terminated, truncated, info = envs.step(envs.action_space.sample())
+
+    ``reset(options={"reset_mask": mask})`` resets only the masked sub-envs (Gymnasium 1.1+).
+    """
+
+    metadata = {
+        "render_modes": ["human", "rgb_array"],
+        "render_fps": DEFAULT_FPS,
+        "autoreset_mode": AutoresetMode.NEXT_STEP,
+    }
+
+    def __init__(
+        self,
+        num_envs: int = 1,
+        world: str | os.PathLike | WorldModel | None = None,
+        render_mode: str | None = None,
+        obs_size: tuple[int, int] | None = None,
+        obs_type: ObsType = "rgb",
+        sampler_mode: str | None = None,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = "float32",
+        reward_fn: RewardFn | None = None,
+        max_episode_steps: int | None = None,
+    ) -> None:
+        """Load the world model and allocate ``num_envs`` streams."""
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise UsageError(
+                f"render_mode must be None or one of {self.metadata['render_modes']}, got {render_mode!r}"
+            )
+        if max_episode_steps is not None and max_episode_steps < 1:
+            raise UsageError(f"max_episode_steps must be >= 1 or None, got {max_episode_steps}")
+        self.num_envs = num_envs
+        self.render_mode = render_mode
+        self.max_episode_steps = max_episode_steps
+        self.obs_type = obs_type
+        self.obs_hw = check_obs(obs_type, obs_size)
+        self.world = resolve_world(world, device)
+        self.sim = Simulator(
+            self.world,
+            num_envs,
+            device,
+            sampler_config(self.world, sampler_mode),
+            parse_dtype(dtype),
+            reward_fn,
+        )
+        self.metadata = {**self.metadata, "render_fps": int(self.world.meta.get("fps", DEFAULT_FPS))}
+        self.action_meanings = list(self.world.action_names)
+        self.single_action_space = spaces.Discrete(self.world.num_actions)
+        self.action_space = batch_space(self.single_action_space, num_envs)
+        self.single_observation_space = make_observation_space(self.sim, self.obs_hw)
+        self.observation_space = batch_space(self.single_observation_space, num_envs)
+
+        self._rngs: list[np.random.Generator | None] = [None] * num_envs  # per sub-env np_random
+        self._prev_done = np.zeros(num_envs, dtype=np.bool_)
+        self._steps = np.zeros(num_envs, dtype=np.int64)
+        self._obs: np.ndarray | None = None  # last observations (filled by reset)
+        self._viewer: PygameViewer | None = None
+
+    def get_action_meanings(self) -> list[str]:
+        """Names of the actions, indexed by action id."""
+        return list(self.action_meanings)
+
+    # ------------------------------------------------------------------------------ helpers
+    def _observe(self, latents: torch.Tensor) -> np.ndarray:
+        """(B, C, H, W) latents -> observations, one batched decode and one host copy."""
+        if self.obs_hw is None:
+            return latents.cpu().numpy()  # (B, C, H, W) float32
+        return self.sim.decode(latents, self.obs_hw).cpu().numpy()  # (B, H, W, 3) uint8
+
+    def _draw(self, mask: np.ndarray, seeds: list[int | None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Per-episode draws of the masked sub-envs from their own ``np_random`` (host only)."""
+        start = np.zeros(self.num_envs, dtype=np.int64)
+        key = np.zeros(self.num_envs, dtype=np.int64)
+        for i in np.flatnonzero(mask):  # only the sub-envs that reset: two integers each
+            seed = None if seeds is None else seeds[i]
+            if seed is not None or self._rngs[i] is None:
+                self._rngs[i], _ = seeding.np_random(seed)
+            start[i], key[i] = draw_episode(self._rngs[i], self.sim.num_starts)
+        return start, key
+
+    def _restart(self, mask: np.ndarray, start: np.ndarray, key: np.ndarray) -> torch.Tensor:
+        """Masked restart of the streams; returns (B, C, H, W) newest frames of all streams."""
+        return self.sim.reset(
+            torch.from_numpy(mask), torch.from_numpy(start), noise_key=torch.from_numpy(key)
+        )
+
+    # --------------------------------------------------------------------------------- API
+    def reset(
+        self, *, seed: int | list[int | None] | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """Reset all sub-envs, or those in ``options["reset_mask"]``.
+
+        Args:
+            seed: int s (sub-env i gets s + i), a list of per-env seeds, or None (continue each
+                sub-env's ``np_random``).
+            options: ``{"reset_mask": (N,) bool array}`` for a partial reset.
+
+        Returns:
+            ``(obs, info)``; info has ``start_index`` (with its ``_start_index`` mask).
+        """
+        super().reset(seed=seed if isinstance(seed, int) else None)
+        n = self.num_envs
+        if seed is None or isinstance(seed, int):
+            seeds = [None if seed is None else seed + i for i in range(n)]
+        else:
+            seeds = list(seed)
+            if len(seeds) != n:
+                raise UsageError(f"a list of seeds must have num_envs={n} entries, got {len(seeds)}")
+        mask = np.ones(n, dtype=np.bool_)
+        if options is not None and options.get("reset_mask") is not None:
+            mask = options["reset_mask"]
+            if not (isinstance(mask, np.ndarray) and mask.dtype == np.bool_ and mask.shape == (n,)):
+                raise UsageError(f"options['reset_mask'] must be a bool numpy array of shape ({n},)")
+        partial = not mask.all()
+        if partial and self._obs is None:
+            raise UsageError("the first reset must reset every sub-env (no reset_mask)")
+
+        start, key = self._draw(mask, seeds)
+        latents = self._restart(mask, start, key)
+        if partial:  # decode only the restarted sub-envs
+            idx = np.flatnonzero(mask)
+            obs = self._obs.copy()
+            obs[idx] = self._observe(latents[torch.from_numpy(idx)])
+        else:
+            obs = self._observe(latents)
+        self._obs = obs
+        self._prev_done[mask] = False
+        self._steps[mask] = 0
+        if self.render_mode == "human":
+            self.render()
+        return obs, {"start_index": np.where(mask, start, 0), "_start_index": mask.copy()}
+
+    def step(
+        self, actions: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        """Step every sub-env; sub-envs whose episode ended last step are reset instead.
+
+        Args:
+            actions: (N,) int action ids.
+
+        Returns:
+            ``(obs, reward, terminated, truncated, info)`` with batched arrays.
+        """
+        if self._obs is None:
+            raise gym.error.ResetNeeded("call reset() before step()")
+        actions = np.asarray(actions)
+        if actions.shape != (self.num_envs,) or not self.action_space.contains(actions.astype(np.int64)):
+            raise UsageError(f"actions must be {self.num_envs} ints in [0, {self.single_action_space.n})")
+        latents, reward, terminated = self.sim.step(torch.as_tensor(actions, dtype=torch.long))
+        done = self._prev_done  # host array: known without a device sync
+        if done.any():
+            start, key = self._draw(done)
+            latents = self._restart(done, start, key)
+            done_t = torch.from_numpy(done).to(reward.device)
+            reward = torch.where(done_t, torch.zeros_like(reward), reward)
+            terminated = terminated & ~done_t
+        obs = self._observe(latents)
+        reward_np = reward.cpu().numpy().astype(np.float64)
+        terminated_np = terminated.cpu().numpy()
+
+        self._steps = np.where(done, 0, self._steps + 1)
+        if self.max_episode_steps is None:
+            truncated = np.zeros(self.num_envs, dtype=np.bool_)
+        else:
+            truncated = (self._steps >= self.max_episode_steps) & ~done
+        self._prev_done = terminated_np | truncated
+        self._obs = obs
+        if self.render_mode == "human":
+            self.render()
+        return obs, reward_np, terminated_np, truncated, {}
+
+    def render(self) -> tuple[np.ndarray, ...] | None:
+        """720p frames of every sub-env ("rgb_array"), or sub-env 0 in a window ("human")."""
+        if self.render_mode is None:
+            gym.logger.warn("render() called without a render_mode; pass render_mode='rgb_array' or 'human'")
+            return None
+        if self._obs is None:
+            raise gym.error.ResetNeeded("call reset() before render()")
+        if self.render_mode == "human":
+            if self._viewer is None:
+                self._viewer = PygameViewer("MatrixWorld (env 0)", self.metadata["render_fps"])
+            self._viewer.show(self._frames_720p(self.sim.latest[:1])[0])
+            return None
+        return tuple(self._frames_720p(self.sim.latest))
+
+    def _frames_720p(self, latents: torch.Tensor) -> np.ndarray:
+        if self.obs_hw == self.sim.hr_hw:
+            return self._obs[: latents.shape[0]]
+        return self.sim.decode(latents, "720p").cpu().numpy()  # (B, 720, 1280, 3)
+
+    def close_extras(self, **kwargs: Any) -> None:
+        """Close the window, if any."""
+        if self._viewer is not None:
+            self._viewer.close()
+            self._viewer = None

@@ -1,0 +1,177 @@
+"""MatrixWorldEnv: Gymnasium API, registration, seeding, control, play and demo CLIs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+
+import matrix_env
+from matrix_env.env import MatrixWorldEnv
+from world_model.errors import UsageError
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = (64, 64)
+
+
+def run_python(code: str) -> str:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def rollout(env: gym.Env, seed: int, actions: list[int]) -> list[np.ndarray]:
+    obs, _ = env.reset(seed=seed)
+    frames = [obs]
+    for a in actions:
+        obs, *_ = env.step(a)
+        frames.append(obs)
+    return frames
+
+
+@pytest.mark.filterwarnings("ignore:.*infinity.*")  # latent observations are unbounded by design
+def test_gymnasium_check_env(tiny_world_dir: Path) -> None:
+    check_env(MatrixWorldEnv(world=tiny_world_dir, obs_size=SMALL), skip_render_check=True)
+    check_env(MatrixWorldEnv(world=tiny_world_dir, obs_type="latent"), skip_render_check=True)
+
+
+def test_spaces_info_and_meanings(tiny_world_dir: Path) -> None:
+    env = MatrixWorldEnv(world=tiny_world_dir, obs_size=SMALL)
+    assert env.action_space == gym.spaces.Discrete(9)
+    assert env.observation_space == gym.spaces.Box(0, 255, (*SMALL, 3), np.uint8)
+    assert env.get_action_meanings()[:3] == ["D", "DL", "DR"]
+    obs, info = env.reset(seed=0)
+    assert info["action_meanings"] == env.get_action_meanings() and obs.shape == (*SMALL, 3)
+    _, reward, terminated, truncated, info = env.step(1)
+    assert info["action_meaning"] == "DL" and isinstance(reward, float)
+    assert isinstance(terminated, bool) and truncated is False
+    _, info = env.reset(seed=0, options={"start_index": 2})
+    assert info["start_index"] == 2
+    lat = MatrixWorldEnv(world=tiny_world_dir, obs_type="latent")
+    assert lat.observation_space.shape == (4, 9, 16) and lat.observation_space.dtype == np.float32
+
+
+def test_default_is_720p_and_render(tiny_world_dir: Path) -> None:
+    env = MatrixWorldEnv(world=tiny_world_dir, render_mode="rgb_array")
+    obs, _ = env.reset(seed=0)
+    assert obs.shape == (720, 1280, 3) and obs.dtype == np.uint8
+    np.testing.assert_array_equal(env.render(), obs)
+    small = MatrixWorldEnv(world=tiny_world_dir, obs_size=SMALL, render_mode="rgb_array")
+    small.reset(seed=0)
+    assert small.render().shape == (720, 1280, 3)
+
+
+def test_human_render_headless(tiny_world_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SDL_VIDEODRIVER", "dummy")
+    monkeypatch.setenv("SDL_AUDIODRIVER", "dummy")
+    env = MatrixWorldEnv(world=tiny_world_dir, obs_size=SMALL, render_mode="human")
+    env.reset(seed=0)
+    env.step(0)
+    env.close()
+
+
+def test_same_seed_same_frames_and_actions_matter(tiny_world_dir: Path) -> None:
+    env = MatrixWorldEnv(world=tiny_world_dir, obs_size=SMALL)
+    drive = rollout(env, 3, [0] * 5)
+    again = rollout(env, 3, [0] * 5)
+    for a, b in zip(drive, again, strict=True):
+        np.testing.assert_array_equal(a, b)
+    other_seed = rollout(env, 4, [0] * 5)
+    assert any(not np.array_equal(a, b) for a, b in zip(drive[1:], other_seed[1:], strict=True))
+    turn = rollout(env, 3, [2] * 5)
+    np.testing.assert_array_equal(drive[0], turn[0])
+    diff = [np.abs(a.astype(int) - b).mean() for a, b in zip(drive[2:], turn[2:], strict=True)]
+    assert min(diff) > 0.5, diff  # different actions -> different futures
+
+
+@pytest.mark.parametrize("env_id", ["MatrixWorld-v0", "matrix_env:MatrixWorld-v0"])
+def test_registration(tiny_world_dir: Path, env_id: str) -> None:
+    env = gym.make(env_id, world=tiny_world_dir, obs_size=SMALL)
+    assert env.spec.max_episode_steps == matrix_env.MAX_EPISODE_STEPS
+    assert isinstance(env.unwrapped, MatrixWorldEnv)
+    env.reset(seed=0)
+    env.step(env.action_space.sample())
+
+
+def test_import_matrix_env_does_not_import_torch() -> None:
+    out = run_python(
+        "import sys, gymnasium as gym, matrix_env\n"
+        "gym.register_envs(matrix_env)\n"
+        "print('torch' in sys.modules, 'MatrixWorld-v0' in gym.registry)"
+    )
+    assert out.split() == ["False", "True"]
+
+
+def test_env_does_not_import_training_code(tiny_world_dir: Path) -> None:
+    out = run_python(
+        "import sys, gymnasium as gym, matrix_env\n"
+        f"env = gym.make('MatrixWorld-v0', world={str(tiny_world_dir)!r}, obs_size=(64, 64))\n"
+        "env.reset(seed=0); env.step(0)\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('world_model.train', 'world_model.data'))))"
+    )
+    assert out.strip() == "[]"
+
+
+def test_missing_default_world_names_the_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    missing = tmp_path / "worlds" / "default"
+    monkeypatch.setattr("matrix_env.env.DEFAULT_WORLD", missing)
+    with pytest.raises(UsageError, match=str(missing)):
+        MatrixWorldEnv()
+
+
+def test_bad_arguments(tiny_world_dir: Path) -> None:
+    with pytest.raises(UsageError, match="obs_size"):
+        MatrixWorldEnv(world=tiny_world_dir, obs_size=(64,))
+    with pytest.raises(UsageError, match="obs_type"):
+        MatrixWorldEnv(world=tiny_world_dir, obs_type="depth")
+    with pytest.raises(UsageError, match="mode"):
+        MatrixWorldEnv(world=tiny_world_dir, sampler_mode="warp")
+    env = MatrixWorldEnv(world=tiny_world_dir, obs_size=SMALL)
+    env.reset(seed=0)
+    with pytest.raises(UsageError, match="action"):
+        env.step(9)
+
+
+@pytest.mark.parametrize("mode", ["reconditioned", "immediate"])
+def test_sampler_modes(tiny_world_dir: Path, mode: str) -> None:
+    env = MatrixWorldEnv(world=tiny_world_dir, obs_size=SMALL, sampler_mode=mode)
+    assert env.sim.cfg.mode == mode
+    frames = rollout(env, 0, [0, 1])
+    assert frames[-1].shape == (*SMALL, 3)
+
+
+def test_play_headless(tiny_world_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from matrix_env.play import PlayArgs, keys_to_action, play
+
+    assert keys_to_action(up=True, down=False, left=False, right=False) == 0  # D
+    assert keys_to_action(up=True, down=False, left=True, right=False) == 1  # DL
+    assert keys_to_action(up=False, down=True, left=False, right=True) == 5  # BR
+    assert keys_to_action(up=False, down=False, left=True, right=True) == 6  # N
+    monkeypatch.setenv("SDL_VIDEODRIVER", "dummy")
+    monkeypatch.setenv("SDL_AUDIODRIVER", "dummy")
+    stats = play(PlayArgs(world=str(tiny_world_dir), max_steps=3, fps=1000, scale=0.25))
+    assert stats["steps"] == 3
+
+
+def test_demo_writes_720p_mp4(tiny_world_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import imageio.v2 as imageio
+
+    from matrix_env.demo import main
+
+    out = tmp_path / "videos" / "demo.mp4"
+    assert main(["--world", str(tiny_world_dir), "--steps", "3", "--out", str(out), "--fps", "10"]) == 0
+    assert str(out) in capsys.readouterr().out
+    assert sorted(p.name for p in out.parent.iterdir()) == ["demo.mp4"]  # no temporary left behind
+    frames = [f for f in imageio.get_reader(out)]  # list() would ask len(): inf
+    assert len(frames) == 4 and frames[0].shape == (720, 1280, 3)
+    with pytest.raises(UsageError):
+        main(["--world", str(tiny_world_dir), "--steps", "0"])

@@ -1,0 +1,139 @@
+"""Simulator: batched streams of a tiny random world model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import TINY_SAMPLER, build_tiny_world
+from world_model.errors import UsageError
+from world_model.simulator import Simulator, sampler_config
+from world_model.swin_dpm import SwinDPMConfig
+
+B = 3
+
+
+@pytest.fixture(scope="module")
+def world():
+    return build_tiny_world()
+
+
+def started(world, num_envs: int = B, keys: list[int] | None = None, **kw) -> Simulator:
+    sim = Simulator(world, num_envs, **kw)
+    keys = keys or list(range(100, 100 + num_envs))
+    sim.reset(
+        torch.ones(num_envs, dtype=torch.bool),
+        torch.arange(num_envs) % sim.num_starts,
+        noise_key=torch.tensor(keys),
+    )
+    return sim
+
+
+def test_step_shapes_and_types(world) -> None:
+    sim = started(world)
+    c, h, w = sim.latent_shape
+    latents, reward, terminated = sim.step(torch.tensor([0, 1, 2]))
+    assert latents.shape == (B, c, h, w) and latents.dtype == torch.float32
+    assert reward.shape == (B,) and reward.dtype == torch.float32
+    assert terminated.shape == (B,) and terminated.dtype == torch.bool
+    torch.testing.assert_close(sim.latest, latents)  # the emitted frame is the newest context frame
+
+
+def test_decode_sizes_and_small_obs_skip_720p(world, monkeypatch: pytest.MonkeyPatch) -> None:
+    sim = started(world)
+    latents = sim.latest.clone()
+    assert sim.decode(latents, "720p").shape == (B, 720, 1280, 3)
+    assert sim.decode(latents, "native").shape == (B, 72, 128, 3)
+    assert sim.decode(latents, (200, 300)).shape == (B, 200, 300, 3)
+
+    def boom(z: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("decode_hr must not run for small observations")
+
+    monkeypatch.setattr(sim.vae, "decode_hr", boom)
+    frames = sim.decode(latents, (84, 84))
+    assert frames.shape == (B, 84, 84, 3) and frames.dtype == torch.uint8
+    with pytest.raises(UsageError):
+        sim.decode(latents, (0, 5))
+
+
+def test_masked_reset_touches_only_masked_streams(world) -> None:
+    sim = started(world)
+    for _ in range(2):
+        sim.step(torch.tensor([0, 4, 8]))
+    before = sim.state.latents.clone()
+    new = sim.reset(
+        torch.tensor([False, True, False]), torch.tensor([0, 2, 0]), noise_key=torch.tensor([0, 7, 0])
+    )
+    torch.testing.assert_close(sim.state.latents[[0, 2]], before[[0, 2]], rtol=0, atol=0)
+    torch.testing.assert_close(new[1], sim.start_latents[2, -1])
+    assert not torch.allclose(sim.state.latents[1], before[1])
+
+
+def test_same_keys_same_rollout_and_actions_matter(world) -> None:
+    def rollout(actions: list[int]) -> torch.Tensor:
+        sim = started(world, 1, keys=[5])
+        return torch.stack([sim.step(torch.tensor([a]))[0] for a in actions])
+
+    a = rollout([0, 0, 0, 0])
+    torch.testing.assert_close(a, rollout([0, 0, 0, 0]), rtol=0, atol=0)
+    b = rollout([2, 2, 2, 2])
+    # pipelined, G = 2: the first frame was in flight before the action; later ones follow it
+    assert (a[2:] - b[2:]).abs().mean() > 1e-3
+
+
+def test_memory_flat_over_200_steps(world) -> None:
+    sim = started(world, 2)
+    ptrs = [
+        t.data_ptr()
+        for t in (sim.state.latents, sim.state.ctrl_idx, sim.state.noise_key, sim.state.noise_step)
+    ]
+    for i in range(200):
+        latents, _, _ = sim.step(torch.tensor([i % 9, (i * 7) % 9]))
+    assert [
+        t.data_ptr()
+        for t in (sim.state.latents, sim.state.ctrl_idx, sim.state.noise_key, sim.state.noise_step)
+    ] == ptrs
+    assert sim.state.latents.shape[1] == sim.sampler.window_len and torch.isfinite(latents).all()
+
+
+def test_reward_fn_override_and_bf16(world) -> None:
+    calls = []
+
+    def reward_fn(prev: torch.Tensor, new: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        calls.append(actions.clone())
+        return actions.float() * 10
+
+    sim = started(world, reward_fn=reward_fn, dtype=torch.bfloat16)
+    latents, reward, _ = sim.step(torch.tensor([1, 2, 3]))
+    assert reward.tolist() == [10.0, 20.0, 30.0] and len(calls) == 1
+    assert torch.isfinite(latents).all() and latents.dtype == torch.float32
+
+
+@pytest.mark.parametrize("mode", ["pipelined", "reconditioned", "immediate"])
+def test_sampler_modes(world, mode: str) -> None:
+    cfg = sampler_config(world, mode)
+    sim = started(world, sampler=cfg)
+    assert sim.cfg.mode == mode
+    latents, _, _ = sim.step(torch.tensor([0, 1, 2]))
+    assert torch.isfinite(latents).all()
+
+
+def test_bad_sampler_settings(world) -> None:
+    with pytest.raises(UsageError, match="max_frames"):
+        Simulator(world, 1, sampler=SwinDPMConfig(context=4, groups=8))
+    with pytest.raises(UsageError, match="mode"):
+        sampler_config(world, "warp")
+    assert sampler_config(world).context == TINY_SAMPLER["context"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu(world) -> None:
+    # Simulator moves the world's modules to its device (in place): give the GPU its own copy
+    cpu, gpu = started(world), started(build_tiny_world(), device="cuda")
+    for a in ([0, 1, 2], [3, 4, 5]):
+        lat_cpu, rew_cpu, _ = cpu.step(torch.tensor(a))
+        lat_gpu, rew_gpu, _ = gpu.step(torch.tensor(a))
+    # same keys -> same noise on every device (integer hashing); the networks differ by rounding only
+    torch.testing.assert_close(lat_gpu.cpu(), lat_cpu, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(rew_gpu.cpu(), rew_cpu, atol=1e-3, rtol=1e-3)

@@ -1,0 +1,128 @@
+"""MatrixWorldVectorEnv: equal to N single envs, NEXT_STEP autoreset, partial resets, flat memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium.vector import AutoresetMode
+
+import matrix_env  # noqa: F401  (registers the env)
+from matrix_env.env import MatrixWorldEnv
+from matrix_env.vector import MatrixWorldVectorEnv
+from tests.conftest import build_tiny_world
+from world_model.errors import UsageError
+
+SMALL = (64, 64)
+N = 3
+
+
+def compare_with_singles(world: Path, obs_type: str, max_steps: int, num_steps: int, seed: int = 10) -> None:
+    """Roll the vector env and N single envs (seeds seed + i) with the same actions; compare all outputs."""
+    kwargs = {"world": world, "obs_type": obs_type, "obs_size": SMALL if obs_type == "rgb" else None}
+    envs = gym.make_vec("MatrixWorld-v0", num_envs=N, max_episode_steps=max_steps, **kwargs)
+    singles = [gym.make("MatrixWorld-v0", max_episode_steps=max_steps, **kwargs) for _ in range(N)]
+
+    def check(vec: np.ndarray, single: np.ndarray) -> None:
+        if obs_type == "rgb":  # batched vs unbatched matmuls may round differently: +-1 grey level
+            assert np.abs(vec.astype(int) - single).max() <= 1
+        else:
+            np.testing.assert_allclose(vec, single, atol=1e-4, rtol=0)
+
+    obs, info = envs.reset(seed=seed)
+    for i, env in enumerate(singles):
+        single_obs, single_info = env.reset(seed=seed + i)
+        check(obs[i], single_obs)
+        assert info["start_index"][i] == single_info["start_index"]
+    rng = np.random.default_rng(0)
+    done = np.zeros(N, dtype=bool)
+    resets = 0
+    for _ in range(num_steps):
+        actions = rng.integers(0, 9, N)
+        obs, reward, terminated, truncated, _ = envs.step(actions)
+        for i, env in enumerate(singles):
+            if done[i]:  # NEXT_STEP autoreset: this step resets sub-env i
+                single_obs, _ = env.reset()
+                r, te, tr = 0.0, False, False
+                resets += 1
+            else:
+                single_obs, r, te, tr, _ = env.step(actions[i])
+            check(obs[i], single_obs)
+            assert reward[i] == pytest.approx(r, abs=1e-4)
+            assert (terminated[i], truncated[i]) == (te, tr)
+            done[i] = te or tr
+    assert resets > 0  # the comparison went through autoresets
+    envs.close()
+
+
+@pytest.mark.parametrize("obs_type", ["rgb", "latent"])
+def test_make_vec_equals_single_envs(tiny_world_dir: Path, obs_type: str) -> None:
+    compare_with_singles(tiny_world_dir, obs_type, max_steps=3, num_steps=8)
+
+
+def test_make_vec_uses_native_vector_env(tiny_world_dir: Path) -> None:
+    envs = gym.make_vec("matrix_env:MatrixWorld-v0", num_envs=2, world=tiny_world_dir, obs_size=SMALL)
+    assert isinstance(envs, MatrixWorldVectorEnv)
+    assert envs.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP
+    assert envs.max_episode_steps == matrix_env.MAX_EPISODE_STEPS
+    assert envs.observation_space.shape == (2, *SMALL, 3) and envs.action_space.shape == (2,)
+    obs, _ = envs.reset(seed=0)
+    assert obs.shape == (2, *SMALL, 3) and obs.dtype == np.uint8
+
+
+def test_terminations_autoreset_next_step() -> None:
+    world = build_tiny_world()
+    with torch.no_grad():
+        world.heads.mlp[-1].bias[1] = 10.0  # every transition terminates
+    envs = MatrixWorldVectorEnv(num_envs=2, world=world, obs_size=SMALL)
+    single = MatrixWorldEnv(world=world, obs_size=SMALL)
+    envs.reset(seed=5)
+    single.reset(seed=6)  # sub-env 1's seed
+    _, reward, terminated, truncated, _ = envs.step(np.array([0, 1]))
+    _, single_reward, single_term, *_ = single.step(1)
+    assert terminated.all() and not truncated.any() and single_term
+    obs, reward, terminated, truncated, _ = envs.step(np.array([0, 1]))  # the autoreset step
+    assert (reward == 0).all() and not terminated.any() and not truncated.any()
+    single_obs, _ = single.reset()
+    assert np.abs(obs[1].astype(int) - single_obs).max() <= 1
+    _, _, terminated, *_ = envs.step(np.array([0, 1]))
+    assert terminated.all()
+
+
+def test_partial_reset_and_seed_list(tiny_world_dir: Path) -> None:
+    envs = MatrixWorldVectorEnv(num_envs=N, world=tiny_world_dir, obs_type="latent")
+    envs.reset(seed=[1, 2, 3])
+    before, *_ = envs.step(np.zeros(N, dtype=np.int64))
+    mask = np.array([False, True, False])
+    obs, info = envs.reset(options={"reset_mask": mask})
+    np.testing.assert_array_equal(obs[~mask], before[~mask])
+    assert info["_start_index"].tolist() == mask.tolist()
+    single = MatrixWorldEnv(world=tiny_world_dir, obs_type="latent")
+    single.reset(seed=2)
+    single_obs, _ = single.reset()  # the second episode of sub-env 1
+    np.testing.assert_allclose(obs[1], single_obs, atol=1e-5)
+    with pytest.raises(UsageError):
+        envs.reset(options={"reset_mask": np.array([True, False])})
+
+
+def test_render_rgb_array(tiny_world_dir: Path) -> None:
+    envs = MatrixWorldVectorEnv(num_envs=2, world=tiny_world_dir, obs_size=SMALL, render_mode="rgb_array")
+    envs.reset(seed=0)
+    frames = envs.render()
+    assert len(frames) == 2 and frames[0].shape == (720, 1280, 3)
+
+
+def test_memory_flat_over_200_steps(tiny_world_dir: Path) -> None:
+    envs = MatrixWorldVectorEnv(num_envs=2, world=tiny_world_dir, obs_type="latent", max_episode_steps=50)
+    envs.reset(seed=0)
+    state = envs.sim.state
+    ptrs = [t.data_ptr() for t in (state.latents, state.ctrl_idx, state.noise_key, state.noise_step)]
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        obs, *_ = envs.step(rng.integers(0, 9, 2))
+    assert envs.sim.state is state
+    assert [t.data_ptr() for t in (state.latents, state.ctrl_idx, state.noise_key, state.noise_step)] == ptrs
+    assert np.isfinite(obs).all()

@@ -1,0 +1,237 @@
+"""Batched, device-resident world-model streams: the only object the envs talk to.
+
+``Simulator`` owns B independent streams of a :class:`~world_model.checkpoint.WorldModel`. Each
+stream's Swin-DPM window, control indices and random stream live on the device; ``step(actions)``
+runs the sampler with ONE batched DiT call per denoising evaluation for all B streams, then the
+reward / termination heads on the emitted latents. Per-stream restarts are masked writes
+(``reset(mask, ...)``), so nothing in the hot path loops over streams or syncs with the host.
+Decoding to pixels is a separate call, so agents that want small or latent observations never pay
+for a 720p decode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from world_model.checkpoint import WorldModel
+from world_model.errors import UsageError
+from world_model.swin_dpm import SwinDPM, SwinDPMConfig
+from world_model.vae import tensor_to_frames
+
+# reward_fn(latents_prev (B, C, H, W), latents (B, C, H, W), actions (B,) long) -> reward (B,)
+RewardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+FrameSize = Literal["720p", "native"] | tuple[int, int]
+# Requested frames up to this many times the VAE's native size per side are upsampled from the
+# native decode (bilinear); larger ones come from the 720p decoder, resized down.
+HR_THRESHOLD = 2
+
+
+def sampler_config(world: WorldModel, mode: str | None = None) -> SwinDPMConfig:
+    """The checkpoint's default sampler settings, optionally with another ``mode``.
+
+    Raises:
+        UsageError: the checkpoint's ``sampler`` dict has unknown fields, or ``mode`` is unknown.
+    """
+    known = {f.name for f in dataclasses.fields(SwinDPMConfig)}
+    unknown = sorted(set(world.sampler) - known)
+    if unknown:
+        raise UsageError(f"checkpoint sampler settings have unknown fields {unknown}; known: {sorted(known)}")
+    settings = dict(world.sampler)
+    if mode is not None:
+        settings["mode"] = mode
+    try:
+        return SwinDPMConfig(**settings)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+
+
+class Simulator:
+    """B world-model streams on one device.
+
+    Example::
+
+        sim = Simulator(world, num_envs=16)
+        sim.reset(torch.ones(16, dtype=torch.bool), start_idx, generator=gen)
+        latents, reward, terminated = sim.step(actions)       # (16, C, H, W), (16,), (16,)
+        frames = sim.decode(latents, (84, 84))                # (16, 84, 84, 3) uint8
+    """
+
+    def __init__(
+        self,
+        world: WorldModel,
+        num_envs: int,
+        device: torch.device | str = "cpu",
+        sampler: SwinDPMConfig | None = None,
+        dtype: torch.dtype = torch.float32,
+        reward_fn: RewardFn | None = None,
+    ) -> None:
+        """Move the model to ``device``, cache the control tables and allocate the stream state.
+
+        Args:
+            world: the loaded world model; its modules are moved to ``device`` in place.
+            num_envs: B, number of streams.
+            device: where models and stream state live.
+            sampler: Swin-DPM settings; default the checkpoint's.
+            dtype: compute dtype of the networks: float32, or bfloat16 / float16 via autocast
+                (the stream state stays float32).
+            reward_fn: optional replacement of the reward head.
+
+        Raises:
+            UsageError: the sampler window does not fit the model or the start contexts.
+        """
+        if num_envs < 1:
+            raise UsageError(f"num_envs must be >= 1, got {num_envs}")
+        self.world = world
+        self.num_envs = num_envs
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.reward_fn = reward_fn
+        self.cfg = sampler if sampler is not None else sampler_config(world)
+        self.sampler = SwinDPM(self.cfg, self.device)
+        if self.sampler.window_len > world.dit.cfg.max_frames:
+            raise UsageError(
+                f"sampler window of {self.sampler.window_len} frames exceeds the DiT's max_frames="
+                f"{world.dit.cfg.max_frames}"
+            )
+        if world.start_latents.shape[1] < self.cfg.context:
+            raise UsageError(
+                f"sampler context={self.cfg.context} needs start contexts of >= {self.cfg.context} "
+                f"frames; the checkpoint's have {world.start_latents.shape[1]}"
+            )
+        self.vae = world.vae.to(self.device).eval()
+        self.dit = world.dit.to(self.device).eval()
+        self.heads = world.heads.to(self.device).eval()
+        # Cached once: the control tables (A+1 rows) and the start contexts.
+        self.ctrl_tokens = world.control_tokens.to(self.device, torch.float32)  # (A+1, N, Dt)
+        self.ctrl_mask = world.control_mask.to(self.device, torch.bool)  # (A+1, N)
+        self.ctrl_pooled = world.control_pooled.to(self.device, torch.float32)  # (A+1, Dt)
+        self.start_latents = world.start_latents[:, -self.cfg.context :].to(self.device, torch.float32)
+        self.unknown_idx = world.num_actions  # control row of the reset context ("unknown" sentence)
+        self.latent_shape: tuple[int, int, int] = tuple(self.start_latents.shape[2:])  # (C, H, W)
+        self.native_hw: tuple[int, int] = tuple(self.vae.cfg.in_hw)
+        self.hr_hw: tuple[int, int] = tuple(self.vae.cfg.hr_hw)
+
+        b = num_envs
+        with torch.inference_mode():
+            self._unknown = torch.full((b,), self.unknown_idx, device=self.device, dtype=torch.long)
+            self._zero_idx = torch.zeros(b, device=self.device, dtype=torch.long)
+            self.state = self.sampler.init_state(
+                self.start_latents[self._zero_idx], self._unknown, noise_key=self._zero_idx
+            )
+
+    # ------------------------------------------------------------------------ properties
+    @property
+    def num_actions(self) -> int:
+        """A, number of actions."""
+        return self.world.num_actions
+
+    @property
+    def num_starts(self) -> int:
+        """S, number of recorded start contexts."""
+        return self.start_latents.shape[0]
+
+    @property
+    def latest(self) -> torch.Tensor:
+        """(B, C, H, W) the newest clean frame of every stream (a view of the state)."""
+        return self.state.latents[:, self.cfg.context - 1]
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    # ------------------------------------------------------------------------ hot path
+    def _denoise(self, x: torch.Tensor, t: torch.Tensor, ctrl_idx: torch.Tensor) -> torch.Tensor:
+        """Swin-DPM denoiser: x (B, L, C, H, W), t (B, L), ctrl_idx (B, L) -> v (B, L, C, H, W)."""
+        tokens = self.ctrl_tokens[ctrl_idx]  # (B, L, N, Dt)
+        mask = self.ctrl_mask[ctrl_idx]  # (B, L, N)
+        with self._autocast():
+            v = self.dit(x, t, tokens, mask)  # (B, L, C, H, W)
+        return v.float()
+
+    @torch.inference_mode()
+    def reset(
+        self,
+        mask: torch.Tensor,
+        start_idx: torch.Tensor,
+        generator: torch.Generator | None = None,
+        noise_key: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Restart the streams where ``mask`` is True from recorded start contexts.
+
+        Args:
+            mask: (B,) bool streams to restart (others are untouched).
+            start_idx: (B,) long index into the start contexts (ignored where ``mask`` is False).
+            generator: draws the restarted streams' noise keys when ``noise_key`` is None.
+            noise_key: (B,) long noise keys in [0, 2**63 - 1).
+
+        Returns:
+            (B, C, H, W) the newest clean frame of every stream (restarted ones: their start frame).
+        """
+        mask = mask.to(self.device, torch.bool)
+        start_idx = start_idx.to(self.device, torch.long)
+        ctx = self.start_latents[start_idx]  # (B, C_ctx, C, H, W)
+        self.sampler.reset_where(self.state, mask, ctx, self._unknown, generator, noise_key)
+        return self.latest.clone()
+
+    @torch.inference_mode()
+    def step(self, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Advance every stream by one frame.
+
+        Args:
+            actions: (B,) long action ids in [0, A).
+
+        Returns:
+            ``(latents, reward, terminated)``: (B, C, H, W) float32 new clean latents, (B,) float32
+            rewards and (B,) bool terminations, all on the device.
+        """
+        actions = actions.to(self.device, torch.long)
+        z_prev = self.latest.clone()  # (B, C, H, W)
+        _, z_next = self.sampler.step(self.state, self._denoise, actions)  # (B, C, H, W)
+        with self._autocast():
+            reward, term_logit = self.heads(z_prev, z_next, self.ctrl_pooled[actions])  # (B,), (B,)
+        if self.reward_fn is not None:
+            reward = self.reward_fn(z_prev, z_next, actions)
+        return z_next, reward.float(), term_logit > 0
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor, size: FrameSize = "720p") -> torch.Tensor:
+        """Decode latents to uint8 frames on the device.
+
+        ``"720p"`` (or the VAE's high-res size) uses the super-resolving ``decode_hr``; ``"native"``
+        the training-resolution ``decode``. Another ``(h, w)`` uses ``decode`` and an antialiased
+        resize when it is at most ``HR_THRESHOLD`` x the native size per side (so agent-sized
+        observations such as 84x84 never pay for the 720p decoder), otherwise ``decode_hr``
+        resized down.
+
+        Args:
+            latents: (B, C, H, W) normalised latents.
+            size: "720p", "native" or (h, w).
+
+        Returns:
+            (B, h, w, 3) uint8.
+        """
+        native, hr = self.native_hw, self.hr_hw
+        hw = hr if size == "720p" else native if size == "native" else tuple(size)
+        if len(hw) != 2 or min(hw) < 1:
+            raise UsageError(f"frame size must be '720p', 'native' or (h, w) with h, w >= 1, got {size!r}")
+        latents = latents.to(self.device, torch.float32)
+        with self._autocast():
+            if hw == hr:
+                x = self.vae.decode_hr(latents)  # (B, 3, *hr)
+            elif hw[0] <= HR_THRESHOLD * native[0] and hw[1] <= HR_THRESHOLD * native[1]:
+                x = self.vae.decode(latents)  # (B, 3, *native)
+            else:
+                x = self.vae.decode_hr(latents)  # (B, 3, *hr)
+        x = x.float()
+        if tuple(x.shape[-2:]) != hw:
+            x = F.interpolate(
+                x, size=hw, mode="bilinear", antialias=True, align_corners=False
+            )  # (B, 3, h, w)
+        return tensor_to_frames(x)  # (B, h, w, 3)
