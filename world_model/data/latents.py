@@ -78,6 +78,39 @@ def read_info(latents: Path) -> dict:
         raise UsageError(f"{path} is corrupt: {err}") from err
 
 
+def resolve_caches(
+    data: list[Path] | tuple[Path, ...], latents: list[Path] | tuple[Path, ...]
+) -> tuple[dict[Path, Path], list[dict]]:
+    """Pair each data directory with its latent cache and check that the caches agree.
+
+    Args:
+        data: data directories.
+        latents: one latent cache per data directory, in the same order.
+
+    Returns:
+        ``(data root -> cache root, the latents.json of every cache)``.
+
+    Raises:
+        UsageError: counts differ, a cache is missing, or caches come from different VAEs.
+    """
+    if len(data) != len(latents):
+        raise UsageError(
+            f"{len(data)} --data directories but {len(latents)} --latents caches; give one per data dir"
+        )
+    infos = []
+    for cache in latents:
+        if not Path(cache).is_dir():
+            raise UsageError(
+                f"--latents {str(cache)!r} does not exist; run `matrix-world encode-latents` first"
+            )
+        infos.append(read_info(cache))
+    key = lambda info: (info.get("vae_sha256"), info.get("latent_shape"))  # noqa: E731
+    for cache, info in zip(latents[1:], infos[1:], strict=True):
+        if key(info) != key(infos[0]):
+            raise UsageError(f"latent caches {latents[0]} and {cache} were made by different VAEs")
+    return {Path(r): Path(c) for r, c in zip(data, latents, strict=True)}, infos
+
+
 def _write_json(path: Path, obj: dict) -> None:
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=2))
@@ -119,8 +152,13 @@ def encode_episode(
     return z.astype(np.float16)
 
 
-def encode_all(args: Args) -> dict:
-    """Encode the missing episodes; returns the final ``latents.json`` content."""
+def encode_all(args: Args, command: list[str] | None = None) -> dict:
+    """Encode the missing episodes; returns the final ``latents.json`` content.
+
+    Args:
+        args: the parsed arguments.
+        command: the command line, recorded in ``latents.json`` (part of a world's recipe).
+    """
     from world_model.checkpoint import load_module
     from world_model.data.episodes import EPISODES_DIR, MANIFEST, list_episodes, open_episode, sha256_file
     from world_model.train.common import barrier, cleanup_distributed, setup_distributed
@@ -152,6 +190,7 @@ def encode_all(args: Args) -> dict:
         "format_version": FORMAT_VERSION,
         "vae_sha256": sha,
         "vae_dir": str(Path(args.vae).resolve()),
+        "command": command or [],
         "latent_shape": [c, h, w],
         "dtype": "float16",
         "normalised": True,
@@ -215,9 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     import tyro
 
     args = tyro.cli(Args, args=argv, prog="matrix-world encode-latents", description=__doc__.split("\n\n")[0])
-    encode_all(args)
+    command = ["matrix-world", "encode-latents", *(sys.argv[1:] if argv is None else argv)]
+    encode_all(args, command)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))
+    raise SystemExit(main())

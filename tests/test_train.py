@@ -1,0 +1,308 @@
+"""Smoke, DDP and crash-resume tests of the training pipeline (tiny presets, synthetic data, CPU).
+
+Pipeline under test: train-vae -> encode-latents -> train-dit -> build-world. Every process runs
+single-threaded (OMP_NUM_THREADS=1 / torch.set_num_threads(1)): the CI box is small and shared,
+and bitwise equality between a resumed and an uninterrupted run needs equal thread counts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.synthetic import make_synthetic_dataset
+from world_model.errors import UsageError
+
+REPO = Path(__file__).resolve().parents[1]
+CLI_LINES = {
+    "train-vae": ("world_model.train.vae:main", "train the frame VAE"),
+    "encode-latents": ("world_model.data.latents:main", "encode episodes into a latent cache"),
+    "train-dit": ("world_model.train.dit:main", "train the video DiT and reward/termination heads"),
+    "build-world": ("world_model.train.build_world:main", "assemble a world-model directory"),
+}
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """One intra-op thread in this process, like the subprocesses (see module docstring)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """3 labelled episodes of 20 steps with 720p videos (held-out split: 1 episode)."""
+    return make_synthetic_dataset(tmp_path_factory.mktemp("data"), episodes=3, steps=20, video=True)
+
+
+@pytest.fixture(scope="module")
+def footage(tmp_path_factory) -> Path:
+    """A second data directory: 2 unlabelled episodes of 12 steps (actions -1, no rewards), no video."""
+    return make_synthetic_dataset(
+        tmp_path_factory.mktemp("footage"), episodes=2, steps=12, seed=1, labelled=False
+    )
+
+
+@pytest.fixture(scope="module")
+def vae_dir(data, footage, tmp_path_factory) -> Path:
+    from world_model.train import vae
+
+    run = tmp_path_factory.mktemp("runs") / "vae"
+    vae.main([
+        "--data", str(data), str(footage), "--run-dir", str(run), "--preset", "tiny", "--steps", "3",
+        "--batch-size", "4",
+        "--num-workers", "0", "--hr-batch", "2", "--hr-shuffle", "4", "--eval-frames", "16",
+        "--stats-frames", "64", "--warmup", "1",
+    ])  # fmt: skip
+    return run / "model"
+
+
+@pytest.fixture(scope="module")
+def latents(data, footage, vae_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """Latent caches of both data directories."""
+    from world_model.data import latents
+
+    outs = tmp_path_factory.mktemp("latents") / "data", tmp_path_factory.mktemp("latents") / "footage"
+    for root, out in zip((data, footage), outs, strict=True):
+        latents.main(["--data", str(root), "--vae", str(vae_dir), "--out", str(out), "--batch-size", "8"])
+    return outs
+
+
+def dit_args(roots: tuple[Path, Path], latents: tuple[Path, Path], run: Path, *extra: str) -> list[str]:
+    """Tiny DiT run on the labelled data + the unlabelled footage (34 training windows of 8), batch 4."""
+    return [
+        "--data", str(roots[0]), str(roots[1]), "--latents", str(latents[0]), str(latents[1]),
+        "--run-dir", str(run), "--preset", "tiny",
+        "--steps", "4", "--batch-size", "4", "--num-workers", "0", "--eval-batches", "1", "--warmup", "1",
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def dit_run(data, footage, latents, tmp_path_factory) -> Path:
+    """One DiT run that encodes the control table with the real MiniLM (the other runs reuse it)."""
+    from world_model.train import dit
+
+    run = tmp_path_factory.mktemp("runs") / "dit"
+    dit.main(dit_args((data, footage), latents, run, "--ckpt-every", "2"))
+    return run
+
+
+# ----------------------------------------------------------------------------- VAE / latents
+def test_vae_trainer_writes_loadable_model(vae_dir):
+    from world_model.checkpoint import load_module
+    from world_model.train.common import list_checkpoints
+    from world_model.vae import FrameVAE, VAEConfig
+
+    vae = load_module(vae_dir, "vae", FrameVAE, VAEConfig)
+    summary = json.loads((vae_dir / "train_vae.json").read_text())
+    assert summary["hr_trained"], "the synthetic data has 720p videos: the HR head must train"
+    assert np.isfinite(summary["eval"]["psnr_72x128"]) and np.isfinite(summary["eval"]["psnr_720p"])
+    assert summary["eval"]["eval_split"] == "heldout"
+    # latent statistics were fitted and stored in the model's buffers
+    assert not torch.equal(vae.latent_scale, torch.ones_like(vae.latent_scale))
+    assert torch.allclose(vae.latent_scale, torch.tensor(summary["latent_scale"]))
+    assert [s for s, _ in list_checkpoints(vae_dir.parent)] == [3]
+
+
+def test_hr_crop_loss_matches_full_decode():
+    """Running the 720p head on a feature crop gives exactly the pixels of a full 720p decode."""
+    from world_model.train.vae import hr_crop_loss
+    from world_model.vae import VAE_PRESETS, FrameVAE
+
+    torch.manual_seed(0)
+    vae = FrameVAE(VAE_PRESETS["tiny"]).eval()
+    torch.nn.init.normal_(vae.hr_out.weight, std=0.1)  # non-zero detail so the head matters
+    x = torch.rand(1, 3, 72, 128) * 2 - 1
+    with torch.no_grad():
+        full = vae.decode_hr(vae.encode(x))  # (1, 3, 720, 1280)
+        yx = torch.tensor([[24, 48]])  # crop corner on the 10x grid, interior
+        target = full[:, :, 240:420, 480:800]  # (1, 3, 180, 320)
+        assert hr_crop_loss(vae, x, target, yx).item() < 1e-6
+        assert hr_crop_loss(vae, x, full[:, :, 250:430, 480:800], yx).item() > 1e-3  # off by one LR pixel
+
+
+def test_encode_latents_shapes_and_resume(data, vae_dir, latents):
+    from world_model.data import latents as latents_mod
+
+    cache = latents[0]
+    info = json.loads((cache / "latents.json").read_text())
+    assert info["latent_shape"] == [4, 9, 16] and info["dtype"] == "float16"
+    assert sorted(info["episodes"]) == ["ep_000000", "ep_000001", "ep_000002"]
+    files = sorted(cache.glob("episodes/*/latents.npy"))
+    assert len(files) == 3
+    z = np.load(files[0])
+    assert z.shape == (21, 4, 9, 16) and z.dtype == np.float16
+    assert np.isfinite(z).all()
+    assert np.load(sorted(latents[1].glob("episodes/*/latents.npy"))[0]).shape == (13, 4, 9, 16)
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    latents_mod.main(["--data", str(data), "--vae", str(vae_dir), "--out", str(cache)])  # resumable: no-op
+    assert [f.stat().st_mtime_ns for f in files] == mtimes
+
+
+# ----------------------------------------------------------------------------- DiT / world
+def test_dit_trainer_and_build_world(data, footage, vae_dir, latents, dit_run, tmp_path):
+    from world_model.checkpoint import load_world
+    from world_model.train import build_world
+
+    model = dit_run / "model"
+    for name in ("dit.safetensors", "heads.safetensors", "control_table.safetensors", "train_dit.json"):
+        assert (model / name).exists(), name
+    summary = json.loads((model / "train_dit.json").read_text())
+    assert summary["steps"] == 4 and np.isfinite(summary["eval"]["eval/flow"])
+    assert any("footage" in ep for ep in summary["train_episodes"])  # unlabelled footage trains the DiT
+    assert summary["termination_pos_weight"] > 1.0  # terminations are rare
+
+    out = tmp_path / "world"
+    build_world.main([
+        "--vae", str(vae_dir), "--dit", str(model), "--data", str(data), str(footage),
+        "--latents", str(latents[0]), str(latents[1]), "--out", str(out), "--starts", "6",
+    ])  # fmt: skip
+    world = load_world(out)
+    assert world.start_latents.shape == (6, 4, 4, 9, 16)
+    assert world.sampler["context"] == 4 and world.sampler["groups"] == 4
+    assert all(p["frame"] >= 15 for p in world.meta["starts"])
+    assert {p["split"] for p in world.meta["starts"]} == {"heldout", "train"}
+    assert {p["data"] for p in world.meta["starts"]} == {str(data)}  # starts from labelled episodes only
+    recipe = json.loads((out / "manifest.json").read_text())["recipe"]
+    stages = ["train-vae", "encode-latents", "encode-latents", "train-dit", "build-world"]
+    assert [c[1] for c in recipe["commands"]] == stages
+
+
+def test_ddp_two_ranks_end_with_identical_weights(data, footage, latents, dit_run, tmp_path):
+    run = tmp_path / "ddp"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "world_model.train.dit",
+        *dit_args((data, footage), latents, run, "--steps", "2", "--batch-size", "2", "--debug-hashes",
+                  "--control-table", str(dit_run / "control_table.safetensors")),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    hashes = [(run / "debug" / f"dit_rank{r}.txt").read_text().split() for r in (0, 1)]
+    assert hashes[0] == hashes[1] and hashes[0][0] == "2"
+    ckpt = run / "state" / "step_000002"
+    assert (ckpt / "rng_rank0.safetensors").exists() and (ckpt / "rng_rank1.safetensors").exists()
+
+
+def test_resume_after_kill_matches_uninterrupted(data, footage, latents, dit_run, tmp_path, capsys):
+    """SIGKILL a run after its first checkpoint, rerun it: same step count, bitwise-equal weights."""
+    from world_model.train import dit
+
+    table = str(dit_run / "control_table.safetensors")
+    steps = ["--steps", "6", "--ckpt-every", "2", "--control-table", table]
+
+    ref = tmp_path / "uninterrupted"
+    dit.main(dit_args((data, footage), latents, ref, *steps))
+
+    run = tmp_path / "killed"
+    cmd = [
+        sys.executable,
+        "-m",
+        "world_model.train.dit",
+        *dit_args((data, footage), latents, run, *steps, "--step-sleep", "1"),
+    ]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "state" / "step_000002").exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    done = sorted(int(p.name.split("_")[1]) for p in (run / "state").glob("step_*"))
+    assert done and done[-1] < 6 and not (run / "model").exists(), "the run finished before the kill"
+
+    capsys.readouterr()
+    dit.main(
+        dit_args((data, footage), latents, run, *steps, "--step-sleep", "0")
+    )  # step_sleep may change on resume
+    assert f"at step {done[-1]}" in capsys.readouterr().out
+    trainer = json.loads((run / "state" / "step_000006" / "trainer.json").read_text())
+    assert trainer["step"] == 6
+
+    for name in ("model", "ema", "optimizer"):
+        a = load_file(str(ref / "state" / "step_000006" / f"{name}.safetensors"))
+        b = load_file(str(run / "state" / "step_000006" / f"{name}.safetensors"))
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), f"{name} differs from the uninterrupted run"
+    assert load_file(str(ref / "model" / "dit.safetensors")).keys()  # exported too
+
+
+def test_eval_split_episodes_are_never_trained_on(data, tmp_path):
+    from world_model.train.common import resolve_episodes
+
+    eval_root = make_synthetic_dataset(tmp_path / "dr_eval", episodes=2, steps=4, split="eval")
+    train, heldout = resolve_episodes([data, eval_root], holdout_fraction=0.1, seed=0)
+    assert len(train) + len(heldout) == 3 and all(str(eval_root) not in str(ep) for ep in [*train, *heldout])
+    with pytest.raises(UsageError, match="no training-split episodes"):
+        resolve_episodes([eval_root], holdout_fraction=0.1, seed=0)
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.fixture
+def cli(monkeypatch):
+    """agents.cli.main with this package's subcommands registered (cli.py itself is not edited here)."""
+    from agents import cli as cli_mod
+
+    monkeypatch.setattr(cli_mod, "COMMANDS", {**cli_mod.COMMANDS, **CLI_LINES})
+    return cli_mod.main
+
+
+def test_missing_and_empty_data_dir_exit_2(cli, tmp_path, capsys):
+    assert cli(["train-vae", "--data", str(tmp_path / "nope"), "--run-dir", str(tmp_path / "r")]) == 2
+    assert "nope" in capsys.readouterr().err
+    (tmp_path / "empty" / "episodes").mkdir(parents=True)
+    assert cli(["train-vae", "--data", str(tmp_path / "empty"), "--run-dir", str(tmp_path / "r")]) == 2
+    assert "no complete episodes" in capsys.readouterr().err
+
+
+def test_corrupt_episode_file_is_named(cli, tmp_path, capsys):
+    root = make_synthetic_dataset(tmp_path / "data", episodes=2, steps=6)
+    bad = root / "episodes" / "ep_000001" / "frames_72x128.npy"
+    bad.write_bytes(b"not a numpy file")
+    assert cli(["train-vae", "--data", str(root), "--run-dir", str(tmp_path / "r"), "--preset", "tiny"]) == 2
+    assert str(bad) in capsys.readouterr().err
+
+
+def test_missing_latents_and_mismatched_resume_config(cli, data, footage, latents, dit_run, tmp_path, capsys):
+    args = dit_args((data, footage), latents, dit_run)  # the run that the dit_run fixture finished
+    assert (
+        cli(
+            [
+                "train-dit",
+                *dit_args((data, footage), (tmp_path / "no-latents", tmp_path / "x"), tmp_path / "r"),
+            ]
+        )
+        == 2
+    )
+    assert "no-latents" in capsys.readouterr().err
+    assert cli(["train-dit", *args, "--lr", "0.5", "--window", "6"]) == 2
+    err = capsys.readouterr().err
+    assert "lr" in err and "window" in err and "0.5" in err
+    with pytest.raises(UsageError, match="preset"):
+        from world_model.train import dit
+
+        dit.main([*args, "--preset", "S"])

@@ -1,0 +1,298 @@
+"""Evaluation metrics as pure functions on arrays (no model, no I/O), so stubs can test each one.
+
+Conventions: frames are uint8 ``(..., H, W, 3)`` arrays; features are float ``(N, D)`` arrays;
+labels are int ``(N,)`` arrays of action ids in ``[0, A)``.
+
+* Fidelity: :func:`psnr`, :func:`frechet_distance` (the FID formula on any feature set; the suite
+  uses the inverse-dynamics model's penultimate layer), :func:`color_histogram` with
+  :func:`histogram_distance`, :func:`mean_brightness`.
+* Control: :func:`confusion_matrix`, :func:`accuracy_report` (accuracy, per-action accuracy, chance).
+* Drift: :class:`DriftAccumulator` collects frame statistics per horizon bucket while a generator
+  runs, without keeping the frames.
+* Heads: :func:`reward_metrics`, :func:`termination_metrics`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import linalg
+
+# Bins per colour channel of the joint RGB histogram (8**3 = 512 cells): coarse enough that a few
+# hundred 72x128 frames fill it, fine enough to see grass / road / sky colour shifts.
+HIST_BINS = 8
+# Rec. 601 luma weights: the brightness that drift plots show.
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float64)
+# Diagonal jitter added to both covariances when their product's square root is singular (the
+# pytorch-fid / Heusel et al. reference implementation uses the same offset).
+FD_EPS = 1e-6
+# The drift horizons of DESIGN.md §7: [0, 100), [100, 1000), [1000, 10000) generated steps.
+DEFAULT_BUCKET_EDGES = (0, 100, 1000, 10000)
+
+
+# ------------------------------------------------------------------------------------- fidelity
+def psnr(a: np.ndarray, b: np.ndarray, max_value: float = 255.0) -> float:
+    """PSNR in dB over all elements of two equally shaped image arrays (``inf`` if identical)."""
+    if a.shape != b.shape:
+        raise ValueError(f"psnr needs equal shapes, got {a.shape} and {b.shape}")
+    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    return math.inf if mse == 0.0 else 10.0 * math.log10(max_value**2 / mse)
+
+
+def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (D,) and covariance (D, D) of features (N, D), in float64."""
+    f = np.asarray(features, np.float64)
+    if f.ndim != 2 or f.shape[0] < 2:
+        raise ValueError(f"need features of shape (N >= 2, D), got {f.shape}")
+    return f.mean(axis=0), np.cov(f, rowvar=False)
+
+
+def frechet_from_stats(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """Fréchet distance between Gaussians N(mu1, sigma1) and N(mu2, sigma2).
+
+    ``|mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2))``, computed as in pytorch-fid.
+    """
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    diff = mu1 - mu2
+    covmean, _ = linalg.sqrtm(sigma1 @ sigma2, disp=False)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(sigma1.shape[0]) * FD_EPS
+        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    covmean = np.real(covmean)  # numerical error leaves tiny imaginary parts
+    fd = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+    return max(fd, 0.0)  # sqrtm round-off can push identical sets a hair below zero
+
+
+def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
+    """Fréchet distance between two feature sets (N_a, D) and (N_b, D) (0 for identical sets).
+
+    Note the estimator is biased upwards for small N (few hundred samples in D=64 dimensions): only
+    compare numbers computed with the same sample sizes and the same feature network.
+    """
+    return frechet_from_stats(*feature_stats(features_a), *feature_stats(features_b))
+
+
+def color_histogram(frames: np.ndarray, bins: int = HIST_BINS) -> np.ndarray:
+    """Normalised joint RGB histogram of uint8 frames (..., H, W, 3) -> (bins**3,) summing to 1."""
+    px = np.asarray(frames).reshape(-1, 3)
+    if px.dtype != np.uint8:
+        raise TypeError(f"frames must be uint8, got {px.dtype}")
+    q = (px.astype(np.int64) * bins) // 256  # (P, 3) bin per channel
+    cells = (q[:, 0] * bins + q[:, 1]) * bins + q[:, 2]  # (P,)
+    counts = np.bincount(cells, minlength=bins**3).astype(np.float64)
+    return counts / max(counts.sum(), 1.0)
+
+
+def histogram_distance(h1: np.ndarray, h2: np.ndarray) -> float:
+    """Total-variation distance of two normalised histograms: 0 identical, 1 disjoint."""
+    return float(0.5 * np.abs(np.asarray(h1) - np.asarray(h2)).sum())
+
+
+def mean_brightness(frames: np.ndarray) -> float:
+    """Mean Rec. 601 luma of uint8 frames (..., H, W, 3), in [0, 255]."""
+    f = np.asarray(frames)
+    return float((f.reshape(-1, 3).mean(axis=0, dtype=np.float64) * LUMA).sum())
+
+
+# -------------------------------------------------------------------------------------- control
+def confusion_matrix(pred: np.ndarray, true: np.ndarray, num_classes: int) -> np.ndarray:
+    """(A, A) int64 counts; row = true action, column = predicted action."""
+    pred, true = np.asarray(pred, np.int64), np.asarray(true, np.int64)
+    if pred.shape != true.shape:
+        raise ValueError(f"pred {pred.shape} and true {true.shape} differ")
+    return np.bincount(true * num_classes + pred, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def accuracy_report(pred: np.ndarray, true: np.ndarray, num_classes: int) -> dict:
+    """Accuracy of predicted action ids against true ones, per action, and the chance levels.
+
+    Returns:
+        dict with ``accuracy``, ``n``, ``per_action`` (A floats, None where an action never
+        occurs), ``chance_uniform`` (1/A), ``chance_majority`` (frequency of the most common true
+        action: what a constant guess scores) and ``confusion`` (A x A nested lists).
+    """
+    cm = confusion_matrix(pred, true, num_classes)
+    n = int(cm.sum())
+    rows = cm.sum(axis=1)
+    return {
+        "accuracy": float(np.trace(cm) / n) if n else float("nan"),
+        "n": n,
+        "per_action": [float(cm[a, a] / rows[a]) if rows[a] else None for a in range(num_classes)],
+        "chance_uniform": 1.0 / num_classes,
+        "chance_majority": float(rows.max() / n) if n else float("nan"),
+        "confusion": cm.tolist(),
+    }
+
+
+def hold_actions(
+    num_envs: int, steps: int, num_actions: int, hold: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Random actions, each drawn uniformly and held for ``hold`` steps: (B, T) int64."""
+    blocks = -(-steps // hold)  # ceil
+    draws = rng.integers(0, num_actions, size=(num_envs, blocks))  # (B, blocks)
+    return np.repeat(draws, hold, axis=1)[:, :steps]  # (B, T)
+
+
+# ---------------------------------------------------------------------------------------- drift
+@dataclass
+class _Bucket:
+    start: int
+    end: int
+    features: list[np.ndarray] = field(default_factory=list)
+    hist: np.ndarray | None = None
+    luma_sum: float = 0.0
+    frames: int = 0
+    last_step: int = -1
+
+
+class DriftAccumulator:
+    """Frame statistics of a long generated rollout, per horizon bucket, against real frames.
+
+    Feed it the frames (and their features) sampled at some generation steps; it keeps only
+    per-bucket sums, so a 10k-step rollout costs no memory. Example::
+
+        acc = DriftAccumulator(real_features, real_frames, edges=(0, 100, 1000, 10000))
+        for step in sampled_steps:               # step = 1-based count of generated frames
+            acc.add(step, frames, features)      # frames (B, H, W, 3) uint8, features (B, D)
+        rows = acc.result()
+    """
+
+    def __init__(
+        self,
+        real_features: np.ndarray,
+        real_frames: np.ndarray,
+        edges: tuple[int, ...] = DEFAULT_BUCKET_EDGES,
+        bins: int = HIST_BINS,
+    ) -> None:
+        """Reference statistics of the real frames.
+
+        Args:
+            real_features: (N, D) features of real frames.
+            real_frames: (M, H, W, 3) uint8 real frames (histogram and brightness reference).
+            edges: increasing bucket boundaries in generated steps; bucket i is [edges[i], edges[i+1]).
+            bins: histogram bins per channel.
+        """
+        if len(edges) < 2 or any(b <= a for a, b in zip(edges, edges[1:], strict=False)):
+            raise ValueError(f"bucket edges must increase, got {edges}")
+        self.bins = bins
+        self.real_stats = feature_stats(real_features)
+        self.real_hist = color_histogram(real_frames, bins)
+        self.real_brightness = mean_brightness(real_frames)
+        self.buckets = [_Bucket(a, b) for a, b in zip(edges, edges[1:], strict=False)]
+        self.trace: list[tuple[int, float]] = []  # (step, mean brightness of the frames added)
+
+    def bucket_of(self, step: int) -> int | None:
+        """Index of the bucket holding ``step`` (None beyond the last edge)."""
+        for i, b in enumerate(self.buckets):
+            if b.start <= step < b.end:
+                return i
+        return None
+
+    def add(self, step: int, frames: np.ndarray, features: np.ndarray) -> None:
+        """Add frames generated at ``step``: frames (B, H, W, 3) uint8, features (B, D)."""
+        i = self.bucket_of(step)
+        if i is None:
+            return
+        b = self.buckets[i]
+        hist = color_histogram(frames, self.bins) * len(frames)
+        b.hist = hist if b.hist is None else b.hist + hist
+        luma = mean_brightness(frames)
+        b.luma_sum += luma * len(frames)
+        b.frames += len(frames)
+        b.features.append(np.asarray(features, np.float64))
+        b.last_step = max(b.last_step, step)
+        self.trace.append((int(step), luma))
+
+    def result(self) -> list[dict]:
+        """One dict per bucket with samples: start, end, reached (last step seen), frames,
+        frechet (to the real features), hist_distance, brightness, brightness_gap (generated - real)."""
+        rows = []
+        for b in self.buckets:
+            if b.frames == 0:
+                continue
+            feats = np.concatenate(b.features)
+            fd = frechet_from_stats(*feature_stats(feats), *self.real_stats) if len(feats) > 1 else float("nan")
+            brightness = b.luma_sum / b.frames
+            rows.append({
+                "start": b.start,
+                "end": b.end,
+                "reached": b.last_step,
+                "frames": b.frames,
+                "frechet": fd,
+                "hist_distance": histogram_distance(b.hist / b.hist.sum(), self.real_hist),
+                "brightness": brightness,
+                "brightness_gap": brightness - self.real_brightness,
+            })
+        return rows
+
+
+def drift_summary(rows: list[dict]) -> dict:
+    """Last bucket minus first bucket of each drift statistic (0 = a flat curve)."""
+    if len(rows) < 2:
+        return {}
+    first, last = rows[0], rows[-1]
+    return {
+        "frechet_change": last["frechet"] - first["frechet"],
+        "hist_distance_change": last["hist_distance"] - first["hist_distance"],
+        "abs_brightness_gap_change": abs(last["brightness_gap"]) - abs(first["brightness_gap"]),
+    }
+
+
+# ---------------------------------------------------------------------------------------- heads
+def reward_metrics(pred: np.ndarray, true: np.ndarray, baseline: float | None = None) -> dict:
+    """Predicted vs recorded rewards: MAE, RMSE, Pearson correlation (nan if either is constant).
+
+    Args:
+        pred: (N,) predicted rewards.
+        true: (N,) recorded rewards.
+        baseline: a constant predictor (e.g. the training mean); its MAE is reported beside.
+    """
+    pred, true = np.asarray(pred, np.float64), np.asarray(true, np.float64)
+    err = pred - true
+    corr = float("nan")
+    if len(pred) > 1 and pred.std() > 0 and true.std() > 0:
+        corr = float(np.corrcoef(pred, true)[0, 1])
+    out = {
+        "n": len(pred),
+        "mae": float(np.abs(err).mean()) if len(err) else float("nan"),
+        "rmse": float(np.sqrt((err**2).mean())) if len(err) else float("nan"),
+        "corr": corr,
+    }
+    if baseline is not None:
+        out["mae_constant_baseline"] = float(np.abs(baseline - true).mean()) if len(true) else float("nan")
+    return out
+
+
+def termination_metrics(pred: np.ndarray, true: np.ndarray, weight: np.ndarray | None = None) -> dict:
+    """Precision / recall / F1 of predicted terminations.
+
+    Args:
+        pred: (N,) bool predicted terminations.
+        true: (N,) bool recorded terminations.
+        weight: (N,) sample weights (inverse sampling rates when the transitions are a subsample
+            that over-represents terminal ones); 1 when None.
+
+    Returns:
+        dict with precision, recall, f1 (nan when undefined), positives and predicted_positives
+        (unweighted counts).
+    """
+    pred, true = np.asarray(pred, bool), np.asarray(true, bool)
+    w = np.ones(len(pred)) if weight is None else np.asarray(weight, np.float64)
+    tp = float(w[pred & true].sum())
+    fp = float(w[pred & ~true].sum())
+    fn = float(w[~pred & true].sum())
+    precision = tp / (tp + fp) if tp + fp > 0 else float("nan")
+    recall = tp / (tp + fn) if tp + fn > 0 else float("nan")
+    f1 = (2 * precision * recall / (precision + recall)
+          if precision == precision and recall == recall and precision + recall > 0 else float("nan"))
+    return {
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "positives": int(true.sum()),
+        "predicted_positives": int(pred.sum()),
+        "n": len(pred),
+    }

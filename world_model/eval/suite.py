@@ -1,0 +1,966 @@
+"""The evaluation suite (``matrix-world eval``): control, fidelity, drift, heads and speed of a world.
+
+    matrix-world eval --checkpoint WORLD_DIR --data DATA_DIR [--dr-data DR_EVAL_DIR] --out OUT_DIR
+
+writes ``OUT/metrics.json`` (every number), ``OUT/*.png`` (confusion matrices, control accuracy,
+drift curves, reward scatter), ``OUT/summary.md`` (a Markdown table for the README, with the
+command, machine and date) and ``OUT/idm/`` (the inverse-dynamics model, reusable with ``--idm``).
+
+What is measured (DESIGN.md §7)
+-------------------------------
+* **Control.** An inverse-dynamics model (``world_model.eval.idm``) is trained on the *training*
+  split of ``--data`` (``split_episodes(data, holdout_fraction, split_seed)``; held-out episodes are
+  never seen). Reported: its accuracy on real held-out transitions (the ceiling), on VAE
+  reconstructions of them (the ceiling for anything that passes the decoder), on generated rollouts
+  for every sampler mode in ``--modes``, and chance (1/A and the majority rate). Rollouts start from
+  real held-out context windows (encoded with the world's VAE) and follow random actions held for
+  ``--hold`` steps; frames are decoded at 72x128.
+  *Action latency*: in ``pipelined`` mode an action conditions the frame emitted G-1 steps later
+  (``SwinDPM.action_latency``), so the label of generated transition ``t`` is the action given at
+  step ``t - latency``; ``reconditioned`` and ``immediate`` have latency 0. ``by_lag`` lists the
+  accuracy for every lag 0..G-1 on the same transitions, which shows where the effect really lands,
+  and ``unaligned_accuracy`` is lag 0. With ``--dr-data`` (a labelled domain-randomised eval split)
+  the same is measured from DR start contexts, beside the IDM on real DR frames.
+* **Fidelity.** VAE reconstruction PSNR of held-out frames at 72x128; teacher-forced next-frame PSNR
+  (real context latents -> one ``immediate``-mode step with the real action -> decode, against the
+  real next frame), beside the copy-last-frame baseline and the VAE ceiling; Fréchet distance of
+  generated vs real held-out frame-stack features (the IDM's penultimate layer), beside the floor of
+  VAE reconstructions with the same sample size. FDs are only comparable between runs that use the
+  same IDM (pass ``--idm OUT/idm`` of an earlier run) and the same sample sizes.
+* **Drift.** ``--drift-envs`` streams generate ``--horizon`` frames with random held actions (the
+  checkpoint's sampler); in each bucket of ``--bucket-edges`` (default [0,100), [100,1000),
+  [1000,10000)) about ``--drift-samples`` frames are decoded and compared to real held-out frames:
+  Fréchet distance, RGB-histogram total-variation distance and mean brightness. A flat curve is the
+  goal. Generation stops early when ``--drift-budget-s`` is spent (``stopped_by_budget`` in the JSON).
+* **Heads.** Reward / termination heads on real held-out latent transitions: reward MAE, RMSE and
+  correlation (beside the MAE of predicting the training mean), termination precision / recall
+  (negatives re-weighted by their sampling rate, since every episode's final segment is included).
+* **Speed.** Simulator steps/s per mode at batch 1 and ``--speed-envs``, and 720p frames/s (step +
+  720p decode, batch 1), timed with ``benchmarks/bench_env.py``'s ``time_steps``.
+
+Defaults and runtime
+--------------------
+Defaults are sized for a 2-core CPU shared with other jobs: 2048 held-out frames (64 segments of
+32), IDM 600 steps of 64 (~3-4 min), 8 streams x 32 steps of control rollouts per mode (256 labelled
+transitions, accuracy +-3 %), 64 teacher-forced samples, drift 4 streams to 10,000 steps with 256
+sampled frames per bucket and a 900 s budget, 3 timed speed steps. The run time is dominated by the
+world's cost per step (DiT size x evaluations per step): the un-distilled preset-S world of
+``build-world`` (8 evaluations per step) costs ~3 s per stream-step here, so its control rollouts take
+~4 min per mode and the drift budget stops it after a few hundred steps (a GPU, or a distilled
+1-evaluation sampler, reaches 10k). With those settings a full run is ~30 min; ``--quick`` (tiny IDM,
+a few frames and steps) runs in seconds on a tiny world and is what the tests use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from world_model.data import episodes as E
+from world_model.errors import UsageError
+from world_model.eval import metrics as M
+from world_model.eval.idm import (
+    IDM_PRESETS,
+    IDMTrainConfig,
+    InverseDynamicsModel,
+    TransitionSet,
+    load_idm,
+    predict,
+    save_idm,
+    sequence_stacks,
+    train_idm,
+)
+
+Mode = Literal["pipelined", "reconditioned", "immediate"]
+ALL_MODES: tuple[Mode, ...] = ("pipelined", "reconditioned", "immediate")
+
+
+@dataclass
+class Args:
+    """Evaluate a world model: control accuracy (inverse dynamics), fidelity, drift, reward heads, speed."""
+
+    checkpoint: Path
+    """World-model checkpoint directory (world_model.checkpoint.save_world)."""
+    data: Path
+    """Recorded, labelled data directory (the world's training data; its held-out split is evaluated)."""
+    out: Path
+    """Output directory for metrics.json, *.png, summary.md and idm/."""
+    dr_data: Path | None = None
+    """Optional labelled domain-randomised eval split (record --domain-randomize): control across domains."""
+    quick: bool = False
+    """Tiny sizes everywhere (a smoke test: seconds on a tiny world); explicit options still win."""
+    device: str = "cpu"
+    """Torch device (cpu, cuda)."""
+    threads: int = 0
+    """torch.set_num_threads (0: torch's default)."""
+    seed: int = 0
+    """Seed of every random choice (segments, actions, noise, IDM)."""
+    holdout_fraction: float = 0.1
+    """Held-out episode fraction of split_episodes (same as train-vae / train-dit)."""
+    split_seed: int = 0
+    """Seed of split_episodes (same as train-vae / train-dit)."""
+    modes: tuple[Mode, ...] = ALL_MODES
+    """Sampler modes whose control accuracy and speed are measured."""
+    mode: Mode | None = None
+    """Sampler mode of the Fréchet / drift / DR rollouts (default: the checkpoint's)."""
+    idm: Path | None = None
+    """Load this inverse-dynamics model (an earlier run's OUT/idm) instead of training one."""
+    idm_preset: Literal["tiny", "default"] = "default"
+    """IDM size preset (world_model.eval.idm.IDM_PRESETS)."""
+    idm_frames: int = 3
+    """Frames per IDM input stack (2 = a pair; 3 also sees the velocity before the action)."""
+    idm_steps: int = 600
+    """IDM training steps."""
+    idm_batch: int = 64
+    """IDM training batch size."""
+    heldout_frames: int = 2048
+    """Real held-out frames read (in segments), encoded once and shared by every metric."""
+    segment_len: int = 32
+    """Frames per held-out segment (contiguous; the last segment of each episode ends at its end)."""
+    min_frame: int = 15
+    """First frame a segment may start at (skips CarRacing's reset zoom; clipped for short episodes)."""
+    control_envs: int = 8
+    """Streams per control rollout."""
+    control_steps: int = 32
+    """Generated steps per control rollout stream."""
+    hold: int = 4
+    """Steps each random action is held for."""
+    tf_samples: int = 64
+    """Teacher-forced next-frame predictions."""
+    horizon: int = 10_000
+    """Drift: generated steps per stream (shorten for a quick look)."""
+    bucket_edges: tuple[int, ...] = M.DEFAULT_BUCKET_EDGES
+    """Drift horizon buckets (cut at --horizon)."""
+    drift_envs: int = 4
+    """Drift: parallel streams."""
+    drift_samples: int = 256
+    """Drift: frames decoded and compared per bucket (all streams together)."""
+    drift_budget_s: float = 900.0
+    """Drift: stop generating after this many seconds (0 = no limit)."""
+    speed_steps: int = 3
+    """Timed steps per speed configuration (after 2 warm-up steps)."""
+    speed_envs: int = 8
+    """Batch size of the batched speed row."""
+
+
+# `--quick` sizes; applied to options still at their defaults.
+QUICK: dict[str, object] = {
+    "idm_preset": "tiny", "idm_steps": 40, "idm_batch": 16, "heldout_frames": 96, "segment_len": 12,
+    "min_frame": 0, "control_envs": 4, "control_steps": 10, "tf_samples": 6, "horizon": 24,
+    "bucket_edges": (0, 4, 12, 24), "drift_envs": 2, "drift_samples": 8, "speed_steps": 1, "speed_envs": 2,
+}
+
+
+def apply_quick(args: Args) -> Args:
+    """``--quick``: replace every option in ``QUICK`` that the user left at its default."""
+    if not args.quick:
+        return args
+    defaults = {f.name: f.default for f in dataclasses.fields(Args)}
+    return dataclasses.replace(args, **{k: v for k, v in QUICK.items() if getattr(args, k) == defaults[k]})
+
+
+def log(msg: str) -> None:
+    """Progress line (stdout, flushed)."""
+    print(msg, flush=True)
+
+
+# ------------------------------------------------------------------------------- generated frames
+class FrameSource(Protocol):
+    """B generated streams as the control and drift metrics see them (the Simulator, or a stub).
+
+    ``latency`` is the number of steps between an action and the first frame it conditions.
+    """
+
+    num_envs: int
+    latency: int
+
+    def start(self, rng: np.random.Generator) -> np.ndarray:
+        """(Re)start every stream; returns the history frames (B, K-1, H, W, 3) uint8 before step 1."""
+        ...
+
+    def step(self, actions: np.ndarray, decode: bool = True) -> np.ndarray | None:
+        """Advance every stream by one frame with actions (B,); the frames (B, H, W, 3) uint8 or None."""
+        ...
+
+
+def decode_latents(vae: torch.nn.Module, latents: torch.Tensor, batch: int = 64) -> np.ndarray:
+    """Normalised latents (N, C, h, w) -> uint8 frames (N, 72, 128, 3) with the VAE's native decoder."""
+    from world_model.vae import tensor_to_frames
+
+    device = next(vae.parameters()).device
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(latents), batch):
+            x = vae.decode(latents[i : i + batch].to(device, torch.float32))  # (b, 3, H, W)
+            if tuple(x.shape[-2:]) != E.TRAIN_HW:
+                x = F.interpolate(x, size=E.TRAIN_HW, mode="bilinear", antialias=True, align_corners=False)
+            out.append(tensor_to_frames(x).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, *E.TRAIN_HW, 3), np.uint8)
+
+
+def encode_frames(vae: torch.nn.Module, frames: np.ndarray, batch: int = 64) -> torch.Tensor:
+    """uint8 frames (N, H, W, 3) -> normalised posterior-mean latents (N, C, h, w) float32 (CPU)."""
+    from world_model.vae import frames_to_tensor
+
+    device = next(vae.parameters()).device
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(frames), batch):
+            out.append(vae.encode(frames_to_tensor(np.ascontiguousarray(frames[i : i + batch]), device)).cpu())
+    return torch.cat(out)
+
+
+class SimulatorSource:
+    """Generated frames of a :class:`~world_model.simulator.Simulator` started from given contexts."""
+
+    def __init__(self, world, contexts: torch.Tensor, num_envs: int, mode: str | None, history: int,
+                 device: torch.device | str = "cpu", seed: int = 0) -> None:
+        """Build the simulator.
+
+        Args:
+            world: the loaded WorldModel.
+            contexts: (S, Tc, C, h, w) start contexts (e.g. encoded real held-out windows); they replace
+                the checkpoint's start latents for this evaluation.
+            num_envs: B streams.
+            mode: sampler mode (None: the checkpoint's).
+            history: K-1, context frames returned by :meth:`start` (decoded; repeated if Tc is shorter).
+            device: torch device.
+            seed: seed of the streams' noise keys.
+        """
+        from world_model.simulator import Simulator, sampler_config
+
+        self.contexts = contexts.float().cpu()
+        self.world = dataclasses.replace(world, start_latents=self.contexts)
+        self.sim = Simulator(self.world, num_envs, device, sampler=sampler_config(world, mode))
+        self.num_envs = num_envs
+        self.latency = self.sim.sampler.action_latency
+        self.history = history
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def start(self, rng: np.random.Generator) -> np.ndarray:
+        """Restart every stream from a random context; returns its last K-1 frames decoded."""
+        s, b = len(self.contexts), self.num_envs
+        idx = rng.permutation(s)[:b] if s >= b else rng.integers(0, s, size=b)
+        self.sim.reset(torch.ones(b, dtype=torch.bool), torch.from_numpy(idx), generator=self.generator)
+        ctx = self.contexts[torch.from_numpy(idx)]  # (B, Tc, C, h, w)
+        pick = np.clip(np.arange(ctx.shape[1] - self.history, ctx.shape[1]), 0, None)  # pad by repeating
+        ctx = ctx[:, torch.from_numpy(pick)]  # (B, K-1, C, h, w)
+        frames = decode_latents(self.sim.vae, ctx.flatten(0, 1))  # (B*(K-1), H, W, 3)
+        return frames.reshape(b, self.history, *frames.shape[1:])
+
+    def step(self, actions: np.ndarray, decode: bool = True) -> np.ndarray | None:
+        """One batched simulator step; decoded frames at 72x128 when ``decode``."""
+        latents, _, _ = self.sim.step(torch.as_tensor(np.asarray(actions, np.int64)))
+        return self.sim.decode(latents, E.TRAIN_HW).cpu().numpy() if decode else None
+
+
+def collect_control(
+    source: FrameSource, steps: int, hold: int, num_actions: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Roll ``source`` out under random held actions.
+
+    Returns:
+        ``(frames (B, K-1+T, H, W, 3) uint8`` (history then generated), ``actions (B, T) int64)``.
+    """
+    actions = M.hold_actions(source.num_envs, steps, num_actions, hold, rng)  # (B, T)
+    frames = [source.start(rng)]  # (B, K-1, H, W, 3)
+    for t in range(steps):
+        frames.append(source.step(actions[:, t])[:, None])  # (B, 1, H, W, 3)
+    return np.concatenate(frames, axis=1), actions
+
+
+def control_scores(
+    idm: InverseDynamicsModel, frames: np.ndarray, actions: np.ndarray, latency: int, max_lag: int
+) -> tuple[dict, np.ndarray]:
+    """IDM accuracy on generated rollouts, with labels aligned to the sampler's action latency.
+
+    Generated frame ``t`` (0-based) conditions on the action given at step ``t - latency``. Every
+    score uses the same transitions ``t >= max(max_lag, latency)``.
+
+    Args:
+        idm: the inverse-dynamics model (its ``cfg.frames`` = K).
+        frames: (B, K-1+T, H, W, 3) uint8 from :func:`collect_control`.
+        actions: (B, T) int64 actions given at each step.
+        latency: the sampler's action latency (label lag of the main score).
+        max_lag: largest lag of the ``by_lag`` sweep.
+
+    Returns:
+        ``(report, features)``: :func:`metrics.accuracy_report` of the aligned labels plus latency,
+        ``by_lag`` (accuracy at lag 0..max_lag) and ``unaligned_accuracy`` (lag 0); features (B*T, D)
+        of every generated frame stack.
+    """
+    k = idm.cfg.frames
+    b, t_len = actions.shape
+    if frames.shape[1] != k - 1 + t_len:
+        raise ValueError(f"frames {frames.shape} do not hold K-1={k - 1} history + T={t_len} frames")
+    stacks = np.stack([sequence_stacks(f, k) for f in frames])  # (B, T, K, H, W, 3)
+    pred, feats = predict(idm, stacks.reshape(b * t_len, *stacks.shape[2:]))
+    pred = pred.reshape(b, t_len)
+    first = max(max_lag, latency)
+    if first >= t_len:
+        raise UsageError(f"control rollouts of {t_len} steps are too short for action lag {first}")
+    num_actions = idm.cfg.num_actions
+
+    def labels(lag: int) -> np.ndarray:
+        return actions[:, first - lag : t_len - lag]  # (B, T - first)
+
+    p = pred[:, first:]
+    report = M.accuracy_report(p.ravel(), labels(latency).ravel(), num_actions)
+    report["latency"] = latency
+    report["by_lag"] = [float((p == labels(lag)).mean()) for lag in range(max_lag + 1)]
+    report["unaligned_accuracy"] = report["by_lag"][0]
+    return report, feats
+
+
+def run_drift(
+    source: FrameSource,
+    idm: InverseDynamicsModel,
+    acc: M.DriftAccumulator,
+    horizon: int,
+    samples_per_bucket: int,
+    hold: int,
+    num_actions: int,
+    rng: np.random.Generator,
+    budget_s: float = 0.0,
+) -> dict:
+    """Generate ``horizon`` frames per stream, sampling frames into ``acc``'s buckets.
+
+    In each bucket about ``samples_per_bucket`` frames (all streams) are decoded at evenly spaced
+    steps (with the K-1 frames before each, for the IDM features); other steps are not decoded.
+
+    Returns:
+        dict with ``buckets`` (:meth:`DriftAccumulator.result`), ``summary`` (:func:`drift_summary`),
+        ``horizon_reached``, ``stopped_by_budget``, ``seconds``, ``trace`` ([step, brightness] pairs).
+    """
+    k, b = idm.cfg.frames, source.num_envs
+    sample_at: set[int] = set()
+    for bucket in acc.buckets:
+        lo, hi = bucket.start, min(bucket.end, horizon)
+        if hi <= lo:
+            continue
+        n = min(hi - lo, max(1, math.ceil(samples_per_bucket / b)))
+        sample_at.update(int(s) for s in np.linspace(lo, hi - 1, n).round())
+    decode_at = {s - j for s in sample_at for j in range(k)}
+    actions = M.hold_actions(b, horizon, num_actions, hold, rng)  # (B, H)
+    window = list(np.moveaxis(source.start(rng), 1, 0))  # K-1 frames (B, H, W, 3)
+    t0 = time.perf_counter()
+    reached, stopped = 0, False
+    for step in range(horizon):
+        frames = source.step(actions[:, step], decode=step in decode_at)
+        window = (window + [frames])[-k:]
+        if step in sample_at:
+            stack = np.stack(window, axis=1)  # (B, K, H, W, 3)
+            _, feats = predict(idm, stack)
+            acc.add(step, window[-1], feats)
+        reached = step + 1
+        if budget_s and time.perf_counter() - t0 > budget_s:
+            stopped = reached < horizon
+            break
+    rows = acc.result()
+    return {
+        "buckets": rows,
+        "summary": M.drift_summary(rows),
+        "horizon_reached": reached,
+        "stopped_by_budget": stopped,
+        "seconds": time.perf_counter() - t0,
+        "trace": [[s, v] for s, v in acc.trace],
+        "real_brightness": acc.real_brightness,
+    }
+
+
+# ------------------------------------------------------------------------------------ real data
+@dataclass
+class Segments:
+    """Contiguous windows of real episodes, all of ``length`` frames."""
+
+    names: list[str]
+    starts: list[int]
+    frames: np.ndarray  # (S, L, H, W, 3) uint8
+    actions: np.ndarray  # (S, L) int64, -1 = unknown
+    rewards: np.ndarray  # (S, L) float32
+    terminated: np.ndarray  # (S, L) bool
+    term_totals: dict[bool, int] = field(default_factory=dict)
+    """Labelled transitions of the source episodes with terminated True / False (for re-weighting)."""
+    latents: torch.Tensor | None = None  # (S, L, C, h, w)
+    recon: np.ndarray | None = None  # (S, L, H, W, 3) uint8 VAE reconstructions
+
+    def stacks(self, k: int, which: Literal["frames", "recon"] = "frames") -> tuple[np.ndarray, np.ndarray]:
+        """All K-frame stacks with a known action: (N, K, H, W, 3) uint8 and labels (N,)."""
+        src = self.frames if which == "frames" else self.recon
+        stacks = np.stack([sequence_stacks(f, k) for f in src])  # (S, L-K+1, K, H, W, 3)
+        labels = self.actions[:, k - 1 :]  # (S, L-K+1)
+        keep = labels >= 0
+        return stacks[keep], labels[keep]
+
+
+def read_segments(episode_dirs: list[Path], frames_budget: int, length: int, min_frame: int) -> Segments:
+    """Read about ``frames_budget`` frames of the episodes as segments of ``length`` frames.
+
+    Segments are spread evenly over each episode (proportionally to its length, at least one per
+    episode) and the last one of each episode ends at its end, so terminal transitions are included.
+    """
+    lengths = [len(E.open_episode(ep)["actions"]) for ep in episode_dirs]
+    usable = [(ep, n) for ep, n in zip(episode_dirs, lengths, strict=True) if n >= length]
+    if not usable:
+        raise UsageError(f"no episode among {len(episode_dirs)} has {length} frames (--segment-len)")
+    count = max(1, frames_budget // length)
+    total = sum(n for _, n in usable)
+    names, starts, cols = [], [], {"frames": [], "actions": [], "rewards": [], "terminated": []}
+    totals = {True: 0, False: 0}
+    for ep, n in usable:
+        arrays = E.open_episode(ep)
+        labelled = np.asarray(arrays["actions"][1:]) >= 0
+        term = np.asarray(arrays["terminated"][1:], bool)
+        totals[True] += int((term & labelled).sum())
+        totals[False] += int((~term & labelled).sum())
+        lo = min(min_frame, n - length)
+        for s in np.unique(np.linspace(lo, n - length, max(1, round(count * n / total))).round().astype(int)):
+            names.append(ep.name)
+            starts.append(int(s))
+            for key in cols:
+                cols[key].append(np.asarray(arrays[key][s : s + length]))
+    return Segments(
+        names=names, starts=starts, frames=np.stack(cols["frames"]),
+        actions=np.stack(cols["actions"]).astype(np.int64), rewards=np.stack(cols["rewards"]).astype(np.float32),
+        terminated=np.stack(cols["terminated"]).astype(bool), term_totals=totals,
+    )
+
+
+def encode_segments(seg: Segments, vae: torch.nn.Module) -> None:
+    """Fill ``seg.latents`` and ``seg.recon`` (one encode and one decode of every frame)."""
+    s, length = seg.frames.shape[:2]
+    z = encode_frames(vae, seg.frames.reshape(s * length, *seg.frames.shape[2:]))  # (S*L, C, h, w)
+    seg.latents = z.reshape(s, length, *z.shape[1:])
+    seg.recon = decode_latents(vae, z).reshape(seg.frames.shape)
+
+
+def context_windows(seg: Segments, context: int, count: int, rng: np.random.Generator) -> tuple[torch.Tensor, np.ndarray]:
+    """``count`` random windows of ``context`` latents with a next frame: (count, Tc, C, h, w) and
+    their (segment, next-frame index) pairs (count, 2)."""
+    length = seg.frames.shape[1]
+    if length <= context:
+        raise UsageError(f"--segment-len {length} must exceed the sampler context {context}")
+    cand = np.array([(s, j) for s in range(len(seg.names)) for j in range(context, length)
+                     if seg.actions[s, j] >= 0])
+    if not len(cand):
+        raise UsageError("no labelled next frame after a context window in the segments")
+    pick = cand[rng.choice(len(cand), size=min(count, len(cand)), replace=False)]
+    ctx = torch.stack([seg.latents[s, j - context : j] for s, j in pick])  # (N, Tc, C, h, w)
+    return ctx, pick
+
+
+# ---------------------------------------------------------------------------------- sections
+def teacher_forced(world, seg: Segments, count: int, device: str, seed: int, rng: np.random.Generator,
+                   chunk: int = 16) -> dict:
+    """Next-frame PSNR: real context -> one ``immediate``-mode step with the real action -> decode."""
+    from world_model.simulator import Simulator, sampler_config
+
+    cfg = sampler_config(world, "immediate")
+    ctx, pick = context_windows(seg, cfg.context, count, rng)
+    n = len(pick)
+    sim = Simulator(dataclasses.replace(world, start_latents=ctx), min(chunk, n), device, sampler=cfg)
+    gen = torch.Generator().manual_seed(seed)
+    preds = []
+    for i in range(0, n, sim.num_envs):
+        idx = np.arange(i, i + sim.num_envs) % n  # the last chunk wraps around (extra rows dropped)
+        sim.reset(torch.ones(sim.num_envs, dtype=torch.bool), torch.from_numpy(idx), generator=gen)
+        acts = torch.from_numpy(seg.actions[pick[idx, 0], pick[idx, 1]])
+        latents, _, _ = sim.step(acts)
+        preds.append(sim.decode(latents, E.TRAIN_HW).cpu().numpy()[: n - i])
+    pred = np.concatenate(preds)  # (N, H, W, 3)
+    target = seg.frames[pick[:, 0], pick[:, 1]]
+    prev = seg.frames[pick[:, 0], pick[:, 1] - 1]
+    recon = seg.recon[pick[:, 0], pick[:, 1]]
+    per = [M.psnr(p, t) for p, t in zip(pred, target, strict=True)]
+    return {
+        "psnr": M.psnr(pred, target),
+        "psnr_mean_per_frame": float(np.mean([min(v, 100.0) for v in per])),
+        "copy_last_psnr": M.psnr(prev, target),
+        "vae_recon_psnr": M.psnr(recon, target),
+        "n": n,
+        "immediate_steps": cfg.immediate_steps,
+    }
+
+
+def heads_metrics(world, seg: Segments, reward_baseline: float, device: str) -> dict:
+    """Reward / termination heads on real held-out latent transitions ``(z[j-1], z[j], action[j])``."""
+    s_idx, j_idx = np.nonzero(seg.actions[:, 1:] >= 0)
+    j_idx = j_idx + 1
+    if not len(s_idx):
+        return {}
+    heads = world.heads.to(device).eval()
+    pooled = world.control_pooled.to(device, torch.float32)
+    rewards, logits = [], []
+    with torch.no_grad():
+        for i in range(0, len(s_idx), 256):
+            s, j = s_idx[i : i + 256], j_idx[i : i + 256]
+            z_prev = seg.latents[s, j - 1].to(device)
+            z_next = seg.latents[s, j].to(device)
+            r, lg = heads(z_prev, z_next, pooled[torch.from_numpy(seg.actions[s, j]).to(device)])
+            rewards.append(r.float().cpu().numpy())
+            logits.append(lg.float().cpu().numpy())
+    pred_r, logit = np.concatenate(rewards), np.concatenate(logits)
+    true_r, true_t = seg.rewards[s_idx, j_idx], seg.terminated[s_idx, j_idx]
+    sampled = {True: int(true_t.sum()), False: int((~true_t).sum())}
+    rate = {c: seg.term_totals.get(c, 0) / sampled[c] if sampled[c] else 0.0 for c in (True, False)}
+    weight = np.where(true_t, rate[True], rate[False])
+    return {
+        "reward": M.reward_metrics(pred_r, true_r, baseline=reward_baseline),
+        "termination": M.termination_metrics(logit > 0, true_t, weight),
+        "scatter": (pred_r, true_r),
+    }
+
+
+def measure_speed(world, modes: tuple[str, ...], steps: int, batch: int, device: str) -> dict:
+    """Simulator steps/s per mode (batch 1 and ``batch``) and 720p frames/s (step + decode, batch 1)."""
+    from world_model.simulator import Simulator, sampler_config
+
+    try:
+        from benchmarks.bench_env import time_steps
+    except ImportError:  # benchmarks/ is not part of the installed package: the same warm-up + timing loop
+        def time_steps(step: Callable[[], object], steps: int) -> float:
+            for _ in range(2):
+                step()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            return time.perf_counter() - t0
+
+    out: dict = {}
+    for mode in modes:
+        row = {}
+        for n in sorted({1, batch}):
+            sim = Simulator(world, n, device, sampler=sampler_config(world, mode))
+            sim.reset(torch.ones(n, dtype=torch.bool), torch.arange(n) % sim.num_starts,
+                      generator=torch.Generator().manual_seed(0))
+            acts = torch.arange(n) % world.num_actions
+            sec = time_steps(lambda sim=sim, acts=acts: sim.step(acts), steps)
+            row[f"steps_per_s_b{n}"] = n * steps / sec
+            if n == 1:
+                row["ms_per_step_b1"] = 1000 * sec / steps
+                sec_hd = time_steps(lambda sim=sim, acts=acts: sim.decode(sim.step(acts)[0], "720p"), steps)
+                row["fps_720p_b1"] = steps / sec_hd
+                row["evals_per_step"] = sim.sampler.evals_per_step
+        out[mode] = row
+    return out
+
+
+# -------------------------------------------------------------------------------------- output
+def jsonable(obj: object) -> object:
+    """Make metrics JSON-safe: numpy scalars -> Python, nan -> None, +-inf -> "inf" / "-inf"."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float):
+        if math.isnan(obj):
+            return None
+        if math.isinf(obj):
+            return "inf" if obj > 0 else "-inf"
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _fmt(v: object, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    if isinstance(v, float):
+        return "inf" if math.isinf(v) else f"{v:.{digits}f}"
+    return str(v)
+
+
+def write_plots(out: Path, results: dict, action_names: list[str], scatter: tuple | None) -> list[str]:
+    """confusion.png, control.png, drift.png, reward.png (those with data); returns the file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    # --- confusion matrices: real held-out, then generated per mode (and DR)
+    panels = [("real held-out", results["idm"]["real_heldout"])]
+    panels += [(f"generated: {m}", r) for m, r in results["control"]["modes"].items()]
+    if results["control"].get("dr"):
+        panels.append(("generated from DR", results["control"]["dr"]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False)
+    for ax, (title, rep) in zip(axes[0], panels, strict=True):
+        cm = np.asarray(rep["confusion"], np.float64)
+        norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+        ax.imshow(norm, vmin=0, vmax=1, cmap="viridis")
+        ax.set_title(f"{title}\nacc {_fmt(rep['accuracy'])}", fontsize=9)
+        ax.set_xticks(range(len(action_names)), action_names, fontsize=7, rotation=90)
+        ax.set_yticks(range(len(action_names)), action_names, fontsize=7)
+        ax.set_xlabel("IDM prediction", fontsize=8)
+    axes[0][0].set_ylabel("action given", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "confusion.png", dpi=100)
+    plt.close(fig)
+    written.append("confusion.png")
+
+    # --- control accuracy bars
+    bars = [("real", results["idm"]["real_heldout"]["accuracy"]),
+            ("VAE recon", results["idm"]["recon_heldout"]["accuracy"])]
+    bars += [(m, r["accuracy"]) for m, r in results["control"]["modes"].items()]
+    if results["control"].get("dr"):
+        bars.append(("DR gen", results["control"]["dr"]["accuracy"]))
+    fig, ax = plt.subplots(figsize=(1.2 * len(bars) + 2, 3.2))
+    ax.bar([b[0] for b in bars], [b[1] or 0.0 for b in bars], color="tab:blue")
+    ax.axhline(results["idm"]["real_heldout"]["chance_uniform"], color="k", ls="--", lw=1, label="chance 1/A")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("IDM accuracy")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "control.png", dpi=100)
+    plt.close(fig)
+    written.append("control.png")
+
+    # --- drift curves
+    drift = results.get("drift", {})
+    rows = drift.get("buckets") or []
+    if rows:
+        fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+        centers = [max(1.0, (r["start"] + min(r["end"], r["reached"] + 1)) / 2) for r in rows]
+        for ax, key, label in ((axes[0], "frechet", "Fréchet distance (IDM features)"),
+                               (axes[1], "hist_distance", "RGB histogram TV distance")):
+            ax.plot(centers, [r[key] if r[key] is not None else np.nan for r in rows], "o-")
+            ax.set_xscale("log")
+            ax.set_xlabel("generated steps")
+            ax.set_title(label, fontsize=9)
+            ax.set_ylim(bottom=0)
+        trace = np.asarray(drift.get("trace") or [[0, 0]], np.float64)
+        axes[2].plot(trace[:, 0] + 1, trace[:, 1], ".", ms=3, label="generated")
+        axes[2].axhline(drift["real_brightness"], color="k", ls="--", lw=1, label="real")
+        axes[2].set_xscale("log")
+        axes[2].set_xlabel("generated steps")
+        axes[2].set_title("mean brightness", fontsize=9)
+        axes[2].legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "drift.png", dpi=100)
+        plt.close(fig)
+        written.append("drift.png")
+
+    # --- reward scatter
+    if scatter is not None and len(scatter[0]):
+        pred, true = scatter
+        fig, ax = plt.subplots(figsize=(3.6, 3.6))
+        ax.scatter(true, pred, s=4, alpha=0.5)
+        lim = [float(min(true.min(), pred.min())), float(max(true.max(), pred.max()))]
+        ax.plot(lim, lim, "k--", lw=1)
+        ax.set_xlabel("recorded reward")
+        ax.set_ylabel("predicted reward")
+        ax.set_title(f"reward head (held-out), corr {_fmt(results['heads']['reward']['corr'])}", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out / "reward.png", dpi=100)
+        plt.close(fig)
+        written.append("reward.png")
+    return written
+
+
+def summary_markdown(results: dict) -> str:
+    """A short Markdown summary for the README."""
+    idm, ctrl, fid = results["idm"], results["control"], results["fidelity"]
+    lines = [
+        f"### World-model evaluation: `{Path(results['checkpoint']).name}`",
+        "",
+        f"Command: `{' '.join(results['command'])}`  ",
+        f"Machine: {results['machine']['processor']}, {results['machine']['cpu_count']} CPUs, "
+        f"device {results['machine']['device']}, torch {results['machine']['torch']}  ",
+        f"Date: {results['date']}",
+        "",
+        "| metric | value | reference |",
+        "|---|---:|---|",
+        f"| IDM accuracy, real held-out | {_fmt(idm['real_heldout']['accuracy'])} | "
+        f"chance {_fmt(idm['real_heldout']['chance_uniform'])} (1/A), "
+        f"{_fmt(idm['real_heldout']['chance_majority'])} (majority) |",
+        f"| IDM accuracy, VAE-reconstructed held-out | {_fmt(idm['recon_heldout']['accuracy'])} | "
+        "ceiling for decoded frames |",
+    ]
+    for mode, rep in ctrl["modes"].items():
+        lags = ", ".join(_fmt(a, 2) for a in rep["by_lag"])
+        lines.append(f"| IDM accuracy, generated ({mode}, latency {rep['latency']}) | {_fmt(rep['accuracy'])} | "
+                     f"by lag 0..: {lags}; chance {_fmt(rep['chance_majority'])} (majority) |")
+    if ctrl.get("dr"):
+        lines.append(f"| IDM accuracy, generated from DR starts | {_fmt(ctrl['dr']['accuracy'])} | "
+                     f"IDM on real DR {_fmt(idm['real_dr']['accuracy'])} |")
+    tf = fid["teacher_forced"]
+    lines += [
+        f"| VAE reconstruction PSNR (72x128) | {_fmt(fid['vae_psnr'], 2)} dB | |",
+        f"| teacher-forced next-frame PSNR | {_fmt(tf['psnr'], 2)} dB | copy last frame {_fmt(tf['copy_last_psnr'], 2)} dB, "
+        f"VAE ceiling {_fmt(tf['vae_recon_psnr'], 2)} dB |",
+        f"| Fréchet distance, generated vs real | {_fmt(fid['frechet']['generated'], 2)} | "
+        f"VAE-recon floor {_fmt(fid['frechet']['vae_recon_floor'], 2)} (n={fid['frechet']['n']}) |",
+    ]
+    drift = results.get("drift", {})
+    for r in drift.get("buckets", []):
+        lines.append(f"| drift {r['start']}-{min(r['end'], r['reached'] + 1)} steps: FD / hist TV / brightness gap | "
+                     f"{_fmt(r['frechet'], 2)} / {_fmt(r['hist_distance'])} / {_fmt(r['brightness_gap'], 1)} | "
+                     f"{r['frames']} frames |")
+    heads = results.get("heads", {})
+    if heads:
+        rw, tm = heads["reward"], heads["termination"]
+        lines += [
+            f"| reward head MAE / corr | {_fmt(rw['mae'])} / {_fmt(rw['corr'])} | "
+            f"constant-mean MAE {_fmt(rw.get('mae_constant_baseline'))} (n={rw['n']}) |",
+            f"| termination precision / recall | {_fmt(tm['precision'])} / {_fmt(tm['recall'])} | "
+            f"{tm['positives']} terminal of {tm['n']} |",
+        ]
+    for mode, row in results.get("speed", {}).items():
+        batched = [k for k in row if k.startswith("steps_per_s_b") and k != "steps_per_s_b1"]
+        extra = f", batch {batched[0][13:]}: {_fmt(row[batched[0]], 1)}" if batched else ""
+        lines.append(f"| speed ({mode}, {row['evals_per_step']} evals/step): steps/s | "
+                     f"{_fmt(row['steps_per_s_b1'], 1)} (batch 1{extra}) | 720p {_fmt(row['fps_720p_b1'], 1)} FPS |")
+    if drift.get("stopped_by_budget"):
+        lines += ["", f"Drift stopped by its time budget at {drift['horizon_reached']} steps."]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------- main
+def labelled_episodes(root: Path, names: list[str]) -> list[Path]:
+    """The named episodes of ``root`` that carry action labels and belong to the training split."""
+    out = []
+    for name in names:
+        ep = Path(root) / E.EPISODES_DIR / name
+        meta = E.read_meta(ep)
+        if meta.get("labelled") and meta.get("split", "train") == "train":
+            out.append(ep)
+    return out
+
+
+def check_actions(episode_dirs: list[Path], action_names: list[str], where: str) -> None:
+    """Refuse data whose action table differs from the world's."""
+    for ep in episode_dirs[:1]:
+        names = E.read_meta(ep).get("action_names")
+        if names is not None and list(names) != list(action_names):
+            raise UsageError(f"{where}: episode {ep.name} has actions {names}, the world has {action_names}")
+
+
+def evaluate(args: Args, command: list[str] | None = None) -> dict:
+    """Run every section; write OUT/metrics.json, plots and summary.md. Returns the results dict."""
+    from world_model.checkpoint import load_world
+    from world_model.data.loader import split_episodes
+    from world_model.simulator import sampler_config
+
+    args = apply_quick(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for name in ("control_envs", "control_steps", "tf_samples", "drift_envs", "drift_samples", "speed_steps",
+                 "speed_envs", "hold", "idm_steps", "idm_batch", "heldout_frames"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not Path(args.data).is_dir():
+        raise UsageError(f"--data {str(args.data)!r} does not exist or is not a directory")
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(args.seed)
+    device = args.device
+
+    def lap(name: str, t0: float) -> None:
+        timings[name] = time.perf_counter() - t0
+        log(f"[eval] {name}: {timings[name]:.1f}s")
+
+    # ---- world and data
+    t0 = time.perf_counter()
+    world = load_world(args.checkpoint, device)
+    default_cfg = sampler_config(world, args.mode)
+    num_actions = world.num_actions
+    train_names, held_names = split_episodes(args.data, args.holdout_fraction, args.split_seed)
+    train_eps = labelled_episodes(args.data, train_names)
+    held_eps = labelled_episodes(args.data, held_names)
+    if not train_eps or not held_eps:
+        raise UsageError(
+            f"--data {str(args.data)!r} needs labelled training AND held-out episodes "
+            f"(found {len(train_eps)} / {len(held_eps)}; held-out fraction {args.holdout_fraction})"
+        )
+    check_actions(train_eps, world.action_names, "--data")
+    seg = read_segments(held_eps, args.heldout_frames, args.segment_len, args.min_frame)
+    encode_segments(seg, world.vae)
+    log(f"[eval] world {args.checkpoint}: {num_actions} actions, sampler {default_cfg}; "
+        f"{len(train_eps)} train / {len(held_eps)} held-out episodes, {seg.frames.shape[0]} segments "
+        f"x {seg.frames.shape[1]} frames")
+    lap("load_and_encode", t0)
+
+    # ---- inverse-dynamics model
+    t0 = time.perf_counter()
+    if args.idm is not None:
+        idm = load_idm(args.idm, device)
+        if idm.cfg.num_actions != num_actions:
+            raise UsageError(f"--idm {args.idm} has {idm.cfg.num_actions} actions, the world {num_actions}")
+        idm_train = {"loaded_from": str(args.idm)}
+    else:
+        cfg = dataclasses.replace(IDM_PRESETS[args.idm_preset], num_actions=num_actions, frames=args.idm_frames)
+        transitions = TransitionSet(train_eps, cfg.frames, num_actions)
+        log(f"[eval] training the IDM on {len(transitions)} real labelled transitions ({args.idm_steps} steps)")
+        train_cfg = IDMTrainConfig(steps=args.idm_steps, batch_size=args.idm_batch, seed=args.seed,
+                                   log_every=0 if args.quick else 100)
+        idm, idm_train = train_idm(cfg, transitions.sample, train_cfg, device, log)
+        idm_train["transitions"] = len(transitions)
+        save_idm(out / "idm", idm)
+    k = idm.cfg.frames
+    real_stacks, real_labels = seg.stacks(k, "frames")
+    recon_stacks, recon_labels = seg.stacks(k, "recon")
+    real_pred, real_feats = predict(idm, real_stacks)
+    recon_pred, recon_feats = predict(idm, recon_stacks)
+    results_idm = {
+        "config": dataclasses.asdict(idm.cfg),
+        "train": idm_train,
+        "real_heldout": M.accuracy_report(real_pred, real_labels, num_actions),
+        "recon_heldout": M.accuracy_report(recon_pred, recon_labels, num_actions),
+    }
+    log(f"[eval] IDM accuracy: real held-out {results_idm['real_heldout']['accuracy']:.3f}, "
+        f"VAE-reconstructed {results_idm['recon_heldout']['accuracy']:.3f}, chance {1 / num_actions:.3f}")
+    lap("idm", t0)
+
+    # ---- fidelity: VAE and teacher-forced PSNR
+    t0 = time.perf_counter()
+    fidelity: dict = {"vae_psnr": M.psnr(seg.recon, seg.frames), "vae_psnr_frames": int(np.prod(seg.frames.shape[:2]))}
+    fidelity["teacher_forced"] = teacher_forced(world, seg, args.tf_samples, device, args.seed, rng)
+    log(f"[eval] VAE PSNR {fidelity['vae_psnr']:.2f} dB; teacher-forced {fidelity['teacher_forced']['psnr']:.2f} dB "
+        f"(copy-last {fidelity['teacher_forced']['copy_last_psnr']:.2f})")
+    lap("psnr", t0)
+
+    # ---- heads
+    t0 = time.perf_counter()
+    train_rewards = [np.asarray(E.open_episode(ep)["rewards"][1:]) for ep in train_eps]
+    heads = heads_metrics(world, seg, float(np.concatenate(train_rewards).mean()), device)
+    scatter = heads.pop("scatter", None)
+    lap("heads", t0)
+
+    # ---- control rollouts per mode (+ Fréchet distance of the default mode)
+    t0 = time.perf_counter()
+    max_lag = max(sampler_config(world).groups, default_cfg.groups) - 1
+    contexts, _ = context_windows(seg, default_cfg.context, 4 * args.control_envs, rng)
+    control: dict = {"modes": {}, "hold": args.hold, "steps": args.control_steps, "envs": args.control_envs}
+    gen_feats = None
+    for i, mode in enumerate(dict.fromkeys([*args.modes, default_cfg.mode])):
+        src = SimulatorSource(world, contexts, args.control_envs, mode, k - 1, device, args.seed + i)
+        frames, actions = collect_control(src, args.control_steps, args.hold, num_actions, rng)
+        rep, feats = control_scores(idm, frames, actions, src.latency, max_lag)
+        if mode in args.modes:
+            control["modes"][mode] = rep
+            log(f"[eval] control {mode}: accuracy {rep['accuracy']:.3f} (latency {rep['latency']}, "
+                f"by lag {[round(a, 3) for a in rep['by_lag']]})")
+        if mode == default_cfg.mode:
+            gen_feats = feats
+    n_fd = min(len(gen_feats), len(recon_feats))
+    floor_rows = rng.choice(len(recon_feats), size=n_fd, replace=False)
+    fidelity["frechet"] = {
+        "generated": M.frechet_distance(gen_feats[:n_fd], real_feats),
+        "vae_recon_floor": M.frechet_distance(recon_feats[floor_rows], real_feats),
+        "n": n_fd,
+        "n_real": len(real_feats),
+        "mode": default_cfg.mode,
+    }
+    log(f"[eval] Fréchet distance generated {fidelity['frechet']['generated']:.2f} "
+        f"(VAE floor {fidelity['frechet']['vae_recon_floor']:.2f})")
+    lap("control", t0)
+
+    # ---- domain-randomised start contexts
+    if args.dr_data is not None:
+        t0 = time.perf_counter()
+        dr_eps = [ep for ep in E.list_episodes(args.dr_data) if E.read_meta(ep).get("labelled")]
+        if not dr_eps:
+            raise UsageError(f"--dr-data {str(args.dr_data)!r} holds no labelled episodes")
+        check_actions(dr_eps, world.action_names, "--dr-data")
+        dr = read_segments(dr_eps, max(args.segment_len, args.heldout_frames // 2), args.segment_len, args.min_frame)
+        encode_segments(dr, world.vae)
+        dr_stacks, dr_labels = dr.stacks(k, "frames")
+        results_idm["real_dr"] = M.accuracy_report(predict(idm, dr_stacks)[0], dr_labels, num_actions)
+        fidelity["vae_psnr_dr"] = M.psnr(dr.recon, dr.frames)
+        dr_ctx, _ = context_windows(dr, default_cfg.context, 4 * args.control_envs, rng)
+        src = SimulatorSource(world, dr_ctx, args.control_envs, default_cfg.mode, k - 1, device, args.seed + 100)
+        frames, actions = collect_control(src, args.control_steps, args.hold, num_actions, rng)
+        control["dr"], _ = control_scores(idm, frames, actions, src.latency, max_lag)
+        control["dr"]["mode"] = default_cfg.mode
+        log(f"[eval] DR: IDM on real {results_idm['real_dr']['accuracy']:.3f}, generated "
+            f"{control['dr']['accuracy']:.3f}")
+        lap("dr", t0)
+
+    # ---- drift
+    t0 = time.perf_counter()
+    edges = tuple(e for e in args.bucket_edges if e < args.horizon) + (args.horizon,)
+    acc = M.DriftAccumulator(real_feats, seg.frames.reshape(-1, *seg.frames.shape[2:]), edges)
+    src = SimulatorSource(world, contexts, args.drift_envs, default_cfg.mode, k - 1, device, args.seed + 200)
+    drift = run_drift(src, idm, acc, args.horizon, args.drift_samples, args.hold, num_actions, rng,
+                      args.drift_budget_s)
+    drift["mode"] = default_cfg.mode
+    log(f"[eval] drift to {drift['horizon_reached']} steps: " + "; ".join(
+        f"[{r['start']},{r['end']}) FD {r['frechet']:.2f} hist {r['hist_distance']:.3f} "
+        f"brightness gap {r['brightness_gap']:+.1f}" for r in drift["buckets"]))
+    lap("drift", t0)
+
+    # ---- speed
+    t0 = time.perf_counter()
+    speed = measure_speed(world, tuple(args.modes), args.speed_steps, args.speed_envs, device)
+    lap("speed", t0)
+
+    timings["total"] = time.perf_counter() - t_start
+    results = {
+        "command": command or ["matrix-world", "eval"],
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": {
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "device": str(device),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "checkpoint": str(args.checkpoint),
+        "data": str(args.data),
+        "dr_data": str(args.dr_data) if args.dr_data else None,
+        "args": dataclasses.asdict(args),
+        "num_actions": num_actions,
+        "action_names": list(world.action_names),
+        "sampler": dataclasses.asdict(default_cfg),
+        "split": {"train_episodes": len(train_eps), "heldout_episodes": len(held_eps),
+                  "heldout_segments": len(seg.names), "segment_len": int(seg.frames.shape[1])},
+        "idm": results_idm,
+        "control": control,
+        "fidelity": fidelity,
+        "heads": heads,
+        "drift": drift,
+        "speed": speed,
+        "timings_s": timings,
+    }
+    results = jsonable(results)
+    plots = write_plots(out, results, list(world.action_names), scatter)
+    results["plots"] = plots
+    E.write_json_atomic(out / "metrics.json", results)
+    (out / "summary.md").write_text(summary_markdown(results))
+    log(f"[eval] wrote {out / 'metrics.json'}, {out / 'summary.md'}, {', '.join(plots)} "
+        f"in {timings['total']:.0f}s")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``matrix-world eval``: parse Args and run the suite."""
+    import tyro
+
+    args = tyro.cli(Args, args=argv, prog="matrix-world eval", description=__doc__.split("\n\n")[0])
+    evaluate(args, ["matrix-world", "eval", *(sys.argv[1:] if argv is None else argv)])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

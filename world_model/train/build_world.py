@@ -1,0 +1,261 @@
+"""Assemble a shipped world-model directory (``matrix-world build-world``).
+
+Inputs are the outputs of the earlier stages: the VAE dir (``train-vae``), the DiT dir
+(``train-dit``: DiT, heads, control table, ``train_dit.json``), the recorded data and its latent
+cache. The result is a :func:`world_model.checkpoint.save_world` directory with
+
+* ``start_latents`` (S, Tc, C, h, w): real context windows of Tc frames from the latent cache,
+  starting at frame >= ``min_frame`` (CarRacing zooms in during its first ~50 frames at 50 fps;
+  15 skips the worst of it at the recorder's frame skip), spread round-robin over held-out and
+  training episodes in a seeded order;
+* ``sampler``: the default Swin-DPM settings (``SwinDPMConfig`` fields) matching the training window;
+* ``meta``: data set, episode/frame of every start, training summaries and metrics;
+* the recipe: the exact commands of every stage and the data manifest hash.
+
+Example::
+
+    matrix-world build-world --vae ~/runs/vae/model --dit ~/runs/dit/model --data ~/data/carracing \\
+        --latents ~/latents/carracing --out matrix_env/worlds/carracing
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from world_model.errors import UsageError
+
+
+@dataclass
+class Args:
+    """Assemble a world-model checkpoint from trained VAE / DiT directories and recorded data."""
+
+    vae: Path
+    """train-vae output directory (vae.safetensors, vae_config.json, train_vae.json)."""
+    dit: Path
+    """train-dit output directory (dit/heads safetensors, control_table.safetensors, train_dit.json)."""
+    data: tuple[Path, ...]
+    """Recorded data directories the DiT was trained on."""
+    latents: tuple[Path, ...]
+    """Their latent caches (same order), encoded with this VAE; start contexts are taken from them."""
+    out: Path
+    """World-model directory to write (replaced atomically if it exists)."""
+    starts: int = 32
+    """S, number of start contexts shipped with the world."""
+    context: int | None = None
+    """Tc, frames per start context (default: the DiT's training context)."""
+    min_frame: int = 15
+    """First frame index a start context may begin at (skips the reset zoom-in)."""
+    seed: int = 0
+    """Seed of the start-context choice."""
+    mode: Literal["pipelined", "reconditioned", "immediate"] = "pipelined"
+    """Default Swin-DPM mode of the world (see world_model.swin_dpm)."""
+    steps_per_shift: int = 8
+    """Default Euler evaluations per shift (a non-distilled teacher needs several)."""
+    ctx_noise: float | None = None
+    """Default sampler context noise (default: half the DiT's training ctx_noise)."""
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError as err:
+        raise UsageError(f"{path} is missing; is it a {what} output directory?") from err
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{path} is corrupt: {err}") from err
+
+
+def pick_starts(
+    heldout: list[Path],
+    train: list[Path],
+    caches: dict[Path, Path],
+    count: int,
+    context: int,
+    min_frame: int,
+    seed: int,
+) -> tuple[torch.Tensor, list[dict]]:
+    """Choose ``count`` real context windows, alternating held-out and training episodes.
+
+    Episodes of each split are visited in a seeded order, round-robin (held-out first), and each
+    visit takes a random start frame in ``[min_frame, len - context]`` not taken before.
+
+    Args:
+        heldout: held-out episode folders.
+        train: training episode folders.
+        caches: data root -> latent cache root.
+        count: S, contexts wanted (fewer come back if fewer distinct windows exist).
+        context: Tc, frames per context.
+        min_frame: first allowed start frame.
+        seed: RNG seed.
+
+    Returns:
+        ``(start_latents (S, Tc, C, h, w) float32, [{"data", "episode", "split", "frame"}] * S)``.
+
+    Raises:
+        UsageError: no episode is long enough for one window from ``min_frame``.
+    """
+    from world_model.data.latents import LATENTS_FILE
+    from world_model.train.common import data_root
+
+    rng = np.random.default_rng(seed)
+    arrays, free = {}, {}
+    for ep in [*heldout, *train]:
+        path = caches[data_root(ep)] / "episodes" / ep.name / LATENTS_FILE
+        if not path.exists():
+            raise UsageError(f"latent cache {path} is missing; run `matrix-world encode-latents`")
+        z = np.load(path, mmap_mode="r")  # (S+1, C, h, w) float16
+        if len(z) - context >= min_frame:
+            arrays[ep] = z
+            free[ep] = list(rng.permutation(np.arange(min_frame, len(z) - context + 1)))
+    if not arrays:
+        raise UsageError(
+            f"no episode has {min_frame + context} frames (--min-frame {min_frame} + context {context})"
+        )
+    orders = [[ep for ep in split if ep in arrays] for split in (heldout, train)]
+    orders = [[o[k] for k in rng.permutation(len(o))] for o in orders if o]
+    cycle = [ep for group in zip(*orders, strict=False) for ep in group]  # interleave the splits
+    cycle += [ep for o in orders for ep in o[min(map(len, orders)) :]]  # the longer split's rest
+    picks: list[tuple[Path, int]] = []
+    while len(picks) < count and any(free[ep] for ep in cycle):
+        for ep in cycle:
+            if free[ep] and len(picks) < count:
+                picks.append((ep, int(free[ep].pop())))
+    windows = [np.asarray(arrays[ep][i : i + context], np.float32) for ep, i in picks]  # S x (Tc, C, h, w)
+    info = [
+        {
+            "data": str(data_root(ep)),
+            "episode": ep.name,
+            "split": "heldout" if ep in heldout else "train",
+            "frame": i,
+        }
+        for ep, i in picks
+    ]
+    return torch.from_numpy(np.stack(windows)), info  # (S, Tc, C, h, w)
+
+
+def build(args: Args, command: list[str] | None = None) -> Path:
+    """Assemble and save the world; returns its directory."""
+    from world_model.checkpoint import WorldModel, load_module, save_world
+    from world_model.data.episodes import read_meta
+    from world_model.data.latents import resolve_caches, vae_sha256
+    from world_model.dit import DiTConfig, VideoDiT
+    from world_model.heads import HeadsConfig, RewardTerminationHeads
+    from world_model.swin_dpm import SwinDPMConfig
+    from world_model.train.common import data_fingerprint, resolve_episodes
+    from world_model.train.dit import CONTROL_TABLE_FILE, load_control_table
+    from world_model.vae import FrameVAE, VAEConfig
+
+    for name, path in (("--vae", args.vae), ("--dit", args.dit)):
+        if not Path(path).is_dir():
+            raise UsageError(f"{name} {str(path)!r} does not exist or is not a directory")
+    vae_summary = _read_json(Path(args.vae) / "train_vae.json", "train-vae")
+    dit_summary = _read_json(Path(args.dit) / "train_dit.json", "train-dit")
+    dit_args = dit_summary.get("args", {})
+    caches, lat_infos = resolve_caches(args.data, args.latents)
+    lat_info = lat_infos[0]
+    sha = vae_sha256(args.vae)
+    if dit_summary.get("latents_vae_sha256") != sha:
+        raise UsageError(
+            f"the DiT in {args.dit} was trained on latents of another VAE (vae_sha256 "
+            f"{dit_summary.get('latents_vae_sha256')}); --vae {args.vae} has {sha}"
+        )
+    if lat_info.get("vae_sha256") != sha:
+        raise UsageError(
+            f"latent caches {list(map(str, args.latents))} were made by another VAE than --vae {args.vae}"
+        )
+    fingerprint = data_fingerprint(args.data)
+    if dit_summary.get("data_manifest_sha256") not in (None, fingerprint):
+        print("note: the data changed since the DiT was trained (manifest hashes differ)")
+
+    vae = load_module(args.vae, "vae", FrameVAE, VAEConfig)
+    dit = load_module(args.dit, "dit", VideoDiT, DiTConfig)
+    heads = load_module(args.dit, "heads", RewardTerminationHeads, HeadsConfig)
+    table, sentences = load_control_table(Path(args.dit) / CONTROL_TABLE_FILE)
+
+    context = args.context or int(dit_summary["context"])
+    groups = int(dit_summary["window"]) - int(dit_summary["context"])
+    sampler = dataclasses.asdict(
+        SwinDPMConfig(
+            context=context,
+            groups=max(1, groups),
+            steps_per_shift=args.steps_per_shift,
+            mode=args.mode,
+            ctx_noise=float(dit_args.get("ctx_noise", 0.0)) / 2 if args.ctx_noise is None else args.ctx_noise,
+        )
+    )
+    # the DiT's own split (deterministic in its holdout_fraction and seed); starts come from
+    # labelled episodes when there are any (unlabelled footage may be randomised-colour)
+    train, heldout = resolve_episodes(
+        args.data, dit_args.get("holdout_fraction", 0.1), dit_args.get("seed", 0)
+    )
+    labelled = {ep for ep in [*train, *heldout] if read_meta(ep).get("labelled")}
+    if labelled:
+        train, heldout = [ep for ep in train if ep in labelled], [ep for ep in heldout if ep in labelled]
+    start_latents, picks = pick_starts(
+        heldout, train, caches, args.starts, context, args.min_frame, args.seed
+    )
+    if len(picks) < args.starts:
+        print(
+            f"note: only {len(picks)} distinct start windows exist; shipping them all (asked {args.starts})"
+        )
+
+    first = read_meta((train or heldout)[0])
+    world = WorldModel(
+        vae=vae,
+        dit=dit,
+        heads=heads,
+        control_tokens=table.tokens,
+        control_mask=table.mask,
+        control_pooled=table.pooled,
+        action_names=list(dit_summary["action_names"]),
+        sentences=list(sentences),
+        start_latents=start_latents,
+        sampler=sampler,
+        meta={
+            "env_id": first.get("env_id"),
+            "env_kwargs": first.get("env_kwargs", {}),
+            "frame_skip": first.get("frame_skip"),
+            "data_manifest_sha256": fingerprint,
+            "vae_sha256": sha,
+            "starts": picks,
+            "vae_eval": vae_summary.get("eval", {}),
+            "dit_eval": dit_summary.get("eval", {}),
+            "vae_steps": vae_summary.get("steps"),
+            "dit_steps": dit_summary.get("steps"),
+            "termination_pos_weight": dit_summary.get("termination_pos_weight"),
+        },
+    )
+    recipe = {
+        "commands": [
+            vae_summary.get("command", []),
+            *[info.get("command", []) for info in lat_infos],
+            dit_summary.get("command", []),
+            command or [],
+        ],
+        "data_manifest_sha256": fingerprint,
+        "vae_args": vae_summary.get("args", {}),
+        "dit_args": dit_args,
+    }
+    out = save_world(args.out, world, recipe)
+    print(f"saved world model to {out}: {len(picks)} start contexts of {context} frames, sampler {sampler}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``matrix-world build-world``: parse Args and assemble the world directory."""
+    import tyro
+
+    args = tyro.cli(Args, args=argv, prog="matrix-world build-world", description=__doc__.split("\n\n")[0])
+    build(args, command=["matrix-world", "build-world", *(sys.argv[1:] if argv is None else argv)])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

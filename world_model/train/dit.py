@@ -1,0 +1,612 @@
+"""Train the video DiT and the reward/termination heads on cached latents (``matrix-world train-dit``).
+
+One step, for a batch of windows of T = C + G latent frames (C context, G noise groups):
+
+* Noise levels (flow time, 0 clean .. 1 noise), per sample, one of two schemes:
+    - Swin-DPM (``swin_fraction``, default 50%): the C context frames get light noise
+      ``t ~ U[0, ctx_noise]`` (it fights drift, DESIGN.md §4); noisy frame g in 0..G-1 gets
+      ``t = (g + u) / G`` with one ``u ~ U[0, 1)`` per sample, the staggered levels the sampler
+      sees in its window.
+    - Diffusion forcing (the rest): ``t ~ U[0, 1]`` independently per frame.
+* Rectified flow: ``x_t = (1 - t) x0 + t eps``, the DiT predicts ``v = eps - x0``; the loss is the
+  MSE on v averaged over frames with weight 1 for noisy frames and ``ctx_loss_weight`` (default 0)
+  for the Swin-DPM context frames.
+* Control: each frame's action (``actions[k]`` produced ``frames[k]``) indexes the control table
+  (A action sentences + the unknown sentence, encoded ONCE at the start of the run, stored in the
+  run dir and reused on resume); data id -1 is the unknown row, and with probability
+  ``ctrl_dropout`` a frame's control is replaced by the unknown row (so unlabelled footage and
+  unknown actions stay in distribution).
+* Heads, jointly (same optimiser): on clean latents ``(z[k-1], z[k], pooled control of
+  actions[k]) -> rewards[k], terminated[k]`` for labelled transitions, BCE with a class-balanced
+  ``pos_weight`` computed from the training windows.
+
+The EMA weights are saved as the final model: ``save_module(out, "dit")``, ``save_module(out,
+"heads")`` and ``control_table.safetensors``.
+
+Example::
+
+    matrix-world train-dit --data ~/data/carracing --latents ~/latents/carracing \
+        --run-dir ~/runs/dit --preset B
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import ConcatDataset, DataLoader
+
+from world_model.errors import UsageError
+from world_model.text import ControlEmbeddings, TextEncoderConfig
+from world_model.train import common
+
+CONTROL_TABLE_FILE = "control_table.safetensors"
+# Fields that may change between a run and its resume: they do not change the math.
+RESUME_FREE = (
+    "run_dir",
+    "out",
+    "ckpt_every",
+    "keep_ckpts",
+    "num_workers",
+    "debug_hashes",
+    "step_sleep",
+    "device",
+    "control_table",
+    "eval_batches",
+)
+# Upper bound of the termination pos_weight: keeps the BCE sane when terminations are very rare.
+MAX_POS_WEIGHT = 1000.0
+
+
+@dataclass
+class Args:
+    """Train the video DiT (flow matching, per-frame noise levels, action cross-attention) and the heads."""
+
+    data: tuple[Path, ...]
+    """Recorded data directories (e.g. the labelled and the unlabelled set)."""
+    latents: tuple[Path, ...]
+    """Latent caches written by ``matrix-world encode-latents``, one per data directory, same order."""
+    run_dir: Path = Path("~/runs/dit")
+    """Run directory for checkpoints, TensorBoard and the final model; a rerun resumes from it."""
+    out: Path | None = None
+    """Where the final model goes (default: RUN_DIR/model)."""
+    preset: Literal["tiny", "S", "B"] = "S"
+    """DiT size preset (world_model.dit.DIT_PRESETS); latent shape and text width come from the data."""
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    """Text encoder for the control table (encoded once per run)."""
+    control_table: Path | None = None
+    """Reuse a control_table.safetensors (from a DiT run or model dir) instead of running the text encoder."""
+    window: int = 8
+    """T, frames per training window (context + noise groups)."""
+    context: int = 4
+    """C, clean context frames of the Swin-DPM scheme (G = window - context noise groups)."""
+    steps: int = 100_000
+    """Optimiser steps in total (a resumed run continues up to this count)."""
+    batch_size: int = 16
+    """Windows per step per rank."""
+    lr: float = 1e-4
+    """Peak AdamW learning rate (cosine decay to lr/10 after the warmup)."""
+    warmup: int = 1000
+    """Linear warmup steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 = off)."""
+    ema_decay: float = 0.9999
+    """EMA decay; the EMA weights are the ones saved as the final model."""
+    ctrl_dropout: float = 0.1
+    """Probability of replacing a frame's control with the unknown row."""
+    ctx_noise: float = 0.1
+    """Max flow time of the lightly noised context frames (Swin-DPM scheme)."""
+    swin_fraction: float = 0.5
+    """Fraction of samples with Swin-DPM staggered levels (the rest: independent uniform levels)."""
+    ctx_loss_weight: float = 0.0
+    """Loss weight of the Swin-DPM context frames (noisy frames weigh 1)."""
+    heads_weight: float = 1.0
+    """Weight of the reward/termination loss in the joint objective."""
+    heads_hidden: int = 128
+    """Width of the heads (HeadsConfig.hidden)."""
+    bf16: bool = False
+    """bf16 autocast (CPU with AVX512-BF16/AMX, or a bf16 GPU); falls back to fp32 if unsupported."""
+    ckpt_every: int = 1000
+    """Write a training checkpoint every this many steps (and at the end)."""
+    keep_ckpts: int = 2
+    """Training checkpoints kept in RUN_DIR/state."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank (0 = load in the training process)."""
+    seed: int = 0
+    """Seed of the data order, the init and the noise."""
+    device: str = "auto"
+    """auto, cpu or cuda."""
+    holdout_fraction: float = 0.1
+    """Fraction of episodes held out for the final evaluation (same split as train-vae)."""
+    eval_batches: int = 8
+    """Held-out batches for the final evaluation of the EMA model."""
+    debug_hashes: bool = False
+    """Write RUN_DIR/debug/dit_rank<r>.txt with the final weight hash (DDP equality tests)."""
+    step_sleep: float = 0.0
+    """Debug: sleep this long after each step (lets kill/resume tests catch a run mid-way)."""
+
+
+# ----------------------------------------------------------------------------- control table
+def save_control_table(path: Path, table: ControlEmbeddings, sentences: list[str], text: dict) -> None:
+    """Write the control table as safetensors (tokens, mask, pooled) with the sentences in its metadata."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    tensors = {
+        "tokens": table.tokens.float().contiguous(),
+        "mask": table.mask.bool().contiguous(),
+        "pooled": table.pooled.float().contiguous(),
+    }
+    save_file(tensors, str(tmp), metadata={"sentences": json.dumps(sentences), "text": json.dumps(text)})
+    tmp.replace(path)
+
+
+def load_control_table(path: Path) -> tuple[ControlEmbeddings, list[str]]:
+    """Read a control table written by :func:`save_control_table`; returns it and its sentences."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            table = ControlEmbeddings(f.get_tensor("tokens"), f.get_tensor("mask"), f.get_tensor("pooled"))
+        return table, json.loads(meta["sentences"])
+    except Exception as err:  # safetensors raises its own error types
+        raise UsageError(f"control table {str(path)!r} is missing or corrupt: {err}") from err
+
+
+def action_table(episodes: list[Path]) -> tuple[list[str], list[str]]:
+    """Action names and sentences shared by the labelled episodes (driving table if none is labelled).
+
+    Raises:
+        UsageError: two labelled episodes disagree (name both).
+    """
+    from world_model.actions import DRIVING_ACTIONS, DRIVING_SENTENCES
+    from world_model.data.episodes import read_meta
+
+    found: tuple[list[str], list[str], Path] | None = None
+    for ep in episodes:
+        meta = read_meta(ep)
+        if not meta.get("labelled") or "sentences" not in meta:
+            continue
+        names, sentences = list(meta.get("action_names", [])), list(meta["sentences"])
+        if found is None:
+            found = (names, sentences, ep)
+        elif (names, sentences) != found[:2]:
+            raise UsageError(
+                f"episodes {found[2].name} and {ep.name} have different action tables; train on one env"
+            )
+    if found is None:
+        return list(DRIVING_ACTIONS), list(DRIVING_SENTENCES)
+    return found[0], found[1]
+
+
+# ----------------------------------------------------------------------------- model
+class DiTWithHeads(nn.Module):
+    """The DiT and the heads as one module, so one DDP wrapper and one optimiser cover both."""
+
+    def __init__(self, dit: nn.Module, heads: nn.Module) -> None:
+        """Hold both modules."""
+        super().__init__()
+        self.dit, self.heads = dit, heads
+
+    def forward(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        ctrl_tokens: torch.Tensor,
+        ctrl_mask: torch.Tensor,
+        z_prev: torch.Tensor,
+        z_next: torch.Tensor,
+        ctrl_pooled: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Velocity of the noisy window and the heads' predictions for the clean transitions.
+
+        Args:
+            x_t: (B, T, C, H, W) noisy latents.
+            t: (B, T) flow time.
+            ctrl_tokens: (B, T, N, Dt), ctrl_mask: (B, T, N) bool.
+            z_prev, z_next: (M, C, H, W) clean latents of M transitions.
+            ctrl_pooled: (M, Dt) pooled control of the action of each transition.
+
+        Returns:
+            ``(v, reward, term_logit)``: (B, T, C, H, W), (M,), (M,).
+        """
+        v = self.dit(x_t, t, ctrl_tokens, ctrl_mask)
+        reward, term_logit = self.heads(z_prev, z_next, ctrl_pooled)
+        return v, reward, term_logit
+
+
+def sample_levels(
+    b: int,
+    window: int,
+    context: int,
+    ctx_noise: float,
+    swin_fraction: float,
+    ctx_loss_weight: float,
+    generator: torch.Generator,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-frame flow times and loss weights: the Swin-DPM / diffusion-forcing mix.
+
+    Returns:
+        ``(t, weight)``, each (B, T) float32.
+    """
+    g = window - context
+    swin = torch.rand(b, 1, generator=generator, device=device) < swin_fraction  # (B, 1)
+    u = torch.rand(b, 1, generator=generator, device=device)  # (B, 1) stagger offset
+    groups = torch.arange(g, device=device, dtype=torch.float32)  # (G,)
+    t_ctx = torch.rand(b, context, generator=generator, device=device) * ctx_noise  # (B, C)
+    t_swin = torch.cat([t_ctx, (groups + u) / g], dim=1)  # (B, T)
+    t_df = torch.rand(b, window, generator=generator, device=device)  # (B, T)
+    t = torch.where(swin, t_swin, t_df)  # (B, T)
+    w_swin = torch.cat(
+        [torch.full((context,), ctx_loss_weight, device=device), torch.ones(g, device=device)]
+    )  # (T,)
+    weight = torch.where(swin, w_swin.expand(b, window), torch.ones(b, window, device=device))  # (B, T)
+    return t, weight
+
+
+def termination_pos_weight(dataset: object, window: int) -> tuple[float, int, int]:
+    """Class balance of the labelled transitions the heads see, counted as the windows sample them.
+
+    A frame k is the "next" frame of a transition in every window that starts in [k-T+1, k-1], so
+    frames near an episode's end (where terminations are) appear in fewer windows; counting per
+    window keeps ``pos_weight = negatives / positives`` honest.
+
+    Returns:
+        ``(pos_weight, positives, negatives)``; pos_weight is 1 without positives.
+    """
+    from world_model.data.episodes import open_episode
+
+    pos = neg = 0
+    parts = dataset.datasets if isinstance(dataset, ConcatDataset) else [dataset]
+    for ep, labelled in ((ep, lab) for d in parts for (ep, _), lab in zip(d.paths, d.labelled, strict=True)):
+        if not labelled:
+            continue
+        a = open_episode(ep)
+        n = len(a["actions"])
+        starts = np.zeros(n)
+        starts[: n - window + 1] = 1.0
+        uses = np.convolve(starts, np.ones(window - 1))[: n - 1]  # uses[k-1]: windows where frame k is "next"
+        valid = np.asarray(a["actions"][1:]) >= 0
+        term = np.asarray(a["terminated"][1:], dtype=bool)
+        pos += int(uses[valid & term].sum())
+        neg += int(uses[valid & ~term].sum())
+    weight = min(MAX_POS_WEIGHT, neg / pos) if pos > 0 else 1.0
+    return float(weight), pos, neg
+
+
+@dataclass
+class StepInputs:
+    """Model inputs and targets of one batch (see :func:`make_inputs`)."""
+
+    x_t: torch.Tensor  # (B, T, C, H, W)
+    t: torch.Tensor  # (B, T)
+    v_target: torch.Tensor  # (B, T, C, H, W)
+    weight: torch.Tensor  # (B, T)
+    ctrl_tokens: torch.Tensor  # (B, T, N, Dt)
+    ctrl_mask: torch.Tensor  # (B, T, N)
+    z_prev: torch.Tensor  # (B*(T-1), C, H, W)
+    z_next: torch.Tensor  # (B*(T-1), C, H, W)
+    ctrl_pooled: torch.Tensor  # (B*(T-1), Dt)
+    reward: torch.Tensor  # (B*(T-1),)
+    terminated: torch.Tensor  # (B*(T-1),)
+    head_mask: torch.Tensor  # (B*(T-1),) bool: labelled transitions
+
+
+def make_inputs(
+    batch: dict[str, torch.Tensor],
+    table: ControlEmbeddings,
+    args: Args,
+    generator: torch.Generator,
+    device: torch.device,
+) -> StepInputs:
+    """Noise a batch of latent windows and gather its control embeddings.
+
+    Args:
+        batch: WindowDataset items collated: latents (B, T, C, H, W), actions (B, T), rewards,
+            terminated (B, T), labelled, has_rewards (B,).
+        table: control table on ``device`` (A+1 rows, unknown last).
+        args: the run's Args (levels, dropout).
+        generator: RNG for levels, noise and dropout, on ``device``.
+        device: compute device.
+    """
+    x0 = batch["latents"].to(device, non_blocking=True)  # (B, T, C, H, W)
+    actions = batch["actions"].to(device)  # (B, T), -1 = unknown
+    b, n_frames = actions.shape
+    unknown = table.tokens.shape[0] - 1
+    rows = torch.where(actions < 0, torch.full_like(actions, unknown), actions)  # (B, T) table rows
+    drop = torch.rand(b, n_frames, generator=generator, device=device) < args.ctrl_dropout  # (B, T)
+    rows_in = torch.where(drop, torch.full_like(rows, unknown), rows)  # (B, T)
+
+    t, weight = sample_levels(
+        b, n_frames, args.context, args.ctx_noise, args.swin_fraction, args.ctx_loss_weight, generator, device
+    )  # (B, T) each
+    eps = torch.randn(x0.shape, generator=generator, device=device)  # (B, T, C, H, W)
+    tt = t[:, :, None, None, None]  # (B, T, 1, 1, 1)
+    x_t = (1.0 - tt) * x0 + tt * eps
+
+    labelled = (batch["labelled"] & batch["has_rewards"]).to(device)  # (B,)
+    head_mask = (actions[:, 1:] >= 0) & labelled[:, None]  # (B, T-1)
+    return StepInputs(
+        x_t=x_t,
+        t=t,
+        v_target=eps - x0,
+        weight=weight,
+        ctrl_tokens=table.tokens[rows_in],
+        ctrl_mask=table.mask[rows_in],  # (B, T, N, Dt), (B, T, N)
+        z_prev=x0[:, :-1].flatten(0, 1),
+        z_next=x0[:, 1:].flatten(0, 1),  # (B*(T-1), C, H, W)
+        ctrl_pooled=table.pooled[rows[:, 1:]].flatten(0, 1),  # (B*(T-1), Dt): the real action
+        reward=batch["rewards"][:, 1:].to(device).flatten(),
+        terminated=batch["terminated"][:, 1:].to(device).flatten(),
+        head_mask=head_mask.flatten(),
+    )
+
+
+def compute_losses(
+    model: nn.Module, inp: StepInputs, pos_weight: float, heads_weight: float
+) -> dict[str, torch.Tensor]:
+    """Flow-matching loss on the noisy frames plus the heads' loss on labelled transitions."""
+    from world_model.heads import RewardTerminationHeads
+
+    v, reward, term_logit = model(
+        inp.x_t, inp.t, inp.ctrl_tokens, inp.ctrl_mask, inp.z_prev, inp.z_next, inp.ctrl_pooled
+    )
+    per_frame = (v.float() - inp.v_target).pow(2).mean(dim=(2, 3, 4))  # (B, T)
+    flow = (per_frame * inp.weight).sum() / inp.weight.sum().clamp(min=1e-8)
+    m = inp.head_mask
+    if bool(m.any()):
+        h = RewardTerminationHeads.loss(
+            reward[m].float(), term_logit[m].float(), inp.reward[m], inp.terminated[m], pos_weight
+        )
+    else:  # no labelled transition in this batch: keep every head parameter in the graph (DDP)
+        zero = 0.0 * (reward.sum() + term_logit.sum())
+        h = {"loss": zero, "reward_loss": zero.detach(), "term_loss": zero.detach()}
+    return {
+        "loss/total": flow + heads_weight * h["loss"],
+        "loss/flow": flow,
+        "loss/reward": h["reward_loss"],
+        "loss/termination": h["term_loss"],
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset: object,
+    table: ControlEmbeddings,
+    args: Args,
+    pos_weight: float,
+    device: torch.device,
+) -> dict[str, float]:
+    """Held-out losses of the (EMA) model with a fixed RNG and no control dropout, plus heads metrics.
+
+    Returns:
+        eval/{total,flow,reward,termination} losses, eval/reward_mae and eval/termination_accuracy
+        (over labelled transitions, when there are any).
+    """
+    model.eval()
+    eval_args = dataclasses.replace(args, ctrl_dropout=0.0)
+    gen = torch.Generator(device=device).manual_seed(12345)
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False)
+    sums: dict[str, float] = {}
+    n_batches, abs_err, correct, count = 0, 0.0, 0, 0
+    for i, batch in enumerate(loader):
+        if i >= args.eval_batches:
+            break
+        inp = make_inputs(batch, table, eval_args, gen, device)
+        for k, v in compute_losses(model, inp, pos_weight, args.heads_weight).items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        n_batches += 1
+        reward, term_logit = model.heads(inp.z_prev, inp.z_next, inp.ctrl_pooled)  # (M,), (M,)
+        m = inp.head_mask
+        abs_err += float((reward[m] - inp.reward[m]).abs().sum())
+        correct += int(((term_logit[m] > 0) == inp.terminated[m]).sum())
+        count += int(m.sum())
+    out = {f"eval/{k.split('/')[-1]}": v / max(n_batches, 1) for k, v in sums.items()}
+    if count:
+        out["eval/reward_mae"] = abs_err / count
+        out["eval/termination_accuracy"] = correct / count
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+def train(args: Args, command: list[str] | None = None) -> dict:
+    """Train (or resume) and export; returns the summary written to ``OUT/train_dit.json``.
+
+    Args:
+        args: the parsed arguments.
+        command: the command line, recorded in the summary (the recipe of the model).
+    """
+    from world_model.actions import control_sentences
+    from world_model.checkpoint import save_module
+    from world_model.data.latents import resolve_caches
+    from world_model.dit import DiTConfig, VideoDiT, get_preset
+    from world_model.heads import HeadsConfig, RewardTerminationHeads
+    from world_model.text import build_control_table
+
+    if not 0 <= args.context < args.window:
+        raise UsageError(f"--context {args.context} must be in [0, --window {args.window})")
+    if args.window < 2:
+        raise UsageError(f"--window {args.window}: need at least 2 frames (one transition for the heads)")
+    info = common.setup_distributed(args.device)
+    run_dir = Path(args.run_dir).expanduser()
+    out_dir = Path(args.out).expanduser() if args.out else run_dir / "model"
+    train_eps, heldout_eps = common.resolve_episodes(args.data, args.holdout_fraction, args.seed)
+    caches, lat_infos = resolve_caches(args.data, args.latents)
+    lat_info = lat_infos[0]
+    c, h, w = lat_info["latent_shape"]
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = common.latest_checkpoint(run_dir)
+    config = common.to_jsonable(args)
+    common.check_run_config(run_dir, config, RESUME_FREE, resuming=ckpt is not None, write=info.is_main)
+    common.clean_stale_tmp(run_dir, info)
+
+    # Control table: encoded once per run (rank 0), stored in the run dir, reused by every rank and on resume.
+    names, action_sentences = action_table([*train_eps, *heldout_eps])
+    sentences = control_sentences(action_sentences)
+    table_path = run_dir / CONTROL_TABLE_FILE
+    if info.is_main and not table_path.exists():
+        if args.control_table is not None:
+            table, stored = load_control_table(args.control_table)
+            if stored != sentences:
+                raise UsageError(
+                    f"--control-table {args.control_table} encodes other sentences than this data's"
+                )
+        else:
+            table = build_control_table(sentences, args.text)
+        save_control_table(table_path, table, sentences, common.to_jsonable(args.text))
+    common.barrier()
+    table, stored = load_control_table(table_path)
+    if stored != sentences:
+        raise UsageError(
+            f"{table_path} encodes other sentences than this data's action table; use a new --run-dir"
+        )
+    table = table.to(info.device)
+
+    common.seed_everything(args.seed)  # same init on every rank
+    dit_cfg: DiTConfig = get_preset(
+        args.preset,
+        latent_channels=c,
+        latent_hw=(h, w),
+        text_dim=table.tokens.shape[-1],
+        max_frames=max(DiTConfig().max_frames, args.window),
+    )
+    heads_cfg = HeadsConfig(
+        latent_channels=c, latent_hw=(h, w), text_dim=table.tokens.shape[-1], hidden=args.heads_hidden
+    )
+    model = DiTWithHeads(VideoDiT(dit_cfg), RewardTerminationHeads(heads_cfg)).to(info.device)
+    ema = common.EMA(model, args.ema_decay)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay
+    )
+    gen = torch.Generator(device=info.device).manual_seed(
+        args.seed * 1000 + info.rank
+    )  # levels, noise, dropout
+    bf16 = common.resolve_bf16(args.bf16, info.device)
+
+    start = 0
+    if ckpt is not None:
+        start = common.load_checkpoint(ckpt, info, model, ema, optimizer, {"noise": gen})["step"]
+
+    dataset = common.window_dataset(train_eps, args.window, source="latents", latents=caches)
+    pos_weight, n_pos, n_neg = termination_pos_weight(dataset, args.window)
+    sampler = common.ResumableBatchSampler(
+        len(dataset), args.batch_size, info.rank, info.world_size, args.seed, start
+    )
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=args.num_workers,
+        pin_memory=info.device.type == "cuda",
+        generator=torch.Generator().manual_seed(args.seed),
+        persistent_workers=args.num_workers > 0,
+    )
+    logger = common.Logger(run_dir, info, args.steps, start, desc="train-dit")
+    if ckpt is not None:
+        logger.print(f"resumed from {ckpt} at step {start}")
+    n_params = sum(p.numel() for p in model.dit.parameters())
+    logger.print(
+        f"DiT {args.preset}: {n_params / 1e6:.2f}M params; {len(dataset)} training windows of {args.window}; "
+        f"termination pos_weight {pos_weight:.1f} ({n_pos} pos / {n_neg} neg)"
+    )
+
+    step_fn = common.wrap_ddp(model, info)
+    batches = iter(loader)
+    model.train()
+    for step in range(start, args.steps):
+        batch = next(batches)
+        inp = make_inputs(batch, table, args, gen, info.device)
+        lr = common.cosine_lr(step, args.steps, args.lr, args.warmup)
+        common.set_lr(optimizer, lr)
+        with common.autocast(info.device, bf16):
+            losses = compute_losses(step_fn, inp, pos_weight, args.heads_weight)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss/total"].backward()
+        grad_norm = nn.utils.clip_grad_norm_(
+            model.parameters(), args.grad_clip if args.grad_clip > 0 else math.inf
+        )
+        optimizer.step()
+        ema.update(model, step)
+
+        scalars = common.reduce_scalars(losses)
+        gates = {f"gate/{i}": torch.tanh(g).abs().mean().item() for i, g in enumerate(model.dit.gates())}
+        logger.step(
+            step + 1,
+            len(inp.x_t) * info.world_size,
+            {**scalars, **gates, "opt/lr": lr, "opt/grad_norm": grad_norm.item()},
+        )
+        if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
+            common.save_checkpoint(
+                run_dir, step + 1, info, model, ema, optimizer, {"noise": gen}, config, keep=args.keep_ckpts
+            )
+        if args.step_sleep:
+            time.sleep(args.step_sleep)
+    if args.debug_hashes:
+        common.write_debug_hash(run_dir, info, "dit", model, args.steps)
+
+    summary: dict = {}
+    if info.is_main:
+        final = ema.module
+        metrics: dict = {}
+        eval_eps = heldout_eps or train_eps
+        try:
+            eval_set = common.window_dataset(eval_eps, args.window, source="latents", latents=caches)
+            metrics = evaluate(final, eval_set, table, args, pos_weight, info.device)
+            metrics["eval/split"] = "heldout" if heldout_eps else "train (no held-out episodes)"
+        except UsageError as err:  # held-out episodes shorter than a window
+            metrics = {"eval/skipped": str(err)}
+        logger.report(args.steps, metrics)
+        save_module(out_dir, "dit", final.dit, dit_cfg)
+        save_module(out_dir, "heads", final.heads, heads_cfg)
+        save_control_table(
+            out_dir / CONTROL_TABLE_FILE, table.to("cpu"), sentences, common.to_jsonable(args.text)
+        )
+        summary = {
+            "command": command or [],
+            "args": config,
+            "steps": args.steps,
+            "world_size": info.world_size,
+            "action_names": names,
+            "sentences": sentences,
+            "window": args.window,
+            "context": args.context,
+            "data_manifest_sha256": common.data_fingerprint(args.data),
+            "latents_vae_sha256": lat_info.get("vae_sha256"),
+            "train_episodes": [str(p) for p in train_eps],
+            "heldout_episodes": [str(p) for p in heldout_eps],
+            "termination_pos_weight": pos_weight,
+            "eval": metrics,
+        }
+        (out_dir / "train_dit.json").write_text(json.dumps(summary, indent=2))
+        print(f"saved DiT + heads + control table to {out_dir}")
+    logger.close()
+    common.cleanup_distributed()
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``matrix-world train-dit``: parse Args and train."""
+    import tyro
+
+    args = tyro.cli(Args, args=argv, prog="matrix-world train-dit", description=__doc__.split("\n\n")[0])
+    train(args, command=["matrix-world", "train-dit", *(sys.argv[1:] if argv is None else argv)])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

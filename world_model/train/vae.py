@@ -1,0 +1,517 @@
+"""Train the frame VAE (``matrix-world train-vae``), with DDP and crash-safe resume.
+
+Losses (per step):
+    L1 + MSE between the 72x128 frames and their reconstruction (posterior sample), plus
+    ``kl_weight * KL`` (LDM's sum-over-latent convention), plus, when the episodes carry
+    ``video_720p.mp4``, an L1 loss of the super-resolving head on random ``hr_crop`` crops of the
+    real 720p frames. A crop is cut on the 10x grid of the 72x128 frame; the decoder trunk runs at
+    72x128 and the (pixel-local) 720p head only on the trunk features under the crop, so the head
+    trains on exact 720p targets at a fraction of a full 720p decode (see :func:`hr_crop_loss`).
+
+After training the EMA model gets per-channel latent statistics fitted on training frames
+(``set_latent_stats``), is evaluated on held-out episodes (PSNR at 72x128, and at 720p where
+videos exist, beside the PSNR of the nearest-upsampled ground-truth 72x128 frame as a baseline) and
+is saved with ``checkpoint.save_module(out, "vae", ...)``.
+
+Example::
+
+    matrix-world train-vae --data ~/data/carracing --run-dir ~/runs/vae --preset default --bf16
+    torchrun --nproc_per_node 2 -m agents.cli train-vae --data ... --run-dir ...   # DDP
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from world_model.errors import UsageError
+from world_model.train import common
+
+# Fields that may change between a run and its resume: they do not change the math.
+RESUME_FREE = (
+    "run_dir",
+    "out",
+    "ckpt_every",
+    "keep_ckpts",
+    "num_workers",
+    "debug_hashes",
+    "step_sleep",
+    "device",
+)
+
+
+@dataclass
+class Args:
+    """Train the frame VAE (72x128 <-> latents, plus the 720p super-resolving head)."""
+
+    data: tuple[Path, ...]
+    """Recorded data directories (``matrix-world record``; e.g. the labelled and the unlabelled set)."""
+    run_dir: Path = Path("~/runs/vae")
+    """Run directory for checkpoints, TensorBoard and the final model; a rerun resumes from it."""
+    out: Path | None = None
+    """Where the final model goes (default: RUN_DIR/model)."""
+    preset: Literal["tiny", "default"] = "default"
+    """VAE size preset (world_model.vae.VAE_PRESETS)."""
+    steps: int = 20_000
+    """Optimiser steps in total (a resumed run continues up to this count)."""
+    batch_size: int = 32
+    """Frames per step per rank."""
+    lr: float = 2e-4
+    """Peak AdamW learning rate (cosine decay to lr/10 after the warmup)."""
+    warmup: int = 500
+    """Linear warmup steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 = off)."""
+    ema_decay: float = 0.999
+    """EMA decay; the EMA weights are the ones saved as the final model."""
+    l1_weight: float = 1.0
+    """Weight of the L1 reconstruction loss at 72x128."""
+    mse_weight: float = 1.0
+    """Weight of the MSE reconstruction loss at 72x128."""
+    kl_weight: float | None = None
+    """Weight of the KL term (default: the preset's VAEConfig.kl_weight)."""
+    hr_crop: tuple[int, int] = (180, 320)
+    """(H, W) of the 720p training crops for the super-resolving head; multiples of 10."""
+    hr_batch: int = 4
+    """720p crops per step per rank."""
+    hr_weight: float = 1.0
+    """Weight of the 720p L1 loss."""
+    hr_shuffle: int = 32
+    """Shuffle buffer (frames) of the sequential 720p video reader."""
+    bf16: bool = False
+    """bf16 autocast (CPU with AVX512-BF16/AMX, or a bf16 GPU); falls back to fp32 if unsupported."""
+    ckpt_every: int = 1000
+    """Write a training checkpoint every this many steps (and at the end)."""
+    keep_ckpts: int = 2
+    """Training checkpoints kept in RUN_DIR/state."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank (0 = load in the training process)."""
+    seed: int = 0
+    """Seed of the data order, the init and the noise."""
+    device: str = "auto"
+    """auto, cpu or cuda."""
+    holdout_fraction: float = 0.1
+    """Fraction of episodes held out for the PSNR evaluation."""
+    stats_frames: int = 4096
+    """Training frames used to fit the latent shift/scale."""
+    eval_frames: int = 256
+    """Held-out frames for the 72x128 PSNR (720p PSNR uses at most eval_frames // 16)."""
+    debug_hashes: bool = False
+    """Write RUN_DIR/debug/vae_rank<r>.txt with the final weight hash (DDP equality tests)."""
+    step_sleep: float = 0.0
+    """Debug: sleep this long after each step (lets kill/resume tests catch a run mid-way)."""
+
+
+# ----------------------------------------------------------------------------- data
+class HRCropStream(IterableDataset):
+    """Endless stream of (72x128 frame, aligned 720p crop) pairs read sequentially from videos.
+
+    Each (rank, worker) shard decodes its episodes' ``video_720p.mp4`` front to back with imageio
+    (sequential decoding is what H.264 is fast at), pairs frame ``k`` with ``frames[k]`` of the
+    72x128 array, cuts a random ``crop`` whose corner sits on the 10x grid, and yields from a
+    shuffle buffer so consecutive items come from different moments.
+
+    Resume note: the stream restarts from a seed that includes the resume step, so after a resume
+    the 720p crops differ from the uninterrupted run (the 72x128 batches do not).
+    """
+
+    def __init__(
+        self,
+        episodes: list[Path],
+        crop: tuple[int, int],
+        scale: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        shuffle: int,
+    ) -> None:
+        """Store the shard layout; nothing is opened until iteration."""
+        super().__init__()
+        self.episodes, self.crop, self.scale = episodes, crop, scale
+        self.seed, self.rank, self.world_size, self.shuffle = seed, rank, world_size, shuffle
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Yield ``lr`` (72,128,3) uint8, ``hr`` (ch,cw,3) uint8, ``yx`` (2,) crop corner in 72x128 pixels."""
+        import imageio.v3 as iio
+
+        from world_model.data.episodes import VIDEO_FILE, open_episode
+
+        worker = get_worker_info()
+        wid, nworkers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        shard, nshards = self.rank * nworkers + wid, self.world_size * nworkers
+        # few episodes: every shard reads all of them, in its own random order
+        mine = self.episodes[shard::nshards] if len(self.episodes) >= nshards else list(self.episodes)
+        rng = np.random.default_rng([self.seed, shard])
+        ch, cw = self.crop
+        buffer: list[dict[str, torch.Tensor]] = []
+        while True:
+            for ep in rng.permutation(len(mine)):
+                frames = open_episode(mine[ep])["frames"]  # (S+1, 72, 128, 3) uint8, mmap
+                for k, hr in enumerate(iio.imiter(mine[ep] / VIDEO_FILE)):
+                    if k >= len(frames):
+                        break
+                    h, w = hr.shape[0] // self.scale, hr.shape[1] // self.scale  # 72x128 grid
+                    y = int(rng.integers(0, h - ch // self.scale + 1))
+                    x = int(rng.integers(0, w - cw // self.scale + 1))
+                    ys, xs = y * self.scale, x * self.scale
+                    item = {
+                        "lr": torch.from_numpy(np.array(frames[k])),
+                        "hr": torch.from_numpy(np.ascontiguousarray(hr[ys : ys + ch, xs : xs + cw])),
+                        "yx": torch.tensor([y, x]),
+                    }
+                    if len(buffer) < self.shuffle:
+                        buffer.append(item)
+                        continue
+                    j = int(rng.integers(len(buffer)))
+                    buffer[j], item = item, buffer[j]
+                    yield item
+
+
+def hr_crop_loss(vae: nn.Module, lr: torch.Tensor, hr: torch.Tensor, yx: torch.Tensor) -> torch.Tensor:
+    """L1 loss of the super-resolving head on 720p crops, running the head only under the crops.
+
+    The decoder trunk runs on the whole 72x128 frame (it has GroupNorms, whose statistics a
+    partial decode would change, and it is cheap at this size); the 720p head is pixel-local
+    (2x2 transposed conv, 1x1 conv, pixel shuffle), so running it on the trunk's feature crop gives
+    exactly the same pixels as cropping a full 720p decode, at (crop area / frame area) of the cost.
+
+    Args:
+        vae: the FrameVAE (raw module).
+        lr: (B, 3, 72, 128) frames in [-1, 1].
+        hr: (B, 3, ch, cw) 720p crops in [-1, 1]; ch, cw multiples of ``sr_factor``.
+        yx: (B, 2) crop corners in 72x128 pixels.
+
+    Returns:
+        Scalar L1 loss.
+    """
+    sr = vae.cfg.sr_factor
+    ch, cw = hr.shape[-2] // sr, hr.shape[-1] // sr  # crop size in 72x128 pixels
+    feats = vae.decode_features(vae.encode(lr))  # (B, C0, 72, 128), from the posterior mean
+    low = vae.to_rgb(feats)  # (B, 3, 72, 128)
+    crop = [(int(y), int(x)) for y, x in yx.tolist()]
+    feats = torch.stack(
+        [feats[b, :, y : y + ch, x : x + cw] for b, (y, x) in enumerate(crop)]
+    )  # (B, C0, ch, cw)
+    low = torch.stack([low[b, :, y : y + ch, x : x + cw] for b, (y, x) in enumerate(crop)])  # (B, 3, ch, cw)
+    pred = vae.hr_from_features(feats, low)  # (B, 3, ch*sr, cw*sr)
+    return F.l1_loss(pred.float(), hr)
+
+
+class VAELoss(nn.Module):
+    """Everything one step computes, in one forward, so DDP sees a single graph per step."""
+
+    def __init__(self, vae: nn.Module, args: Args, kl_weight: float) -> None:
+        """Hold the VAE and the loss weights."""
+        super().__init__()
+        self.vae, self.args, self.kl_weight = vae, args, kl_weight
+
+    def forward(
+        self, x: torch.Tensor, generator: torch.Generator, hr_batch: dict[str, torch.Tensor] | None
+    ) -> dict[str, torch.Tensor]:
+        """Losses of one step.
+
+        Args:
+            x: (B, 3, 72, 128) frames in [-1, 1].
+            generator: RNG of the posterior sample.
+            hr_batch: ``lr`` (Bh, 3, 72, 128), ``hr`` (Bh, 3, ch, cw) in [-1, 1], ``yx`` (Bh, 2); or None.
+
+        Returns:
+            dict of scalar losses, ``loss/total`` being the one to minimise.
+        """
+        from world_model.vae import kl
+
+        a = self.args
+        out = self.vae(x, generator=generator)
+        recon = out["recon"].float()  # (B, 3, 72, 128)
+        losses = {
+            "loss/l1": F.l1_loss(recon, x),
+            "loss/mse": F.mse_loss(recon, x),
+            "loss/kl": kl(out["mean"].float(), out["logvar"].float()),
+        }
+        total = (
+            a.l1_weight * losses["loss/l1"]
+            + a.mse_weight * losses["loss/mse"]
+            + self.kl_weight * losses["loss/kl"]
+        )
+        if hr_batch is not None:
+            losses["loss/hr_l1"] = hr_crop_loss(self.vae, hr_batch["lr"], hr_batch["hr"], hr_batch["yx"])
+            total = total + a.hr_weight * losses["loss/hr_l1"]
+        losses["loss/total"] = total
+        return losses
+
+
+# ----------------------------------------------------------------------------- evaluation
+def psnr_u8(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB between two uint8 image tensors of the same shape."""
+    mse = (a.float() - b.float()).pow(2).mean().item()
+    return float("inf") if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
+
+
+@torch.no_grad()
+def evaluate(
+    vae: nn.Module, episodes: list[Path], frames_budget: int, device: torch.device, batch: int = 32
+) -> dict:
+    """PSNR of ``decode(encode(x))`` at 72x128 and of ``decode_hr`` at 720p on the given episodes.
+
+    Frames are taken evenly spaced over the episodes (deterministic). The 720p baseline is the
+    nearest-upsampled ground-truth 72x128 frame, i.e. what the head must beat to add detail.
+    """
+    import imageio.v3 as iio
+
+    from world_model.data.episodes import VIDEO_FILE, open_episode
+    from world_model.vae import frames_to_tensor, tensor_to_frames
+
+    vae.eval()
+    arrays = [open_episode(ep)["frames"] for ep in episodes]
+    total = sum(len(a) for a in arrays)
+    stride = max(1, total // max(1, frames_budget))
+    picks = [(e, k) for e, a in enumerate(arrays) for k in range(len(a))][::stride][:frames_budget]
+    se, n = 0.0, 0
+    for i in range(0, len(picks), batch):
+        gt = torch.from_numpy(np.stack([arrays[e][k] for e, k in picks[i : i + batch]])).to(
+            device
+        )  # (B,72,128,3)
+        rec = tensor_to_frames(vae.decode(vae.encode(frames_to_tensor(gt))))  # (B, 72, 128, 3)
+        se += (rec.float() - gt.float()).pow(2).sum().item()
+        n += gt.numel()
+    out = {"psnr_72x128": 10 * math.log10(255.0**2 / max(se / max(n, 1), 1e-10)), "eval_frames": len(picks)}
+
+    videos = [(e, ep) for e, ep in enumerate(episodes) if (ep / VIDEO_FILE).exists()]
+    hr_budget = max(1, frames_budget // 16)
+    if videos:
+        per_video = max(1, hr_budget // len(videos))
+        se_hr = se_up = 0.0
+        n_hr = 0
+        for e, ep in videos:
+            stride_v = max(1, len(arrays[e]) // per_video)
+            for k, hr in enumerate(iio.imiter(ep / VIDEO_FILE)):
+                if k >= len(arrays[e]) or n_hr >= hr_budget:
+                    break
+                if k % stride_v:
+                    continue
+                gt_hr = torch.from_numpy(hr).to(device)  # (720, 1280, 3)
+                lr = torch.from_numpy(np.array(arrays[e][k])).to(device)  # (72, 128, 3)
+                pred = tensor_to_frames(vae.decode_hr(vae.encode(frames_to_tensor(lr)[None])))[
+                    0
+                ]  # (720,1280,3)
+                up = lr.repeat_interleave(hr.shape[0] // lr.shape[0], 0).repeat_interleave(
+                    hr.shape[1] // lr.shape[1], 1
+                )
+                se_hr += (pred.float() - gt_hr.float()).pow(2).mean().item()
+                se_up += (up.float() - gt_hr.float()).pow(2).mean().item()
+                n_hr += 1
+        out["psnr_720p"] = 10 * math.log10(255.0**2 / max(se_hr / n_hr, 1e-10))
+        out["psnr_720p_nearest_upsample_baseline"] = 10 * math.log10(255.0**2 / max(se_up / n_hr, 1e-10))
+        out["eval_frames_720p"] = n_hr
+    return out
+
+
+@torch.no_grad()
+def fit_latent_stats(
+    vae: nn.Module, episodes: list[Path], frames_budget: int, device: torch.device, batch: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of the raw posterior means over (evenly spaced) training frames.
+
+    Returns:
+        ``(shift, scale)``, each (Cz,).
+    """
+    from world_model.data.episodes import open_episode
+    from world_model.vae import frames_to_tensor
+
+    vae.eval()
+    arrays = [open_episode(ep)["frames"] for ep in episodes]
+    picks = [(e, k) for e, a in enumerate(arrays) for k in range(len(a))]
+    picks = picks[:: max(1, len(picks) // max(1, frames_budget))][:frames_budget]
+    s1 = s2 = None
+    n = 0
+    for i in range(0, len(picks), batch):
+        x = torch.from_numpy(np.stack([arrays[e][k] for e, k in picks[i : i + batch]])).to(device)
+        mean, _ = vae.encode_dist(frames_to_tensor(x))  # (B, Cz, h, w) raw
+        mean = mean.double()
+        s1 = mean.sum((0, 2, 3)) if s1 is None else s1 + mean.sum((0, 2, 3))  # (Cz,)
+        s2 = mean.pow(2).sum((0, 2, 3)) if s2 is None else s2 + mean.pow(2).sum((0, 2, 3))
+        n += mean.shape[0] * mean.shape[2] * mean.shape[3]
+    shift = s1 / n
+    scale = (s2 / n - shift.pow(2)).clamp(min=1e-12).sqrt().clamp(min=1e-4)
+    return shift.float().cpu(), scale.float().cpu()
+
+
+# ----------------------------------------------------------------------------- main
+def train(args: Args, command: list[str] | None = None) -> dict:
+    """Train (or resume) and export; returns the summary written to ``OUT/train_vae.json``.
+
+    Args:
+        args: the parsed arguments.
+        command: the command line, recorded in the summary (the recipe of the model).
+    """
+    from world_model.checkpoint import save_module
+    from world_model.data.episodes import TRAIN_HW, VIDEO_FILE
+    from world_model.vae import VAE_PRESETS, FrameVAE, frames_to_tensor
+
+    info = common.setup_distributed(args.device)
+    run_dir = Path(args.run_dir).expanduser()
+    out_dir = Path(args.out).expanduser() if args.out else run_dir / "model"
+    if not (0 < args.hr_crop[0] <= 720 and 0 < args.hr_crop[1] <= 1280):
+        raise UsageError(f"--hr-crop {args.hr_crop}: must fit in a 720x1280 frame")
+    if args.hr_crop[0] % 10 or args.hr_crop[1] % 10:
+        raise UsageError(
+            f"--hr-crop {args.hr_crop}: both sides must be multiples of 10 (the 72x128 -> 720p grid)"
+        )
+    train_eps, heldout_eps = common.resolve_episodes(args.data, args.holdout_fraction, args.seed)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = common.latest_checkpoint(run_dir)
+    config = common.to_jsonable(args)
+    common.check_run_config(run_dir, config, RESUME_FREE, resuming=ckpt is not None, write=info.is_main)
+    common.clean_stale_tmp(run_dir, info)
+
+    common.seed_everything(args.seed)  # same init on every rank
+    cfg = VAE_PRESETS[args.preset]
+    if tuple(cfg.in_hw) != tuple(TRAIN_HW):
+        raise UsageError(f"preset {args.preset!r} has in_hw {cfg.in_hw}, the data is {TRAIN_HW}")
+    vae = FrameVAE(cfg).to(info.device)
+    ema = common.EMA(vae, args.ema_decay)
+    optimizer = torch.optim.AdamW(
+        vae.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay
+    )
+    gen = torch.Generator(device=info.device).manual_seed(args.seed * 1000 + info.rank)  # posterior noise
+    bf16 = common.resolve_bf16(args.bf16, info.device)
+
+    start = 0
+    if ckpt is not None:
+        start = common.load_checkpoint(ckpt, info, vae, ema, optimizer, {"noise": gen})["step"]
+
+    dataset = common.window_dataset(train_eps, window=1, source="frames")
+    sampler = common.ResumableBatchSampler(
+        len(dataset), args.batch_size, info.rank, info.world_size, args.seed, start
+    )
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=args.num_workers,
+        pin_memory=info.device.type == "cuda",
+        generator=torch.Generator().manual_seed(args.seed),
+        persistent_workers=args.num_workers > 0,
+    )
+    video_eps = [ep for ep in train_eps if (ep / VIDEO_FILE).exists()]
+    hr_iter = None
+    logger = common.Logger(run_dir, info, args.steps, start, desc="train-vae")
+    if ckpt is not None:
+        logger.print(f"resumed from {ckpt} at step {start}")
+    if video_eps and args.hr_weight > 0:
+        stream = HRCropStream(
+            video_eps,
+            args.hr_crop,
+            cfg.sr_factor,
+            seed=args.seed * 1_000_003 + start,
+            rank=info.rank,
+            world_size=info.world_size,
+            shuffle=args.hr_shuffle,
+        )
+        # an explicit generator: creating the iterator must not draw from the global RNG
+        workers = min(1, args.num_workers)
+        hr_loader = DataLoader(
+            stream, batch_size=args.hr_batch, num_workers=workers, generator=torch.Generator()
+        )
+        hr_iter = iter(hr_loader)
+        logger.print(f"720p head: training on {args.hr_crop} crops from {len(video_eps)} episode videos")
+    else:
+        logger.print(
+            f"note: no {VIDEO_FILE} in the training episodes; the 720p head is not trained (no HR loss)"
+        )
+
+    kl_weight = cfg.kl_weight if args.kl_weight is None else args.kl_weight
+    step_fn = common.wrap_ddp(VAELoss(vae, args, kl_weight), info, find_unused=hr_iter is None)
+    batches = iter(loader)
+    vae.train()
+    for step in range(start, args.steps):
+        batch = next(batches)
+        x = frames_to_tensor(batch["frames"][:, 0].to(info.device, non_blocking=True))  # (B, 3, 72, 128)
+        hr_batch = None
+        if hr_iter is not None:
+            hb = next(hr_iter)
+            hr_batch = {
+                "lr": frames_to_tensor(hb["lr"].to(info.device)),  # (Bh, 3, 72, 128)
+                "hr": frames_to_tensor(hb["hr"].to(info.device)),  # (Bh, 3, ch, cw)
+                "yx": hb["yx"].to(info.device),  # (Bh, 2)
+            }
+        lr = common.cosine_lr(step, args.steps, args.lr, args.warmup)
+        common.set_lr(optimizer, lr)
+        with common.autocast(info.device, bf16):
+            losses = step_fn(x, gen, hr_batch)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss/total"].backward()
+        grad_norm = nn.utils.clip_grad_norm_(
+            vae.parameters(), args.grad_clip if args.grad_clip > 0 else math.inf
+        )
+        optimizer.step()
+        ema.update(vae, step)
+
+        scalars = common.reduce_scalars(losses)
+        logger.step(
+            step + 1, len(x) * info.world_size, {**scalars, "opt/lr": lr, "opt/grad_norm": grad_norm.item()}
+        )
+        if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
+            common.save_checkpoint(
+                run_dir, step + 1, info, vae, ema, optimizer, {"noise": gen}, config, keep=args.keep_ckpts
+            )
+        if args.step_sleep:
+            time.sleep(args.step_sleep)
+    if args.debug_hashes:
+        common.write_debug_hash(run_dir, info, "vae", vae, args.steps)
+
+    summary: dict = {}
+    if info.is_main:
+        final = ema.module
+        shift, scale = fit_latent_stats(final, train_eps, args.stats_frames, info.device)
+        final.set_latent_stats(shift, scale)
+        eval_eps = heldout_eps or train_eps
+        metrics = evaluate(final, eval_eps, args.eval_frames, info.device)
+        metrics["eval_split"] = "heldout" if heldout_eps else "train (no held-out episodes)"
+        logger.report(args.steps, metrics)
+        save_module(out_dir, "vae", final, cfg)
+        summary = {
+            "command": command or [],
+            "args": config,
+            "steps": args.steps,
+            "world_size": info.world_size,
+            "data_manifest_sha256": common.data_fingerprint(args.data),
+            "train_episodes": [str(p) for p in train_eps],
+            "heldout_episodes": [str(p) for p in heldout_eps],
+            "latent_shift": shift.tolist(),
+            "latent_scale": scale.tolist(),
+            "hr_trained": hr_iter is not None,
+            "eval": metrics,
+        }
+        (out_dir / "train_vae.json").write_text(json.dumps(summary, indent=2))
+        print(f"saved VAE to {out_dir}")
+    logger.close()
+    common.cleanup_distributed()
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``matrix-world train-vae``: parse Args and train."""
+    import tyro
+
+    args = tyro.cli(Args, args=argv, prog="matrix-world train-vae", description=__doc__.split("\n\n")[0])
+    train(args, command=["matrix-world", "train-vae", *(sys.argv[1:] if argv is None else argv)])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
