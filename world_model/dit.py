@@ -105,6 +105,18 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale[:, :, None]) + shift[:, :, None]
 
 
+class RMSNorm(nn.RMSNorm):
+    """``nn.RMSNorm`` computed in the input's dtype.
+
+    Under bf16 autocast q/k arrive in bf16 while the weight stays fp32; torch's RMSNorm then warns
+    and takes its slow mixed-dtype path. Casting the weight keeps the fused kernel.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., d) -> (..., d)."""
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
 class Attention(nn.Module):
     """Multi-head attention over the second-to-last axis with optional QK RMS-norm.
 
@@ -120,8 +132,8 @@ class Attention(nn.Module):
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(context_dim or dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
-        self.q_norm = nn.RMSNorm(self.head_dim) if qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
 
     def forward(
         self,
