@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "encode-latents": ("world_model.data.latents:main", "encode a data directory into a latent cache with a trained VAE"),
     "train-dit": ("world_model.train.dit:main", "train the video DiT + reward/termination heads on latents; DDP, resumable"),
     "build-world": ("world_model.train.build_world:main", "assemble a world-model directory from VAE/DiT runs and data"),
+    "eval": ("world_model.eval.suite:main", "evaluate a world: IDM control accuracy, PSNR/Frechet fidelity, drift, reward heads, speed"),
     "demo": ("matrix_env.demo:main", "run a world with a scripted driving sequence and write a 720p video"),
     "play": ("matrix_env.play:main", "drive a world with the keyboard (arrows / WASD) in a window, in real time"),
 }

@@ -18,16 +18,12 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import linalg
 
 # Bins per colour channel of the joint RGB histogram (8**3 = 512 cells): coarse enough that a few
 # hundred 72x128 frames fill it, fine enough to see grass / road / sky colour shifts.
 HIST_BINS = 8
 # Rec. 601 luma weights: the brightness that drift plots show.
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float64)
-# Diagonal jitter added to both covariances when their product's square root is singular (the
-# pytorch-fid / Heusel et al. reference implementation uses the same offset).
-FD_EPS = 1e-6
 # The drift horizons of DESIGN.md §7: [0, 100), [100, 1000), [1000, 10000) generated steps.
 DEFAULT_BUCKET_EDGES = (0, 100, 1000, 10000)
 
@@ -52,18 +48,18 @@ def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def frechet_from_stats(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """Fréchet distance between Gaussians N(mu1, sigma1) and N(mu2, sigma2).
 
-    ``|mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2))``, computed as in pytorch-fid.
+    ``|mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2))``. The last trace is the sum
+    of the square roots of the eigenvalues of ``sigma1 sigma2`` (real and >= 0 for PSD matrices, up to
+    round-off), which avoids ``scipy.linalg.sqrtm`` and its failures on singular covariances (fewer
+    samples than feature dimensions).
     """
     mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
     sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
     diff = mu1 - mu2
-    covmean, _ = linalg.sqrtm(sigma1 @ sigma2, disp=False)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(sigma1.shape[0]) * FD_EPS
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    covmean = np.real(covmean)  # numerical error leaves tiny imaginary parts
-    fd = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
-    return max(fd, 0.0)  # sqrtm round-off can push identical sets a hair below zero
+    eig = np.linalg.eigvals(sigma1 @ sigma2)
+    tr_covmean = float(np.sqrt(np.clip(eig.real, 0.0, None)).sum())
+    fd = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
+    return max(fd, 0.0)  # round-off can push identical sets a hair below zero
 
 
 def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
@@ -99,7 +95,7 @@ def mean_brightness(frames: np.ndarray) -> float:
 
 # -------------------------------------------------------------------------------------- control
 def confusion_matrix(pred: np.ndarray, true: np.ndarray, num_classes: int) -> np.ndarray:
-    """(A, A) int64 counts; row = true action, column = predicted action."""
+    """Count (true, predicted) pairs: (A, A) int64, row = true action, column = predicted action."""
     pred, true = np.asarray(pred, np.int64), np.asarray(true, np.int64)
     if pred.shape != true.shape:
         raise ValueError(f"pred {pred.shape} and true {true.shape} differ")
@@ -167,7 +163,7 @@ class DriftAccumulator:
         edges: tuple[int, ...] = DEFAULT_BUCKET_EDGES,
         bins: int = HIST_BINS,
     ) -> None:
-        """Reference statistics of the real frames.
+        """Compute the reference statistics of the real frames.
 
         Args:
             real_features: (N, D) features of real frames.
@@ -207,14 +203,20 @@ class DriftAccumulator:
         self.trace.append((int(step), luma))
 
     def result(self) -> list[dict]:
-        """One dict per bucket with samples: start, end, reached (last step seen), frames,
-        frechet (to the real features), hist_distance, brightness, brightness_gap (generated - real)."""
+        """Summarise every bucket that received frames.
+
+        Returns:
+            One dict per bucket: start, end, reached (last step seen), frames, frechet (to the real
+            features), hist_distance, brightness, brightness_gap (generated - real).
+        """
         rows = []
         for b in self.buckets:
             if b.frames == 0:
                 continue
             feats = np.concatenate(b.features)
-            fd = frechet_from_stats(*feature_stats(feats), *self.real_stats) if len(feats) > 1 else float("nan")
+            fd = float("nan")
+            if len(feats) > 1:
+                fd = frechet_from_stats(*feature_stats(feats), *self.real_stats)
             brightness = b.luma_sum / b.frames
             rows.append({
                 "start": b.start,

@@ -40,22 +40,30 @@ What is measured (DESIGN.md §7)
 
 Defaults and runtime
 --------------------
-Defaults are sized for a 2-core CPU shared with other jobs: 2048 held-out frames (64 segments of
-32), IDM 600 steps of 64 (~3-4 min), 8 streams x 32 steps of control rollouts per mode (256 labelled
-transitions, accuracy +-3 %), 64 teacher-forced samples, drift 4 streams to 10,000 steps with 256
-sampled frames per bucket and a 900 s budget, 3 timed speed steps. The run time is dominated by the
-world's cost per step (DiT size x evaluations per step): the un-distilled preset-S world of
-``build-world`` (8 evaluations per step) costs ~3 s per stream-step here, so its control rollouts take
-~4 min per mode and the drift budget stops it after a few hundred steps (a GPU, or a distilled
-1-evaluation sampler, reaches 10k). With those settings a full run is ~30 min; ``--quick`` (tiny IDM,
-a few frames and steps) runs in seconds on a tiny world and is what the tests use.
+Sized for the shared 2-core CPU of the development machine (AMD EPYC, other jobs running) and a
+world of the size ``build-world`` makes by default (DiT preset S, default VAE, un-distilled
+pipelined sampler with 8 evaluations per step). Measured with a random world of that size on
+synthetic data (``--threads 1``, chosen automatically on a busy CPU), seconds per section:
+
+* read + encode + decode 2048 held-out frames (64 segments x 32): 58
+* IDM, default preset, 600 steps x 64 transitions: 95
+* VAE + teacher-forced PSNR (64 immediate-mode predictions): 14
+* control rollouts, 3 modes x 8 streams x 32 steps (256 labels per mode): 318
+* speed, 3 modes x (batch 1, batch 8, 720p), 3 timed steps each: 55
+* drift, 2 streams, 256 frames per bucket: until ``--drift-budget-s`` = 900
+
+i.e. ~24 min in total. 2048 frames is about the held-out split of the default data set (8 of 80
+episodes x 251 frames). Such a world makes ~2 steps/s per stream here (one thread), so the 900 s
+drift budget with 2 streams reaches ~900 of the 10,000 steps (``horizon_reached`` in the JSON; the
+plot shows how far it got); a GPU, or a distilled 1-evaluation sampler, reaches 10k in the same
+budget. Shorten with ``--horizon``, ``--modes``, ``--control-steps``; ``--quick`` (tiny IDM, a few
+frames and steps) runs in ~5 s on a tiny world and is what the tests use.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import math
 import os
 import platform
@@ -64,7 +72,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
 import torch
@@ -84,6 +92,9 @@ from world_model.eval.idm import (
     sequence_stacks,
     train_idm,
 )
+
+if TYPE_CHECKING:
+    from world_model.checkpoint import WorldModel
 
 Mode = Literal["pipelined", "reconditioned", "immediate"]
 ALL_MODES: tuple[Mode, ...] = ("pipelined", "reconditioned", "immediate")
@@ -106,7 +117,7 @@ class Args:
     device: str = "cpu"
     """Torch device (cpu, cuda)."""
     threads: int = 0
-    """torch.set_num_threads (0: torch's default)."""
+    """torch.set_num_threads; 0 = auto: torch's default, or 1 on a CPU that is already busy."""
     seed: int = 0
     """Seed of every random choice (segments, actions, noise, IDM)."""
     holdout_fraction: float = 0.1
@@ -145,8 +156,8 @@ class Args:
     """Drift: generated steps per stream (shorten for a quick look)."""
     bucket_edges: tuple[int, ...] = M.DEFAULT_BUCKET_EDGES
     """Drift horizon buckets (cut at --horizon)."""
-    drift_envs: int = 4
-    """Drift: parallel streams."""
+    drift_envs: int = 2
+    """Drift: parallel streams (few, so that a slow world gets far in --drift-budget-s)."""
     drift_samples: int = 256
     """Drift: frames decoded and compared per bucket (all streams together)."""
     drift_budget_s: float = 900.0
@@ -171,6 +182,33 @@ def apply_quick(args: Args) -> Args:
         return args
     defaults = {f.name: f.default for f in dataclasses.fields(Args)}
     return dataclasses.replace(args, **{k: v for k, v in QUICK.items() if getattr(args, k) == defaults[k]})
+
+
+def resolve_threads(requested: int, device: str) -> int:
+    """Torch CPU threads to use: ``requested``, or for 0 torch's default unless the CPU is busy.
+
+    On a CPU whose 1-minute load average already exceeds half its cores, one thread is used: on the
+    shared 2-core development machine two threads ran the DiT 4-20x slower than one (they spin
+    waiting for each other while other processes hold the cores).
+    """
+    if requested:
+        return requested
+    if str(device).startswith("cpu") and hasattr(os, "getloadavg"):
+        if os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1):
+            return 1
+    return torch.get_num_threads()
+
+
+def cpu_name() -> str:
+    """The CPU model (``/proc/cpuinfo`` on Linux; ``platform.processor()`` elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def log(msg: str) -> None:
@@ -220,15 +258,16 @@ def encode_frames(vae: torch.nn.Module, frames: np.ndarray, batch: int = 64) -> 
     out = []
     with torch.no_grad():
         for i in range(0, len(frames), batch):
-            out.append(vae.encode(frames_to_tensor(np.ascontiguousarray(frames[i : i + batch]), device)).cpu())
+            x = frames_to_tensor(np.ascontiguousarray(frames[i : i + batch]), device)  # (b, 3, H, W)
+            out.append(vae.encode(x).cpu())
     return torch.cat(out)
 
 
 class SimulatorSource:
     """Generated frames of a :class:`~world_model.simulator.Simulator` started from given contexts."""
 
-    def __init__(self, world, contexts: torch.Tensor, num_envs: int, mode: str | None, history: int,
-                 device: torch.device | str = "cpu", seed: int = 0) -> None:
+    def __init__(self, world: WorldModel, contexts: torch.Tensor, num_envs: int, mode: str | None,
+                 history: int, device: torch.device | str = "cpu", seed: int = 0) -> None:
         """Build the simulator.
 
         Args:
@@ -398,13 +437,23 @@ class Segments:
     latents: torch.Tensor | None = None  # (S, L, C, h, w)
     recon: np.ndarray | None = None  # (S, L, H, W, 3) uint8 VAE reconstructions
 
-    def stacks(self, k: int, which: Literal["frames", "recon"] = "frames") -> tuple[np.ndarray, np.ndarray]:
-        """All K-frame stacks with a known action: (N, K, H, W, 3) uint8 and labels (N,)."""
-        src = self.frames if which == "frames" else self.recon
-        stacks = np.stack([sequence_stacks(f, k) for f in src])  # (S, L-K+1, K, H, W, 3)
-        labels = self.actions[:, k - 1 :]  # (S, L-K+1)
-        keep = labels >= 0
-        return stacks[keep], labels[keep]
+    def idm_predictions(
+        self, idm: InverseDynamicsModel, which: Literal["frames", "recon"] = "frames"
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Run the IDM on every K-frame stack whose newest frame has a known action.
+
+        Stacks are views of one segment at a time, so no (N, K, H, W, 3) copy is made.
+
+        Returns:
+            ``(pred (N,), features (N, D), labels (N,))``.
+        """
+        k = idm.cfg.frames
+        out: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        for seq, acts in zip(self.frames if which == "frames" else self.recon, self.actions, strict=True):
+            keep = np.nonzero(acts[k - 1 :] >= 0)[0]  # stack i ends at frame i + K - 1
+            pred, feats = predict(idm, sequence_stacks(seq, k)[keep])
+            out.append((pred, feats, acts[k - 1 :][keep]))
+        return tuple(np.concatenate(parts) for parts in zip(*out, strict=True))  # type: ignore[return-value]
 
 
 def read_segments(episode_dirs: list[Path], frames_budget: int, length: int, min_frame: int) -> Segments:
@@ -435,7 +484,8 @@ def read_segments(episode_dirs: list[Path], frames_budget: int, length: int, min
                 cols[key].append(np.asarray(arrays[key][s : s + length]))
     return Segments(
         names=names, starts=starts, frames=np.stack(cols["frames"]),
-        actions=np.stack(cols["actions"]).astype(np.int64), rewards=np.stack(cols["rewards"]).astype(np.float32),
+        actions=np.stack(cols["actions"]).astype(np.int64),
+        rewards=np.stack(cols["rewards"]).astype(np.float32),
         terminated=np.stack(cols["terminated"]).astype(bool), term_totals=totals,
     )
 
@@ -448,9 +498,15 @@ def encode_segments(seg: Segments, vae: torch.nn.Module) -> None:
     seg.recon = decode_latents(vae, z).reshape(seg.frames.shape)
 
 
-def context_windows(seg: Segments, context: int, count: int, rng: np.random.Generator) -> tuple[torch.Tensor, np.ndarray]:
-    """``count`` random windows of ``context`` latents with a next frame: (count, Tc, C, h, w) and
-    their (segment, next-frame index) pairs (count, 2)."""
+def context_windows(
+    seg: Segments, context: int, count: int, rng: np.random.Generator
+) -> tuple[torch.Tensor, np.ndarray]:
+    """Pick random context windows that have a labelled next frame.
+
+    Returns:
+        ``(latents (N, Tc, C, h, w), pairs (N, 2))`` with N = min(count, available) and pairs the
+        (segment, next-frame index) of each window.
+    """
     length = seg.frames.shape[1]
     if length <= context:
         raise UsageError(f"--segment-len {length} must exceed the sampler context {context}")
@@ -464,8 +520,8 @@ def context_windows(seg: Segments, context: int, count: int, rng: np.random.Gene
 
 
 # ---------------------------------------------------------------------------------- sections
-def teacher_forced(world, seg: Segments, count: int, device: str, seed: int, rng: np.random.Generator,
-                   chunk: int = 16) -> dict:
+def teacher_forced(world: WorldModel, seg: Segments, count: int, device: str, seed: int,
+                   rng: np.random.Generator, chunk: int = 16) -> dict:
     """Next-frame PSNR: real context -> one ``immediate``-mode step with the real action -> decode."""
     from world_model.simulator import Simulator, sampler_config
 
@@ -496,7 +552,7 @@ def teacher_forced(world, seg: Segments, count: int, device: str, seed: int, rng
     }
 
 
-def heads_metrics(world, seg: Segments, reward_baseline: float, device: str) -> dict:
+def heads_metrics(world: WorldModel, seg: Segments, reward_baseline: float, device: str) -> dict:
     """Reward / termination heads on real held-out latent transitions ``(z[j-1], z[j], action[j])``."""
     s_idx, j_idx = np.nonzero(seg.actions[:, 1:] >= 0)
     j_idx = j_idx + 1
@@ -525,8 +581,8 @@ def heads_metrics(world, seg: Segments, reward_baseline: float, device: str) -> 
     }
 
 
-def measure_speed(world, modes: tuple[str, ...], steps: int, batch: int, device: str) -> dict:
-    """Simulator steps/s per mode (batch 1 and ``batch``) and 720p frames/s (step + decode, batch 1)."""
+def measure_speed(world: WorldModel, modes: tuple[str, ...], steps: int, batch: int, device: str) -> dict:
+    """Time simulator steps/s per mode (batch 1 and ``batch``) and 720p frames/s (step + decode, batch 1)."""
     from world_model.simulator import Simulator, sampler_config
 
     try:
@@ -594,6 +650,7 @@ def write_plots(out: Path, results: dict, action_names: list[str], scatter: tupl
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     written = []
     # --- confusion matrices: real held-out, then generated per mode (and DR)
@@ -643,13 +700,15 @@ def write_plots(out: Path, results: dict, action_names: list[str], scatter: tupl
                                (axes[1], "hist_distance", "RGB histogram TV distance")):
             ax.plot(centers, [r[key] if r[key] is not None else np.nan for r in rows], "o-")
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel("generated steps")
             ax.set_title(label, fontsize=9)
-            ax.set_ylim(bottom=0)
+            ax.set_ylim(bottom=0, top=1.0 if key == "hist_distance" else None)
         trace = np.asarray(drift.get("trace") or [[0, 0]], np.float64)
         axes[2].plot(trace[:, 0] + 1, trace[:, 1], ".", ms=3, label="generated")
         axes[2].axhline(drift["real_brightness"], color="k", ls="--", lw=1, label="real")
         axes[2].set_xscale("log")
+        axes[2].xaxis.set_minor_formatter(NullFormatter())
         axes[2].set_xlabel("generated steps")
         axes[2].set_title("mean brightness", fontsize=9)
         axes[2].legend(fontsize=8)
@@ -676,7 +735,7 @@ def write_plots(out: Path, results: dict, action_names: list[str], scatter: tupl
 
 
 def summary_markdown(results: dict) -> str:
-    """A short Markdown summary for the README."""
+    """Render a short Markdown summary for the README."""
     idm, ctrl, fid = results["idm"], results["control"], results["fidelity"]
     lines = [
         f"### World-model evaluation: `{Path(results['checkpoint']).name}`",
@@ -696,7 +755,8 @@ def summary_markdown(results: dict) -> str:
     ]
     for mode, rep in ctrl["modes"].items():
         lags = ", ".join(_fmt(a, 2) for a in rep["by_lag"])
-        lines.append(f"| IDM accuracy, generated ({mode}, latency {rep['latency']}) | {_fmt(rep['accuracy'])} | "
+        lines.append(f"| IDM accuracy, generated ({mode}, latency {rep['latency']}) | "
+                     f"{_fmt(rep['accuracy'])} | "
                      f"by lag 0..: {lags}; chance {_fmt(rep['chance_majority'])} (majority) |")
     if ctrl.get("dr"):
         lines.append(f"| IDM accuracy, generated from DR starts | {_fmt(ctrl['dr']['accuracy'])} | "
@@ -704,15 +764,17 @@ def summary_markdown(results: dict) -> str:
     tf = fid["teacher_forced"]
     lines += [
         f"| VAE reconstruction PSNR (72x128) | {_fmt(fid['vae_psnr'], 2)} dB | |",
-        f"| teacher-forced next-frame PSNR | {_fmt(tf['psnr'], 2)} dB | copy last frame {_fmt(tf['copy_last_psnr'], 2)} dB, "
+        f"| teacher-forced next-frame PSNR | {_fmt(tf['psnr'], 2)} dB | "
+        f"copy last frame {_fmt(tf['copy_last_psnr'], 2)} dB, "
         f"VAE ceiling {_fmt(tf['vae_recon_psnr'], 2)} dB |",
         f"| Fréchet distance, generated vs real | {_fmt(fid['frechet']['generated'], 2)} | "
         f"VAE-recon floor {_fmt(fid['frechet']['vae_recon_floor'], 2)} (n={fid['frechet']['n']}) |",
     ]
     drift = results.get("drift", {})
     for r in drift.get("buckets", []):
-        lines.append(f"| drift {r['start']}-{min(r['end'], r['reached'] + 1)} steps: FD / hist TV / brightness gap | "
-                     f"{_fmt(r['frechet'], 2)} / {_fmt(r['hist_distance'])} / {_fmt(r['brightness_gap'], 1)} | "
+        span = f"{r['start']}-{min(r['end'], r['reached'] + 1)}"
+        values = f"{_fmt(r['frechet'], 2)} / {_fmt(r['hist_distance'])} / {_fmt(r['brightness_gap'], 1)}"
+        lines.append(f"| drift {span} steps: FD / hist TV / brightness gap | {values} | "
                      f"{r['frames']} frames |")
     heads = results.get("heads", {})
     if heads:
@@ -727,7 +789,8 @@ def summary_markdown(results: dict) -> str:
         batched = [k for k in row if k.startswith("steps_per_s_b") and k != "steps_per_s_b1"]
         extra = f", batch {batched[0][13:]}: {_fmt(row[batched[0]], 1)}" if batched else ""
         lines.append(f"| speed ({mode}, {row['evals_per_step']} evals/step): steps/s | "
-                     f"{_fmt(row['steps_per_s_b1'], 1)} (batch 1{extra}) | 720p {_fmt(row['fps_720p_b1'], 1)} FPS |")
+                     f"{_fmt(row['steps_per_s_b1'], 1)} (batch 1{extra}) | "
+                     f"720p {_fmt(row['fps_720p_b1'], 1)} FPS |")
     if drift.get("stopped_by_budget"):
         lines += ["", f"Drift stopped by its time budget at {drift['horizon_reached']} steps."]
     return "\n".join(lines) + "\n"
@@ -735,7 +798,7 @@ def summary_markdown(results: dict) -> str:
 
 # ---------------------------------------------------------------------------------------- main
 def labelled_episodes(root: Path, names: list[str]) -> list[Path]:
-    """The named episodes of ``root`` that carry action labels and belong to the training split."""
+    """Return the named episodes of ``root`` that carry action labels and belong to the training split."""
     out = []
     for name in names:
         ep = Path(root) / E.EPISODES_DIR / name
@@ -755,13 +818,23 @@ def check_actions(episode_dirs: list[Path], action_names: list[str], where: str)
 
 def evaluate(args: Args, command: list[str] | None = None) -> dict:
     """Run every section; write OUT/metrics.json, plots and summary.md. Returns the results dict."""
+    args = apply_quick(args)
+    before = torch.get_num_threads()
+    threads = resolve_threads(args.threads, args.device)
+    if threads != before:
+        log(f"[eval] torch threads: {threads}" + ("" if args.threads else " (auto: the CPU is busy)"))
+    torch.set_num_threads(threads)
+    try:
+        return _evaluate(args, command)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _evaluate(args: Args, command: list[str] | None) -> dict:
     from world_model.checkpoint import load_world
     from world_model.data.loader import split_episodes
     from world_model.simulator import sampler_config
 
-    args = apply_quick(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     for name in ("control_envs", "control_steps", "tf_samples", "drift_envs", "drift_samples", "speed_steps",
                  "speed_envs", "hold", "idm_steps", "idm_batch", "heldout_frames"):
         if getattr(args, name) < 1:
@@ -808,19 +881,19 @@ def evaluate(args: Args, command: list[str] | None = None) -> dict:
             raise UsageError(f"--idm {args.idm} has {idm.cfg.num_actions} actions, the world {num_actions}")
         idm_train = {"loaded_from": str(args.idm)}
     else:
-        cfg = dataclasses.replace(IDM_PRESETS[args.idm_preset], num_actions=num_actions, frames=args.idm_frames)
+        cfg = dataclasses.replace(IDM_PRESETS[args.idm_preset], num_actions=num_actions,
+                                  frames=args.idm_frames)
         transitions = TransitionSet(train_eps, cfg.frames, num_actions)
-        log(f"[eval] training the IDM on {len(transitions)} real labelled transitions ({args.idm_steps} steps)")
+        log(f"[eval] training the IDM on {len(transitions)} real labelled transitions "
+            f"({args.idm_steps} steps)")
         train_cfg = IDMTrainConfig(steps=args.idm_steps, batch_size=args.idm_batch, seed=args.seed,
                                    log_every=0 if args.quick else 100)
         idm, idm_train = train_idm(cfg, transitions.sample, train_cfg, device, log)
         idm_train["transitions"] = len(transitions)
         save_idm(out / "idm", idm)
     k = idm.cfg.frames
-    real_stacks, real_labels = seg.stacks(k, "frames")
-    recon_stacks, recon_labels = seg.stacks(k, "recon")
-    real_pred, real_feats = predict(idm, real_stacks)
-    recon_pred, recon_feats = predict(idm, recon_stacks)
+    real_pred, real_feats, real_labels = seg.idm_predictions(idm, "frames")
+    recon_pred, recon_feats, recon_labels = seg.idm_predictions(idm, "recon")
     results_idm = {
         "config": dataclasses.asdict(idm.cfg),
         "train": idm_train,
@@ -833,9 +906,11 @@ def evaluate(args: Args, command: list[str] | None = None) -> dict:
 
     # ---- fidelity: VAE and teacher-forced PSNR
     t0 = time.perf_counter()
-    fidelity: dict = {"vae_psnr": M.psnr(seg.recon, seg.frames), "vae_psnr_frames": int(np.prod(seg.frames.shape[:2]))}
+    fidelity: dict = {"vae_psnr": M.psnr(seg.recon, seg.frames),
+                      "vae_psnr_frames": int(np.prod(seg.frames.shape[:2]))}
     fidelity["teacher_forced"] = teacher_forced(world, seg, args.tf_samples, device, args.seed, rng)
-    log(f"[eval] VAE PSNR {fidelity['vae_psnr']:.2f} dB; teacher-forced {fidelity['teacher_forced']['psnr']:.2f} dB "
+    log(f"[eval] VAE PSNR {fidelity['vae_psnr']:.2f} dB; "
+        f"teacher-forced {fidelity['teacher_forced']['psnr']:.2f} dB "
         f"(copy-last {fidelity['teacher_forced']['copy_last_psnr']:.2f})")
     lap("psnr", t0)
 
@@ -882,13 +957,15 @@ def evaluate(args: Args, command: list[str] | None = None) -> dict:
         if not dr_eps:
             raise UsageError(f"--dr-data {str(args.dr_data)!r} holds no labelled episodes")
         check_actions(dr_eps, world.action_names, "--dr-data")
-        dr = read_segments(dr_eps, max(args.segment_len, args.heldout_frames // 2), args.segment_len, args.min_frame)
+        dr_budget = max(args.segment_len, args.heldout_frames // 2)
+        dr = read_segments(dr_eps, dr_budget, args.segment_len, args.min_frame)
         encode_segments(dr, world.vae)
-        dr_stacks, dr_labels = dr.stacks(k, "frames")
-        results_idm["real_dr"] = M.accuracy_report(predict(idm, dr_stacks)[0], dr_labels, num_actions)
+        dr_pred, _, dr_labels = dr.idm_predictions(idm, "frames")
+        results_idm["real_dr"] = M.accuracy_report(dr_pred, dr_labels, num_actions)
         fidelity["vae_psnr_dr"] = M.psnr(dr.recon, dr.frames)
         dr_ctx, _ = context_windows(dr, default_cfg.context, 4 * args.control_envs, rng)
-        src = SimulatorSource(world, dr_ctx, args.control_envs, default_cfg.mode, k - 1, device, args.seed + 100)
+        src = SimulatorSource(world, dr_ctx, args.control_envs, default_cfg.mode, k - 1, device,
+                              args.seed + 100)
         frames, actions = collect_control(src, args.control_steps, args.hold, num_actions, rng)
         control["dr"], _ = control_scores(idm, frames, actions, src.latency, max_lag)
         control["dr"]["mode"] = default_cfg.mode
@@ -919,7 +996,7 @@ def evaluate(args: Args, command: list[str] | None = None) -> dict:
         "command": command or ["matrix-world", "eval"],
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": {
-            "processor": platform.processor() or platform.machine(),
+            "processor": cpu_name(),
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "device": str(device),

@@ -1,0 +1,305 @@
+"""Evaluation suite: every metric reacts to a deliberate fault, and `matrix-world eval` runs end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import build_tiny_world
+from tests.synthetic import MAX_SPEED, ROAD_X, STEER_PX, make_synthetic_dataset, render
+from world_model.actions import STEER_OF_ACTION, THROTTLE_OF_ACTION
+from world_model.data.loader import split_episodes
+from world_model.errors import UsageError
+from world_model.eval import metrics as M
+from world_model.eval import suite as S
+from world_model.eval.idm import (
+    IDM_PRESETS,
+    IDMTrainConfig,
+    InverseDynamicsModel,
+    TransitionSet,
+    load_idm,
+    predict,
+    save_idm,
+    train_idm,
+)
+
+A = 9
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: on a shared 2-core CPU it is many times faster than two, and deterministic."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_synthetic_dataset(tmp_path_factory.mktemp("eval") / "data", episodes=8, steps=60, seed=1)
+
+
+@pytest.fixture(scope="module")
+def toy_idm(toy_data: Path) -> InverseDynamicsModel:
+    """An IDM trained briefly on the toy scene's training split (~5 s)."""
+    train, _ = split_episodes(toy_data, 0.1, 0)
+    transitions = TransitionSet([toy_data / "episodes" / n for n in train], 3, A)
+    model, info = train_idm(IDM_PRESETS["tiny"], transitions.sample,
+                            IDMTrainConfig(steps=150, batch_size=32, lr=3e-3, log_every=0))
+    assert info["final_train_accuracy"] > 0.4
+    return model
+
+
+class ToySource:
+    """A 'perfect' generator: the toy scene's own dynamics and renderer (tests/synthetic.py).
+
+    With ``latency`` L, the action given at step t takes effect at step t + L (a pipelined sampler);
+    with ``ignore_actions`` the car coasts straight whatever it is told.
+    """
+
+    def __init__(self, num_envs: int, latency: int = 0, ignore_actions: bool = False,
+                 brighten: float = 0.0) -> None:
+        self.num_envs, self.latency = num_envs, latency
+        self.ignore_actions, self.brighten = ignore_actions, brighten
+        self.t = 0
+
+    def _frames(self) -> np.ndarray:
+        frames = np.stack([render(int(x), int(s)) for x, s in zip(self.car_x, self.scroll, strict=True)])
+        if self.brighten:
+            frames = np.clip(frames.astype(np.float64) + self.brighten * self.t, 0, 255).astype(np.uint8)
+        return frames
+
+    def _advance(self, actions: np.ndarray) -> None:
+        throttle = THROTTLE_OF_ACTION[actions]
+        self.speed = np.select([throttle == 0, throttle == 1], [np.minimum(self.speed + 1, MAX_SPEED),
+                               np.maximum(self.speed - 2, 0)], np.maximum(self.speed - 1, 0))
+        self.car_x = np.clip(self.car_x + STEER_PX * STEER_OF_ACTION[actions], 0, 128 - 6)
+        self.scroll = self.scroll + self.speed
+
+    def start(self, rng: np.random.Generator) -> np.ndarray:
+        b = self.num_envs
+        self.car_x = rng.integers(ROAD_X[0] + 8, ROAD_X[1] - 14, size=b)
+        self.speed = rng.integers(0, MAX_SPEED + 1, size=b)
+        self.scroll = rng.integers(0, 12, size=b)
+        self.queue = [np.full(b, 6)] * self.latency  # coast until the first action lands
+        self.t = 0
+        history = [self._frames()]
+        self._advance(np.full(b, 6))
+        history.append(self._frames())
+        return np.stack(history, axis=1)  # (B, 2, H, W, 3)
+
+    def step(self, actions: np.ndarray, decode: bool = True) -> np.ndarray | None:
+        self.queue.append(np.asarray(actions))
+        act = self.queue.pop(0)
+        self.t += 1
+        self._advance(np.full(self.num_envs, 6) if self.ignore_actions else act)
+        return self._frames() if decode else None
+
+
+# ------------------------------------------------------------------------------- pure metrics
+def test_psnr_identical_is_inf_and_falls_with_noise() -> None:
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, size=(4, 72, 128, 3), dtype=np.uint8)
+    assert M.psnr(img, img) == float("inf")
+    scores = []
+    for sigma in (2, 8, 32):
+        noisy = np.clip(img + rng.normal(0, sigma, img.shape), 0, 255).astype(np.uint8)
+        scores.append(M.psnr(noisy, img))
+    assert scores[0] > 40 and scores[0] > scores[1] > scores[2]
+
+
+def test_frechet_zero_for_identical_and_grows_with_shift() -> None:
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(500, 16))
+    assert M.frechet_distance(feats, feats) == pytest.approx(0.0, abs=1e-6)
+    other = rng.normal(size=(500, 16))  # same distribution, other samples: small
+    fds = [M.frechet_distance(feats, other + shift) for shift in (0.0, 0.5, 1.0, 2.0)]
+    assert fds[0] < 1.0
+    assert all(a < b for a, b in zip(fds, fds[1:], strict=False))
+    assert fds[-1] == pytest.approx(16 * 4.0, rel=0.2)  # |mu|^2 dominates: 16 dims x 2^2
+    scaled = M.frechet_distance(feats, 3.0 * other)  # a covariance change counts too
+    assert scaled > 10 * fds[0]
+
+
+def test_histogram_brightness_and_accuracy_report() -> None:
+    dark = np.zeros((2, 8, 8, 3), np.uint8)
+    light = np.full((2, 8, 8, 3), 255, np.uint8)
+    assert M.histogram_distance(M.color_histogram(dark), M.color_histogram(dark)) == 0.0
+    assert M.histogram_distance(M.color_histogram(dark), M.color_histogram(light)) == pytest.approx(1.0)
+    assert M.mean_brightness(dark) == 0.0 and M.mean_brightness(light) == pytest.approx(255.0)
+
+    true = np.array([0, 0, 1, 1, 2, 2, 2, 2])
+    rep = M.accuracy_report(np.array([0, 1, 1, 1, 2, 2, 0, 2]), true, 3)
+    assert rep["accuracy"] == pytest.approx(6 / 8) and rep["n"] == 8
+    assert rep["per_action"] == [0.5, 1.0, 0.75]
+    assert rep["chance_uniform"] == pytest.approx(1 / 3) and rep["chance_majority"] == pytest.approx(0.5)
+    assert np.array(rep["confusion"]).sum() == 8 and rep["confusion"][0][1] == 1
+
+    actions = M.hold_actions(3, 10, A, 4, np.random.default_rng(0))
+    assert actions.shape == (3, 10) and (actions[:, :4] == actions[:, :1]).all() and actions.max() < A
+
+
+def test_reward_and_termination_metrics() -> None:
+    true = np.array([0.0, 1.0, 2.0, 3.0])
+    good = M.reward_metrics(true + 0.1, true, baseline=1.5)
+    assert good["mae"] == pytest.approx(0.1) and good["corr"] == pytest.approx(1.0)
+    assert good["mae_constant_baseline"] == pytest.approx(1.0)
+    flat = M.reward_metrics(np.zeros(4), true)
+    assert flat["mae"] == pytest.approx(1.5) and np.isnan(flat["corr"])
+
+    term = np.array([True, False, False, False])
+    perfect = M.termination_metrics(term, term)
+    assert perfect["precision"] == 1.0 and perfect["recall"] == 1.0
+    never = M.termination_metrics(np.zeros(4, bool), term)
+    assert never["recall"] == 0.0 and np.isnan(never["precision"])
+    noisy = np.array([True, True, False, False])
+    assert M.termination_metrics(noisy, term)["precision"] == pytest.approx(0.5)
+    # negatives sampled at 1/10 of their real rate: one false alarm weighs 10
+    weighted = M.termination_metrics(noisy, term, weight=np.array([1, 10, 10, 10]))
+    assert weighted["precision"] == pytest.approx(1 / 11)
+
+
+# ------------------------------------------------------------------------------------ control
+def test_idm_is_accurate_on_real_held_out_data(toy_data: Path, toy_idm: InverseDynamicsModel) -> None:
+    _, held = split_episodes(toy_data, 0.1, 0)
+    seg = S.read_segments([toy_data / "episodes" / n for n in held], 60, 20, 0)
+    pred, feats, labels = seg.idm_predictions(toy_idm)
+    assert feats.shape == (len(labels), toy_idm.cfg.feature_dim)
+    assert (pred == labels).mean() > 0.3  # chance is 1/9
+
+
+def test_control_accuracy_perfect_generator_high_action_ignoring_world_at_chance(
+    toy_idm: InverseDynamicsModel,
+) -> None:
+    rng = np.random.default_rng(0)
+    frames, actions = S.collect_control(ToySource(8), 24, 2, A, rng)
+    perfect, feats = S.control_scores(toy_idm, frames, actions, latency=0, max_lag=1)
+    assert feats.shape == (8 * 24, toy_idm.cfg.feature_dim)
+    frames, actions = S.collect_control(ToySource(8, ignore_actions=True), 24, 2, A, rng)
+    ignoring_stub, _ = S.control_scores(toy_idm, frames, actions, latency=0, max_lag=1)
+
+    # a world model that ignores its actions: interactive gates shut AND every control row identical
+    world = build_tiny_world()
+    with torch.no_grad():
+        for gate in world.dit.gates():
+            gate.zero_()
+        world.control_tokens[:] = world.control_tokens[0].clone()
+        world.control_mask[:] = world.control_mask[0].clone()
+        world.control_pooled[:] = world.control_pooled[0].clone()
+    src = S.SimulatorSource(world, world.start_latents, 8, None, history=2)
+    assert src.latency == 1  # the tiny world's pipelined sampler: G - 1
+    frames, actions = S.collect_control(src, 24, 2, A, rng)
+    assert frames.shape == (8, 26, 72, 128, 3) and frames.dtype == np.uint8
+    ignoring_world, _ = S.control_scores(toy_idm, frames, actions, src.latency, max_lag=1)
+
+    chance = perfect["chance_uniform"]
+    assert perfect["accuracy"] > 0.4
+    for rep in (ignoring_stub, ignoring_world):
+        assert rep["accuracy"] < chance + 0.12, rep["accuracy"]
+        assert perfect["accuracy"] > rep["accuracy"] + 0.25
+
+
+def test_control_labels_follow_the_action_latency(toy_idm: InverseDynamicsModel) -> None:
+    rng = np.random.default_rng(1)
+    frames, actions = S.collect_control(ToySource(8, latency=2), 24, 1, A, rng)  # a new action every step
+    aligned, _ = S.control_scores(toy_idm, frames, actions, latency=2, max_lag=2)
+    assert aligned["latency"] == 2 and len(aligned["by_lag"]) == 3
+    assert aligned["accuracy"] == pytest.approx(aligned["by_lag"][2])
+    assert aligned["accuracy"] > 0.4
+    assert aligned["unaligned_accuracy"] < aligned["accuracy"] - 0.2  # lag 0 labels the wrong action
+
+
+# -------------------------------------------------------------------------------------- drift
+def test_drift_curve_rises_for_a_drifting_generator_and_stays_flat_otherwise(
+    toy_idm: InverseDynamicsModel,
+) -> None:
+    rng = np.random.default_rng(0)
+    real = np.stack([render(int(x), int(s)) for x in range(40, 80, 5) for s in range(0, 12, 3)])
+    _, real_feats = predict(toy_idm, np.stack([real[:-2], real[1:-1], real[2:]], axis=1))
+    edges = (0, 4, 16, 48)
+
+    def curve(source: ToySource) -> dict:
+        acc = M.DriftAccumulator(real_feats, real, edges)
+        return S.run_drift(source, toy_idm, acc, 48, 8, 4, A, rng)
+
+    flat = curve(ToySource(2))
+    drifting = curve(ToySource(2, brighten=2.0))  # +2 grey levels per generated frame
+    assert [r["start"] for r in flat["buckets"]] == [0, 4, 16]
+    assert flat["horizon_reached"] == 48 and not flat["stopped_by_budget"]
+    gaps = [r["brightness_gap"] for r in drifting["buckets"]]
+    hists = [r["hist_distance"] for r in drifting["buckets"]]
+    fds = [r["frechet"] for r in drifting["buckets"]]
+    assert gaps[0] < gaps[1] < gaps[2] and gaps[2] > 40
+    assert hists[0] < hists[1] < hists[2]
+    assert fds[2] > fds[0]
+    assert drifting["summary"]["abs_brightness_gap_change"] > 30
+    flat_gaps = [abs(r["brightness_gap"]) for r in flat["buckets"]]
+    assert max(flat_gaps) < 5 and max(r["hist_distance"] for r in flat["buckets"]) < 0.1
+    assert abs(flat["summary"]["abs_brightness_gap_change"]) < 5
+
+
+def test_drift_stops_at_its_time_budget(toy_idm: InverseDynamicsModel) -> None:
+    real = np.stack([render(50, s) for s in range(8)])
+    feats = np.random.default_rng(0).normal(size=(8, toy_idm.cfg.feature_dim))
+    acc = M.DriftAccumulator(feats, real, (0, 10**6))
+    out = S.run_drift(ToySource(1), toy_idm, acc, 10**6, 4, 4, A, np.random.default_rng(0), budget_s=1e-9)
+    assert out["stopped_by_budget"] and out["horizon_reached"] == 1
+
+
+# ------------------------------------------------------------------------------------- suite
+def test_idm_save_load_round_trip(tmp_path: Path, toy_idm: InverseDynamicsModel) -> None:
+    save_idm(tmp_path / "idm", toy_idm)
+    loaded = load_idm(tmp_path / "idm")
+    x = torch.randint(0, 256, (2, 3, 72, 128, 3), dtype=torch.uint8)
+    inp = InverseDynamicsModel.prepare(x)
+    torch.testing.assert_close(loaded(inp), toy_idm(inp))
+
+
+def test_eval_suite_end_to_end(tmp_path: Path, tiny_world_dir: Path, toy_data: Path) -> None:
+    dr = make_synthetic_dataset(tmp_path / "dr", episodes=2, steps=30, seed=7)
+    out = tmp_path / "out"
+    argv = ["--checkpoint", str(tiny_world_dir), "--data", str(toy_data), "--dr-data", str(dr),
+            "--out", str(out), "--quick", "--threads", "1"]
+    assert S.main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("idm", "control", "fidelity", "drift", "heads", "speed", "machine", "timings_s"):
+        assert key in metrics, key
+    assert set(metrics["control"]["modes"]) == {"pipelined", "reconditioned", "immediate"}
+    assert metrics["control"]["modes"]["pipelined"]["latency"] == 1
+    assert metrics["control"]["modes"]["immediate"]["latency"] == 0
+    assert 0.0 <= metrics["control"]["dr"]["accuracy"] <= 1.0
+    assert 0.0 <= metrics["idm"]["real_dr"]["accuracy"] <= 1.0
+    assert metrics["fidelity"]["vae_psnr"] > 0 and metrics["fidelity"]["teacher_forced"]["n"] == 6
+    assert metrics["fidelity"]["frechet"]["generated"] >= 0
+    assert [b["start"] for b in metrics["drift"]["buckets"]] == [0, 4, 12]
+    assert metrics["heads"]["reward"]["n"] > 0 and "recall" in metrics["heads"]["termination"]
+    assert metrics["speed"]["pipelined"]["steps_per_s_b1"] > 0
+    assert metrics["speed"]["pipelined"]["fps_720p_b1"] > 0
+    for png in ("confusion.png", "control.png", "drift.png", "reward.png"):
+        assert (out / png).stat().st_size > 1000, png
+    summary = (out / "summary.md").read_text()
+    assert "| metric | value | reference |" in summary and "matrix-world eval" in summary
+    assert (out / "idm" / "idm.safetensors").exists()
+
+    # a second run reuses the first run's IDM (fixed features: comparable Fréchet distances)
+    out2 = tmp_path / "out2"
+    argv2 = ["--checkpoint", str(tiny_world_dir), "--data", str(toy_data), "--out", str(out2), "--quick",
+             "--threads", "1", "--idm", str(out / "idm"), "--modes", "immediate", "--horizon", "8"]
+    assert S.main(argv2) == 0
+    again = json.loads((out2 / "metrics.json").read_text())
+    assert again["idm"]["train"] == {"loaded_from": str(out / "idm")}
+    assert again["idm"]["real_heldout"] == metrics["idm"]["real_heldout"]
+    assert list(again["control"]["modes"]) == ["immediate"]
+    assert again["drift"]["horizon_reached"] == 8
+
+
+def test_eval_refuses_data_without_a_held_out_split(tmp_path: Path, tiny_world_dir: Path) -> None:
+    data = make_synthetic_dataset(tmp_path / "one", episodes=1, steps=20)
+    with pytest.raises(UsageError, match="held-out"):
+        S.main(["--checkpoint", str(tiny_world_dir), "--data", str(data), "--out", str(tmp_path / "o"),
+                "--quick"])
