@@ -16,13 +16,28 @@ from world_model.errors import UsageError
 # name -> ("module:function", one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "record": ("world_model.data.record:main", "record episodes of a real Gymnasium env (frames, actions, rewards)"),
-    "import-videos": ("world_model.data.record:import_videos_main", "import a folder of video files as unlabelled footage"),
+    "import-videos": (
+        "world_model.data.record:import_videos_main",
+        "import a folder of video files as unlabelled footage",
+    ),
     "data-info": ("world_model.data.episodes:data_info_main", "print the data set card of a recorded data directory"),
     "train-vae": ("world_model.train.vae:main", "train the frame VAE (72x128 <-> latents, 720p head); DDP, resumable"),
-    "encode-latents": ("world_model.data.latents:main", "encode a data directory into a latent cache with a trained VAE"),
-    "train-dit": ("world_model.train.dit:main", "train the video DiT + reward/termination heads on latents; DDP, resumable"),
-    "build-world": ("world_model.train.build_world:main", "assemble a world-model directory from VAE/DiT runs and data"),
-    "eval": ("world_model.eval.suite:main", "evaluate a world: IDM control accuracy, PSNR/Frechet fidelity, drift, reward heads, speed"),
+    "encode-latents": (
+        "world_model.data.latents:main",
+        "encode a data directory into a latent cache with a trained VAE",
+    ),
+    "train-dit": (
+        "world_model.train.dit:main",
+        "train the video DiT + reward/termination heads on latents; DDP, resumable",
+    ),
+    "build-world": (
+        "world_model.train.build_world:main",
+        "assemble a world-model directory from VAE/DiT runs and data",
+    ),
+    "eval": (
+        "world_model.eval.suite:main",
+        "evaluate a world: IDM control accuracy, PSNR/Frechet fidelity, drift, reward heads, speed",
+    ),
     "demo": ("matrix_env.demo:main", "run a world with a scripted driving sequence and write a 720p video"),
     "play": ("matrix_env.play:main", "drive a world with the keyboard (arrows / WASD) in a window, in real time"),
 }

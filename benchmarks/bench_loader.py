@@ -20,8 +20,15 @@ from world_model.data.loader import WindowDataset
 
 def windows_per_second(ds: WindowDataset, batch: int, workers: int, batches: int, seed: int = 0) -> float:
     """Random windows/s delivered by a shuffled DataLoader over ``ds``."""
-    loader = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
-                        generator=torch.Generator().manual_seed(seed), persistent_workers=False)
+    loader = DataLoader(
+        ds,
+        batch_size=batch,
+        shuffle=True,
+        num_workers=workers,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(seed),
+        persistent_workers=False,
+    )
     it = iter(loader)
     next(it)  # worker start-up is not throughput
     t0 = time.perf_counter()

@@ -20,11 +20,16 @@ def write_fake(root: Path, lengths: list[int], labelled: bool = True) -> None:
         frames = np.zeros((n + 1, *E.TRAIN_HW, 3), np.uint8)
         frames[:, 0, 0, 0] = np.arange(n + 1)  # frame index written into a pixel
         actions = np.concatenate([[-1], np.arange(n) % 9]).astype(np.int16)
-        arrays = {"frames": frames, "actions": actions if labelled else np.full(n + 1, -1, np.int16),
-                  "rewards": np.arange(n + 1, dtype=np.float32), "terminated": np.zeros(n + 1, bool),
-                  "truncated": np.zeros(n + 1, bool)}
-        E.write_episode(root, E.episode_name(i), arrays,
-                        {"env_id": "Fake-v0", "labelled": labelled, "action_names": ["a"] * 9})
+        arrays = {
+            "frames": frames,
+            "actions": actions if labelled else np.full(n + 1, -1, np.int16),
+            "rewards": np.arange(n + 1, dtype=np.float32),
+            "terminated": np.zeros(n + 1, bool),
+            "truncated": np.zeros(n + 1, bool),
+        }
+        E.write_episode(
+            root, E.episode_name(i), arrays, {"env_id": "Fake-v0", "labelled": labelled, "action_names": ["a"] * 9}
+        )
     E.build_manifest(root)
 
 

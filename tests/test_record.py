@@ -23,8 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "agents.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "agents.cli", *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO
+    )
 
 
 def test_record_carracing_720p(tmp_path: Path) -> None:
@@ -81,8 +82,13 @@ def test_kill_and_resume(tmp_path: Path) -> None:
     out = tmp_path / "data"
     args = ["record", "--episodes", "3", "--steps", "40", "--resolution", "320x180", "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "agents.cli", *args], env=env, cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agents.cli", *args],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 240
     first = out / E.EPISODES_DIR / "ep_000000"
     while time.time() < deadline:  # kill while the second episode is half written
@@ -145,8 +151,7 @@ def test_import_videos(tmp_path: Path) -> None:
     src = tmp_path / "videos"
     src.mkdir()
     rng = np.random.default_rng(0)
-    imageio.mimwrite(src / "clip.mp4", rng.integers(0, 255, (6, 64, 96, 3), dtype=np.uint8), fps=10,
-                     macro_block_size=8)
+    imageio.mimwrite(src / "clip.mp4", rng.integers(0, 255, (6, 64, 96, 3), dtype=np.uint8), fps=10, macro_block_size=8)
     r = cli("import-videos", "--src", str(src), "--out", str(tmp_path / "data"), "--resolution", "320x180")
     assert r.returncode == 0, r.stderr
     (ep,) = E.list_episodes(tmp_path / "data")

@@ -185,6 +185,32 @@ def test_dit_trainer_and_build_world(data, footage, vae_dir, latents, dit_run, t
     assert [c[1] for c in recipe["commands"]] == stages
 
 
+def test_decoder_finetune_keeps_the_latent_space(data, footage, vae_dir, latents, dit_run, tmp_path):
+    """--init-from/--freeze-encoder: encoder and latent stats unchanged, decoder trained, the world builds."""
+    from safetensors.torch import load_file
+
+    from world_model.data.latents import latent_space_sha256
+    from world_model.train import build_world, vae
+
+    run = tmp_path / "vae_dec"
+    vae.main([
+        "--data", str(data), "--init-from", str(vae_dir), "--freeze-encoder", "--detail-weight", "5",
+        "--run-dir", str(run), "--steps", "2", "--batch-size", "4", "--num-workers", "0", "--hr-batch", "2",
+        "--hr-shuffle", "4", "--eval-frames", "16", "--warmup", "1",
+    ])  # fmt: skip
+    before, after = load_file(vae_dir / "vae.safetensors"), load_file(run / "model" / "vae.safetensors")
+    enc = [k for k in before if k.startswith(("enc_in.", "encoder.", "latent_"))]
+    assert enc and all(torch.equal(before[k], after[k]) for k in enc)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    assert latent_space_sha256(run / "model") == latent_space_sha256(vae_dir)
+    build_world.main([
+        "--vae", str(run / "model"), "--dit", str(dit_run / "model"), "--data", str(data), str(footage),
+        "--latents", str(latents[0]), str(latents[1]), "--out", str(tmp_path / "world"), "--starts", "2",
+    ])  # fmt: skip
+    with pytest.raises(UsageError, match="init-from"):
+        vae.main(["--data", str(data), "--freeze-encoder", "--run-dir", str(tmp_path / "x"), "--steps", "1"])
+
+
 def test_ddp_two_ranks_end_with_identical_weights(data, footage, latents, dit_run, tmp_path):
     run = tmp_path / "ddp"
     cmd = [

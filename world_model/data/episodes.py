@@ -152,8 +152,9 @@ def open_episode(episode: Path, mmap: bool = True) -> dict[str, np.ndarray]:
     return out
 
 
-def write_episode(root: Path, name: str, arrays: dict[str, np.ndarray], meta: dict[str, Any],
-                  video_tmp: Path | None = None) -> Path:
+def write_episode(
+    root: Path, name: str, arrays: dict[str, np.ndarray], meta: dict[str, Any], video_tmp: Path | None = None
+) -> Path:
     """Write one complete episode atomically.
 
     Args:
@@ -199,15 +200,23 @@ def build_manifest(root: Path, extra: dict[str, Any] | None = None) -> dict[str,
         meta = read_meta(ep)
         actions = np.load(ep / "actions.npy", mmap_mode="r")[1:]
         names = meta.get("action_names", [])
-        counts = {names[a] if 0 <= a < len(names) else "unknown": int(c)
-                  for a, c in zip(*np.unique(actions, return_counts=True))}
+        counts = {
+            names[a] if 0 <= a < len(names) else "unknown": int(c)
+            for a, c in zip(*np.unique(actions, return_counts=True), strict=True)
+        }
         for k, c in counts.items():
             action_counts[k] = action_counts.get(k, 0) + c
-        episodes.append({
-            "name": ep.name, "steps": meta["steps"], "labelled": meta["labelled"], "env_id": meta["env_id"],
-            "seed": meta.get("seed"), "action_counts": counts,
-            "meta_sha256": sha256_file(ep / "meta.json"),
-        })
+        episodes.append(
+            {
+                "name": ep.name,
+                "steps": meta["steps"],
+                "labelled": meta["labelled"],
+                "env_id": meta["env_id"],
+                "seed": meta.get("seed"),
+                "action_counts": counts,
+                "meta_sha256": sha256_file(ep / "meta.json"),
+            }
+        )
         totals["episodes"] += 1
         totals["steps"] += meta["steps"]
         totals["labelled_steps" if meta["labelled"] else "unlabelled_steps"] += meta["steps"]

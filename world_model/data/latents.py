@@ -65,6 +65,24 @@ def vae_sha256(vae_dir: Path) -> str:
     return sha256_file(path)
 
 
+def latent_space_sha256(vae_dir: Path) -> str:
+    """Identity of the latent space a VAE encodes into.
+
+    A VAE whose decoder was fine-tuned with a frozen encoder (``train-vae --init-from A
+    --freeze-encoder``) records A's latent-space identity in its ``train_vae.json``: latent caches and
+    DiTs made with A stay valid for it. Any other VAE is identified by its weights file.
+    """
+    summary = Path(vae_dir) / "train_vae.json"
+    if summary.is_file():
+        try:
+            recorded = json.loads(summary.read_text()).get("latent_space_sha256")
+        except json.JSONDecodeError as err:
+            raise UsageError(f"{summary} is corrupt: {err}") from err
+        if recorded:
+            return recorded
+    return vae_sha256(vae_dir)
+
+
 def read_info(latents: Path) -> dict:
     """``LATENTS/latents.json`` (clear error if missing or corrupt)."""
     path = Path(latents) / INFO_FILE

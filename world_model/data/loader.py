@@ -47,9 +47,15 @@ class WindowDataset(Dataset):
         rewards (T,) float32, terminated (T,) bool, labelled () bool, has_rewards () bool.
     """
 
-    def __init__(self, root: Path | list[Path], window: int, source: Literal["frames", "latents"] = "frames",
-                 latents_root: Path | list[Path] | None = None, episodes: list[str] | None = None,
-                 splits: tuple[str, ...] = ("train",)) -> None:
+    def __init__(
+        self,
+        root: Path | list[Path],
+        window: int,
+        source: Literal["frames", "latents"] = "frames",
+        latents_root: Path | list[Path] | None = None,
+        episodes: list[str] | None = None,
+        splits: tuple[str, ...] = ("train",),
+    ) -> None:
         roots = [Path(r) for r in (root if isinstance(root, list | tuple) else [root])]
         if source not in ("frames", "latents"):
             raise UsageError(f"source {source!r}: expected 'frames' or 'latents'")
@@ -106,8 +112,10 @@ class WindowDataset(Dataset):
             if lat is not None:
                 arrays["latents"] = np.load(lat, mmap_mode="r", allow_pickle=False)
                 if len(arrays["latents"]) != len(arrays["frames"]):
-                    raise UsageError(f"latent cache {lat} has {len(arrays['latents'])} frames, "
-                                     f"episode {ep} has {len(arrays['frames'])}; re-run encode-latents")
+                    raise UsageError(
+                        f"latent cache {lat} has {len(arrays['latents'])} frames, "
+                        f"episode {ep} has {len(arrays['frames'])}; re-run encode-latents"
+                    )
             self._arrays[k] = arrays
         return arrays
 

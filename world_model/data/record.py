@@ -189,10 +189,19 @@ def resolve_source(args: RecordArgs) -> Source:
         raise UsageError(f"--policy track drives CarRacing only; --env {args.env!r} needs --policy random")
     split = args.split or ("eval" if env_kwargs.get("domain_randomize") and not args.unlabelled else "train")
     src = Source(
-        env_id=args.env, env_kwargs=env_kwargs, carracing=carracing, action_names=[], sentences=[],
-        labelled=not args.unlabelled, split=split,
+        env_id=args.env,
+        env_kwargs=env_kwargs,
+        carracing=carracing,
+        action_names=[],
+        sentences=[],
+        labelled=not args.unlabelled,
+        split=split,
         policy=("track" if carracing else "random") if args.policy == "auto" else args.policy,
-        frame_skip=args.frame_skip, max_steps=args.steps, width=width, height=height, crf=args.crf,
+        frame_skip=args.frame_skip,
+        max_steps=args.steps,
+        width=width,
+        height=height,
+        crf=args.crf,
     )
     env = make_env(src)
     try:
@@ -217,14 +226,17 @@ def resolve_source(args: RecordArgs) -> Source:
                 "(CarRacing-v3 is driven through the built-in nine-action driving map)"
             )
         if env.metadata.get("render_modes") and "rgb_array" not in env.metadata["render_modes"]:
-            raise UsageError(f"--env {args.env!r} cannot render rgb_array (render modes: {env.metadata['render_modes']})")
+            raise UsageError(
+                f"--env {args.env!r} cannot render rgb_array (render modes: {env.metadata['render_modes']})"
+            )
     finally:
         env.close()
     return src
 
 
-def record_episode(root: Path, index: int, seed: int, src: Source,
-                   on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+def record_episode(
+    root: Path, index: int, seed: int, src: Source, on_step: Callable[[int], None] | None = None
+) -> dict[str, Any]:
     """Record one episode and write it atomically; returns a small summary."""
     import gymnasium as gym
     import imageio
@@ -240,8 +252,12 @@ def record_episode(root: Path, index: int, seed: int, src: Source,
     tmp.mkdir(parents=True, exist_ok=True)
     video_path = tmp / E.VIDEO_FILE
     writer = imageio.get_writer(
-        video_path, fps=DEFAULT_FPS / src.frame_skip if src.carracing else 15, codec="libx264", quality=None,
-        ffmpeg_params=["-crf", str(src.crf), "-preset", "veryfast"], macro_block_size=2,
+        video_path,
+        fps=DEFAULT_FPS / src.frame_skip if src.carracing else 15,
+        codec="libx264",
+        quality=None,
+        ffmpeg_params=["-crf", str(src.crf), "-preset", "veryfast"],
+        macro_block_size=2,
         ffmpeg_log_level="error",
     )
     canvas = (lambda: carracing_canvas(src.width, src.height)) if src.carracing else contextlib.nullcontext
@@ -296,12 +312,22 @@ def record_episode(root: Path, index: int, seed: int, src: Source,
         "truncated": np.array(truncated, dtype=bool),
     }
     meta = {
-        "name": name, "env_id": src.env_id, "env_kwargs": src.env_kwargs, "seed": seed,
-        "policy": src.policy, "policy_params": policy.params() if hasattr(policy, "params") else {},
-        "frame_skip": src.frame_skip, "labelled": src.labelled, "has_rewards": True, "split": src.split,
-        "action_names": src.action_names, "sentences": src.sentences,
-        "video_hw": [src.height, src.width], "video_fps": DEFAULT_FPS / src.frame_skip if src.carracing else 15,
-        "gymnasium_version": gym.__version__, "versions": E.versions(),
+        "name": name,
+        "env_id": src.env_id,
+        "env_kwargs": src.env_kwargs,
+        "seed": seed,
+        "policy": src.policy,
+        "policy_params": policy.params() if hasattr(policy, "params") else {},
+        "frame_skip": src.frame_skip,
+        "labelled": src.labelled,
+        "has_rewards": True,
+        "split": src.split,
+        "action_names": src.action_names,
+        "sentences": src.sentences,
+        "video_hw": [src.height, src.width],
+        "video_fps": DEFAULT_FPS / src.frame_skip if src.carracing else 15,
+        "gymnasium_version": gym.__version__,
+        "versions": E.versions(),
         "record_seconds": round(time.perf_counter() - t0, 2),
     }
     E.write_episode(root, name, arrays, meta, video_tmp=video_path)
@@ -330,8 +356,12 @@ def record(args: RecordArgs) -> dict[str, Any]:
         print("removed half-written episodes left by an interrupted run", file=sys.stderr)
     done = {p.name for p in E.list_episodes(root)}
     todo = [i for i in range(args.episodes) if E.episode_name(i) not in done]
-    recipe = {"command": "matrix-world record " + " ".join(shlex.quote(a) for a in sys.argv[2:])
-              if sys.argv[1:2] == ["record"] else None, "args": {k: str(v) for k, v in asdict(args).items()}}
+    recipe = {
+        "command": "matrix-world record " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+        if sys.argv[1:2] == ["record"]
+        else None,
+        "args": {k: str(v) for k, v in asdict(args).items()},
+    }
     E.build_manifest(root, extra={"recipe": recipe})
     if not todo:
         print(f"{root}: all {args.episodes} episodes already recorded")
@@ -345,8 +375,7 @@ def record(args: RecordArgs) -> dict[str, Any]:
         else:
             ctx = mp.get_context("spawn")
             queue = ctx.Queue()
-            with ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=_init_worker,
-                                     initargs=(queue,)) as pool:
+            with ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=_init_worker, initargs=(queue,)) as pool:
                 futures = [pool.submit(_worker, root, i, args.seed + i, src) for i in todo]
                 pending = set(futures)
                 while pending:
@@ -419,9 +448,15 @@ def import_videos(args: ImportArgs) -> dict[str, Any]:
         name = E.episode_name(next_index)
         tmp = E.tmp_episode_dir(root, name)
         tmp.mkdir(parents=True, exist_ok=True)
-        writer = imageio.get_writer(tmp / E.VIDEO_FILE, fps=15, codec="libx264", quality=None,
-                                    ffmpeg_params=["-crf", str(args.crf), "-preset", "veryfast"],
-                                    macro_block_size=2, ffmpeg_log_level="error")
+        writer = imageio.get_writer(
+            tmp / E.VIDEO_FILE,
+            fps=15,
+            codec="libx264",
+            quality=None,
+            ffmpeg_params=["-crf", str(args.crf), "-preset", "veryfast"],
+            macro_block_size=2,
+            ffmpeg_log_level="error",
+        )
         frames = []
         try:
             reader = imageio.get_reader(path)
@@ -442,12 +477,26 @@ def import_videos(args: ImportArgs) -> dict[str, Any]:
         if len(frames) < 2:
             raise UsageError(f"video {str(path)!r} has fewer than 2 frames")
         n = len(frames)
-        arrays = {"frames": np.stack(frames), "actions": np.full(n, -1, np.int16),
-                  "rewards": np.zeros(n, np.float32), "terminated": np.zeros(n, bool), "truncated": np.zeros(n, bool)}
+        arrays = {
+            "frames": np.stack(frames),
+            "actions": np.full(n, -1, np.int16),
+            "rewards": np.zeros(n, np.float32),
+            "terminated": np.zeros(n, bool),
+            "truncated": np.zeros(n, bool),
+        }
         arrays["truncated"][-1] = True
-        meta = {"name": name, "env_id": f"video:{path.name}", "source_file": path.name, "labelled": False,
-                "has_rewards": False, "split": "train", "action_names": list(DRIVING_ACTIONS),
-                "sentences": list(DRIVING_SENTENCES), "video_hw": [height, width], "stride": args.stride}
+        meta = {
+            "name": name,
+            "env_id": f"video:{path.name}",
+            "source_file": path.name,
+            "labelled": False,
+            "has_rewards": False,
+            "split": "train",
+            "action_names": list(DRIVING_ACTIONS),
+            "sentences": list(DRIVING_SENTENCES),
+            "video_hw": [height, width],
+            "stride": args.stride,
+        }
         E.write_episode(root, name, arrays, meta, video_tmp=tmp / E.VIDEO_FILE)
         next_index += 1
         print(f"imported {path.name} -> {name} ({n} frames)")

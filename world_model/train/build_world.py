@@ -144,7 +144,7 @@ def build(args: Args, command: list[str] | None = None) -> Path:
     """Assemble and save the world; returns its directory."""
     from world_model.checkpoint import WorldModel, load_module, save_world
     from world_model.data.episodes import read_meta
-    from world_model.data.latents import resolve_caches, vae_sha256
+    from world_model.data.latents import latent_space_sha256, resolve_caches
     from world_model.dit import DiTConfig, VideoDiT
     from world_model.heads import HeadsConfig, RewardTerminationHeads
     from world_model.swin_dpm import SwinDPMConfig
@@ -160,7 +160,7 @@ def build(args: Args, command: list[str] | None = None) -> Path:
     dit_args = dit_summary.get("args", {})
     caches, lat_infos = resolve_caches(args.data, args.latents)
     lat_info = lat_infos[0]
-    sha = vae_sha256(args.vae)
+    sha = latent_space_sha256(args.vae)  # a decoder-only fine-tune keeps its parent's latent space
     if dit_summary.get("latents_vae_sha256") != sha:
         raise UsageError(
             f"the DiT in {args.dit} was trained on latents of another VAE (vae_sha256 "

@@ -92,6 +92,14 @@ class Args:
     """Weight of the 720p L1 loss."""
     hr_shuffle: int = 32
     """Shuffle buffer (frames) of the sequential 720p video reader."""
+    init_from: Path | None = None
+    """Start from this trained VAE (a ``save_module`` directory); its config replaces --preset."""
+    freeze_encoder: bool = False
+    """Train the decoder and the 720p head only (needs --init-from). The latent space, and with it
+    every latent cache and DiT trained on it, stays valid: the way to improve decoding later."""
+    detail_weight: float = 0.0
+    """Extra L1 weight on pixels that differ from their 7x7 neighbourhood (small objects: the car,
+    kerbs, the HUD), which a plain pixel loss under-weights."""
     bf16: bool = False
     """bf16 autocast (CPU with AVX512-BF16/AMX, or a bf16 GPU); falls back to fp32 if unsupported."""
     ckpt_every: int = 1000
@@ -203,9 +211,7 @@ def hr_crop_loss(vae: nn.Module, lr: torch.Tensor, hr: torch.Tensor, yx: torch.T
     feats = vae.decode_features(vae.encode(lr))  # (B, C0, 72, 128), from the posterior mean
     low = vae.to_rgb(feats)  # (B, 3, 72, 128)
     crop = [(int(y), int(x)) for y, x in yx.tolist()]
-    feats = torch.stack(
-        [feats[b, :, y : y + ch, x : x + cw] for b, (y, x) in enumerate(crop)]
-    )  # (B, C0, ch, cw)
+    feats = torch.stack([feats[b, :, y : y + ch, x : x + cw] for b, (y, x) in enumerate(crop)])  # (B, C0, ch, cw)
     low = torch.stack([low[b, :, y : y + ch, x : x + cw] for b, (y, x) in enumerate(crop)])  # (B, 3, ch, cw)
     pred = vae.hr_from_features(feats, low)  # (B, 3, ch*sr, cw*sr)
     return F.l1_loss(pred.float(), hr)
@@ -237,16 +243,17 @@ class VAELoss(nn.Module):
         a = self.args
         out = self.vae(x, generator=generator)
         recon = out["recon"].float()  # (B, 3, 72, 128)
+        l1 = (recon - x).abs()  # (B, 3, H, W)
+        if a.detail_weight > 0:
+            local = F.avg_pool2d(x, 7, stride=1, padding=3, count_include_pad=False)  # (B, 3, H, W)
+            detail = (x - local).abs().mean(1, keepdim=True)  # (B, 1, H, W) local contrast
+            l1 = l1 * (1 + a.detail_weight * detail)
         losses = {
-            "loss/l1": F.l1_loss(recon, x),
+            "loss/l1": l1.mean(),
             "loss/mse": F.mse_loss(recon, x),
             "loss/kl": kl(out["mean"].float(), out["logvar"].float()),
         }
-        total = (
-            a.l1_weight * losses["loss/l1"]
-            + a.mse_weight * losses["loss/mse"]
-            + self.kl_weight * losses["loss/kl"]
-        )
+        total = a.l1_weight * losses["loss/l1"] + a.mse_weight * losses["loss/mse"] + self.kl_weight * losses["loss/kl"]
         if hr_batch is not None:
             losses["loss/hr_l1"] = hr_crop_loss(self.vae, hr_batch["lr"], hr_batch["hr"], hr_batch["yx"])
             total = total + a.hr_weight * losses["loss/hr_l1"]
@@ -262,9 +269,7 @@ def psnr_u8(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def evaluate(
-    vae: nn.Module, episodes: list[Path], frames_budget: int, device: torch.device, batch: int = 32
-) -> dict:
+def evaluate(vae: nn.Module, episodes: list[Path], frames_budget: int, device: torch.device, batch: int = 32) -> dict:
     """PSNR of ``decode(encode(x))`` at 72x128 and of ``decode_hr`` at 720p on the given episodes.
 
     Frames are taken evenly spaced over the episodes (deterministic). The 720p baseline is the
@@ -282,9 +287,7 @@ def evaluate(
     picks = [(e, k) for e, a in enumerate(arrays) for k in range(len(a))][::stride][:frames_budget]
     se, n = 0.0, 0
     for i in range(0, len(picks), batch):
-        gt = torch.from_numpy(np.stack([arrays[e][k] for e, k in picks[i : i + batch]])).to(
-            device
-        )  # (B,72,128,3)
+        gt = torch.from_numpy(np.stack([arrays[e][k] for e, k in picks[i : i + batch]])).to(device)  # (B,72,128,3)
         rec = tensor_to_frames(vae.decode(vae.encode(frames_to_tensor(gt))))  # (B, 72, 128, 3)
         se += (rec.float() - gt.float()).pow(2).sum().item()
         n += gt.numel()
@@ -305,9 +308,7 @@ def evaluate(
                     continue
                 gt_hr = torch.from_numpy(hr).to(device)  # (720, 1280, 3)
                 lr = torch.from_numpy(np.array(arrays[e][k])).to(device)  # (72, 128, 3)
-                pred = tensor_to_frames(vae.decode_hr(vae.encode(frames_to_tensor(lr)[None])))[
-                    0
-                ]  # (720,1280,3)
+                pred = tensor_to_frames(vae.decode_hr(vae.encode(frames_to_tensor(lr)[None])))[0]  # (720,1280,3)
                 up = lr.repeat_interleave(hr.shape[0] // lr.shape[0], 0).repeat_interleave(
                     hr.shape[1] // lr.shape[1], 1
                 )
@@ -360,6 +361,7 @@ def train(args: Args, command: list[str] | None = None) -> dict:
     """
     from world_model.checkpoint import save_module
     from world_model.data.episodes import TRAIN_HW, VIDEO_FILE
+    from world_model.data.latents import latent_space_sha256
     from world_model.vae import VAE_PRESETS, FrameVAE, frames_to_tensor
 
     info = common.setup_distributed(args.device)
@@ -368,9 +370,7 @@ def train(args: Args, command: list[str] | None = None) -> dict:
     if not (0 < args.hr_crop[0] <= 720 and 0 < args.hr_crop[1] <= 1280):
         raise UsageError(f"--hr-crop {args.hr_crop}: must fit in a 720x1280 frame")
     if args.hr_crop[0] % 10 or args.hr_crop[1] % 10:
-        raise UsageError(
-            f"--hr-crop {args.hr_crop}: both sides must be multiples of 10 (the 72x128 -> 720p grid)"
-        )
+        raise UsageError(f"--hr-crop {args.hr_crop}: both sides must be multiples of 10 (the 72x128 -> 720p grid)")
     train_eps, heldout_eps = common.resolve_episodes(args.data, args.holdout_fraction, args.seed)
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -384,9 +384,20 @@ def train(args: Args, command: list[str] | None = None) -> dict:
     if tuple(cfg.in_hw) != tuple(TRAIN_HW):
         raise UsageError(f"preset {args.preset!r} has in_hw {cfg.in_hw}, the data is {TRAIN_HW}")
     vae = FrameVAE(cfg).to(info.device)
+    if args.freeze_encoder and args.init_from is None:
+        raise UsageError("--freeze-encoder needs --init-from VAE_DIR (the VAE whose latent space to keep)")
+    if args.init_from is not None:
+        from world_model.checkpoint import load_module
+        from world_model.vae import VAEConfig
+
+        vae = load_module(Path(args.init_from).expanduser(), "vae", FrameVAE, VAEConfig).to(info.device)
+        cfg = vae.cfg
+    if args.freeze_encoder:
+        for p in [*vae.enc_in.parameters(), *vae.encoder.parameters()]:
+            p.requires_grad_(False)
     ema = common.EMA(vae, args.ema_decay)
     optimizer = torch.optim.AdamW(
-        vae.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay
+        [p for p in vae.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay
     )
     gen = torch.Generator(device=info.device).manual_seed(args.seed * 1000 + info.rank)  # posterior noise
     bf16 = common.resolve_bf16(args.bf16, info.device)
@@ -396,9 +407,7 @@ def train(args: Args, command: list[str] | None = None) -> dict:
         start = common.load_checkpoint(ckpt, info, vae, ema, optimizer, {"noise": gen})["step"]
 
     dataset = common.window_dataset(train_eps, window=1, source="frames")
-    sampler = common.ResumableBatchSampler(
-        len(dataset), args.batch_size, info.rank, info.world_size, args.seed, start
-    )
+    sampler = common.ResumableBatchSampler(len(dataset), args.batch_size, info.rank, info.world_size, args.seed, start)
     loader = DataLoader(
         dataset,
         batch_sampler=sampler,
@@ -424,15 +433,11 @@ def train(args: Args, command: list[str] | None = None) -> dict:
         )
         # an explicit generator: creating the iterator must not draw from the global RNG
         workers = min(1, args.num_workers)
-        hr_loader = DataLoader(
-            stream, batch_size=args.hr_batch, num_workers=workers, generator=torch.Generator()
-        )
+        hr_loader = DataLoader(stream, batch_size=args.hr_batch, num_workers=workers, generator=torch.Generator())
         hr_iter = iter(hr_loader)
         logger.print(f"720p head: training on {args.hr_crop} crops from {len(video_eps)} episode videos")
     else:
-        logger.print(
-            f"note: no {VIDEO_FILE} in the training episodes; the 720p head is not trained (no HR loss)"
-        )
+        logger.print(f"note: no {VIDEO_FILE} in the training episodes; the 720p head is not trained (no HR loss)")
 
     kl_weight = cfg.kl_weight if args.kl_weight is None else args.kl_weight
     step_fn = common.wrap_ddp(VAELoss(vae, args, kl_weight), info, find_unused=hr_iter is None)
@@ -456,15 +461,13 @@ def train(args: Args, command: list[str] | None = None) -> dict:
         optimizer.zero_grad(set_to_none=True)
         losses["loss/total"].backward()
         grad_norm = nn.utils.clip_grad_norm_(
-            vae.parameters(), args.grad_clip if args.grad_clip > 0 else math.inf
+            [p for p in vae.parameters() if p.requires_grad], args.grad_clip if args.grad_clip > 0 else math.inf
         )
         optimizer.step()
         ema.update(vae, step)
 
         scalars = common.reduce_scalars(losses)
-        logger.step(
-            step + 1, len(x) * info.world_size, {**scalars, "opt/lr": lr, "opt/grad_norm": grad_norm.item()}
-        )
+        logger.step(step + 1, len(x) * info.world_size, {**scalars, "opt/lr": lr, "opt/grad_norm": grad_norm.item()})
         if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
             common.save_checkpoint(
                 run_dir, step + 1, info, vae, ema, optimizer, {"noise": gen}, config, keep=args.keep_ckpts
@@ -477,7 +480,10 @@ def train(args: Args, command: list[str] | None = None) -> dict:
     summary: dict = {}
     if info.is_main:
         final = ema.module
-        shift, scale = fit_latent_stats(final, train_eps, args.stats_frames, info.device)
+        if args.freeze_encoder:  # same encoder, same latent space: keep its statistics
+            shift, scale = final.latent_shift.detach().cpu(), final.latent_scale.detach().cpu()
+        else:
+            shift, scale = fit_latent_stats(final, train_eps, args.stats_frames, info.device)
         final.set_latent_stats(shift, scale)
         eval_eps = heldout_eps or train_eps
         metrics = evaluate(final, eval_eps, args.eval_frames, info.device)
@@ -495,6 +501,10 @@ def train(args: Args, command: list[str] | None = None) -> dict:
             "latent_shift": shift.tolist(),
             "latent_scale": scale.tolist(),
             "hr_trained": hr_iter is not None,
+            # latent caches / DiTs of the parent VAE stay valid for a frozen-encoder fine-tune
+            "latent_space_sha256": latent_space_sha256(Path(args.init_from).expanduser())
+            if args.freeze_encoder
+            else None,
             "eval": metrics,
         }
         (out_dir / "train_vae.json").write_text(json.dumps(summary, indent=2))
