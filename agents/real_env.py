@@ -1,0 +1,92 @@
+"""The real CarRacing-v3 seen the way MatrixWorld shows it: where imagined agents are evaluated.
+
+An agent trained in MatrixWorld acts through the nine driving actions, one action per recorded step
+(``frame_skip`` physics steps), and sees frames rendered at 1280x720, averaged down to the 72x128
+training resolution and resized to its ``obs_size`` -- exactly the recorder's pipeline, so the real
+observations match what the world model was trained on.
+
+    env = RealCarRacingEnv(obs_size=(84, 84))
+    obs, info = env.reset(seed=0)
+    obs, reward, terminated, truncated, info = env.step(0)     # "D": drive forward
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from world_model.actions import CARRACING_CONTROLS, DRIVING_ACTIONS
+from world_model.data.record import carracing_canvas, resize_frame, to_train_res
+
+HD_W, HD_H = 1280, 720
+
+
+class RealCarRacingEnv(gym.Env):
+    """CarRacing-v3 with MatrixWorld's action table, frame skip and observation pipeline.
+
+    Args:
+        obs_size: (H, W) of the uint8 RGB observations (default: the 72x128 training resolution).
+        frame_skip: physics steps per env step (the recorder's default, 4).
+        domain_randomize: CarRacing's randomised colours (the other domain).
+        render_mode: None or "rgb_array" (the last 1280x720 frame).
+
+    CarRacing's own time limit (1000 physics steps = 250 env steps at frame_skip 4) truncates episodes.
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 50 // 4}
+
+    def __init__(
+        self,
+        obs_size: tuple[int, int] = (72, 128),
+        frame_skip: int = 4,
+        domain_randomize: bool = False,
+        render_mode: str | None = None,
+    ) -> None:
+        if frame_skip < 1:
+            raise ValueError(f"frame_skip must be >= 1, got {frame_skip}")
+        self.obs_size = (int(obs_size[0]), int(obs_size[1]))
+        self.frame_skip = frame_skip
+        self.render_mode = render_mode
+        self.env = gym.make("CarRacing-v3", continuous=True, domain_randomize=domain_randomize, render_mode="rgb_array")
+        self.action_space = spaces.Discrete(len(DRIVING_ACTIONS))
+        self.observation_space = spaces.Box(0, 255, (*self.obs_size, 3), np.uint8)
+        self._hd: np.ndarray | None = None
+
+    def get_action_meanings(self) -> list[str]:
+        """Names of the nine driving actions, in action-id order."""
+        return list(DRIVING_ACTIONS)
+
+    def _observe(self) -> np.ndarray:
+        with carracing_canvas(HD_W, HD_H):
+            self._hd = np.asarray(self.env.render(), dtype=np.uint8)  # (720, 1280, 3)
+        small = to_train_res(self._hd)  # (72, 128, 3), the recorder's training frame
+        return resize_frame(small, self.obs_size[1], self.obs_size[0])
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        """Reset CarRacing (seeded) and return the first observation."""
+        super().reset(seed=seed)
+        self.env.reset(seed=seed, options=options)
+        return self._observe(), {}
+
+    def step(self, action: int):
+        """Hold driving action ``action`` for ``frame_skip`` physics steps."""
+        if not self.action_space.contains(int(action)):
+            raise ValueError(f"action {action!r} is not a driving action id in [0, {self.action_space.n})")
+        reward, terminated, truncated = 0.0, False, False
+        for _ in range(self.frame_skip):
+            _, r, terminated, truncated, _ = self.env.step(CARRACING_CONTROLS[int(action)])
+            reward += float(r)
+            if terminated or truncated:
+                break
+        return self._observe(), reward, terminated, truncated, {}
+
+    def render(self) -> np.ndarray | None:
+        """The last 1280x720 frame ("rgb_array")."""
+        return self._hd if self.render_mode == "rgb_array" else None
+
+    def close(self) -> None:
+        """Close CarRacing."""
+        self.env.close()
