@@ -81,6 +81,8 @@ class Args:
     """Where the final model goes (default: RUN_DIR/model)."""
     preset: Literal["tiny", "S", "B"] = "S"
     """DiT size preset (world_model.dit.DIT_PRESETS); latent shape and text width come from the data."""
+    causal: bool = True
+    """Block-causal temporal attention (frame i attends frames <= i); --no-causal trains bidirectional."""
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     """Text encoder for the control table (encoded once per run)."""
     control_table: Path | None = None
@@ -485,6 +487,7 @@ def train(args: Args, command: list[str] | None = None) -> dict:
         latent_hw=(h, w),
         text_dim=table.tokens.shape[-1],
         max_frames=max(DiTConfig().max_frames, args.window),
+        causal=args.causal,
     )
     heads_cfg = HeadsConfig(
         latent_channels=c, latent_hw=(h, w), text_dim=table.tokens.shape[-1], hidden=args.heads_hidden
