@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import gymnasium as gym
@@ -115,14 +116,24 @@ def test_render_rgb_array(tiny_world_dir: Path) -> None:
     assert len(frames) == 2 and frames[0].shape == (720, 1280, 3)
 
 
-def test_memory_flat_over_200_steps(tiny_world_dir: Path) -> None:
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_memory_flat_over_2000_steps(tiny_world_dir: Path) -> None:
     envs = MatrixWorldVectorEnv(num_envs=2, world=tiny_world_dir, obs_type="latent", max_episode_steps=50)
     envs.reset(seed=0)
     state = envs.sim.state
     ptrs = [t.data_ptr() for t in (state.latents, state.ctrl_idx, state.noise_key, state.noise_step)]
     rng = np.random.default_rng(0)
-    for _ in range(200):
+    for _ in range(200):  # warm-up: allocator pools, autoresets
+        envs.step(rng.integers(0, 9, 2))
+    rss_warm = _rss_bytes()
+    for _ in range(1800):
         obs, *_ = envs.step(rng.integers(0, 9, 2))
+    growth = _rss_bytes() - rss_warm
+    assert growth < 8 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB between step 200 and step 2000"
     assert envs.sim.state is state
     assert [t.data_ptr() for t in (state.latents, state.ctrl_idx, state.noise_key, state.noise_step)] == ptrs
     assert np.isfinite(obs).all()
