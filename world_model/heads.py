@@ -100,13 +100,3 @@ class RewardTerminationHeads(nn.Module):
         )
         return {"loss": reward_loss + term_loss, "reward_loss": reward_loss, "term_loss": term_loss}
 
-
-def loss(
-    reward_pred: torch.Tensor,
-    term_logit: torch.Tensor,
-    reward: torch.Tensor,
-    terminated: torch.Tensor,
-    pos_weight: float | torch.Tensor = 1.0,
-) -> dict[str, torch.Tensor]:
-    """Module-level alias of :meth:`RewardTerminationHeads.loss`."""
-    return RewardTerminationHeads.loss(reward_pred, term_logit, reward, terminated, pos_weight)
