@@ -185,6 +185,25 @@ def test_dit_trainer_and_build_world(data, footage, vae_dir, latents, dit_run, t
     assert [c[1] for c in recipe["commands"]] == stages
 
 
+def test_dit_warm_start_loads_parent_weights_and_records_lineage(data, footage, latents, dit_run, tmp_path):
+    """--init-from: lr 0 keeps the parent's weights exactly; the recipe chains both commands."""
+    from safetensors.torch import load_file
+
+    from world_model.train import common, dit
+
+    parent = dit_run / "model"
+    run = tmp_path / "warm"
+    dit.main(dit_args((data, footage), latents, run, "--init-from", str(parent), "--lr", "0", "--steps", "1"))
+    before, after = load_file(parent / "dit.safetensors"), load_file(run / "model" / "dit.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    summary = json.loads((run / "model" / "train_dit.json").read_text())
+    parent_cmd = json.loads((parent / "train_dit.json").read_text())["command"]
+    assert summary["init_from"]["command"] == parent_cmd and "train_episodes" not in summary["init_from"]
+    assert common.stage_commands(summary) == [parent_cmd, summary["command"]]
+    with pytest.raises(UsageError, match="config differs"):
+        dit.main([*dit_args((data, footage), latents, tmp_path / "bad", "--init-from", str(parent)), "--preset", "S"])
+
+
 def test_decoder_finetune_keeps_the_latent_space(data, footage, vae_dir, latents, dit_run, tmp_path):
     """--init-from/--freeze-encoder: encoder and latent stats unchanged, decoder trained, the world builds."""
     from safetensors.torch import load_file
@@ -207,6 +226,8 @@ def test_decoder_finetune_keeps_the_latent_space(data, footage, vae_dir, latents
         "--vae", str(run / "model"), "--dit", str(dit_run / "model"), "--data", str(data), str(footage),
         "--latents", str(latents[0]), str(latents[1]), "--out", str(tmp_path / "world"), "--starts", "2",
     ])  # fmt: skip
+    recipe = json.loads((tmp_path / "world" / "manifest.json").read_text())["recipe"]
+    assert [c[1] for c in recipe["commands"]][:3] == ["train-vae", "train-vae", "encode-latents"]  # parent first
     with pytest.raises(UsageError, match="init-from"):
         vae.main(["--data", str(data), "--freeze-encoder", "--run-dir", str(tmp_path / "x"), "--steps", "1"])
 

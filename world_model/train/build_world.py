@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from world_model.errors import UsageError
+from world_model.train import common
 
 
 @dataclass
@@ -234,9 +235,9 @@ def build(args: Args, command: list[str] | None = None) -> Path:
     )
     recipe = {
         "commands": [
-            vae_summary.get("command", []),
+            *common.stage_commands(vae_summary),
             *[info.get("command", []) for info in lat_infos],
-            dit_summary.get("command", []),
+            *common.stage_commands(dit_summary),
             command or [],
         ],
         "data_manifest_sha256": fingerprint,

@@ -368,6 +368,33 @@ def data_fingerprint(roots: Sequence[Path]) -> dict[str, str]:
     return out
 
 
+def parent_summary(model_dir: Path | None, summary_file: str) -> dict | None:
+    """The recipe of a warm-start parent model (its summary JSON minus the episode lists), for provenance.
+
+    Args:
+        model_dir: the ``--init-from`` model dir, or None.
+        summary_file: "train_vae.json" or "train_dit.json".
+
+    Returns:
+        None without a parent; else ``{"path": ..., "command": ..., "args": ..., ...}`` (only the path
+        when the parent has no summary file). Nested parents stay nested under ``init_from``.
+    """
+    if model_dir is None:
+        return None
+    model_dir = Path(model_dir).expanduser()
+    path = model_dir / summary_file
+    if not path.exists():
+        return {"path": str(model_dir)}
+    prev = json.loads(path.read_text())
+    return {"path": str(model_dir), **{k: v for k, v in prev.items() if not k.endswith("_episodes")}}
+
+
+def stage_commands(summary: dict) -> list[list[str]]:
+    """The commands that produced a model, warm-start parents first (follows ``init_from``)."""
+    parent = summary.get("init_from")
+    return [*(stage_commands(parent) if isinstance(parent, dict) else []), summary.get("command", [])]
+
+
 # ----------------------------------------------------------------------------- config
 def to_jsonable(obj: Any) -> Any:
     """Dataclasses / Paths / tuples -> plain JSON values (dataclasses recurse)."""

@@ -87,6 +87,10 @@ class Args:
     """Text encoder for the control table (encoded once per run)."""
     control_table: Path | None = None
     """Reuse a control_table.safetensors (from a DiT run or model dir) instead of running the text encoder."""
+    init_from: Path | None = None
+    """Warm start: a train-dit model dir whose DiT + heads weights (same preset, latent shape and text width)
+    initialise this run; the optimiser, schedule and EMA start fresh, its control table is reused and its
+    recipe is recorded in this run's train_dit.json."""
     window: int = 8
     """T, frames per training window (context + noise groups)."""
     context: int = 4
@@ -426,6 +430,28 @@ def evaluate(
 
 
 # ----------------------------------------------------------------------------- main
+def warm_start(model: DiTWithHeads, model_dir: Path, dit_cfg: object, heads_cfg: object) -> None:
+    """Copy the DiT + heads weights of a train-dit model dir into ``model`` (configs must match exactly)."""
+    from world_model.checkpoint import load_module
+    from world_model.dit import DiTConfig, VideoDiT
+    from world_model.heads import HeadsConfig, RewardTerminationHeads
+
+    dit = load_module(model_dir, "dit", VideoDiT, DiTConfig)
+    heads = load_module(model_dir, "heads", RewardTerminationHeads, HeadsConfig)
+    for name, got, want in (("dit", dit.cfg, dit_cfg), ("heads", heads.cfg, heads_cfg)):
+        if got != want:
+            diff = {
+                k: (getattr(got, k), getattr(want, k))
+                for k in dataclasses.asdict(want)
+                if getattr(got, k) != getattr(want, k)
+            }
+            raise UsageError(
+                f"--init-from {model_dir}: its {name} config differs from this run's (found, expected): {diff}"
+            )
+    model.dit.load_state_dict(dit.state_dict())
+    model.heads.load_state_dict(heads.state_dict())
+
+
 def train(args: Args, command: list[str] | None = None) -> dict:
     """Train (or resume) and export; returns the summary written to ``OUT/train_dit.json``.
 
@@ -463,12 +489,13 @@ def train(args: Args, command: list[str] | None = None) -> dict:
     sentences = control_sentences(action_sentences)
     table_path = run_dir / CONTROL_TABLE_FILE
     if info.is_main and not table_path.exists():
-        if args.control_table is not None:
-            table, stored = load_control_table(args.control_table)
+        reuse = args.control_table
+        if reuse is None and args.init_from is not None:
+            reuse = Path(args.init_from).expanduser() / CONTROL_TABLE_FILE
+        if reuse is not None:
+            table, stored = load_control_table(reuse)
             if stored != sentences:
-                raise UsageError(
-                    f"--control-table {args.control_table} encodes other sentences than this data's"
-                )
+                raise UsageError(f"control table {reuse} encodes other sentences than this data's")
         else:
             table = build_control_table(sentences, args.text)
         save_control_table(table_path, table, sentences, common.to_jsonable(args.text))
@@ -493,6 +520,8 @@ def train(args: Args, command: list[str] | None = None) -> dict:
         latent_channels=c, latent_hw=(h, w), text_dim=table.tokens.shape[-1], hidden=args.heads_hidden
     )
     model = DiTWithHeads(VideoDiT(dit_cfg), RewardTerminationHeads(heads_cfg)).to(info.device)
+    if args.init_from is not None and ckpt is None:  # on resume the checkpoint already holds the weights
+        warm_start(model, Path(args.init_from).expanduser(), dit_cfg, heads_cfg)
     ema = common.EMA(model, args.ema_decay)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay
@@ -593,6 +622,7 @@ def train(args: Args, command: list[str] | None = None) -> dict:
             "train_episodes": [str(p) for p in train_eps],
             "heldout_episodes": [str(p) for p in heldout_eps],
             "termination_pos_weight": pos_weight,
+            "init_from": common.parent_summary(args.init_from, "train_dit.json"),
             "eval": metrics,
         }
         (out_dir / "train_dit.json").write_text(json.dumps(summary, indent=2))

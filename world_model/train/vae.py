@@ -505,6 +505,7 @@ def train(args: Args, command: list[str] | None = None) -> dict:
             "latent_space_sha256": latent_space_sha256(Path(args.init_from).expanduser())
             if args.freeze_encoder
             else None,
+            "init_from": common.parent_summary(args.init_from, "train_vae.json"),
             "eval": metrics,
         }
         (out_dir / "train_vae.json").write_text(json.dumps(summary, indent=2))
