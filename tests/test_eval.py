@@ -26,6 +26,7 @@ from world_model.eval.idm import (
     save_idm,
     train_idm,
 )
+from world_model.eval.latent_idm import LatentIDM, LatentIDMConfig, LatentTransitions, train_latent_idm
 
 A = 9
 
@@ -214,6 +215,70 @@ def test_control_labels_follow_the_action_latency(toy_idm: InverseDynamicsModel)
     assert aligned["unaligned_accuracy"] < aligned["accuracy"] - 0.2  # lag 0 labels the wrong action
 
 
+# ---------------------------------------------------------------------------------- latent IDM
+def toy_latents(actions: np.ndarray, rng: np.random.Generator, latency: int = 0) -> np.ndarray:
+    """Latent sequences (B, T+2, 4, 9, 16) whose step t rolls the field by the steer of ``actions[t - latency]``
+    and offsets channel 0 by its throttle (two history frames first; actions (B, T))."""
+    b, t_len = actions.shape
+    z = [rng.normal(size=(b, 4, 9, 16)).astype(np.float32)]
+    z.append(z[0].copy())
+    steer = np.asarray(STEER_OF_ACTION)[actions]  # (B, T) in {-1, 0, 1}
+    throttle = np.asarray(THROTTLE_OF_ACTION)[actions]
+    for t in range(t_len):
+        src = max(t - latency, 0)
+        nxt = np.stack([np.roll(z[-1][i], int(round(steer[i, src])), axis=-1) for i in range(b)])
+        nxt[:, 0] += 0.5 * throttle[:, src, None, None]
+        z.append(nxt)
+    return np.stack(z, axis=1)
+
+
+@pytest.fixture(scope="module")
+def toy_latent_idm() -> LatentIDM:
+    rng = np.random.default_rng(0)
+    acts = rng.integers(0, A, size=(16, 40))
+    z = toy_latents(acts, rng)  # (16, 42, 4, 9, 16); actions[k] produced frame k
+    labels = [np.concatenate([[-1, -1], a]) for a in acts]
+    data = LatentTransitions(list(z), labels, 3, A)
+    assert len(data) == 16 * 40
+    cfg = LatentIDMConfig(num_actions=A, frames=3, latent_channels=4, latent_hw=(9, 16), width=32)
+    model, info = train_latent_idm(cfg, data.sample, steps=150, batch_size=64, lr=3e-3)
+    assert info["steps"] == 150
+    return model
+
+
+def test_latent_idm_reads_controls_in_latent_space_and_ignoring_world_scores_chance(
+    toy_latent_idm: LatentIDM,
+) -> None:
+    rng = np.random.default_rng(5)
+    acts = rng.integers(0, A, size=(8, 24))
+    obeying = torch.from_numpy(toy_latents(acts, rng))
+    ignoring = torch.from_numpy(toy_latents(rng.integers(0, A, size=(8, 24)), rng))  # other actions drove it
+    good = S.latent_control_scores(toy_latent_idm, obeying, acts, latency=0, max_lag=1)
+    bad = S.latent_control_scores(toy_latent_idm, ignoring, acts, latency=0, max_lag=1)
+    assert good["accuracy"] > 0.7, good["accuracy"]
+    assert bad["accuracy"] < 1 / A + 0.12, bad["accuracy"]
+
+    late = torch.from_numpy(toy_latents(acts, rng, latency=2))  # effect lands two steps later
+    aligned = S.latent_control_scores(toy_latent_idm, late, acts, latency=2, max_lag=2)
+    assert aligned["accuracy"] == pytest.approx(aligned["by_lag"][2]) and aligned["accuracy"] > 0.6
+    assert aligned["unaligned_accuracy"] < aligned["accuracy"] - 0.3
+    with pytest.raises(ValueError, match="history"):
+        S.latent_control_scores(toy_latent_idm, obeying[:, :10], acts, latency=0, max_lag=1)
+
+
+def test_latent_idm_hud_rows_are_ignored_and_bad_labels_named() -> None:
+    cfg = LatentIDMConfig(num_actions=A, frames=2, latent_channels=4, latent_hw=(9, 16), hud_rows=2, width=16)
+    model = LatentIDM(cfg).eval()
+    x = torch.randn(3, 2, 4, 9, 16)
+    y = x.clone()
+    y[..., -2:, :] += 100.0  # only the ignored rows change
+    torch.testing.assert_close(model(x), model(y))
+    with pytest.raises(UsageError, match="action id 9"):
+        LatentTransitions([np.zeros((3, 4, 9, 16), np.float32)], [np.array([-1, 9, 0])], 2, A)
+    with pytest.raises(ValueError, match="hud_rows"):
+        LatentIDMConfig(latent_hw=(9, 16), hud_rows=9)
+
+
 # -------------------------------------------------------------------------------------- drift
 def test_drift_curve_rises_for_a_drifting_generator_and_stays_flat_otherwise(
     toy_idm: InverseDynamicsModel,
@@ -285,15 +350,24 @@ def test_eval_suite_end_to_end(tmp_path: Path, tiny_world_dir: Path, toy_data: P
     summary = (out / "summary.md").read_text()
     assert "| metric | value | reference |" in summary and "matrix-world eval" in summary
     assert (out / "idm" / "idm.safetensors").exists()
+    assert (out / "latent_idm" / "latent_idm.safetensors").exists()
+    assert 0.0 <= metrics["idm"]["latent"]["real_heldout"]["accuracy"] <= 1.0
+    assert 0.0 <= metrics["idm"]["latent"]["real_dr"]["accuracy"] <= 1.0
+    assert metrics["control"]["modes"]["pipelined"]["latent"]["latency"] == 1
+    assert len(metrics["control"]["modes"]["pipelined"]["latent"]["by_lag"]) == 2
+    assert 0.0 <= metrics["control"]["dr"]["latent"]["accuracy"] <= 1.0
+    assert "latent IDM accuracy, generated (pipelined" in summary
 
     # a second run reuses the first run's IDM (fixed features: comparable Fréchet distances)
     out2 = tmp_path / "out2"
     argv2 = ["--checkpoint", str(tiny_world_dir), "--data", str(toy_data), "--out", str(out2), "--quick",
-             "--threads", "1", "--idm", str(out / "idm"), "--modes", "immediate", "--horizon", "8"]
+             "--threads", "1", "--idm", str(out / "idm"), "--latent-idm", str(out / "latent_idm"),
+             "--modes", "immediate", "--horizon", "8"]
     assert S.main(argv2) == 0
     again = json.loads((out2 / "metrics.json").read_text())
     assert again["idm"]["train"] == {"loaded_from": str(out / "idm")}
     assert again["idm"]["real_heldout"] == metrics["idm"]["real_heldout"]
+    assert again["idm"]["latent"]["real_heldout"] == metrics["idm"]["latent"]["real_heldout"]
     assert list(again["control"]["modes"]) == ["immediate"]
     assert again["drift"]["horizon_reached"] == 8
 

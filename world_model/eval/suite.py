@@ -92,6 +92,16 @@ from world_model.eval.idm import (
     sequence_stacks,
     train_idm,
 )
+from world_model.eval.latent_idm import (
+    LatentIDM,
+    LatentIDMConfig,
+    LatentTransitions,
+    latent_stacks,
+    load_latent_idm,
+    predict_latent,
+    save_latent_idm,
+    train_latent_idm,
+)
 
 if TYPE_CHECKING:
     from world_model.checkpoint import WorldModel
@@ -138,6 +148,14 @@ class Args:
     """IDM training steps."""
     idm_batch: int = 64
     """IDM training batch size."""
+    latent_idm: Path | None = None
+    """Load this latent IDM (an earlier run's OUT/latent_idm) instead of training one."""
+    latent_idm_steps: int = 1500
+    """Latent IDM training steps (batch 128)."""
+    latent_idm_episodes: int = 32
+    """Training episodes encoded with the world's VAE to train the latent IDM on."""
+    hud_rows: int = 1
+    """Bottom latent rows the latent IDM ignores (CarRacing's dashboard bars; 0 for other envs)."""
     heldout_frames: int = 2048
     """Real held-out frames read (in segments), encoded once and shared by every metric."""
     segment_len: int = 32
@@ -170,7 +188,8 @@ class Args:
 
 # `--quick` sizes; applied to options still at their defaults.
 QUICK: dict[str, object] = {
-    "idm_preset": "tiny", "idm_steps": 40, "idm_batch": 16, "heldout_frames": 96, "segment_len": 12,
+    "idm_preset": "tiny", "idm_steps": 40, "idm_batch": 16, "latent_idm_steps": 40, "latent_idm_episodes": 2,
+    "heldout_frames": 96, "segment_len": 12,
     "min_frame": 0, "control_envs": 4, "control_steps": 10, "tf_samples": 6, "horizon": 24,
     "bucket_edges": (0, 4, 12, 24), "drift_envs": 2, "drift_samples": 8, "speed_steps": 1, "speed_envs": 2,
 }
@@ -267,7 +286,8 @@ class SimulatorSource:
     """Generated frames of a :class:`~world_model.simulator.Simulator` started from given contexts."""
 
     def __init__(self, world: WorldModel, contexts: torch.Tensor, num_envs: int, mode: str | None,
-                 history: int, device: torch.device | str = "cpu", seed: int = 0) -> None:
+                 history: int, device: torch.device | str = "cpu", seed: int = 0,
+                 record_latents: bool = False) -> None:
         """Build the simulator.
 
         Args:
@@ -279,6 +299,8 @@ class SimulatorSource:
             history: K-1, context frames returned by :meth:`start` (decoded; repeated if Tc is shorter).
             device: torch device.
             seed: seed of the streams' noise keys.
+            record_latents: keep every history and generated latent (:attr:`latents`, for the latent
+                IDM); off for long drift runs.
         """
         from world_model.simulator import Simulator, sampler_config
 
@@ -289,6 +311,15 @@ class SimulatorSource:
         self.latency = self.sim.sampler.action_latency
         self.history = history
         self.generator = torch.Generator().manual_seed(seed)
+        self.record_latents = record_latents
+        self._latents: list[torch.Tensor] = []  # each (B, n, C, h, w)
+
+    @property
+    def latents(self) -> torch.Tensor:
+        """(B, K-1+T, C, h, w): the history latents of the last :meth:`start`, then every generated one."""
+        if not self._latents:
+            raise RuntimeError("no latents recorded: build the source with record_latents=True and start it")
+        return torch.cat(self._latents, dim=1)
 
     def start(self, rng: np.random.Generator) -> np.ndarray:
         """Restart every stream from a random context; returns its last K-1 frames decoded."""
@@ -298,12 +329,15 @@ class SimulatorSource:
         ctx = self.contexts[torch.from_numpy(idx)]  # (B, Tc, C, h, w)
         pick = np.clip(np.arange(ctx.shape[1] - self.history, ctx.shape[1]), 0, None)  # pad by repeating
         ctx = ctx[:, torch.from_numpy(pick)]  # (B, K-1, C, h, w)
+        self._latents = [ctx] if self.record_latents else []
         frames = decode_latents(self.sim.vae, ctx.flatten(0, 1))  # (B*(K-1), H, W, 3)
         return frames.reshape(b, self.history, *frames.shape[1:])
 
     def step(self, actions: np.ndarray, decode: bool = True) -> np.ndarray | None:
         """One batched simulator step; decoded frames at 72x128 when ``decode``."""
         latents, _, _ = self.sim.step(torch.as_tensor(np.asarray(actions, np.int64)))
+        if self.record_latents:
+            self._latents.append(latents[:, None].float().cpu())  # (B, 1, C, h, w)
         return self.sim.decode(latents, E.TRAIN_HW).cpu().numpy() if decode else None
 
 
@@ -348,11 +382,19 @@ def control_scores(
         raise ValueError(f"frames {frames.shape} do not hold K-1={k - 1} history + T={t_len} frames")
     stacks = np.stack([sequence_stacks(f, k) for f in frames])  # (B, T, K, H, W, 3)
     pred, feats = predict(idm, stacks.reshape(b * t_len, *stacks.shape[2:]))
-    pred = pred.reshape(b, t_len)
+    return aligned_report(pred.reshape(b, t_len), actions, latency, max_lag, idm.cfg.num_actions), feats
+
+
+def aligned_report(pred: np.ndarray, actions: np.ndarray, latency: int, max_lag: int, num_actions: int) -> dict:
+    """Accuracy of per-step predictions (B, T) against the actions (B, T), labels lagged by ``latency``.
+
+    Every score uses the same transitions ``t >= max(max_lag, latency)``; ``by_lag`` holds the
+    accuracy at every lag 0..max_lag and ``unaligned_accuracy`` lag 0.
+    """
+    t_len = actions.shape[1]
     first = max(max_lag, latency)
     if first >= t_len:
         raise UsageError(f"control rollouts of {t_len} steps are too short for action lag {first}")
-    num_actions = idm.cfg.num_actions
 
     def labels(lag: int) -> np.ndarray:
         return actions[:, first - lag : t_len - lag]  # (B, T - first)
@@ -362,7 +404,56 @@ def control_scores(
     report["latency"] = latency
     report["by_lag"] = [float((p == labels(lag)).mean()) for lag in range(max_lag + 1)]
     report["unaligned_accuracy"] = report["by_lag"][0]
-    return report, feats
+    return report
+
+
+def latent_control_scores(
+    lidm: LatentIDM, latents: torch.Tensor, actions: np.ndarray, latency: int, max_lag: int
+) -> dict:
+    """The latent IDM's :func:`aligned_report` on generated latents (B, K-1+T, C, h, w) (no decode)."""
+    k = lidm.cfg.frames
+    b, t_len = actions.shape
+    if latents.shape[1] < k - 1 + t_len:
+        raise ValueError(f"latents {tuple(latents.shape)} do not hold K-1={k - 1} history + T={t_len} frames")
+    lat = latents[:, latents.shape[1] - (k - 1 + t_len) :].numpy()  # (B, K-1+T, C, h, w)
+    stacks = np.stack([latent_stacks(z, k) for z in lat])  # (B, T, K, C, h, w)
+    pred = predict_latent(lidm, stacks.reshape(b * t_len, *stacks.shape[2:])).reshape(b, t_len)
+    return aligned_report(pred, actions, latency, max_lag, lidm.cfg.num_actions)
+
+
+def segment_latent_accuracy(lidm: LatentIDM, seg: Segments) -> dict:
+    """The latent IDM on every real K-stack of the segments whose newest frame has a known action."""
+    k = lidm.cfg.frames
+    preds, labels = [], []
+    for z, acts in zip(seg.latents.numpy(), seg.actions, strict=True):
+        keep = np.nonzero(acts[k - 1 :] >= 0)[0]  # stack i ends at frame i + K - 1
+        preds.append(predict_latent(lidm, latent_stacks(z, k)[keep]))
+        labels.append(acts[k - 1 :][keep])
+    return M.accuracy_report(np.concatenate(preds), np.concatenate(labels), lidm.cfg.num_actions)
+
+
+def train_latent_idm_on(world: WorldModel, episodes: list[Path], args: Args, k: int, device: str) -> tuple:
+    """Encode up to ``--latent-idm-episodes`` training episodes with the world's VAE; train a latent IDM.
+
+    Returns:
+        ``(latent IDM, training info)``.
+    """
+    picks = np.random.default_rng(args.seed).permutation(len(episodes))[: args.latent_idm_episodes]
+    lats, acts = [], []
+    for i in sorted(picks):
+        arrays = E.open_episode(episodes[i])
+        lats.append(encode_frames(world.vae, np.array(arrays["frames"])).numpy())  # (S+1, C, h, w)
+        acts.append(np.asarray(arrays["actions"], np.int64))
+    c, h, w = lats[0].shape[1:]
+    cfg = LatentIDMConfig(num_actions=world.num_actions, frames=k, latent_channels=c, latent_hw=(h, w),
+                          hud_rows=args.hud_rows)
+    transitions = LatentTransitions(lats, acts, k, world.num_actions)
+    log(f"[eval] training the latent IDM on {len(transitions)} transitions of {len(lats)} episodes "
+        f"({args.latent_idm_steps} steps)")
+    lidm, info = train_latent_idm(cfg, transitions.sample, steps=args.latent_idm_steps, seed=args.seed,
+                                  device=device, log=log if not args.quick else (lambda _m: None))
+    info.update(transitions=len(transitions), episodes=len(lats))
+    return lidm, info
 
 
 def run_drift(
@@ -753,6 +844,20 @@ def summary_markdown(results: dict) -> str:
         f"| IDM accuracy, VAE-reconstructed held-out | {_fmt(idm['recon_heldout']['accuracy'])} | "
         "ceiling for decoded frames |",
     ]
+    lat = idm.get("latent")
+    if lat:
+        lines.append(f"| latent IDM accuracy, real held-out latents | {_fmt(lat['real_heldout']['accuracy'])} | "
+                     f"ceiling for generated latents (bottom {lat['config']['hud_rows']} latent row(s) ignored) |")
+        for mode, rep in ctrl["modes"].items():
+            lr = rep.get("latent")
+            if lr:
+                lags = ", ".join(_fmt(a, 2) for a in lr["by_lag"])
+                lines.append(f"| latent IDM accuracy, generated ({mode}, latency {lr['latency']}) | "
+                             f"{_fmt(lr['accuracy'])} | by lag 0..: {lags} |")
+        if ctrl.get("dr", {}).get("latent"):
+            lines.append(f"| latent IDM accuracy, generated from DR starts | "
+                         f"{_fmt(ctrl['dr']['latent']['accuracy'])} | "
+                         f"latent IDM on real DR {_fmt(lat['real_dr']['accuracy'])} |")
     for mode, rep in ctrl["modes"].items():
         lags = ", ".join(_fmt(a, 2) for a in rep["by_lag"])
         lines.append(f"| IDM accuracy, generated ({mode}, latency {rep['latency']}) | "
@@ -902,6 +1007,18 @@ def _evaluate(args: Args, command: list[str] | None) -> dict:
     }
     log(f"[eval] IDM accuracy: real held-out {results_idm['real_heldout']['accuracy']:.3f}, "
         f"VAE-reconstructed {results_idm['recon_heldout']['accuracy']:.3f}, chance {1 / num_actions:.3f}")
+    if args.latent_idm is not None:
+        lidm = load_latent_idm(args.latent_idm, device)
+        if (lidm.cfg.num_actions, lidm.cfg.frames) != (num_actions, k):
+            raise UsageError(f"--latent-idm {args.latent_idm} has {lidm.cfg.num_actions} actions / "
+                             f"{lidm.cfg.frames} frames; need {num_actions} / {k}")
+        lidm_train: dict = {"loaded_from": str(args.latent_idm)}
+    else:
+        lidm, lidm_train = train_latent_idm_on(world, train_eps, args, k, device)
+        save_latent_idm(out / "latent_idm", lidm)
+    results_idm["latent"] = {"config": dataclasses.asdict(lidm.cfg), "train": lidm_train,
+                             "real_heldout": segment_latent_accuracy(lidm, seg)}
+    log(f"[eval] latent IDM accuracy: real held-out {results_idm['latent']['real_heldout']['accuracy']:.3f}")
     lap("idm", t0)
 
     # ---- fidelity: VAE and teacher-forced PSNR
@@ -928,13 +1045,16 @@ def _evaluate(args: Args, command: list[str] | None) -> dict:
     control: dict = {"modes": {}, "hold": args.hold, "steps": args.control_steps, "envs": args.control_envs}
     gen_feats = None
     for i, mode in enumerate(dict.fromkeys([*args.modes, default_cfg.mode])):
-        src = SimulatorSource(world, contexts, args.control_envs, mode, k - 1, device, args.seed + i)
+        src = SimulatorSource(world, contexts, args.control_envs, mode, k - 1, device, args.seed + i,
+                              record_latents=True)
         frames, actions = collect_control(src, args.control_steps, args.hold, num_actions, rng)
         rep, feats = control_scores(idm, frames, actions, src.latency, max_lag)
+        rep["latent"] = latent_control_scores(lidm, src.latents, actions, src.latency, max_lag)
         if mode in args.modes:
             control["modes"][mode] = rep
-            log(f"[eval] control {mode}: accuracy {rep['accuracy']:.3f} (latency {rep['latency']}, "
-                f"by lag {[round(a, 3) for a in rep['by_lag']]})")
+            log(f"[eval] control {mode}: latent IDM {rep['latent']['accuracy']:.3f} "
+                f"(by lag {[round(a, 3) for a in rep['latent']['by_lag']]}), pixel IDM {rep['accuracy']:.3f} "
+                f"(latency {rep['latency']}, by lag {[round(a, 3) for a in rep['by_lag']]})")
         if mode == default_cfg.mode:
             gen_feats = feats
     n_fd = min(len(gen_feats), len(recon_feats))
@@ -962,15 +1082,18 @@ def _evaluate(args: Args, command: list[str] | None) -> dict:
         encode_segments(dr, world.vae)
         dr_pred, _, dr_labels = dr.idm_predictions(idm, "frames")
         results_idm["real_dr"] = M.accuracy_report(dr_pred, dr_labels, num_actions)
+        results_idm["latent"]["real_dr"] = segment_latent_accuracy(lidm, dr)
         fidelity["vae_psnr_dr"] = M.psnr(dr.recon, dr.frames)
         dr_ctx, _ = context_windows(dr, default_cfg.context, 4 * args.control_envs, rng)
         src = SimulatorSource(world, dr_ctx, args.control_envs, default_cfg.mode, k - 1, device,
-                              args.seed + 100)
+                              args.seed + 100, record_latents=True)
         frames, actions = collect_control(src, args.control_steps, args.hold, num_actions, rng)
         control["dr"], _ = control_scores(idm, frames, actions, src.latency, max_lag)
+        control["dr"]["latent"] = latent_control_scores(lidm, src.latents, actions, src.latency, max_lag)
         control["dr"]["mode"] = default_cfg.mode
         log(f"[eval] DR: IDM on real {results_idm['real_dr']['accuracy']:.3f}, generated "
-            f"{control['dr']['accuracy']:.3f}")
+            f"{control['dr']['accuracy']:.3f}; latent IDM on real {results_idm['latent']['real_dr']['accuracy']:.3f}, "
+            f"generated {control['dr']['latent']['accuracy']:.3f}")
         lap("dr", t0)
 
     # ---- drift
