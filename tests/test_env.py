@@ -173,5 +173,10 @@ def test_demo_writes_720p_mp4(tiny_world_dir: Path, tmp_path: Path, capsys: pyte
     assert sorted(p.name for p in out.parent.iterdir()) == ["demo.mp4"]  # no temporary left behind
     frames = [f for f in imageio.get_reader(out)]  # list() would ask len(): inf
     assert len(frames) == 4 and frames[0].shape == (720, 1280, 3)
+    out2 = tmp_path / "script.mp4"
+    assert main(["--world", str(tiny_world_dir), "--steps", "2", "--out", str(out2), "--policy", "script"]) == 0
+    printed = capsys.readouterr().out
+    assert "policy script: car on the road in" in printed and "predicted return" in printed
+    assert len([f for f in imageio.get_reader(out2)]) == 3
     with pytest.raises(UsageError):
         main(["--world", str(tiny_world_dir), "--steps", "0"])
