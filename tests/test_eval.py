@@ -357,6 +357,10 @@ def test_eval_suite_end_to_end(tmp_path: Path, tiny_world_dir: Path, toy_data: P
     assert len(metrics["control"]["modes"]["pipelined"]["latent"]["by_lag"]) == 2
     assert 0.0 <= metrics["control"]["dr"]["latent"]["accuracy"] <= 1.0
     assert "latent IDM accuracy, generated (pipelined" in summary
+    loop = metrics["closed_loop"]
+    assert loop["steps"] == 8 and len(loop["world"]["on_road_by_quarter"]) == 4
+    assert 0.0 <= loop["world"]["on_road"] <= 1.0 and "skipped" in loop["real"]  # synthetic data: no real game
+    assert "closed loop, road follower" in summary
 
     # a second run reuses the first run's IDM (fixed features: comparable Fréchet distances)
     out2 = tmp_path / "out2"
@@ -377,3 +381,16 @@ def test_eval_refuses_data_without_a_held_out_split(tmp_path: Path, tiny_world_d
     with pytest.raises(UsageError, match="held-out"):
         S.main(["--checkpoint", str(tiny_world_dir), "--data", str(data), "--out", str(tmp_path / "o"),
                 "--quick"])
+
+
+def test_closed_loop_compares_the_world_with_the_real_game() -> None:
+    """The road follower drives both; a CarRacing world gets the real game's numbers beside its own."""
+    world = build_tiny_world()
+    out = S.closed_loop(world, world.start_latents, "pipelined", 2, 8, 0, "cpu", "CarRacing-v3")
+    assert out["steps"] == 8 and out["envs"] == 2
+    for side in ("world", "real"):
+        assert 0.0 <= out[side]["on_road"] <= 1.0
+        assert [q["start"] for q in out[side]["on_road_by_quarter"]] == [0, 2, 4, 6]
+    assert out["real"]["on_road"] > 0.5  # the real game starts on the road and the follower keeps to it
+    world.action_names[:] = [f"a{i}" for i in range(len(world.action_names))]
+    assert "driving actions" in S.closed_loop(world, world.start_latents, "pipelined", 1, 2, 0, "cpu", None)["skipped"]

@@ -184,6 +184,10 @@ class Args:
     """Timed steps per speed configuration (after 2 warm-up steps)."""
     speed_envs: int = 8
     """Batch size of the batched speed row."""
+    loop_envs: int = 4
+    """Closed loop: streams (and real CarRacing episodes) driven by the pixel road follower."""
+    loop_steps: int = 200
+    """Closed loop: steps per stream (0 = skip the section)."""
 
 
 # `--quick` sizes; applied to options still at their defaults.
@@ -192,6 +196,7 @@ QUICK: dict[str, object] = {
     "heldout_frames": 96, "segment_len": 12,
     "min_frame": 0, "control_envs": 4, "control_steps": 10, "tf_samples": 6, "horizon": 24,
     "bucket_edges": (0, 4, 12, 24), "drift_envs": 2, "drift_samples": 8, "speed_steps": 1, "speed_envs": 2,
+    "loop_envs": 2, "loop_steps": 8,
 }
 
 
@@ -706,6 +711,64 @@ def measure_speed(world: WorldModel, modes: tuple[str, ...], steps: int, batch: 
     return out
 
 
+def bucket_means(x: np.ndarray, buckets: int = 4) -> list[dict]:
+    """Mean of (T, B) values over ``buckets`` equal step ranges: [{"start", "end", "mean"}]."""
+    edges = np.linspace(0, len(x), buckets + 1).round().astype(int)
+    return [{"start": int(a), "end": int(b), "mean": float(x[a:b].mean())}
+            for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
+
+
+def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int, steps: int, seed: int,
+                device: str, real_env_id: str | None) -> dict:
+    """Drive the world (and the real CarRacing-v3) with the pixel road follower; compare road keeping.
+
+    In the world, ``envs`` streams start from real held-out contexts; each step the follower reads
+    the decoded 72x128 frames. On-road fraction (:func:`world_model.road_follower.on_road`) and
+    reward per step are reported per quarter of the run; the same follower on the real game (when
+    the world was recorded from CarRacing) gives the reference.
+    """
+    from world_model.road_follower import RoadFollower, on_road
+    from world_model.simulator import Simulator, sampler_config
+
+    try:
+        follower = RoadFollower(list(world.action_names))
+    except ValueError as err:
+        return {"skipped": str(err)}
+    sim = Simulator(dataclasses.replace(world, start_latents=contexts.float()), envs, device,
+                    sampler=sampler_config(world, mode))
+    start = torch.from_numpy(np.random.default_rng(seed).permutation(len(contexts))[:envs] % len(contexts))
+    sim.reset(torch.ones(envs, dtype=torch.bool), start, generator=torch.Generator().manual_seed(seed))
+    frame = decode_latents(sim.vae, contexts[start, -1].float())  # (B, H, W, 3)
+    on, rew = [], []
+    for _ in range(steps):
+        latents, reward, _ = sim.step(torch.from_numpy(follower(frame)))
+        frame = sim.decode(latents, E.TRAIN_HW).cpu().numpy()
+        on.append(on_road(frame))
+        rew.append(reward.float().cpu().numpy())
+    on_w, rew_w = np.array(on, np.float64), np.array(rew, np.float64)  # (T, B)
+    out: dict = {"mode": mode, "envs": envs, "steps": steps,
+                 "world": {"on_road": float(on_w.mean()), "on_road_by_quarter": bucket_means(on_w),
+                           "reward_per_step": float(rew_w.mean())}}
+    if real_env_id is None or not real_env_id.startswith("CarRacing"):
+        out["real"] = {"skipped": f"the world was recorded from {real_env_id!r}, not CarRacing"}
+        return out
+    from agents.real_env import RealCarRacingEnv
+
+    env = RealCarRacingEnv()
+    on_r, rew_r = np.zeros((steps, envs)), np.zeros((steps, envs))
+    for i in range(envs):
+        obs, _ = env.reset(seed=seed + i)
+        for t in range(steps):
+            obs, r, term, trunc, _ = env.step(int(follower(obs[None])[0]))
+            on_r[t, i], rew_r[t, i] = on_road(obs[None])[0], r
+            if term or trunc:
+                obs, _ = env.reset()
+    env.close()
+    out["real"] = {"on_road": float(on_r.mean()), "on_road_by_quarter": bucket_means(on_r),
+                   "reward_per_step": float(rew_r.mean())}
+    return out
+
+
 # -------------------------------------------------------------------------------------- output
 def jsonable(obj: object) -> object:
     """Make metrics JSON-safe: numpy scalars -> Python, nan -> None, +-inf -> "inf" / "-inf"."""
@@ -890,6 +953,15 @@ def summary_markdown(results: dict) -> str:
             f"| termination precision / recall | {_fmt(tm['precision'])} / {_fmt(tm['recall'])} | "
             f"{tm['positives']} terminal of {tm['n']} |",
         ]
+    loop = results.get("closed_loop", {})
+    if "world" in loop:
+        quarters = " / ".join(_fmt(q["mean"], 2) for q in loop["world"]["on_road_by_quarter"])
+        real = loop.get("real", {})
+        ref = (f"real CarRacing, same follower: {_fmt(real['on_road'], 2)} on road, "
+               f"reward/step {_fmt(real['reward_per_step'], 2)}") if "on_road" in real else real.get("skipped", "")
+        lines.append(f"| closed loop, road follower {loop['steps']} steps x {loop['envs']}: on road by quarter "
+                     f"/ predicted reward per step | {quarters} / {_fmt(loop['world']['reward_per_step'], 2)} | "
+                     f"{ref} |")
     for mode, row in results.get("speed", {}).items():
         batched = [k for k in row if k.startswith("steps_per_s_b") and k != "steps_per_s_b1"]
         extra = f", batch {batched[0][13:]}: {_fmt(row[batched[0]], 1)}" if batched else ""
@@ -1109,6 +1181,19 @@ def _evaluate(args: Args, command: list[str] | None) -> dict:
         f"brightness gap {r['brightness_gap']:+.1f}" for r in drift["buckets"]))
     lap("drift", t0)
 
+    # ---- closed loop: the pixel road follower in the world and in the real game
+    loop: dict = {}
+    if args.loop_steps > 0:
+        t0 = time.perf_counter()
+        loop = closed_loop(world, contexts, default_cfg.mode, args.loop_envs, args.loop_steps, args.seed, device,
+                           world.meta.get("env_id"))
+        if "world" in loop:
+            real = loop["real"].get("on_road")
+            log(f"[eval] closed loop ({args.loop_steps} steps): on road "
+                + " ".join(f"{q['mean']:.2f}" for q in loop["world"]["on_road_by_quarter"])
+                + f" by quarter (real game {real if real is None else round(real, 3)})")
+        lap("closed_loop", t0)
+
     # ---- speed
     t0 = time.perf_counter()
     speed = measure_speed(world, tuple(args.modes), args.speed_steps, args.speed_envs, device)
@@ -1140,6 +1225,7 @@ def _evaluate(args: Args, command: list[str] | None) -> dict:
         "fidelity": fidelity,
         "heads": heads,
         "drift": drift,
+        "closed_loop": loop,
         "speed": speed,
         "timings_s": timings,
     }
