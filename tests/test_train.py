@@ -185,6 +185,29 @@ def test_dit_trainer_and_build_world(data, footage, vae_dir, latents, dit_run, t
     assert [c[1] for c in recipe["commands"]] == stages
 
 
+def test_road_starts_skip_windows_that_end_off_the_road(data, latents, tmp_path):
+    """--road-starts: a window whose last recorded frame shows grass under the car is never shipped."""
+    import shutil
+
+    from world_model.train.build_world import pick_starts
+
+    eps = sorted((data / "episodes").iterdir())[:2]
+    copy = tmp_path / "data"
+    for ep in eps:
+        shutil.copytree(ep, copy / "episodes" / ep.name)
+    grass = copy / "episodes" / eps[0].name / "frames_72x128.npy"
+    frames = np.load(grass)
+    frames[12:] = (102, 204, 102)  # from frame 12 on, the car is on grass
+    np.save(grass, frames)
+    caches = {copy: latents[0]}
+    moved = [copy / "episodes" / ep.name for ep in eps]
+    _, on = pick_starts([], moved, caches, 200, 4, 0, 0, road_starts=True)
+    _, every = pick_starts([], moved, caches, 200, 4, 0, 0, road_starts=False)
+    bad = [p for p in on if p["episode"] == eps[0].name and p["frame"] + 3 >= 12]
+    assert not bad and len(on) < len(every)
+    assert any(p["episode"] == eps[0].name and p["frame"] + 3 >= 12 for p in every)
+
+
 def test_dit_warm_start_loads_parent_weights_and_records_lineage(data, footage, latents, dit_run, tmp_path):
     """--init-from: lr 0 keeps the parent's weights exactly; the recipe chains both commands."""
     from safetensors.torch import load_file

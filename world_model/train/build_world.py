@@ -62,6 +62,9 @@ class Args:
     """Default Euler evaluations per shift (a non-distilled teacher needs several)."""
     ctx_noise: float | None = None
     """Default sampler context noise (default: half the DiT's training ctx_noise)."""
+    road_starts: bool | None = None
+    """Only start where the car is on the road in the last context frame (the pixel test of
+    world_model.road_follower on the recorded frame); default: on for CarRacing data."""
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -81,6 +84,7 @@ def pick_starts(
     context: int,
     min_frame: int,
     seed: int,
+    road_starts: bool = False,
 ) -> tuple[torch.Tensor, list[dict]]:
     """Choose ``count`` real context windows, alternating held-out and training episodes.
 
@@ -95,6 +99,7 @@ def pick_starts(
         context: Tc, frames per context.
         min_frame: first allowed start frame.
         seed: RNG seed.
+        road_starts: keep only windows whose last frame shows the car on the road (recorded frame).
 
     Returns:
         ``(start_latents (S, Tc, C, h, w) float32, [{"data", "episode", "split", "frame"}] * S)``.
@@ -102,7 +107,9 @@ def pick_starts(
     Raises:
         UsageError: no episode is long enough for one window from ``min_frame``.
     """
+    from world_model.data.episodes import open_episode
     from world_model.data.latents import LATENTS_FILE
+    from world_model.road_follower import on_road
     from world_model.train.common import data_root
 
     rng = np.random.default_rng(seed)
@@ -113,11 +120,17 @@ def pick_starts(
             raise UsageError(f"latent cache {path} is missing; run `matrix-world encode-latents`")
         z = np.load(path, mmap_mode="r")  # (S+1, C, h, w) float16
         if len(z) - context >= min_frame:
-            arrays[ep] = z
-            free[ep] = list(rng.permutation(np.arange(min_frame, len(z) - context + 1)))
+            candidates = np.arange(min_frame, len(z) - context + 1)  # window start frames
+            if road_starts:
+                ok = on_road(np.asarray(open_episode(ep)["frames"]))  # (S+1,) car on the road
+                candidates = candidates[ok[candidates + context - 1]]
+            if len(candidates):
+                arrays[ep] = z
+                free[ep] = list(rng.permutation(candidates))
     if not arrays:
         raise UsageError(
             f"no episode has {min_frame + context} frames (--min-frame {min_frame} + context {context})"
+            + (" with the car on the road (--no-road-starts lifts that condition)" if road_starts else "")
         )
     orders = [[ep for ep in split if ep in arrays] for split in (heldout, train)]
     orders = [[o[k] for k in rng.permutation(len(o))] for o in orders if o]
@@ -199,15 +212,18 @@ def build(args: Args, command: list[str] | None = None) -> Path:
     labelled = {ep for ep in [*train, *heldout] if read_meta(ep).get("labelled")}
     if labelled:
         train, heldout = [ep for ep in train if ep in labelled], [ep for ep in heldout if ep in labelled]
+    first = read_meta((train or heldout)[0])
+    road_starts = args.road_starts
+    if road_starts is None:
+        road_starts = str(first.get("env_id", "")).startswith("CarRacing")
     start_latents, picks = pick_starts(
-        heldout, train, caches, args.starts, context, args.min_frame, args.seed
+        heldout, train, caches, args.starts, context, args.min_frame, args.seed, road_starts
     )
     if len(picks) < args.starts:
         print(
             f"note: only {len(picks)} distinct start windows exist; shipping them all (asked {args.starts})"
         )
 
-    first = read_meta((train or heldout)[0])
     world = WorldModel(
         vae=vae,
         dit=dit,
@@ -226,6 +242,7 @@ def build(args: Args, command: list[str] | None = None) -> Path:
             "data_manifest_sha256": fingerprint,
             "vae_sha256": sha,
             "starts": picks,
+            "road_starts": road_starts,
             "vae_eval": vae_summary.get("eval", {}),
             "dit_eval": dit_summary.get("eval", {}),
             "vae_steps": vae_summary.get("steps"),
