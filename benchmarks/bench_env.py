@@ -44,6 +44,12 @@ class BenchArgs:
     """torch.set_num_threads (0: torch's default)."""
     carracing: bool = True
     """Also measure the real CarRacing-v3."""
+    compile_model: bool = False
+    """torch.compile the DiT (each env compiles once, inside the warm-up steps)."""
+    num_envs: tuple[int, ...] = (1, 4, 16, 64)
+    """Batch sizes of the 84x84 vector-env rows."""
+    hd: bool = True
+    """Also measure the 720p rows."""
 
 
 def peak_rss_mib() -> float:
@@ -92,6 +98,7 @@ def bench_single(args: BenchArgs, obs_size: tuple[int, int], steps: int) -> floa
         sampler_mode=args.sampler_mode,
         device=args.device,
         dtype=args.dtype,
+        compile_model=args.compile_model,
     )
     env.reset(seed=0)
     rng = np.random.default_rng(0)
@@ -116,6 +123,7 @@ def bench_vector(args: BenchArgs, num_envs: int, obs_size: tuple[int, int], step
         device=args.device,
         dtype=args.dtype,
         max_episode_steps=1000,
+        compile_model=args.compile_model,
     )
     envs.reset(seed=0)
     rng = np.random.default_rng(0)
@@ -135,9 +143,10 @@ def run(args: BenchArgs) -> list[dict[str, object]]:
     steps = min(args.steps, 10) if args.quick else args.steps
     small, hd = (84, 84), (720, 1280)
     configs: list[tuple[str, int | None, tuple[int, int]]] = [("MatrixWorldEnv", None, small)]
-    configs += [("MatrixWorldVectorEnv", n, small) for n in ((1, 4) if args.quick else (1, 4, 16, 64))]
-    configs += [("MatrixWorldEnv", None, hd)]
-    configs += [("MatrixWorldVectorEnv", n, hd) for n in ((1,) if args.quick else (1, 4))]
+    configs += [("MatrixWorldVectorEnv", n, small) for n in ((1, 4) if args.quick else args.num_envs)]
+    if args.hd:
+        configs += [("MatrixWorldEnv", None, hd)]
+        configs += [("MatrixWorldVectorEnv", n, hd) for n in ((1,) if args.quick else (1, 4))]
 
     rows: list[dict[str, object]] = []
     base = None
@@ -215,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(args)
     print(
         f"# bench_env: world={args.world or 'default'} device={args.device} dtype={args.dtype} "
+        f"compile={args.compile_model} "
         f"threads={torch.get_num_threads()} cpu={platform.processor() or platform.machine()}"
     )
     print(format_table(rows))

@@ -176,7 +176,7 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
     ## Arguments
     ```python
     gym.make("MatrixWorld-v0", world=None, render_mode=None, obs_size=None, obs_type="rgb",
-             sampler_mode=None, device="cpu", dtype="float32", reward_fn=None)
+             sampler_mode=None, device="cpu", dtype="float32", reward_fn=None, compile_model=False)
     ```
     * ``world``: checkpoint directory (default: the shipped ``matrix_env/worlds/default``) or a
       loaded :class:`~world_model.checkpoint.WorldModel`.
@@ -185,6 +185,8 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
     * ``sampler_mode``: "pipelined", "reconditioned" or "immediate" (default: the checkpoint's).
     * ``device`` / ``dtype``: where and in which precision the networks run.
     * ``reward_fn``: replaces the reward head.
+    * ``compile_model``: ``torch.compile`` the DiT (slow first step, faster afterwards; with
+      ``dtype="bfloat16"`` the fastest CPU setting, see the README).
 
     Same seed, same actions -> identical frames (all sampling noise comes from a stream keyed by
     ``np_random``).
@@ -212,6 +214,7 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype = "float32",
         reward_fn: RewardFn | None = None,
+        compile_model: bool = False,
     ) -> None:
         """Load the world model and allocate one stream. See the class docstring for arguments."""
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
@@ -223,7 +226,13 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
         self.obs_hw = check_obs(obs_type, obs_size)
         self.world = resolve_world(world, device)
         self.sim = Simulator(
-            self.world, 1, device, sampler_config(self.world, sampler_mode), parse_dtype(dtype), reward_fn
+            self.world,
+            1,
+            device,
+            sampler_config(self.world, sampler_mode),
+            parse_dtype(dtype),
+            reward_fn,
+            compile_model,
         )
         self.metadata = {**self.metadata, "render_fps": int(self.world.meta.get("fps", DEFAULT_FPS))}
         self.action_meanings = list(self.world.action_names)

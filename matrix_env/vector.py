@@ -75,6 +75,7 @@ class MatrixWorldVectorEnv(VectorEnv):
         dtype: str | torch.dtype = "float32",
         reward_fn: RewardFn | None = None,
         max_episode_steps: int | None = None,
+        compile_model: bool = False,
     ) -> None:
         """Load the world model and allocate ``num_envs`` streams."""
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
@@ -96,6 +97,7 @@ class MatrixWorldVectorEnv(VectorEnv):
             sampler_config(self.world, sampler_mode),
             parse_dtype(dtype),
             reward_fn,
+            compile_model,
         )
         self.metadata = {**self.metadata, "render_fps": int(self.world.meta.get("fps", DEFAULT_FPS))}
         self.action_meanings = list(self.world.action_names)

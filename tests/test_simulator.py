@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -79,6 +81,19 @@ def test_same_keys_same_rollout_and_actions_matter(world) -> None:
     b = rollout([2, 2, 2, 2])
     # pipelined, G = 2: the first frame was in flight before the action; later ones follow it
     assert (a[2:] - b[2:]).abs().mean() > 1e-3
+
+
+@pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("g++", "c++", "clang++")), reason="torch.compile on CPU needs a C++ compiler"
+)
+def test_compiled_dit_matches_eager(world) -> None:
+    """compile_model=True (torch.compile, inductor on CPU) gives the eager rollout to float tolerance."""
+    actions = [0, 4, 8, 2, 2]
+    eager, compiled = started(world), started(world, compile_model=True)
+    for a in actions:
+        want = eager.step(torch.full((B,), a))[0]
+        got = compiled.step(torch.full((B,), a))[0]
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_memory_flat_over_200_steps(world) -> None:

@@ -70,6 +70,7 @@ class Simulator:
         sampler: SwinDPMConfig | None = None,
         dtype: torch.dtype = torch.float32,
         reward_fn: RewardFn | None = None,
+        compile_model: bool = False,
     ) -> None:
         """Move the model to ``device``, cache the control tables and allocate the stream state.
 
@@ -81,6 +82,9 @@ class Simulator:
             dtype: compute dtype of the networks: float32, or bfloat16 / float16 via autocast
                 (the stream state stays float32).
             reward_fn: optional replacement of the reward head.
+            compile_model: run the DiT through ``torch.compile`` (inductor; fixed shapes, since the
+                batch never changes). The first step pays the compilation (about a minute on a
+                2-core CPU); later steps are faster (see the README's speed table).
 
         Raises:
             UsageError: the sampler window does not fit the model or the start contexts.
@@ -106,6 +110,7 @@ class Simulator:
             )
         self.vae = world.vae.to(self.device).eval()
         self.dit = world.dit.to(self.device).eval()
+        self._dit_fn = torch.compile(self.dit, dynamic=False) if compile_model else self.dit
         self.heads = world.heads.to(self.device).eval()
         # Cached once: the control tables (A+1 rows) and the start contexts.
         self.ctrl_tokens = world.control_tokens.to(self.device, torch.float32)  # (A+1, N, Dt)
@@ -152,7 +157,7 @@ class Simulator:
         tokens = self.ctrl_tokens[ctrl_idx]  # (B, L, N, Dt)
         mask = self.ctrl_mask[ctrl_idx]  # (B, L, N)
         with self._autocast():
-            v = self.dit(x, t, tokens, mask)  # (B, L, C, H, W)
+            v = self._dit_fn(x, t, tokens, mask)  # (B, L, C, H, W)
         return v.float()
 
     @torch.inference_mode()
