@@ -141,6 +141,42 @@ def sequence_stacks(frames: np.ndarray, k: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------- data
+def index_transitions(
+    actions: list[np.ndarray], frames: int, num_actions: int, names: list[str]
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Every labelled transition with K frames of history, over several sequences.
+
+    Args:
+        actions: per sequence, (S_i,) int action ids, -1 = unknown (``actions[k]`` produced frame k).
+        frames: K.
+        num_actions: A; ids must be below it.
+        names: per sequence, how errors name it.
+
+    Returns:
+        ``(index (N, 2) rows of (sequence, k), labels (N,), rows of each class)``.
+    """
+    index, labels = [np.zeros((0, 2), np.int64)], [np.zeros(0, np.int64)]
+    for e, (acts, name) in enumerate(zip(actions, names, strict=True)):
+        acts = np.asarray(acts, np.int64)
+        ks = np.nonzero(acts >= 0)[0]
+        ks = ks[ks >= frames - 1]
+        if len(ks) and acts[ks].max() >= num_actions:
+            raise UsageError(f"{name} has action id {acts[ks].max()} >= num_actions={num_actions}")
+        index.append(np.stack([np.full(len(ks), e), ks], axis=1))
+        labels.append(acts[ks])
+    lab = np.concatenate(labels)
+    return np.concatenate(index), lab, [np.nonzero(lab == a)[0] for a in range(num_actions)]
+
+
+def balanced_rows(by_class: list[np.ndarray], batch: int, rng: np.random.Generator) -> np.ndarray:
+    """``batch`` random rows, every class present equally likely (rows of each class in ``by_class``)."""
+    present = [c for c in by_class if len(c)]
+    if not present:
+        raise UsageError("no labelled transitions to train the inverse-dynamics model on")
+    cls = rng.integers(0, len(present), size=batch)
+    return np.array([present[c][rng.integers(0, len(present[c]))] for c in cls])
+
+
 class TransitionSet:
     """Labelled transitions ``(frames[k-K+1..k], actions[k])`` of recorded episodes (memory-mapped).
 
@@ -151,21 +187,12 @@ class TransitionSet:
     def __init__(self, episode_dirs: list[Path], frames: int, num_actions: int) -> None:
         self.k = frames
         self.num_actions = num_actions
-        self.frames: list[np.ndarray] = []
-        index, labels = [], []
-        for e, ep in enumerate(episode_dirs):
-            arrays = E.open_episode(ep, mmap=True)
-            acts = np.asarray(arrays["actions"], np.int64)
-            ks = np.nonzero(acts >= 0)[0]
-            ks = ks[ks >= frames - 1]
-            if len(ks) and acts[ks].max() >= num_actions:
-                raise UsageError(f"episode {ep} has action id {acts[ks].max()} >= num_actions={num_actions}")
-            self.frames.append(arrays["frames"])
-            index.append(np.stack([np.full(len(ks), e), ks], axis=1))
-            labels.append(acts[ks])
-        self.index = np.concatenate(index) if index else np.zeros((0, 2), np.int64)  # (N, 2): episode, k
-        self.labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)  # (N,)
-        self.by_class = [np.nonzero(self.labels == a)[0] for a in range(num_actions)]
+        arrays = [E.open_episode(ep, mmap=True) for ep in episode_dirs]
+        self.frames: list[np.ndarray] = [a["frames"] for a in arrays]
+        # index (N, 2): episode, k; labels (N,)
+        self.index, self.labels, self.by_class = index_transitions(
+            [a["actions"] for a in arrays], frames, num_actions, [f"episode {ep}" for ep in episode_dirs]
+        )
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -180,12 +207,7 @@ class TransitionSet:
         """Draw a random batch: (stacks (B, K, H, W, 3) uint8, labels (B,) int64)."""
         if len(self) == 0:
             raise UsageError("no labelled transitions to train the inverse-dynamics model on")
-        if balanced:
-            present = [c for c in self.by_class if len(c)]
-            cls = rng.integers(0, len(present), size=batch)
-            rows = np.array([present[c][rng.integers(0, len(present[c]))] for c in cls])
-        else:
-            rows = rng.integers(0, len(self), size=batch)
+        rows = balanced_rows(self.by_class, batch, rng) if balanced else rng.integers(0, len(self), size=batch)
         return self.stacks(rows), self.labels[rows]
 
 

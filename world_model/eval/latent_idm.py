@@ -27,6 +27,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from torch import nn
 
 from world_model.errors import UsageError
+from world_model.eval.idm import balanced_rows, index_transitions
 
 
 @dataclass
@@ -107,22 +108,15 @@ class LatentTransitions:
             frames: K.
             num_actions: A (action ids must be below it).
         """
-        self.k = frames
-        self.latents = latents
-        index, labels = [], []
         for e, (lat, acts) in enumerate(zip(latents, actions, strict=True)):
-            acts = np.asarray(acts, np.int64)
             if len(acts) != len(lat):
                 raise UsageError(f"sequence {e}: {len(lat)} latents but {len(acts)} actions")
-            ks = np.nonzero(acts >= 0)[0]
-            ks = ks[ks >= frames - 1]
-            if len(ks) and acts[ks].max() >= num_actions:
-                raise UsageError(f"sequence {e} has action id {acts[ks].max()} >= num_actions={num_actions}")
-            index.append(np.stack([np.full(len(ks), e), ks], axis=1))
-            labels.append(acts[ks])
-        self.index = np.concatenate(index) if index else np.zeros((0, 2), np.int64)  # (N, 2): sequence, k
-        self.labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)  # (N,)
-        self.by_class = [np.nonzero(self.labels == a)[0] for a in range(num_actions)]
+        self.k = frames
+        self.latents = latents
+        # index (N, 2): sequence, k; labels (N,)
+        self.index, self.labels, self.by_class = index_transitions(
+            actions, frames, num_actions, [f"sequence {e}" for e in range(len(actions))]
+        )
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -135,11 +129,7 @@ class LatentTransitions:
 
     def sample(self, batch: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """Class-balanced random batch: (stacks (B, K, C, h, w), labels (B,))."""
-        present = [c for c in self.by_class if len(c)]
-        if not present:
-            raise UsageError("no labelled latent transitions to train the latent IDM on")
-        cls = rng.integers(0, len(present), size=batch)
-        rows = np.array([present[c][rng.integers(0, len(present[c]))] for c in cls])
+        rows = balanced_rows(self.by_class, batch, rng)
         return self.stacks(rows), self.labels[rows]
 
 
