@@ -1,0 +1,39 @@
+"""The examples run as a user runs them (a fresh process, the shipped default world)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_example(name: str, tmp_path: Path, *args: str, timeout: int = 300) -> str:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / name), *args],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def test_quickstart_writes_a_strip(tmp_path: Path) -> None:
+    out = run_example("quickstart.py", tmp_path)
+    assert "wrote quickstart.png (180, 2880, 3)" in out
+    assert (tmp_path / "quickstart.png").stat().st_size > 10_000
+
+
+def test_vector_env_example(tmp_path: Path) -> None:
+    out = run_example("vector_env.py", tmp_path)
+    assert "obs (16, 84, 84, 3) uint8" in out
+
+
+@pytest.mark.slow
+def test_ppo_in_imagination_example(tmp_path: Path) -> None:
+    out = run_example("ppo_in_imagination.py", tmp_path, "--timesteps", "1024", "--episodes", "1", timeout=900)
+    assert "real CarRacing-v3 return: PPO trained in imagination" in out
