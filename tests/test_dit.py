@@ -124,3 +124,21 @@ def test_too_many_frames(cfg: DiTConfig) -> None:
 def test_bad_config() -> None:
     with pytest.raises(ValueError, match="patch"):
         VideoDiT(replace(DIT_PRESETS["tiny"], latent_hw=(9, 16), patch=2))
+
+
+def test_context_cache_equals_the_full_window(cfg: DiTConfig) -> None:
+    """encode_context(first frames) + forward(later frames, cache) == forward(whole window)[later]."""
+    model = make(cfg).eval()
+    perturb_zero_init(model)
+    x, t, ctrl, mask = inputs(cfg, t=6)
+    with torch.no_grad():
+        full = model(x, t, ctrl, mask)  # (B, 6, C, H, W)
+        cache = model.encode_context(x[:, :4], t[:, :4], ctrl[:, :4], mask[:, :4])
+        assert cache.frames == 4 and len(cache.kv) == cfg.depth
+        later = model(x[:, 4:], t[:, 4:], ctrl[:, 4:], mask[:, 4:], cache=cache)
+    torch.testing.assert_close(later, full[:, 4:], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="max_frames"):
+        model(*inputs(cfg, t=cfg.max_frames - 3), cache=cache)
+    bidirectional = make(replace(cfg, causal=False))
+    with pytest.raises(ValueError, match="block-causal"):
+        bidirectional.encode_context(x[:, :4], t[:, :4], ctrl[:, :4], mask[:, :4])

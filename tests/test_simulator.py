@@ -124,6 +124,25 @@ def test_reward_fn_override_and_bf16(world) -> None:
     assert torch.isfinite(latents).all() and latents.dtype == torch.float32
 
 
+@pytest.mark.parametrize(
+    "sampler",
+    [
+        SwinDPMConfig(context=2, groups=2, steps_per_shift=3, mode="pipelined", ctx_noise=0.2),
+        SwinDPMConfig(context=2, groups=2, mode="reconditioned", steps_per_shift=2),
+        SwinDPMConfig(context=2, mode="immediate", immediate_steps=4),
+    ],
+    ids=["pipelined-k3-ctxnoise", "reconditioned-k2", "immediate-4"],
+)
+def test_context_cache_is_exact(world, sampler: SwinDPMConfig) -> None:
+    """Several evaluations per shift: running the context once and reusing its keys/values changes nothing."""
+    cached, full = started(world, sampler=sampler), started(world, sampler=sampler, context_cache=False)
+    assert cached._context_fn is not None and full._context_fn is None
+    for a in [0, 4, 8, 2, 2, 7]:
+        want = full.step(torch.full((B,), a))[0]
+        got = cached.step(torch.full((B,), a))[0]
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("mode", ["pipelined", "reconditioned", "immediate"])
 def test_sampler_modes(world, mode: str) -> None:
     cfg = sampler_config(world, mode)

@@ -141,26 +141,33 @@ class Attention(nn.Module):
         context: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
         is_causal: bool = False,
-    ) -> torch.Tensor:
+        kv_prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """Attend.
 
         Args:
             x: (B', N, D) queries.
             context: (B', M, Dc) keys/values source; ``x`` when None.
-            attn_mask: bool mask broadcastable to (B', heads, N, M); True = attend.
-            is_causal: causal mask over N == M.
+            attn_mask: bool mask broadcastable to (B', heads, N, M' ); True = attend.
+            is_causal: causal mask over N == M (no ``kv_prefix``).
+            kv_prefix: cached (keys, values) (B', h, M0, d) of earlier positions, put in front of
+                this call's keys/values (so M' = M0 + M).
 
         Returns:
-            (B', N, D).
+            ``(out (B', N, D), (k, v))`` with this call's own keys/values (B', h, M, d) (normed),
+            for a cache.
         """
         context = x if context is None else context
         q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.heads)  # (B', h, N, d)
         kv = rearrange(self.kv(context), "b m (two h d) -> two b h m d", two=2, h=self.heads)
         k, v = kv.unbind(0)  # 2 x (B', h, M, d)
         q, k = self.q_norm(q), self.k_norm(k)
+        k_all, v_all = k, v
+        if kv_prefix is not None:
+            k_all, v_all = torch.cat([kv_prefix[0], k], dim=2), torch.cat([kv_prefix[1], v], dim=2)  # (B', h, M', d)
         # (B', h, N, d)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
-        return self.proj(rearrange(out, "b h n d -> b n (h d)"))  # (B', N, D)
+        out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=attn_mask, is_causal=is_causal)
+        return self.proj(rearrange(out, "b h n d -> b n (h d)")), (k, v)  # (B', N, D)
 
 
 class DiTBlock(nn.Module):
@@ -182,24 +189,42 @@ class DiTBlock(nn.Module):
         nn.init.zeros_(self.ada[-1].weight)
         nn.init.zeros_(self.ada[-1].bias)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """Apply the block: x (B, T, P, D), c (B, T, D) per-frame conditioning -> (B, T, P, D)."""
+    def forward(
+        self, x: torch.Tensor, c: torch.Tensor, kv_prefix: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Apply the block.
+
+        Args:
+            x: (B, T, P, D) tokens.
+            c: (B, T, D) per-frame conditioning.
+            kv_prefix: temporal keys/values (B*P, h, T0, d) of T0 earlier frames (a context cache);
+                these frames come after them (block-causal DiTs only).
+
+        Returns:
+            ``(x (B, T, P, D), (k, v))``: the temporal keys/values of these frames, (B*P, h, T, d).
+        """
         b, t, p, _ = x.shape
         mods = self.ada(c).chunk(9, dim=-1)  # 9 x (B, T, D)
         sh_s, sc_s, g_s, sh_t, sc_t, g_t, sh_m, sc_m, g_m = mods
 
         # Spatial attention within each frame.
         h = modulate(self.norm_s(x), sh_s, sc_s)  # (B, T, P, D)
-        h = self.attn_s(rearrange(h, "b t p d -> (b t) p d"))  # (B*T, P, D)
+        h, _ = self.attn_s(rearrange(h, "b t p d -> (b t) p d"))  # (B*T, P, D)
         x = x + g_s[:, :, None] * rearrange(h, "(b t) p d -> b t p d", b=b)  # (B, T, P, D)
 
         # Temporal attention across frames at each spatial location.
         h = modulate(self.norm_t(x), sh_t, sc_t)  # (B, T, P, D)
-        h = self.attn_t(rearrange(h, "b t p d -> (b p) t d"), is_causal=self.causal)  # (B*P, T, D)
+        h = rearrange(h, "b t p d -> (b p) t d")  # (B*P, T, D)
+        if kv_prefix is None:
+            h, kv = self.attn_t(h, is_causal=self.causal)  # (B*P, T, D)
+        else:  # frame i (after T0 cached ones) sees the cache and frames <= i
+            t0 = kv_prefix[0].shape[2]
+            mask = torch.ones(t, t0 + t, dtype=torch.bool, device=x.device).tril(diagonal=t0)  # (T, T0+T)
+            h, kv = self.attn_t(h, attn_mask=mask, kv_prefix=kv_prefix)
         x = x + g_t[:, :, None] * rearrange(h, "(b p) t d -> b t p d", b=b, p=p)  # (B, T, P, D)
 
         h = self.mlp(modulate(self.norm_m(x), sh_m, sc_m))  # (B, T, P, D)
-        return x + g_m[:, :, None] * h
+        return x + g_m[:, :, None] * h, kv
 
 
 class InteractiveModule(nn.Module):
@@ -236,9 +261,19 @@ class InteractiveModule(nn.Module):
         q = rearrange(self.norm(x), "b t p d -> (b t) p d")  # (B*T, P, D)
         ctx = rearrange(self.ctx_norm(ctrl_tokens), "b t n e -> (b t) n e")  # (B*T, N, Dt)
         mask = rearrange(safe_mask, "b t n -> (b t) 1 1 n")  # (B*T, 1, 1, N)
-        h = rearrange(self.attn(q, ctx, attn_mask=mask), "(b t) p d -> b t p d", b=b)  # (B, T, P, D)
+        h = rearrange(self.attn(q, ctx, attn_mask=mask)[0], "(b t) p d -> b t p d", b=b)  # (B, T, P, D)
         h = h * has_ctrl[:, :, None, None].to(h.dtype)
         return x + torch.tanh(self.gate) * h
+
+
+@dataclass
+class ContextCache:
+    """Temporal keys/values of a window's first frames (block-causal DiT), one (k, v) per block."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    """Per block: keys and values, each (B*P, heads, frames, head_dim)."""
+    frames: int
+    """T0, number of cached frames (the positions the next frames continue from)."""
 
 
 class VideoDiT(nn.Module):
@@ -296,28 +331,67 @@ class VideoDiT(nn.Module):
         return [m.gate for m in self.interactive]
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, ctrl_tokens: torch.Tensor, ctrl_mask: torch.Tensor
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        ctrl_tokens: torch.Tensor,
+        ctrl_mask: torch.Tensor,
+        cache: ContextCache | None = None,
     ) -> torch.Tensor:
         """Predict the flow velocity of every frame.
 
         Args:
-            x: (B, T, C, H, W) noisy latents, T <= max_frames.
+            x: (B, T, C, H, W) noisy latents, T <= max_frames (minus the cached frames).
             t: (B, T) flow time per frame in [0, 1] (0 clean, 1 pure noise).
             ctrl_tokens: (B, T, N, Dt) control tokens per frame.
             ctrl_mask: (B, T, N) bool, True = real token.
+            cache: the window's first frames, run once by :meth:`encode_context`; ``x`` then holds
+                the frames after them (block-causal DiTs only). Equal, to float rounding, to running
+                the whole window and keeping the last T frames.
 
         Returns:
             (B, T, C, H, W) velocity ``eps - x0``.
         """
+        return self._run(x, t, ctrl_tokens, ctrl_mask, cache)[0]
+
+    def encode_context(
+        self, x: torch.Tensor, t: torch.Tensor, ctrl_tokens: torch.Tensor, ctrl_mask: torch.Tensor
+    ) -> ContextCache:
+        """Run the window's first T0 frames once and keep their temporal keys/values per block.
+
+        With block-causal temporal attention these frames never look at later ones, so their keys
+        and values do not change while the frames after them are denoised (Swin-DPM's k Euler
+        steps of one shift, or immediate mode's steps): :meth:`forward` with ``cache=`` reuses them.
+
+        Args:
+            x, t, ctrl_tokens, ctrl_mask: as :meth:`forward`, for the T0 context frames.
+
+        Returns:
+            The cache (per block: keys, values of shape (B*P, heads, T0, head_dim)).
+        """
+        if not self.cfg.causal:
+            raise ValueError("a context cache needs block-causal temporal attention (DiTConfig.causal=True)")
+        return self._run(x, t, ctrl_tokens, ctrl_mask, None)[1]
+
+    def _run(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        ctrl_tokens: torch.Tensor,
+        ctrl_mask: torch.Tensor,
+        cache: ContextCache | None,
+    ) -> tuple[torch.Tensor, ContextCache]:
+        """Forward pass returning the velocity and every block's temporal keys/values."""
         b, n_frames, _, h, w = x.shape
         p = self.cfg.patch
-        if n_frames > self.cfg.max_frames:
-            raise ValueError(f"T={n_frames} exceeds max_frames={self.cfg.max_frames}")
+        offset = 0 if cache is None else cache.frames
+        if offset + n_frames > self.cfg.max_frames:
+            raise ValueError(f"T={offset + n_frames} exceeds max_frames={self.cfg.max_frames}")
 
         # (B, T, P, C*p*p)
         tokens = rearrange(x, "b t c (gh p1) (gw p2) -> b t (gh gw) (c p1 p2)", p1=p, p2=p)
         tokens = self.patch_embed(tokens)  # (B, T, P, D)
-        tokens = tokens + self.pos_spatial + self.pos_temporal[:n_frames, None]  # (B, T, P, D)
+        tokens = tokens + self.pos_spatial + self.pos_temporal[offset : offset + n_frames, None]  # (B, T, P, D)
 
         # Per-frame conditioning: timestep + masked mean of the frame's control tokens.
         mask_f = ctrl_mask.to(ctrl_tokens.dtype)[..., None]  # (B, T, N, 1)
@@ -325,13 +399,14 @@ class VideoDiT(nn.Module):
         t_feat = sincos_1d(t * TIME_SCALE, TIME_FREQ_DIM).to(tokens.dtype)  # (B, T, 256)
         c = self.t_embed(t_feat) + self.ctrl_embed(pooled)  # (B, T, D)
 
+        kvs = []
         for i, blk in enumerate(self.blocks):
-            tokens = blk(tokens, c)  # (B, T, P, D)
+            tokens, kv = blk(tokens, c, None if cache is None else cache.kv[i])  # (B, T, P, D)
+            kvs.append(kv)
             if (i + 1) % self.cfg.cross_every == 0:
                 tokens = self.interactive[(i + 1) // self.cfg.cross_every - 1](tokens, ctrl_tokens, ctrl_mask)
 
         shift, scale = self.final_ada(c).chunk(2, dim=-1)  # 2 x (B, T, D)
         out = self.final(modulate(self.final_norm(tokens), shift, scale))  # (B, T, P, C*p*p)
-        return rearrange(
-            out, "b t (gh gw) (c p1 p2) -> b t c (gh p1) (gw p2)", gh=h // p, p1=p, p2=p
-        )  # (B, T, C, H, W)
+        v = rearrange(out, "b t (gh gw) (c p1 p2) -> b t c (gh p1) (gw p2)", gh=h // p, p1=p, p2=p)
+        return v, ContextCache(kv=kvs, frames=n_frames)  # (B, T, C, H, W)

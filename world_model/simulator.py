@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from world_model.checkpoint import WorldModel
+from world_model.dit import ContextCache
 from world_model.errors import UsageError
 from world_model.swin_dpm import SwinDPM, SwinDPMConfig
 from world_model.vae import tensor_to_frames
@@ -71,6 +72,7 @@ class Simulator:
         dtype: torch.dtype = torch.float32,
         reward_fn: RewardFn | None = None,
         compile_model: bool = False,
+        context_cache: bool = True,
     ) -> None:
         """Move the model to ``device``, cache the control tables and allocate the stream state.
 
@@ -85,6 +87,9 @@ class Simulator:
             compile_model: run the DiT through ``torch.compile`` (inductor; fixed shapes, since the
                 batch never changes). The first step pays the compilation (about a minute on a
                 2-core CPU); later steps are faster (see the README's speed table).
+            context_cache: with a block-causal DiT and several model evaluations per shift
+                (``steps_per_shift`` > 1, or ``immediate`` mode), run the context frames once per
+                shift and reuse their keys/values (exact; see ``SwinDPM.step``).
 
         Raises:
             UsageError: the sampler window does not fit the model or the start contexts.
@@ -111,6 +116,7 @@ class Simulator:
         self.vae = world.vae.to(self.device).eval()
         self.dit = world.dit.to(self.device).eval()
         self._dit_fn = torch.compile(self.dit, dynamic=False) if compile_model else self.dit
+        self._context_fn = self._encode_context if context_cache and self.dit.cfg.causal else None
         self.heads = world.heads.to(self.device).eval()
         # Cached once: the control tables (A+1 rows) and the start contexts.
         self.ctrl_tokens = world.control_tokens.to(self.device, torch.float32)  # (A+1, N, Dt)
@@ -152,13 +158,26 @@ class Simulator:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     # ------------------------------------------------------------------------ hot path
-    def _denoise(self, x: torch.Tensor, t: torch.Tensor, ctrl_idx: torch.Tensor) -> torch.Tensor:
-        """Swin-DPM denoiser: x (B, L, C, H, W), t (B, L), ctrl_idx (B, L) -> v (B, L, C, H, W)."""
+    def _denoise(
+        self, x: torch.Tensor, t: torch.Tensor, ctrl_idx: torch.Tensor, cache: ContextCache | None = None
+    ) -> torch.Tensor:
+        """Swin-DPM denoiser: x (B, L, C, H, W), t (B, L), ctrl_idx (B, L) -> v (B, L, C, H, W).
+
+        With ``cache`` (the context frames' keys/values) x holds only the frames after them.
+        """
         tokens = self.ctrl_tokens[ctrl_idx]  # (B, L, N, Dt)
         mask = self.ctrl_mask[ctrl_idx]  # (B, L, N)
         with self._autocast():
-            v = self._dit_fn(x, t, tokens, mask)  # (B, L, C, H, W)
+            if cache is None:
+                v = self._dit_fn(x, t, tokens, mask)  # (B, L, C, H, W)
+            else:
+                v = self.dit(x, t, tokens, mask, cache=cache)  # (B, G, C, H, W)
         return v.float()
+
+    def _encode_context(self, x: torch.Tensor, t: torch.Tensor, ctrl_idx: torch.Tensor) -> ContextCache:
+        """Keys/values of the window's context frames x (B, C_ctx, C, H, W) (see ``VideoDiT.encode_context``)."""
+        with self._autocast():
+            return self.dit.encode_context(x, t, self.ctrl_tokens[ctrl_idx], self.ctrl_mask[ctrl_idx])
 
     @torch.inference_mode()
     def reset(
@@ -198,7 +217,9 @@ class Simulator:
         """
         actions = actions.to(self.device, torch.long)
         z_prev = self.latest.clone()  # (B, C, H, W)
-        _, z_next = self.sampler.step(self.state, self._denoise, actions)  # (B, C, H, W)
+        _, z_next = self.sampler.step(
+            self.state, self._denoise, actions, context_fn=self._context_fn
+        )  # (B, C, H, W)
         with self._autocast():
             reward, term_logit = self.heads(z_prev, z_next, self.ctrl_pooled[actions])  # (B,), (B,)
         if self.reward_fn is not None:

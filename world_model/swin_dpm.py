@@ -54,8 +54,11 @@ import torch
 SamplerMode = Literal["pipelined", "reconditioned", "immediate"]
 MODES: tuple[str, ...] = ("pipelined", "reconditioned", "immediate")
 
-# denoise_fn(x (B, L, C, H, W), t (B, L), ctrl_idx (B, L) long) -> v (B, L, C, H, W)
-DenoiseFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# denoise_fn(x (B, L, C, H, W), t (B, L), ctrl_idx (B, L) long) -> v (B, L, C, H, W); with a context
+# cache (see SwinDPM.step) it is called as denoise_fn(x_noisy, t_noisy, ctrl_noisy, cache) for the G noisy frames.
+DenoiseFn = Callable[..., torch.Tensor]
+# context_fn(x_ctx (B, C_ctx, C, H, W), t_ctx (B, C_ctx), ctrl_ctx (B, C_ctx)) -> an opaque cache
+ContextFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], object]
 
 # Keys are drawn in [0, 2**63 - 1) so that they fit a signed int64 (torch.long / np.int64).
 KEY_HIGH = 2**63 - 1
@@ -314,6 +317,7 @@ class SwinDPM:
         denoise_fn: DenoiseFn,
         new_ctrl_idx: torch.Tensor,
         generator: torch.Generator | None = None,
+        context_fn: ContextFn | None = None,
     ) -> tuple[SwinDPMState, torch.Tensor]:
         """One shift: condition on the newest action, denoise, emit the head, slide the window.
 
@@ -323,6 +327,11 @@ class SwinDPM:
                 the rectified-flow velocity ``eps - x0``.
             new_ctrl_idx: (B,) long control row of the newest action.
             generator: if given, noise comes from it instead of the per-row streams.
+            context_fn: for a block-causal model, runs the context frames once per shift and returns
+                a cache; the k Euler steps then call ``denoise_fn(x_noisy, t_noisy, ctrl_noisy,
+                cache)`` on the G noisy frames only. Within a shift the context frames, their noise,
+                levels and controls do not change, so this is exact; it saves ``(k - 1) * C_ctx``
+                frame evaluations per shift and is used only when k > 1.
 
         Returns:
             ``(state, frame)`` with frame (B, C, H, W), a new tensor: the emitted clean latent.
@@ -340,12 +349,20 @@ class SwinDPM:
             s = self.cfg.ctx_noise
             eps_ctx = self._noise(state, (c_ctx, *lat.shape[2:]), generator)  # (B, C_ctx, C, H, W)
             noisy_ctx = (1.0 - s) * lat[:, :c_ctx] + s * eps_ctx  # (B, C_ctx, C, H, W)
-        for j in range(self.steps):  # k Euler steps (a fixed, small count; not a loop over envs)
-            if self.cfg.ctx_noise > 0.0:
-                x_in = torch.cat([noisy_ctx, lat[:, c_ctx:]], dim=1)  # (B, L, C, H, W)
-            t = self.t_in[j].expand(b, -1)  # (B, L)
-            v = denoise_fn(x_in, t, ctrl)  # (B, L, C, H, W)
-            lat[:, c_ctx:].add_(self.dt[j][None, :, None, None, None] * v[:, c_ctx:].to(lat.dtype))
+        if context_fn is not None and self.steps > 1:
+            ctx_in = noisy_ctx if self.cfg.ctx_noise > 0.0 else lat[:, :c_ctx]  # (B, C_ctx, C, H, W)
+            cache = context_fn(ctx_in, self.t_in[0, :c_ctx].expand(b, -1), ctrl[:, :c_ctx])
+            for j in range(self.steps):
+                t = self.t_in[j, c_ctx:].expand(b, -1)  # (B, G)
+                v = denoise_fn(lat[:, c_ctx:], t, ctrl[:, c_ctx:], cache)  # (B, G, C, H, W)
+                lat[:, c_ctx:].add_(self.dt[j][None, :, None, None, None] * v.to(lat.dtype))
+        else:
+            for j in range(self.steps):  # k Euler steps (a fixed, small count; not a loop over envs)
+                if self.cfg.ctx_noise > 0.0:
+                    x_in = torch.cat([noisy_ctx, lat[:, c_ctx:]], dim=1)  # (B, L, C, H, W)
+                t = self.t_in[j].expand(b, -1)  # (B, L)
+                v = denoise_fn(x_in, t, ctrl)  # (B, L, C, H, W)
+                lat[:, c_ctx:].add_(self.dt[j][None, :, None, None, None] * v[:, c_ctx:].to(lat.dtype))
 
         frame = lat[:, c_ctx].clone()  # (B, C, H, W) head, now at flow time 0
         fresh = self._noise(state, tuple(lat.shape[2:]), generator)  # (B, C, H, W)
