@@ -722,7 +722,8 @@ def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int,
                 device: str, real_env_id: str | None) -> dict:
     """Drive the world (and the real CarRacing-v3) with the pixel road follower; compare road keeping.
 
-    In the world, ``envs`` streams start from real held-out contexts; each step the follower reads
+    In the world, ``envs`` streams start from real held-out contexts whose last frame shows the car on
+    the road (as the real game's episodes start; all contexts if none does); each step the follower reads
     the decoded 72x128 frames. On-road fraction (:func:`world_model.road_follower.on_road`) and
     reward per step are reported per quarter of the run; the same follower on the real game (when
     the world was recorded from CarRacing) gives the reference.
@@ -734,6 +735,9 @@ def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int,
         follower = RoadFollower(list(world.action_names))
     except ValueError as err:
         return {"skipped": str(err)}
+    on = on_road(decode_latents(world.vae, contexts[:, -1].float()))  # (S,) the real game starts on the road
+    if on.any():
+        contexts = contexts[torch.from_numpy(np.nonzero(on)[0])]
     sim = Simulator(dataclasses.replace(world, start_latents=contexts.float()), envs, device,
                     sampler=sampler_config(world, mode))
     start = torch.from_numpy(np.random.default_rng(seed).permutation(len(contexts))[:envs] % len(contexts))
