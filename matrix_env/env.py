@@ -185,8 +185,8 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
     * ``sampler_mode``: "pipelined", "reconditioned" or "immediate" (default: the checkpoint's).
     * ``device`` / ``dtype``: where and in which precision the networks run.
     * ``reward_fn``: replaces the reward head.
-    * ``compile_model``: ``torch.compile`` the DiT (slow first step, faster afterwards; with
-      ``dtype="bfloat16"`` the fastest CPU setting, see the README).
+    * ``compile_model``: ``torch.compile`` the full-window DiT calls (a slow first step; see
+      ``Simulator``). ``dtype="bfloat16"`` is the measured CPU speed-up (README, 1.39x at 16 envs).
 
     Same seed, same actions -> identical frames (all sampling noise comes from a stream keyed by
     ``np_random``).

@@ -190,7 +190,11 @@ class DiTBlock(nn.Module):
         nn.init.zeros_(self.ada[-1].bias)
 
     def forward(
-        self, x: torch.Tensor, c: torch.Tensor, kv_prefix: tuple[torch.Tensor, torch.Tensor] | None = None
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        kv_prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+        prefix_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """Apply the block.
 
@@ -199,6 +203,7 @@ class DiTBlock(nn.Module):
             c: (B, T, D) per-frame conditioning.
             kv_prefix: temporal keys/values (B*P, h, T0, d) of T0 earlier frames (a context cache);
                 these frames come after them (block-causal DiTs only).
+            prefix_mask: (T, T0+T) bool attention mask that goes with ``kv_prefix`` (built once per call).
 
         Returns:
             ``(x (B, T, P, D), (k, v))``: the temporal keys/values of these frames, (B*P, h, T, d).
@@ -218,9 +223,7 @@ class DiTBlock(nn.Module):
         if kv_prefix is None:
             h, kv = self.attn_t(h, is_causal=self.causal)  # (B*P, T, D)
         else:  # frame i (after T0 cached ones) sees the cache and frames <= i
-            t0 = kv_prefix[0].shape[2]
-            mask = torch.ones(t, t0 + t, dtype=torch.bool, device=x.device).tril(diagonal=t0)  # (T, T0+T)
-            h, kv = self.attn_t(h, attn_mask=mask, kv_prefix=kv_prefix)
+            h, kv = self.attn_t(h, attn_mask=prefix_mask, kv_prefix=kv_prefix)
         x = x + g_t[:, :, None] * rearrange(h, "(b p) t d -> b t p d", b=b, p=p)  # (B, T, P, D)
 
         h = self.mlp(modulate(self.norm_m(x), sh_m, sc_m))  # (B, T, P, D)
@@ -400,8 +403,11 @@ class VideoDiT(nn.Module):
         c = self.t_embed(t_feat) + self.ctrl_embed(pooled)  # (B, T, D)
 
         kvs = []
+        prefix_mask = None
+        if cache is not None:  # frame i (after the cached ones) attends to the cache and frames <= i
+            prefix_mask = torch.ones(n_frames, offset + n_frames, dtype=torch.bool, device=x.device).tril(offset)
         for i, blk in enumerate(self.blocks):
-            tokens, kv = blk(tokens, c, None if cache is None else cache.kv[i])  # (B, T, P, D)
+            tokens, kv = blk(tokens, c, None if cache is None else cache.kv[i], prefix_mask)  # (B, T, P, D)
             kvs.append(kv)
             if (i + 1) % self.cfg.cross_every == 0:
                 tokens = self.interactive[(i + 1) // self.cfg.cross_every - 1](tokens, ctrl_tokens, ctrl_mask)

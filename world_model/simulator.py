@@ -84,9 +84,10 @@ class Simulator:
             dtype: compute dtype of the networks: float32, or bfloat16 / float16 via autocast
                 (the stream state stays float32).
             reward_fn: optional replacement of the reward head.
-            compile_model: run the DiT through ``torch.compile`` (inductor; fixed shapes, since the
-                batch never changes). The first step pays the compilation (about a minute on a
-                2-core CPU); later steps are faster (see the README's speed table).
+            compile_model: run the full-window DiT calls through ``torch.compile`` (inductor; fixed
+                shapes, since the batch never changes); the first step pays the compilation (about a
+                minute on a 2-core CPU). Calls that use the context cache stay eager, so it only
+                matters for samplers with one evaluation per shift (pipelined k=1, the default).
             context_cache: with a block-causal DiT and several model evaluations per shift
                 (``steps_per_shift`` > 1, or ``immediate`` mode), run the context frames once per
                 shift and reuse their keys/values (exact; see ``SwinDPM.step``).
