@@ -167,3 +167,20 @@ def test_twenty_episodes_cover_all_nine_actions(tmp_path: Path) -> None:
     record(RecordArgs(out=tmp_path, episodes=20, steps=250, resolution="320x180", workers=2))
     counts = json.loads((tmp_path / E.MANIFEST).read_text())["action_counts"]
     assert set(counts) == {"D", "DL", "DR", "B", "BL", "BR", "N", "NL", "NR"}
+
+
+def test_exit_policy_ends_in_termination(tmp_path: Path) -> None:
+    """--policy exit drives off the playfield: the episode ends terminated with CarRacing's -100."""
+    record(RecordArgs(out=tmp_path, episodes=1, steps=400, resolution="320x180", policy="exit", seed=3))
+    (ep,) = E.list_episodes(tmp_path)
+    arrays, meta = E.open_episode(ep), E.read_meta(ep)
+    assert meta["policy"] == "exit" and meta["steps"] < 400
+    assert arrays["terminated"][-1] and not arrays["terminated"][:-1].any()
+    assert arrays["rewards"][-1] <= -99.0
+    frames = arrays["frames"]
+    assert (frames[-1].max(-1) < 10).mean() > (frames[0].max(-1) < 10).mean() + 0.05  # the black void
+
+
+def test_exit_policy_needs_carracing(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="--policy exit drives CarRacing only"):
+        record(RecordArgs(out=tmp_path, env="CartPole-v1", episodes=1, steps=5, policy="exit"))

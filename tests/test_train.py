@@ -208,6 +208,54 @@ def test_road_starts_skip_windows_that_end_off_the_road(data, latents, tmp_path)
     assert any(p["episode"] == eps[0].name and p["frame"] + 3 >= 12 for p in every)
 
 
+def test_weighted_sampler_is_resumable_and_follows_the_weights():
+    """Weighted epochs: a pure function of the step (resume-exact), zero-weight items never drawn."""
+    from world_model.train.common import ResumableBatchSampler
+
+    w = np.ones(100)
+    w[:10] = 20.0
+    w[90:] = 0.0
+    full = ResumableBatchSampler(100, 8, 0, 1, seed=3, weights=w)
+    resumed = ResumableBatchSampler(100, 8, 0, 1, seed=3, start_step=17, weights=w)
+    it = iter(resumed)
+    assert all(full.batch(s) == next(it) for s in range(17, 40))
+    drawn = np.concatenate([full.batch(s) for s in range(400)])
+    assert drawn.max() < 90  # weight 0: never
+    share = (drawn < 10).mean()  # expected 200 / 280 = 0.71
+    assert 0.65 < share < 0.77
+    plain = np.concatenate([ResumableBatchSampler(100, 8, 0, 1, seed=3).batch(s) for s in range(12)])
+    assert len(set(plain.tolist())) == 96  # unweighted: a (truncated) permutation per epoch, as before
+    for bad in (np.ones(99), -w, np.zeros(100), np.full(100, np.nan)):
+        with pytest.raises(UsageError, match="sampling weights"):
+            ResumableBatchSampler(100, 8, 0, 1, seed=3, weights=bad)
+
+
+def test_road_weights_favour_on_road_windows(data, latents, tmp_path):
+    """--road-weight: windows ending with grass under the car weigh 1, the others the given weight."""
+    import shutil
+
+    from world_model.train import common
+    from world_model.train.dit import road_window_weights
+
+    ep = sorted((data / "episodes").iterdir())[0]
+    copy = tmp_path / "data"
+    shutil.copytree(ep, copy / "episodes" / ep.name)
+    shutil.copy(data / "manifest.json", copy / "manifest.json")
+    grass = copy / "episodes" / ep.name / "frames_72x128.npy"
+    frames = np.load(grass)
+    frames[:, 30:60] = (102, 204, 102)  # rows around the car
+    frames[:12, 30:60] = (107, 107, 107)  # road under the car until frame 11
+    np.save(grass, frames)
+    dataset = common.window_dataset([copy / "episodes" / ep.name], 4, source="latents", latents={copy: latents[0]})
+    weights = road_window_weights(dataset, 4, 5.0)
+    assert weights.shape == (len(dataset),) == (len(frames) - 3,)
+    term = np.load(copy / "episodes" / ep.name / "terminated.npy")
+    holds_term = np.array([term[k : k + 4].any() for k in range(len(weights))])
+    on = np.arange(len(weights)) + 3 < 12  # window k ends at frame k + 3
+    assert (weights == np.where(on | holds_term, 5.0, 1.0)).all()
+    assert on.sum() == 9 and (~on & ~holds_term).sum() > 0
+
+
 def test_dit_warm_start_loads_parent_weights_and_records_lineage(data, footage, latents, dit_run, tmp_path):
     """--init-from: lr 0 keeps the parent's weights exactly; the recipe chains both commands."""
     from safetensors.torch import load_file
@@ -369,6 +417,8 @@ def test_missing_latents_and_mismatched_resume_config(cli, data, footage, latent
         == 2
     )
     assert "no-latents" in capsys.readouterr().err
+    assert cli(["train-dit", *dit_args((data, footage), latents, tmp_path / "r2"), "--road-weight", "0"]) == 2
+    assert "--road-weight 0.0: expected > 0" in capsys.readouterr().err
     assert cli(["train-dit", *args, "--lr", "0.5", "--window", "6"]) == 2
     err = capsys.readouterr().err
     assert "lr" in err and "window" in err and "0.5" in err

@@ -4,6 +4,10 @@
 speed target, plus epsilon action noise and random held bursts. The bursts push the car onto the
 grass and the controller then drives it back, so the data holds recoveries as well as clean laps,
 and all nine driving actions occur (the noise and bursts draw uniformly from the table).
+``TrackExit`` (CarRacing): the track follower for a random while, then full throttle with random
+steering until the car crosses the playfield edge, where CarRacing terminates the episode (-100).
+Its episodes are the only ones that end in ``terminated``, so they teach the termination head what
+the edge looks like (the black void beyond the grass).
 ``RandomPolicy``: uniform random actions for any Discrete env (the generic recorder's default).
 """
 
@@ -97,3 +101,41 @@ class TrackFollower:
         if self.rng.random() < self.epsilon:
             return int(self.rng.integers(9))
         return self.controller(env)
+
+
+class TrackExit:
+    """Follow the track for ``follow`` steps (sampled per episode), then drive off it to the playfield edge.
+
+    After the following phase the policy heads outwards from the map centre (the track loops around
+    it) with a random angular offset per episode, coasting while it turns (full throttle with held
+    steering spins the car on grass) and at full throttle once aligned: the car leaves the road,
+    crosses the grass and reaches the black void beyond the playfield, where CarRacing-v3 terminates
+    the episode with reward -100.
+    """
+
+    name = "track-exit"
+
+    def __init__(self, rng: np.random.Generator, follow: tuple[int, int] = (10, 100)) -> None:
+        self.rng = rng
+        self.follower = TrackFollower(rng)
+        self.follow = int(rng.integers(follow[0], follow[1] + 1))
+        self.offset = float(rng.uniform(-0.6, 0.6))  # radians between the exit heading and the radial
+        self._t = 0
+
+    def params(self) -> dict[str, float]:
+        """This episode's sampled parameters (stored in the episode's meta)."""
+        return {**self.follower.params(), "follow": self.follow, "offset": self.offset}
+
+    def __call__(self, env) -> int:  # noqa: ANN001 - CarRacing (unwrapped)
+        self._t += 1
+        if self._t <= self.follow:
+            return self.follower(env)
+        hull = env.car.hull
+        pos = np.array(hull.position, dtype=np.float64)
+        angle = math.atan2(pos[1], pos[0]) + self.offset
+        forward, right = np.array(hull.GetWorldVector((0, 1))), np.array(hull.GetWorldVector((1, 0)))
+        d = np.array([math.cos(angle), math.sin(angle)])
+        err = math.atan2(float(d @ right), float(d @ forward))  # > 0: exit heading is to the right
+        if abs(err) < 0.25:
+            return action_id(0, 0)
+        return action_id(1 if err > 0 else -1, 2)

@@ -65,7 +65,8 @@ class RecordArgs:
     seed: int = 0
     """Base seed: episode i resets the env with seed + i and seeds its policy likewise."""
     policy: str = "auto"
-    """'auto' (track-follower with noise on CarRacing, random elsewhere), 'track', or 'random'."""
+    """'auto' (track-follower with noise on CarRacing, random elsewhere), 'track', 'exit' (CarRacing:
+    follow the track, then drive off the playfield until the episode terminates), or 'random'."""
     env_kwargs: str = "{}"
     """Extra gym.make keyword arguments as JSON, e.g. '{\"lap_complete_percent\": 0.9}'."""
     sentences: Path | None = None
@@ -177,16 +178,18 @@ def resolve_source(args: RecordArgs) -> Source:
         raise UsageError(f"--env-kwargs {args.env_kwargs!r} is not JSON: {err}") from err
     if not isinstance(env_kwargs, dict):
         raise UsageError(f"--env-kwargs {args.env_kwargs!r}: expected a JSON object")
-    if args.policy not in ("auto", "track", "random"):
-        raise UsageError(f"--policy {args.policy!r}: expected one of auto, track, random")
+    if args.policy not in ("auto", "track", "exit", "random"):
+        raise UsageError(f"--policy {args.policy!r}: expected one of auto, track, exit, random")
     carracing = is_carracing(args.env)
     if args.env.split(":")[-1] not in gym.registry and ":" not in args.env:
         raise UsageError(f"--env {args.env!r} is not a registered Gymnasium env id")
     if carracing:
         env_kwargs.setdefault("domain_randomize", bool(args.unlabelled or args.domain_randomize))
         names, sentences = list(DRIVING_ACTIONS), list(DRIVING_SENTENCES)
-    if args.policy == "track" and not carracing:
-        raise UsageError(f"--policy track drives CarRacing only; --env {args.env!r} needs --policy random")
+    if args.policy in ("track", "exit") and not carracing:
+        raise UsageError(
+            f"--policy {args.policy} drives CarRacing only; --env {args.env!r} needs --policy random"
+        )
     split = args.split or ("eval" if env_kwargs.get("domain_randomize") and not args.unlabelled else "train")
     src = Source(
         env_id=args.env,
@@ -241,13 +244,14 @@ def record_episode(
     import gymnasium as gym
     import imageio
 
-    from world_model.data.policy import RandomPolicy, TrackFollower
+    from world_model.data.policy import RandomPolicy, TrackExit, TrackFollower
 
     name = E.episode_name(index)
     env = make_env(src)
     rng = np.random.default_rng(seed)
     n_actions = len(src.action_names)
-    policy = TrackFollower(rng) if src.policy == "track" else RandomPolicy(n_actions, rng)
+    policies = {"track": TrackFollower, "exit": TrackExit}
+    policy = policies[src.policy](rng) if src.policy in policies else RandomPolicy(n_actions, rng)
     tmp = E.tmp_episode_dir(root, name)
     tmp.mkdir(parents=True, exist_ok=True)
     video_path = tmp / E.VIDEO_FILE

@@ -242,12 +242,30 @@ class ResumableBatchSampler:
     of epoch ``s // steps_per_epoch``, and rank ``r`` takes the ``r``-th of ``world_size``
     consecutive slices. Starting the sampler at ``start_step`` therefore yields exactly the batches
     an uninterrupted run yields from that step on, for the same ``(n, batch_size, world_size, seed)``.
+    With ``weights`` (one non-negative number per item) an epoch is instead ``n`` draws with
+    replacement with probabilities proportional to the weights, from the same per-epoch generator,
+    so weighted runs resume exactly too.
     """
 
     def __init__(
-        self, n: int, batch_size: int, rank: int, world_size: int, seed: int, start_step: int = 0
+        self,
+        n: int,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        start_step: int = 0,
+        weights: np.ndarray | None = None,
     ) -> None:
-        """Check that one step's worth of items exists (raises UsageError otherwise)."""
+        """Check that one step's worth of items exists and the weights fit (raises UsageError otherwise)."""
+        if weights is not None:
+            weights = np.asarray(weights, dtype=np.float64)
+            if weights.shape != (n,) or not np.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
+                raise UsageError(
+                    f"sampling weights of shape {weights.shape}: expected ({n},) finite, non-negative, not all 0"
+                )
+            weights = weights / weights.sum()
+        self.weights = weights
         self.n, self.batch_size, self.rank, self.world_size = n, batch_size, rank, world_size
         self.seed, self.start_step = seed, start_step
         self._perm: tuple[int, np.ndarray] | None = None  # (epoch, permutation) cache
@@ -266,7 +284,9 @@ class ResumableBatchSampler:
         """Dataset indices of this rank's batch at ``step``."""
         epoch, i = divmod(step, self.steps_per_epoch)
         if self._perm is None or self._perm[0] != epoch:
-            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n))
+            rng = np.random.default_rng([self.seed, epoch])
+            order = rng.permutation(self.n) if self.weights is None else rng.choice(self.n, self.n, p=self.weights)
+            self._perm = (epoch, order)
         perm = self._perm[1]
         start = (i * self.world_size + self.rank) * self.batch_size
         return perm[start : start + self.batch_size].tolist()
