@@ -362,13 +362,22 @@ def test_eval_suite_end_to_end(tmp_path: Path, tiny_world_dir: Path, toy_data: P
     assert 0.0 <= loop["world"]["on_road"] <= 1.0 and "skipped" in loop["real"]  # synthetic data: no real game
     assert "closed loop, road follower" in summary
 
-    # a second run reuses the first run's IDM (fixed features: comparable Fréchet distances)
+    # a second run reuses the first run's IDM (fixed features: comparable Fréchet distances) and tests
+    # the heads on a second data directory (its held-out split + its eval-split episodes)
+    heads_data = make_synthetic_dataset(tmp_path / "heads", episodes=6, steps=20, seed=3)
+    make_synthetic_dataset(tmp_path / "heads_eval", episodes=2, steps=20, seed=4, split="eval")
+    for ep in sorted((tmp_path / "heads_eval" / "episodes").iterdir()):  # same directory, new names
+        ep.rename(heads_data / "episodes" / ep.name.replace("ep_0000", "ep_0100"))
     out2 = tmp_path / "out2"
     argv2 = ["--checkpoint", str(tiny_world_dir), "--data", str(toy_data), "--out", str(out2), "--quick",
              "--threads", "1", "--idm", str(out / "idm"), "--latent-idm", str(out / "latent_idm"),
-             "--modes", "immediate", "--horizon", "8"]
+             "--modes", "immediate", "--horizon", "8", "--heads-data", str(heads_data)]
     assert S.main(argv2) == 0
     again = json.loads((out2 / "metrics.json").read_text())
+    extra = again["heads"]["extra"]  # 1 held-out train-split episode + 2 eval-split episodes
+    assert extra["episodes"] == len(S.unseen_episodes(heads_data, 0.1, 0)) == 3
+    assert extra["termination"]["positives"] >= 1 and extra["termination"]["recall"] == 0.0  # bias -10: never
+    assert "termination precision / recall, same episodes" in (out2 / "summary.md").read_text()
     assert again["idm"]["train"] == {"loaded_from": str(out / "idm")}
     assert again["idm"]["real_heldout"] == metrics["idm"]["real_heldout"]
     assert again["idm"]["latent"]["real_heldout"] == metrics["idm"]["latent"]["real_heldout"]

@@ -122,6 +122,10 @@ class Args:
     """Output directory for metrics.json, *.png, summary.md and idm/."""
     dr_data: Path | None = None
     """Optional labelled domain-randomised eval split (record --domain-randomize): control across domains."""
+    heads_data: Path | None = None
+    """Optional labelled data directory for a second reward/termination test: its held-out split plus
+    every episode stored with a split other than 'train' (e.g. `record --policy exit --split eval`,
+    episodes that end at the playfield edge), none of which the trainers read."""
     quick: bool = False
     """Tiny sizes everywhere (a smoke test: seconds on a tiny world); explicit options still win."""
     device: str = "cpu"
@@ -743,33 +747,35 @@ def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int,
     start = torch.from_numpy(np.random.default_rng(seed).permutation(len(contexts))[:envs] % len(contexts))
     sim.reset(torch.ones(envs, dtype=torch.bool), start, generator=torch.Generator().manual_seed(seed))
     frame = decode_latents(sim.vae, contexts[start, -1].float())  # (B, H, W, 3)
-    on, rew = [], []
-    for _ in range(steps):
-        latents, reward, _ = sim.step(torch.from_numpy(follower(frame)))
+    on, rew, ends = [], [], 0
+    for _ in range(steps):  # a stream the termination head ends is counted and driven on (no reset)
+        latents, reward, terminated = sim.step(torch.from_numpy(follower(frame)))
         frame = sim.decode(latents, E.TRAIN_HW).cpu().numpy()
         on.append(on_road(frame))
         rew.append(reward.float().cpu().numpy())
+        ends += int(terminated.sum())
     on_w, rew_w = np.array(on, np.float64), np.array(rew, np.float64)  # (T, B)
     out: dict = {"mode": mode, "envs": envs, "steps": steps,
                  "world": {"on_road": float(on_w.mean()), "on_road_by_quarter": bucket_means(on_w),
-                           "reward_per_step": float(rew_w.mean())}}
+                           "reward_per_step": float(rew_w.mean()), "terminations": ends}}
     if real_env_id is None or not real_env_id.startswith("CarRacing"):
         out["real"] = {"skipped": f"the world was recorded from {real_env_id!r}, not CarRacing"}
         return out
     from agents.real_env import RealCarRacingEnv
 
     env = RealCarRacingEnv()
-    on_r, rew_r = np.zeros((steps, envs)), np.zeros((steps, envs))
+    on_r, rew_r, ends_r = np.zeros((steps, envs)), np.zeros((steps, envs)), 0
     for i in range(envs):
         obs, _ = env.reset(seed=seed + i)
         for t in range(steps):
             obs, r, term, trunc, _ = env.step(int(follower(obs[None])[0]))
             on_r[t, i], rew_r[t, i] = on_road(obs[None])[0], r
+            ends_r += int(term)
             if term or trunc:
                 obs, _ = env.reset()
     env.close()
     out["real"] = {"on_road": float(on_r.mean()), "on_road_by_quarter": bucket_means(on_r),
-                   "reward_per_step": float(rew_r.mean())}
+                   "reward_per_step": float(rew_r.mean()), "terminations": ends_r}
     return out
 
 
@@ -957,14 +963,24 @@ def summary_markdown(results: dict) -> str:
             f"| termination precision / recall | {_fmt(tm['precision'])} / {_fmt(tm['recall'])} | "
             f"{tm['positives']} terminal of {tm['n']} |",
         ]
+        if "extra" in heads:
+            rw, tm, ex = heads["extra"]["reward"], heads["extra"]["termination"], heads["extra"]
+            lines += [
+                f"| reward head MAE / corr, {ex['episodes']} unseen episodes of {ex['data']} | "
+                f"{_fmt(rw['mae'])} / {_fmt(rw['corr'])} | constant-mean MAE {_fmt(rw.get('mae_constant_baseline'))} |",
+                f"| termination precision / recall, same episodes | {_fmt(tm['precision'])} / {_fmt(tm['recall'])} | "
+                f"{tm['positives']} terminal of {tm['n']} |",
+            ]
     loop = results.get("closed_loop", {})
     if "world" in loop:
         quarters = " / ".join(_fmt(q["mean"], 2) for q in loop["world"]["on_road_by_quarter"])
         real = loop.get("real", {})
         ref = (f"real CarRacing, same follower: {_fmt(real['on_road'], 2)} on road, "
-               f"reward/step {_fmt(real['reward_per_step'], 2)}") if "on_road" in real else real.get("skipped", "")
+               f"reward/step {_fmt(real['reward_per_step'], 2)}, {real.get('terminations', 0)} terminations"
+               ) if "on_road" in real else real.get("skipped", "")
         lines.append(f"| closed loop, road follower {loop['steps']} steps x {loop['envs']}: on road by quarter "
-                     f"/ predicted reward per step | {quarters} / {_fmt(loop['world']['reward_per_step'], 2)} | "
+                     f"/ predicted reward per step / terminations | {quarters} / "
+                     f"{_fmt(loop['world']['reward_per_step'], 2)} / {loop['world'].get('terminations', 0)} | "
                      f"{ref} |")
     for mode, row in results.get("speed", {}).items():
         batched = [k for k in row if k.startswith("steps_per_s_b") and k != "steps_per_s_b1"]
@@ -978,6 +994,19 @@ def summary_markdown(results: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------- main
+def unseen_episodes(root: Path, holdout_fraction: float, split_seed: int) -> list[Path]:
+    """Labelled episodes of ``root`` no trainer reads: the held-out split and every non-'train' split."""
+    from world_model.data.loader import split_episodes
+
+    _, held = split_episodes(root, holdout_fraction, split_seed)
+    out = labelled_episodes(root, held)
+    for ep in E.list_episodes(root):
+        meta = E.read_meta(ep)
+        if meta.get("labelled") and meta.get("split", "train") != "train":
+            out.append(ep)
+    return out
+
+
 def labelled_episodes(root: Path, names: list[str]) -> list[Path]:
     """Return the named episodes of ``root`` that carry action labels and belong to the training split."""
     out = []
@@ -1112,6 +1141,16 @@ def _evaluate(args: Args, command: list[str] | None) -> dict:
     train_rewards = [np.asarray(E.open_episode(ep)["rewards"][1:]) for ep in train_eps]
     heads = heads_metrics(world, seg, float(np.concatenate(train_rewards).mean()), device)
     scatter = heads.pop("scatter", None)
+    if args.heads_data is not None:
+        extra = unseen_episodes(args.heads_data, args.holdout_fraction, args.split_seed)
+        if not extra:
+            raise UsageError(f"--heads-data {str(args.heads_data)!r} holds no labelled held-out or eval-split episode")
+        check_actions(extra, world.action_names, "--heads-data")
+        seg_h = read_segments(extra, args.heldout_frames, args.segment_len, 0)
+        encode_segments(seg_h, world.vae)
+        heads["extra"] = heads_metrics(world, seg_h, float(np.concatenate(train_rewards).mean()), device)
+        heads["extra"].pop("scatter", None)
+        heads["extra"]["data"], heads["extra"]["episodes"] = str(args.heads_data), len(extra)
     lap("heads", t0)
 
     # ---- control rollouts per mode (+ Fréchet distance of the default mode)
