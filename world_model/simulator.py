@@ -166,6 +166,23 @@ class Simulator:
 
         With ``cache`` (the context frames' keys/values) x holds only the frames after them.
         """
+        w = self.cfg.guidance
+        if w == 1.0:
+            return self._velocity(x, t, ctrl_idx, cache)
+        # Classifier-free guidance on the frames in flight: the unconditional pass sees the
+        # "unknown" control row on every noisy frame (with a cache, x holds only noisy frames).
+        ctrl_u = ctrl_idx.clone()  # (B, L)
+        ctrl_u[:, 0 if cache is not None else self.cfg.context :] = self.unknown_idx
+        if cache is None:  # one pass over the doubled batch
+            v_c, v_u = self._velocity(torch.cat([x, x]), torch.cat([t, t]), torch.cat([ctrl_idx, ctrl_u])).chunk(2)
+        else:  # two passes over the noisy frames, sharing the context's keys/values
+            v_c, v_u = self._velocity(x, t, ctrl_idx, cache), self._velocity(x, t, ctrl_u, cache)
+        return v_u + w * (v_c - v_u)
+
+    def _velocity(
+        self, x: torch.Tensor, t: torch.Tensor, ctrl_idx: torch.Tensor, cache: ContextCache | None = None
+    ) -> torch.Tensor:
+        """One DiT pass: x (B, L, C, H, W), t (B, L), ctrl_idx (B, L) -> v (B, L, C, H, W) float32."""
         tokens = self.ctrl_tokens[ctrl_idx]  # (B, L, N, Dt)
         mask = self.ctrl_mask[ctrl_idx]  # (B, L, N)
         with self._autocast():

@@ -83,6 +83,12 @@ class SwinDPMConfig:
     """Euler steps from noise to a clean frame in ``"immediate"`` mode."""
     ctx_noise: float = 0.0
     """Flow time of the noise the model sees on the clean context frames (0 = none)."""
+    guidance: float = 1.0
+    """Classifier-free guidance scale w on the actions of the frames in flight:
+    ``v = v_u + w (v_c - v_u)``, where v_u sees the "unknown" control row on the noisy frames (the
+    trainer's control dropout teaches it). 1 = off (one model pass); other values cost a second
+    pass over the noisy frames (the context frames' keys/values are shared when the DiT is
+    block-causal). Applied by the denoiser the caller passes (``Simulator``)."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -92,6 +98,8 @@ class SwinDPMConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.ctx_noise < 1.0:
             raise ValueError(f"ctx_noise must be in [0, 1), got {self.ctx_noise}")
+        if not (math.isfinite(self.guidance) and self.guidance >= 0.0):
+            raise ValueError(f"guidance must be a finite number >= 0 (1 = off), got {self.guidance}")
 
 
 @dataclass
@@ -331,7 +339,8 @@ class SwinDPM:
                 a cache; the k Euler steps then call ``denoise_fn(x_noisy, t_noisy, ctrl_noisy,
                 cache)`` on the G noisy frames only. Within a shift the context frames, their noise,
                 levels and controls do not change, so this is exact; it saves ``(k - 1) * C_ctx``
-                frame evaluations per shift and is used only when k > 1.
+                frame evaluations per shift and is used when k > 1 or with guidance (whose two
+                passes then share the context).
 
         Returns:
             ``(state, frame)`` with frame (B, C, H, W), a new tensor: the emitted clean latent.
@@ -349,7 +358,7 @@ class SwinDPM:
             s = self.cfg.ctx_noise
             eps_ctx = self._noise(state, (c_ctx, *lat.shape[2:]), generator)  # (B, C_ctx, C, H, W)
             noisy_ctx = (1.0 - s) * lat[:, :c_ctx] + s * eps_ctx  # (B, C_ctx, C, H, W)
-        if context_fn is not None and self.steps > 1:
+        if context_fn is not None and (self.steps > 1 or self.cfg.guidance != 1.0):
             ctx_in = noisy_ctx if self.cfg.ctx_noise > 0.0 else lat[:, :c_ctx]  # (B, C_ctx, C, H, W)
             cache = context_fn(ctx_in, self.t_in[0, :c_ctx].expand(b, -1), ctrl[:, :c_ctx])
             for j in range(self.steps):
