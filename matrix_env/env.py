@@ -176,13 +176,16 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
     ## Arguments
     ```python
     gym.make("MatrixWorld-v0", world=None, render_mode=None, obs_size=None, obs_type="rgb",
-             sampler_mode=None, device="cpu", dtype="float32", reward_fn=None, compile_model=False)
+             sampler_mode=None, sampler=None, device="cpu", dtype="float32", reward_fn=None, compile_model=False)
     ```
     * ``world``: checkpoint directory (default: the shipped ``matrix_env/worlds/default``) or a
       loaded :class:`~world_model.checkpoint.WorldModel`.
     * ``render_mode``: None, "rgb_array" (720p frames) or "human" (a pygame window).
     * ``obs_size`` / ``obs_type``: see Observation Space.
     * ``sampler_mode``: "pipelined", "reconditioned" or "immediate" (default: the checkpoint's).
+    * ``sampler``: other Swin-DPM settings to change (``world_model.swin_dpm.SwinDPMConfig``
+      fields), e.g. ``{"guidance": 2.0}`` (classifier-free guidance on the actions) or
+      ``{"ctx_noise": 0.25}``.
     * ``device`` / ``dtype``: where and in which precision the networks run.
     * ``reward_fn``: replaces the reward head.
     * ``compile_model``: ``torch.compile`` the full-window DiT calls (a slow first step; see
@@ -211,6 +214,7 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
         obs_size: tuple[int, int] | None = None,
         obs_type: ObsType = "rgb",
         sampler_mode: str | None = None,
+        sampler: dict | None = None,
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype = "float32",
         reward_fn: RewardFn | None = None,
@@ -229,7 +233,7 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
             self.world,
             1,
             device,
-            sampler_config(self.world, sampler_mode),
+            sampler_config(self.world, sampler_mode, sampler),
             parse_dtype(dtype),
             reward_fn,
             compile_model,

@@ -149,6 +149,18 @@ def test_sampler_modes(tiny_world_dir: Path, mode: str) -> None:
     assert frames[-1].shape == (*SMALL, 3)
 
 
+def test_sampler_overrides(tiny_world_dir: Path) -> None:
+    """sampler={...} changes Swin-DPM fields (guidance changes the future); bad fields are named."""
+    env = MatrixWorldEnv(world=tiny_world_dir, obs_size=SMALL, sampler={"guidance": 3.0, "ctx_noise": 0.2})
+    assert env.sim.cfg.guidance == 3.0 and env.sim.cfg.ctx_noise == 0.2
+    plain = MatrixWorldEnv(world=tiny_world_dir, obs_size=SMALL)
+    assert not np.array_equal(rollout(env, 0, [1, 1, 1])[-1], rollout(plain, 0, [1, 1, 1])[-1])
+    with pytest.raises(UsageError, match=r"unknown fields \['gudance'\]"):
+        MatrixWorldEnv(world=tiny_world_dir, sampler={"gudance": 2.0})
+    with pytest.raises(UsageError, match="guidance must be"):
+        MatrixWorldEnv(world=tiny_world_dir, sampler={"guidance": -1.0})
+
+
 def test_play_headless(tiny_world_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from matrix_env.play import PlayArgs, keys_to_action, play
 

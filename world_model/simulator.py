@@ -33,23 +33,32 @@ FrameSize = Literal["720p", "native"] | tuple[int, int]
 HR_THRESHOLD = 2
 
 
-def sampler_config(world: WorldModel, mode: str | None = None) -> SwinDPMConfig:
-    """The checkpoint's default sampler settings, optionally with another ``mode``.
+def sampler_config(world: WorldModel, mode: str | None = None, overrides: dict | None = None) -> SwinDPMConfig:
+    """The checkpoint's default sampler settings, optionally with another ``mode`` and other fields.
+
+    Args:
+        world: the loaded checkpoint (its ``sampler`` dict holds the shipped settings).
+        mode: "pipelined", "reconditioned" or "immediate"; None keeps the checkpoint's.
+        overrides: SwinDPMConfig fields to change, e.g. ``{"guidance": 2.0, "ctx_noise": 0.25}``.
 
     Raises:
-        UsageError: the checkpoint's ``sampler`` dict has unknown fields, or ``mode`` is unknown.
+        UsageError: unknown fields (in the checkpoint or in ``overrides``), or invalid values.
     """
     known = {f.name for f in dataclasses.fields(SwinDPMConfig)}
     unknown = sorted(set(world.sampler) - known)
     if unknown:
         raise UsageError(f"checkpoint sampler settings have unknown fields {unknown}; known: {sorted(known)}")
-    settings = dict(world.sampler)
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise UsageError(f"sampler overrides have unknown fields {unknown}; known: {sorted(known)}")
+    settings = {**world.sampler, **overrides}
     if mode is not None:
         settings["mode"] = mode
     try:
         return SwinDPMConfig(**settings)
-    except ValueError as e:
-        raise UsageError(str(e)) from e
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"sampler settings {settings}: {e}") from e
 
 
 class Simulator:
