@@ -40,6 +40,8 @@ class BenchArgs:
     """Network precision: float32, bfloat16 or float16."""
     sampler_mode: str | None = None
     """Swin-DPM mode (default: the checkpoint's)."""
+    guidance: float | None = None
+    """Classifier-free guidance scale on the actions (default: the checkpoint's; 1 = off)."""
     threads: int = 0
     """torch.set_num_threads (0: torch's default)."""
     carracing: bool = True
@@ -96,6 +98,7 @@ def bench_single(args: BenchArgs, obs_size: tuple[int, int], steps: int) -> floa
         world=args.world,
         obs_size=obs_size,
         sampler_mode=args.sampler_mode,
+        sampler=None if args.guidance is None else {"guidance": args.guidance},
         device=args.device,
         dtype=args.dtype,
         compile_model=args.compile_model,
@@ -120,6 +123,7 @@ def bench_vector(args: BenchArgs, num_envs: int, obs_size: tuple[int, int], step
         world=args.world,
         obs_size=obs_size,
         sampler_mode=args.sampler_mode,
+        sampler=None if args.guidance is None else {"guidance": args.guidance},
         device=args.device,
         dtype=args.dtype,
         max_episode_steps=1000,
@@ -224,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(args)
     print(
         f"# bench_env: world={args.world or 'default'} device={args.device} dtype={args.dtype} "
-        f"compile={args.compile_model} "
+        f"compile={args.compile_model} guidance={args.guidance} "
         f"threads={torch.get_num_threads()} cpu={platform.processor() or platform.machine()}"
     )
     print(format_table(rows))

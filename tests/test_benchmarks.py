@@ -1,0 +1,24 @@
+"""Benchmarks run end to end on the tiny world (smoke: they print their tables; no timing asserted)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from benchmarks import bench_env
+
+
+def test_bench_env_prints_its_table(tiny_world_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    argv = ["--world", str(tiny_world_dir), "--steps", "1", "--no-carracing", "--no-hd",
+            "--num-envs", "2", "--guidance", "2.0", "--threads", "1"]
+    assert bench_env.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "guidance=2.0" in out and "| MatrixWorldVectorEnv | 2 | 84x84 |" in out
+
+
+def test_bench_env_rejects_bad_steps(tiny_world_dir: Path) -> None:
+    from world_model.errors import UsageError
+
+    with pytest.raises(UsageError, match="--steps must be >= 1, got 0"):
+        bench_env.main(["--world", str(tiny_world_dir), "--steps", "0"])
