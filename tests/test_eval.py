@@ -160,6 +160,8 @@ def test_reward_and_termination_metrics() -> None:
     assert never["recall"] == 0.0 and np.isnan(never["precision"])
     noisy = np.array([True, True, False, False])
     assert M.termination_metrics(noisy, term)["precision"] == pytest.approx(0.5)
+    assert M.termination_metrics(noisy, term)["false_positive_rate"] == pytest.approx(1 / 3)
+    assert perfect["false_positive_rate"] == 0.0
     # negatives sampled at 1/10 of their real rate: one false alarm weighs 10
     weighted = M.termination_metrics(noisy, term, weight=np.array([1, 10, 10, 10]))
     assert weighted["precision"] == pytest.approx(1 / 11)

@@ -41,6 +41,15 @@ def test_step_shapes_and_types(world) -> None:
     torch.testing.assert_close(sim.latest, latents)  # the emitted frame is the newest context frame
 
 
+def test_termination_uses_the_heads_threshold() -> None:
+    """terminated = logit > heads.cfg.term_threshold (the tiny heads' logits are ~ -10)."""
+    world = build_tiny_world()
+    sim = started(world)
+    assert not sim.step(torch.tensor([0, 1, 2]))[2].any()
+    world.heads.cfg.term_threshold = -20.0
+    assert sim.step(torch.tensor([0, 1, 2]))[2].all()
+
+
 def test_decode_sizes_and_small_obs_skip_720p(world, monkeypatch: pytest.MonkeyPatch) -> None:
     sim = started(world)
     latents = sim.latest.clone()

@@ -176,6 +176,8 @@ def test_dit_trainer_and_build_world(data, footage, vae_dir, latents, dit_run, t
     ])  # fmt: skip
     world = load_world(out)
     assert world.start_latents.shape == (6, 4, 4, 9, 16)
+    # the shipped termination threshold undoes the class weighting of the loss (prior correction)
+    assert world.heads.cfg.term_threshold == pytest.approx(np.log(summary["termination_pos_weight"]))
     assert world.sampler["context"] == 4 and world.sampler["groups"] == 4
     assert all(p["frame"] >= 15 for p in world.meta["starts"])
     assert {p["split"] for p in world.meta["starts"]} == {"heldout", "train"}

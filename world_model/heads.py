@@ -32,6 +32,11 @@ class HeadsConfig:
     """Dt, width of the pooled control embedding."""
     hidden: int = 128
     """Width of the trunk's last layer and of the MLP."""
+    term_threshold: float = 0.0
+    """Termination logit above which a transition ends the episode. Trained with BCE class weight
+    ``pos_weight`` on the rare positives, the logit estimates the true log-odds + log(pos_weight);
+    ``build-world`` sets log(pos_weight), so the env terminates where the probability under the
+    data's own class balance exceeds 1/2 (prior correction). 0 = the raw weighted decision."""
 
 
 class RewardTerminationHeads(nn.Module):

@@ -251,7 +251,7 @@ class Simulator:
             reward, term_logit = self.heads(z_prev, z_next, self.ctrl_pooled[actions])  # (B,), (B,)
         if self.reward_fn is not None:
             reward = self.reward_fn(z_prev, z_next, actions)
-        return z_next, reward.float(), term_logit > 0
+        return z_next, reward.float(), term_logit.float() > self.heads.cfg.term_threshold
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor, size: FrameSize = "720p") -> torch.Tensor:

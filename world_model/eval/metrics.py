@@ -278,14 +278,16 @@ def termination_metrics(pred: np.ndarray, true: np.ndarray, weight: np.ndarray |
             that over-represents terminal ones); 1 when None.
 
     Returns:
-        dict with precision, recall, f1 (nan when undefined), positives and predicted_positives
-        (unweighted counts).
+        dict with precision, recall, f1, false_positive_rate (of the non-terminal transitions: the
+        chance per step that an episode ends for nothing; nan when undefined), positives and
+        predicted_positives (unweighted counts).
     """
     pred, true = np.asarray(pred, bool), np.asarray(true, bool)
     w = np.ones(len(pred)) if weight is None else np.asarray(weight, np.float64)
     tp = float(w[pred & true].sum())
     fp = float(w[pred & ~true].sum())
     fn = float(w[~pred & true].sum())
+    tn = float(w[~pred & ~true].sum())
     precision = tp / (tp + fp) if tp + fp > 0 else float("nan")
     recall = tp / (tp + fn) if tp + fn > 0 else float("nan")
     f1 = (2 * precision * recall / (precision + recall)
@@ -294,6 +296,7 @@ def termination_metrics(pred: np.ndarray, true: np.ndarray, weight: np.ndarray |
         "precision": precision,
         "recall": recall,
         "f1": f1,
+        "false_positive_rate": fp / (fp + tn) if fp + tn > 0 else float("nan"),
         "positives": int(true.sum()),
         "predicted_positives": int(pred.sum()),
         "n": len(pred),

@@ -676,7 +676,9 @@ def heads_metrics(world: WorldModel, seg: Segments, reward_baseline: float, devi
     weight = np.where(true_t, rate[True], rate[False])
     return {
         "reward": M.reward_metrics(pred_r, true_r, baseline=reward_baseline),
-        "termination": M.termination_metrics(logit > 0, true_t, weight),
+        "termination": {**M.termination_metrics(logit > world.heads.cfg.term_threshold, true_t, weight),
+                        "threshold": float(world.heads.cfg.term_threshold)},
+        "termination_at_logit_0": M.termination_metrics(logit > 0, true_t, weight),
         "scatter": (pred_r, true_r),
     }
 
@@ -960,8 +962,9 @@ def summary_markdown(results: dict) -> str:
         lines += [
             f"| reward head MAE / corr | {_fmt(rw['mae'])} / {_fmt(rw['corr'])} | "
             f"constant-mean MAE {_fmt(rw.get('mae_constant_baseline'))} (n={rw['n']}) |",
-            f"| termination precision / recall | {_fmt(tm['precision'])} / {_fmt(tm['recall'])} | "
-            f"{tm['positives']} terminal of {tm['n']} |",
+            f"| termination precision / recall (logit > {_fmt(tm.get('threshold', 0.0), 2)}) | "
+            f"{_fmt(tm['precision'])} / {_fmt(tm['recall'])} | {tm['positives']} terminal of {tm['n']}; "
+            f"false terminations per step {_fmt(tm.get('false_positive_rate'), 4)} |",
         ]
         if "extra" in heads:
             rw, tm, ex = heads["extra"]["reward"], heads["extra"]["termination"], heads["extra"]
@@ -969,7 +972,8 @@ def summary_markdown(results: dict) -> str:
                 f"| reward head MAE / corr, {ex['episodes']} unseen episodes of {ex['data']} | "
                 f"{_fmt(rw['mae'])} / {_fmt(rw['corr'])} | constant-mean MAE {_fmt(rw.get('mae_constant_baseline'))} |",
                 f"| termination precision / recall, same episodes | {_fmt(tm['precision'])} / {_fmt(tm['recall'])} | "
-                f"{tm['positives']} terminal of {tm['n']} |",
+                f"{tm['positives']} terminal of {tm['n']}; at logit > 0: "
+                f"{_fmt(ex['termination_at_logit_0']['precision'])} / {_fmt(ex['termination_at_logit_0']['recall'])} |",
             ]
     loop = results.get("closed_loop", {})
     if "world" in loop:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,9 @@ class Args:
     """Default Euler evaluations per shift (a non-distilled teacher needs several)."""
     ctx_noise: float | None = None
     """Default sampler context noise (default: half the DiT's training ctx_noise)."""
+    term_threshold: float | None = None
+    """Termination logit threshold of the shipped heads (default: log of the DiT run's termination
+    pos_weight, the prior correction of its class-weighted loss; see HeadsConfig.term_threshold)."""
     road_starts: bool | None = None
     """Only start where the car is on the road in the last context frame (the pixel test of
     world_model.road_follower on the recorded frame); default: on for CarRacing data."""
@@ -192,6 +196,8 @@ def build(args: Args, command: list[str] | None = None) -> Path:
     dit = load_module(args.dit, "dit", VideoDiT, DiTConfig)
     heads = load_module(args.dit, "heads", RewardTerminationHeads, HeadsConfig)
     table, sentences = load_control_table(Path(args.dit) / CONTROL_TABLE_FILE)
+    pos_weight = float(dit_summary.get("termination_pos_weight") or 1.0)
+    heads.cfg.term_threshold = math.log(max(pos_weight, 1.0)) if args.term_threshold is None else args.term_threshold
 
     context = args.context or int(dit_summary["context"])
     groups = int(dit_summary["window"]) - int(dit_summary["context"])
