@@ -55,6 +55,8 @@ class DemoArgs:
     """Frame rate of the video."""
     sampler_mode: str | None = None
     """Swin-DPM mode: pipelined, reconditioned or immediate (default: the checkpoint's)."""
+    guidance: float | None = None
+    """Classifier-free guidance scale on the actions (default: the checkpoint's; 1 = off)."""
     device: str = "cpu"
     """Torch device of the model."""
     label: bool = True
@@ -104,7 +106,8 @@ def demo(args: DemoArgs) -> dict:
     from matrix_env.env import MatrixWorldEnv
 
     env = MatrixWorldEnv(
-        world=args.world, obs_size=(720, 1280), sampler_mode=args.sampler_mode, device=args.device
+        world=args.world, obs_size=(720, 1280), sampler_mode=args.sampler_mode, device=args.device,
+        sampler=None if args.guidance is None else {"guidance": args.guidance},
     )
     from world_model.road_follower import RoadFollower, on_road
 

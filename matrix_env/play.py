@@ -34,6 +34,8 @@ class PlayArgs:
     """Window size relative to 1280x720."""
     sampler_mode: str | None = None
     """Swin-DPM mode: pipelined, reconditioned or immediate (default: the checkpoint's)."""
+    guidance: float | None = None
+    """Classifier-free guidance scale on the actions (default: the checkpoint's; 1 = off)."""
     device: str = "cpu"
     """Torch device of the model."""
     dtype: str = "float32"
@@ -79,6 +81,7 @@ def play(args: PlayArgs) -> dict[str, float]:
         "MatrixWorld-v0",
         world=args.world,
         sampler_mode=args.sampler_mode,
+        sampler=None if args.guidance is None else {"guidance": args.guidance},
         device=args.device,
         dtype=args.dtype,
     )

@@ -186,7 +186,8 @@ def test_demo_writes_720p_mp4(tiny_world_dir: Path, tmp_path: Path, capsys: pyte
     frames = [f for f in imageio.get_reader(out)]  # list() would ask len(): inf
     assert len(frames) == 4 and frames[0].shape == (720, 1280, 3)
     out2 = tmp_path / "script.mp4"
-    assert main(["--world", str(tiny_world_dir), "--steps", "2", "--out", str(out2), "--policy", "script"]) == 0
+    argv = ["--world", str(tiny_world_dir), "--steps", "2", "--out", str(out2), "--policy", "script", "--guidance", "2"]
+    assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "policy script: car on the road in" in printed and "predicted return" in printed
     assert len([f for f in imageio.get_reader(out2)]) == 3
