@@ -170,13 +170,15 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
     the newest recorded frame.
 
     ## Episode End
-    Terminated when the termination head's logit is positive (e.g. the car leaves the playfield);
+    Terminated when the termination head's logit exceeds its ``term_threshold`` (the car crosses the
+    playfield edge into the void; the threshold undoes the training loss's class weighting);
     truncated after ``max_episode_steps`` (1000 when made with ``gym.make``).
 
     ## Arguments
     ```python
     gym.make("MatrixWorld-v0", world=None, render_mode=None, obs_size=None, obs_type="rgb",
-             sampler_mode=None, sampler=None, device="cpu", dtype="float32", reward_fn=None, compile_model=False)
+             sampler_mode=None, device="cpu", dtype="float32", reward_fn=None, compile_model=False,
+             sampler=None)
     ```
     * ``world``: checkpoint directory (default: the shipped ``matrix_env/worlds/default``) or a
       loaded :class:`~world_model.checkpoint.WorldModel`.
@@ -214,11 +216,11 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
         obs_size: tuple[int, int] | None = None,
         obs_type: ObsType = "rgb",
         sampler_mode: str | None = None,
-        sampler: dict | None = None,
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype = "float32",
         reward_fn: RewardFn | None = None,
         compile_model: bool = False,
+        sampler: dict | None = None,
     ) -> None:
         """Load the world model and allocate one stream. See the class docstring for arguments."""
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:

@@ -71,12 +71,12 @@ class MatrixWorldVectorEnv(VectorEnv):
         obs_size: tuple[int, int] | None = None,
         obs_type: ObsType = "rgb",
         sampler_mode: str | None = None,
-        sampler: dict | None = None,
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype = "float32",
         reward_fn: RewardFn | None = None,
         max_episode_steps: int | None = None,
         compile_model: bool = False,
+        sampler: dict | None = None,
     ) -> None:
         """Load the world model and allocate ``num_envs`` streams."""
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:

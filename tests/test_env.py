@@ -14,6 +14,7 @@ from gymnasium.utils.env_checker import check_env
 
 import matrix_env
 from matrix_env.env import MatrixWorldEnv
+from tests.conftest import TINY_SAMPLER
 from world_model.errors import UsageError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,10 +152,16 @@ def test_sampler_modes(tiny_world_dir: Path, mode: str) -> None:
 
 def test_sampler_overrides(tiny_world_dir: Path) -> None:
     """sampler={...} changes Swin-DPM fields (guidance changes the future); bad fields are named."""
-    env = MatrixWorldEnv(world=tiny_world_dir, obs_size=SMALL, sampler={"guidance": 3.0, "ctx_noise": 0.2})
-    assert env.sim.cfg.guidance == 3.0 and env.sim.cfg.ctx_noise == 0.2
+    env = MatrixWorldEnv(world=tiny_world_dir, obs_size=SMALL, sampler={"guidance": 3.0})
+    assert env.sim.cfg.guidance == 3.0 and env.sim.cfg.ctx_noise == TINY_SAMPLER.get("ctx_noise", 0.0)
     plain = MatrixWorldEnv(world=tiny_world_dir, obs_size=SMALL)
     assert not np.array_equal(rollout(env, 0, [1, 1, 1])[-1], rollout(plain, 0, [1, 1, 1])[-1])
+    both = MatrixWorldEnv(world=tiny_world_dir, sampler_mode="immediate", sampler={"ctx_noise": 0.2})
+    assert both.sim.cfg.mode == "immediate" and both.sim.cfg.ctx_noise == 0.2
+    with pytest.raises(UsageError, match="sampler mode given twice"):
+        MatrixWorldEnv(world=tiny_world_dir, sampler_mode="immediate", sampler={"mode": "pipelined"})
+    with pytest.raises(UsageError, match="must be a dict"):
+        MatrixWorldEnv(world=tiny_world_dir, sampler=[("guidance", 2.0)])
     with pytest.raises(UsageError, match=r"unknown fields \['gudance'\]"):
         MatrixWorldEnv(world=tiny_world_dir, sampler={"gudance": 2.0})
     with pytest.raises(UsageError, match="guidance must be"):

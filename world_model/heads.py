@@ -34,9 +34,10 @@ class HeadsConfig:
     """Width of the trunk's last layer and of the MLP."""
     term_threshold: float = 0.0
     """Termination logit above which a transition ends the episode. Trained with BCE class weight
-    ``pos_weight`` on the rare positives, the logit estimates the true log-odds + log(pos_weight);
-    ``build-world`` sets log(pos_weight), so the env terminates where the probability under the
-    data's own class balance exceeds 1/2 (prior correction). 0 = the raw weighted decision."""
+    ``pos_weight`` on the rare positives (and terminal windows drawn ``road_weight`` times as
+    often), the logit estimates the true log-odds + log(pos_weight) + log(road_weight);
+    ``build-world`` sets that offset, so the env terminates where the probability under the data's
+    own class balance exceeds 1/2 (prior correction). 0 = the raw weighted decision."""
 
 
 class RewardTerminationHeads(nn.Module):

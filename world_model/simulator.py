@@ -48,7 +48,11 @@ def sampler_config(world: WorldModel, mode: str | None = None, overrides: dict |
     unknown = sorted(set(world.sampler) - known)
     if unknown:
         raise UsageError(f"checkpoint sampler settings have unknown fields {unknown}; known: {sorted(known)}")
+    if overrides is not None and not isinstance(overrides, dict):
+        raise UsageError(f"sampler overrides must be a dict of SwinDPMConfig fields, got {overrides!r}")
     overrides = dict(overrides or {})
+    if mode is not None and overrides.get("mode", mode) != mode:
+        raise UsageError(f"sampler mode given twice: sampler_mode={mode!r} and sampler={{'mode': {overrides['mode']!r}}}")
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise UsageError(f"sampler overrides have unknown fields {unknown}; known: {sorted(known)}")
@@ -96,7 +100,8 @@ class Simulator:
             compile_model: run the full-window DiT calls through ``torch.compile`` (inductor; fixed
                 shapes, since the batch never changes); the first step pays the compilation (about a
                 minute on a 2-core CPU). Calls that use the context cache stay eager, so it only
-                matters for samplers with one evaluation per shift (pipelined k=1, the default).
+                matters for samplers with one evaluation per shift and no guidance (pipelined k=1,
+                the default; guidance runs through the cache with a block-causal DiT).
             context_cache: with a block-causal DiT and several model evaluations per shift
                 (``steps_per_shift`` > 1, or ``immediate`` mode), run the context frames once per
                 shift and reuse their keys/values (exact; see ``SwinDPM.step``).

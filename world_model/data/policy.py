@@ -4,8 +4,9 @@
 speed target, plus epsilon action noise and random held bursts. The bursts push the car onto the
 grass and the controller then drives it back, so the data holds recoveries as well as clean laps,
 and all nine driving actions occur (the noise and bursts draw uniformly from the table).
-``TrackExit`` (CarRacing): the track follower for a random while, then full throttle with random
-steering until the car crosses the playfield edge, where CarRacing terminates the episode (-100).
+``TrackExit`` (CarRacing): the track follower for a random while, then it heads outwards from the
+map centre and drives on until the car crosses the playfield edge, where CarRacing terminates the
+episode (-100).
 Its episodes are the only ones that end in ``terminated``, so they teach the termination head what
 the edge looks like (the black void beyond the grass).
 ``RandomPolicy``: uniform random actions for any Discrete env (the generic recorder's default).
@@ -107,8 +108,8 @@ class TrackExit:
     """Follow the track for ``follow`` steps (sampled per episode), then drive off it to the playfield edge.
 
     After the following phase the policy heads outwards from the map centre (the track loops around
-    it) with a random angular offset per episode, coasting while it turns (full throttle with held
-    steering spins the car on grass) and at full throttle once aligned: the car leaves the road,
+    it) with a random angular offset per episode, coasting while it turns (driving with held
+    steering spins the car on grass) and driving forward ("D") once aligned: the car leaves the road,
     crosses the grass and reaches the black void beyond the playfield, where CarRacing-v3 terminates
     the episode with reward -100.
     """

@@ -749,13 +749,14 @@ def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int,
     start = torch.from_numpy(np.random.default_rng(seed).permutation(len(contexts))[:envs] % len(contexts))
     sim.reset(torch.ones(envs, dtype=torch.bool), start, generator=torch.Generator().manual_seed(seed))
     frame = decode_latents(sim.vae, contexts[start, -1].float())  # (B, H, W, 3)
-    on, rew, ends = [], [], 0
-    for _ in range(steps):  # a stream the termination head ends is counted and driven on (no reset)
+    on, rew, ended = [], [], torch.zeros(envs, dtype=torch.bool)
+    for _ in range(steps):  # a stream the termination head ends is counted once and driven on
         latents, reward, terminated = sim.step(torch.from_numpy(follower(frame)))
         frame = sim.decode(latents, E.TRAIN_HW).cpu().numpy()
         on.append(on_road(frame))
         rew.append(reward.float().cpu().numpy())
-        ends += int(terminated.sum())
+        ended |= terminated.cpu()
+    ends = int(ended.sum())  # streams that terminated at least once (the real side: episodes)
     on_w, rew_w = np.array(on, np.float64), np.array(rew, np.float64)  # (T, B)
     out: dict = {"mode": mode, "envs": envs, "steps": steps,
                  "world": {"on_road": float(on_w.mean()), "on_road_by_quarter": bucket_means(on_w),
@@ -957,7 +958,7 @@ def summary_markdown(results: dict) -> str:
         lines.append(f"| drift {span} steps: FD / hist TV / brightness gap | {values} | "
                      f"{r['frames']} frames |")
     heads = results.get("heads", {})
-    if heads:
+    if "reward" in heads:
         rw, tm = heads["reward"], heads["termination"]
         lines += [
             f"| reward head MAE / corr | {_fmt(rw['mae'])} / {_fmt(rw['corr'])} | "

@@ -64,8 +64,9 @@ class Args:
     ctx_noise: float | None = None
     """Default sampler context noise (default: half the DiT's training ctx_noise)."""
     term_threshold: float | None = None
-    """Termination logit threshold of the shipped heads (default: log of the DiT run's termination
-    pos_weight, the prior correction of its class-weighted loss; see HeadsConfig.term_threshold)."""
+    """Termination logit threshold of the shipped heads (default: log(pos_weight) + log(road_weight)
+    of the DiT run, the prior correction of its class-weighted loss and weighted sampling; see
+    HeadsConfig.term_threshold)."""
     road_starts: bool | None = None
     """Only start where the car is on the road in the last context frame (the pixel test of
     world_model.road_follower on the recorded frame); default: on for CarRacing data."""
@@ -196,8 +197,14 @@ def build(args: Args, command: list[str] | None = None) -> Path:
     dit = load_module(args.dit, "dit", VideoDiT, DiTConfig)
     heads = load_module(args.dit, "heads", RewardTerminationHeads, HeadsConfig)
     table, sentences = load_control_table(Path(args.dit) / CONTROL_TABLE_FILE)
+    if args.term_threshold is not None and not math.isfinite(args.term_threshold):
+        raise UsageError(f"--term-threshold {args.term_threshold}: expected a finite logit")
+    # prior correction: the loss weighs positives by pos_weight, and --road-weight W draws the
+    # (single) window ending in each termination W times as often as the grass windows around it
     pos_weight = float(dit_summary.get("termination_pos_weight") or 1.0)
-    heads.cfg.term_threshold = math.log(max(pos_weight, 1.0)) if args.term_threshold is None else args.term_threshold
+    road_weight = float(dit_args.get("road_weight", 1.0))
+    auto = math.log(max(pos_weight, 1.0)) + math.log(max(road_weight, 1.0))
+    heads.cfg.term_threshold = auto if args.term_threshold is None else args.term_threshold
 
     context = args.context or int(dit_summary["context"])
     groups = int(dit_summary["window"]) - int(dit_summary["context"])

@@ -306,15 +306,22 @@ def road_window_weights(dataset: object, window: int, road_weight: float) -> np.
     from world_model.data.episodes import open_episode
     from world_model.road_follower import on_road
 
-    out = []
+    from world_model.data.episodes import read_meta
+
+    out, others = [], set()
     parts = dataset.datasets if isinstance(dataset, ConcatDataset) else [dataset]
     for ep in (ep for d in parts for ep, _ in d.paths):
+        env_id = str(read_meta(ep).get("env_id", ""))
+        if not env_id.startswith("CarRacing"):
+            others.add(env_id)
         a = open_episode(ep)
         frames = np.asarray(a["frames"])  # (S+1, 72, 128, 3) uint8
         n = len(frames)
         road = on_road(frames[window - 1 :])  # (n-T+1,) bool: last frame of each window
         term = np.convolve(np.asarray(a["terminated"], dtype=float), np.ones(window))[window - 1 : n] > 0
         out.append(np.where(road | term, road_weight, 1.0))
+    if others:
+        print(f"warning: --road-weight reads CarRacing's grey road, but some episodes come from {sorted(others)}")
     weights = np.concatenate(out)
     assert len(weights) == len(dataset), (len(weights), len(dataset))
     return weights
@@ -496,8 +503,8 @@ def train(args: Args, command: list[str] | None = None) -> dict:
         raise UsageError(f"--context {args.context} must be in [0, --window {args.window})")
     if args.window < 2:
         raise UsageError(f"--window {args.window}: need at least 2 frames (one transition for the heads)")
-    if not args.road_weight > 0:
-        raise UsageError(f"--road-weight {args.road_weight}: expected > 0 (1 = uniform window sampling)")
+    if not (math.isfinite(args.road_weight) and args.road_weight > 0):
+        raise UsageError(f"--road-weight {args.road_weight}: expected a finite number > 0 (1 = uniform sampling)")
     info = common.setup_distributed(args.device)
     run_dir = Path(args.run_dir).expanduser()
     out_dir = Path(args.out).expanduser() if args.out else run_dir / "model"
@@ -569,7 +576,8 @@ def train(args: Args, command: list[str] | None = None) -> dict:
     if args.road_weight != 1.0:
         weights = road_window_weights(dataset, args.window, args.road_weight)
         on = float((weights == args.road_weight).mean())
-        print(f"road weighting: {on:.2f} of the windows weigh {args.road_weight:g}", flush=True)
+        if info.rank == 0:
+            print(f"road weighting: {on:.2f} of the windows weigh {args.road_weight:g}", flush=True)
     sampler = common.ResumableBatchSampler(
         len(dataset), args.batch_size, info.rank, info.world_size, args.seed, start, weights=weights
     )
