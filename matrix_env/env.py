@@ -170,8 +170,8 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
     the newest recorded frame.
 
     ## Episode End
-    Terminated when the termination head's logit exceeds its ``term_threshold`` (the car crosses the
-    playfield edge into the void; the threshold undoes the training loss's class weighting);
+    Terminated when the termination head's logit exceeds its ``term_threshold`` (0 in the shipped
+    world), i.e. when the model sees the car cross the playfield edge into the void;
     truncated after ``max_episode_steps`` (1000 when made with ``gym.make``).
 
     ## Arguments

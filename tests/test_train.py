@@ -176,8 +176,13 @@ def test_dit_trainer_and_build_world(data, footage, vae_dir, latents, dit_run, t
     ])  # fmt: skip
     world = load_world(out)
     assert world.start_latents.shape == (6, 4, 4, 9, 16)
-    # the shipped termination threshold undoes the class weighting of the loss (prior correction)
-    assert world.heads.cfg.term_threshold == pytest.approx(np.log(summary["termination_pos_weight"]))
+    assert world.heads.cfg.term_threshold == 0.0  # the default: the class-weighted loss's own decision
+    again = tmp_path / "world_t"
+    build_world.main([
+        "--vae", str(vae_dir), "--dit", str(model), "--data", str(data), str(footage), "--latents",
+        str(latents[0]), str(latents[1]), "--out", str(again), "--starts", "2", "--term-threshold", "3.5",
+    ])  # fmt: skip
+    assert load_world(again).heads.cfg.term_threshold == 3.5
     assert world.sampler["context"] == 4 and world.sampler["groups"] == 4
     assert all(p["frame"] >= 15 for p in world.meta["starts"])
     assert {p["split"] for p in world.meta["starts"]} == {"heldout", "train"}

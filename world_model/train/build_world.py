@@ -63,10 +63,12 @@ class Args:
     """Default Euler evaluations per shift (a non-distilled teacher needs several)."""
     ctx_noise: float | None = None
     """Default sampler context noise (default: half the DiT's training ctx_noise)."""
-    term_threshold: float | None = None
-    """Termination logit threshold of the shipped heads (default: log(pos_weight) + log(road_weight)
-    of the DiT run, the prior correction of its class-weighted loss and weighted sampling; see
-    HeadsConfig.term_threshold)."""
+    term_threshold: float = 0.0
+    """Termination logit threshold of the shipped heads (HeadsConfig.term_threshold). 0 = the
+    decision of the class-weighted loss. Measured on the shipped DiT: at 0, 12 of 12 unseen
+    terminations caught and no false one on 992 held-out driving transitions; at the
+    prior-corrected log(pos_weight) + log(road_weight) = 8.0, none caught (with ~20 positive
+    windows the head is not calibrated enough for the correction)."""
     road_starts: bool | None = None
     """Only start where the car is on the road in the last context frame (the pixel test of
     world_model.road_follower on the recorded frame); default: on for CarRacing data."""
@@ -197,14 +199,9 @@ def build(args: Args, command: list[str] | None = None) -> Path:
     dit = load_module(args.dit, "dit", VideoDiT, DiTConfig)
     heads = load_module(args.dit, "heads", RewardTerminationHeads, HeadsConfig)
     table, sentences = load_control_table(Path(args.dit) / CONTROL_TABLE_FILE)
-    if args.term_threshold is not None and not math.isfinite(args.term_threshold):
+    if not math.isfinite(args.term_threshold):
         raise UsageError(f"--term-threshold {args.term_threshold}: expected a finite logit")
-    # prior correction: the loss weighs positives by pos_weight, and --road-weight W draws the
-    # (single) window ending in each termination W times as often as the grass windows around it
-    pos_weight = float(dit_summary.get("termination_pos_weight") or 1.0)
-    road_weight = float(dit_args.get("road_weight", 1.0))
-    auto = math.log(max(pos_weight, 1.0)) + math.log(max(road_weight, 1.0))
-    heads.cfg.term_threshold = auto if args.term_threshold is None else args.term_threshold
+    heads.cfg.term_threshold = args.term_threshold
 
     context = args.context or int(dit_summary["context"])
     groups = int(dit_summary["window"]) - int(dit_summary["context"])
