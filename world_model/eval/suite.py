@@ -1144,7 +1144,8 @@ def _evaluate(args: Args, command: list[str] | None) -> dict:
     # ---- heads
     t0 = time.perf_counter()
     train_rewards = [np.asarray(E.open_episode(ep)["rewards"][1:]) for ep in train_eps]
-    heads = heads_metrics(world, seg, float(np.concatenate(train_rewards).mean()), device)
+    reward_baseline = float(np.concatenate(train_rewards).mean())  # constant-mean predictor
+    heads = heads_metrics(world, seg, reward_baseline, device)
     scatter = heads.pop("scatter", None)
     if args.heads_data is not None:
         extra = unseen_episodes(args.heads_data, args.holdout_fraction, args.split_seed)
@@ -1153,7 +1154,7 @@ def _evaluate(args: Args, command: list[str] | None) -> dict:
         check_actions(extra, world.action_names, "--heads-data")
         seg_h = read_segments(extra, args.heldout_frames, args.segment_len, 0)
         encode_segments(seg_h, world.vae)
-        heads["extra"] = heads_metrics(world, seg_h, float(np.concatenate(train_rewards).mean()), device)
+        heads["extra"] = heads_metrics(world, seg_h, reward_baseline, device)
         heads["extra"].pop("scatter", None)
         heads["extra"]["data"], heads["extra"]["episodes"] = str(args.heads_data), len(extra)
     lap("heads", t0)

@@ -303,10 +303,8 @@ def road_window_weights(dataset: object, window: int, road_weight: float) -> np.
     """Sampling weight per training window: ``road_weight`` where the window's last frame is on the
     road or the window holds a termination, 1 elsewhere. Returns (len(dataset),) float64 in the
     dataset's window order (ConcatDataset parts in order, episodes in order, windows by start)."""
-    from world_model.data.episodes import open_episode
+    from world_model.data.episodes import open_episode, read_meta
     from world_model.road_follower import on_road
-
-    from world_model.data.episodes import read_meta
 
     out, others = [], set()
     parts = dataset.datasets if isinstance(dataset, ConcatDataset) else [dataset]
