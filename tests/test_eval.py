@@ -145,6 +145,17 @@ def test_histogram_brightness_and_accuracy_report() -> None:
     assert actions.shape == (3, 10) and (actions[:, :4] == actions[:, :1]).all() and actions.max() < A
 
 
+def test_rms_gradient_falls_with_blur_and_ignores_rows_below_the_view() -> None:
+    rng = np.random.default_rng(0)
+    sharp = np.repeat(rng.integers(0, 256, (2, 24, 32, 1)), 3, axis=-1).astype(np.uint8)  # grey noise
+    blurred = ((sharp[:, :-1, :-1].astype(np.float32) + sharp[:, 1:, 1:]) / 2).astype(np.uint8)
+    assert M.rms_gradient(np.full((2, 24, 32, 3), 90, np.uint8)) == 0.0
+    assert M.rms_gradient(blurred) < 0.8 * M.rms_gradient(sharp)
+    flat_top = sharp.copy()
+    flat_top[:, :12] = 40
+    assert M.rms_gradient(flat_top, rows=12) == 0.0 and M.rms_gradient(flat_top) > 0.0
+
+
 def test_reward_and_termination_metrics() -> None:
     true = np.array([0.0, 1.0, 2.0, 3.0])
     good = M.reward_metrics(true + 0.1, true, baseline=1.5)
@@ -363,6 +374,8 @@ def test_eval_suite_end_to_end(tmp_path: Path, tiny_world_dir: Path, toy_data: P
     assert loop["steps"] == 8 and len(loop["world"]["on_road_by_quarter"]) == 4
     assert 0.0 <= loop["world"]["on_road"] <= 1.0 and "skipped" in loop["real"]  # synthetic data: no real game
     assert "closed loop, road follower" in summary
+    assert loop["world"]["detail"] > 0.0 and 0.0 < metrics["fidelity"]["detail"]["vae_recon"]
+    assert "detail (RMS luma gradient" in summary
 
     # a second run reuses the first run's IDM (fixed features: comparable Fréchet distances) and tests
     # the heads on a second data directory (its held-out split + its eval-split episodes)
@@ -403,5 +416,7 @@ def test_closed_loop_compares_the_world_with_the_real_game() -> None:
         assert 0.0 <= out[side]["on_road"] <= 1.0
         assert [q["start"] for q in out[side]["on_road_by_quarter"]] == [0, 2, 4, 6]
     assert out["real"]["on_road"] > 0.5  # the real game starts on the road and the follower keeps to it
+    # the tiny untrained world emits noise, which also has "detail": the metric is a match-the-real one
+    assert out["real"]["detail"] > 0.0 and out["world"]["detail"] > 0.0
     world.action_names[:] = [f"a{i}" for i in range(len(world.action_names))]
     assert "driving actions" in S.closed_loop(world, world.start_latents, "pipelined", 1, 2, 0, "cpu", None)["skipped"]

@@ -113,6 +113,28 @@ def test_level_tables() -> None:
     torch.testing.assert_close(seen[1][0], sampler.levels[1])
 
 
+def test_level_shift_warps_levels_towards_clean() -> None:
+    s = 1.0 / 3.0
+    sampler, ctx = make("pipelined", context=2, groups=4, steps_per_shift=2, level_shift=s)
+    lin = torch.tensor([0.25, 0.5, 0.75, 1.0])
+    warped = s * lin / (1 + (s - 1) * lin)  # (0.1, 0.25, 0.5, 1.0)
+    torch.testing.assert_close(sampler.levels[0, 2:], warped)
+    torch.testing.assert_close(sampler.levels[2, 2:], torch.cat([torch.zeros(1), warped[:3]]))
+    # the Euler steps of each frame still sum to its full descent, now unevenly
+    torch.testing.assert_close(sampler.dt.sum(0), torch.cat([torch.zeros(1), warped[:3]]) - warped)
+    assert (sampler.dt < 0).all() and sampler.dt[:, -1].abs().min() > sampler.dt[:, 0].abs().max()
+    # every frame still lands exactly on its x0 under the straight-line oracle
+    table = target_table()
+    state = init(sampler, ctx, ctrl=4)
+    for n, a in enumerate([0, 1, 2, 3, 0, 2]):
+        state, frame = sampler.step(state, oracle(table), torch.full((B,), a))
+        expect = table[[0, 1, 2, 3, 0, 2][n - 3]] if n >= 3 else table[4]
+        torch.testing.assert_close(frame, expect.expand(B, -1, -1, -1), rtol=0, atol=1e-5)
+    # shift 1 is the evenly spaced table, bit for bit
+    even, _ = make("pipelined", context=2, groups=4, steps_per_shift=2)
+    assert torch.equal(make("pipelined", context=2, groups=4, steps_per_shift=2, level_shift=1.0)[0].levels, even.levels)
+
+
 def test_ctx_noise_is_model_input_only() -> None:
     sampler, ctx = make("immediate", context=2, ctx_noise=0.2)
     state = init(sampler, ctx)
@@ -213,3 +235,6 @@ def test_config_validation() -> None:
         SwinDPMConfig(mode="bogus")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="groups"):
         SwinDPMConfig(groups=0)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="level_shift"):
+            SwinDPMConfig(level_shift=bad)

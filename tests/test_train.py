@@ -181,8 +181,16 @@ def test_dit_trainer_and_build_world(data, footage, vae_dir, latents, dit_run, t
     build_world.main([
         "--vae", str(vae_dir), "--dit", str(model), "--data", str(data), str(footage), "--latents",
         str(latents[0]), str(latents[1]), "--out", str(again), "--starts", "2", "--term-threshold", "3.5",
+        "--level-shift", "0.5",
     ])  # fmt: skip
     assert load_world(again).heads.cfg.term_threshold == 3.5
+    assert load_world(again).sampler["level_shift"] == 0.5 and world.sampler["level_shift"] == 1.0
+    with pytest.raises(UsageError, match="level_shift must be a finite number > 0"):
+        build_world.main([
+            "--vae", str(vae_dir), "--dit", str(model), "--data", str(data), "--latents", str(latents[0]),
+            "--out", str(tmp_path / "bad"), "--level-shift", "0",
+        ])  # fmt: skip
+    assert not (tmp_path / "bad").exists()
     assert world.sampler["context"] == 4 and world.sampler["groups"] == 4
     assert all(p["frame"] >= 15 for p in world.meta["starts"])
     assert {p["split"] for p in world.meta["starts"]} == {"heldout", "train"}
@@ -374,6 +382,17 @@ def test_resume_after_kill_matches_uninterrupted(data, footage, latents, dit_run
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), f"{name} differs from the uninterrupted run"
     assert load_file(str(ref / "model" / "dit.safetensors")).keys()  # exported too
+
+    # --stop-at: a budget-limited invocation exports the EMA model so far, on the full run's schedule;
+    # continuing it ends bitwise where the uninterrupted run ended
+    cut = tmp_path / "stopped"
+    dit.main(dit_args((data, footage), latents, cut, *steps, "--stop-at", "3"))
+    summary = json.loads((cut / "model" / "train_dit.json").read_text())
+    assert (summary["steps"], summary["schedule_steps"]) == (3, 6)
+    dit.main(dit_args((data, footage), latents, cut, *steps))
+    assert json.loads((cut / "model" / "train_dit.json").read_text())["steps"] == 6
+    a, b = load_file(str(ref / "model" / "dit.safetensors")), load_file(str(cut / "model" / "dit.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a), "stop-at + resume differs from the uninterrupted run"
 
 
 def test_eval_split_episodes_are_never_trained_on(data, tmp_path):

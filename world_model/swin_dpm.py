@@ -2,8 +2,9 @@
 
 The window holds ``context`` clean frames (flow time 0) followed by ``G`` noisy frames at
 staggered flow times ``(1/G, 2/G, ..., 1)`` (the head, right after the context, is the least
-noisy). One *shift* runs ``k`` Euler steps of the rectified flow (``x <- x + (t' - t) v``) over the
-whole window, lowering every noisy frame by ``1/G``; the head reaches 0 and is emitted, the window
+noisy; ``level_shift`` can warp these times towards clean). One *shift* runs ``k`` Euler steps
+of the rectified flow (``x <- x + (t' - t) v``) over the whole window, lowering every noisy frame
+by one level; the head reaches 0 and is emitted, the window
 slides by one frame (the emitted frame becomes the newest context frame, the oldest one drops
 out), and a pure-noise frame enters at the tail. Memory is flat: the window has a fixed length.
 
@@ -83,6 +84,13 @@ class SwinDPMConfig:
     """Euler steps from noise to a clean frame in ``"immediate"`` mode."""
     ctx_noise: float = 0.0
     """Flow time of the noise the model sees on the clean context frames (0 = none)."""
+    level_shift: float = 1.0
+    """s, warps the noisy frames' flow times ``t -> s t / (1 + (s - 1) t)`` (the time shift of SD3;
+    it keeps 0 and 1 fixed). 1 = evenly spaced levels ``(1/G, ..., 1)``; s < 1 moves them towards
+    clean, so each frame's last Euler step starts nearer to 0 (its final estimate averages over
+    less noise, i.e. finer detail) and its first steps are longer. Inference-only: the trainer's
+    diffusion-forcing half draws independent uniform levels, so warped windows stay in
+    distribution."""
     guidance: float = 1.0
     """Classifier-free guidance scale w on the actions of the frames in flight:
     ``v = v_u + w (v_c - v_u)``, where v_u sees the "unknown" control row on the noisy frames (the
@@ -98,6 +106,8 @@ class SwinDPMConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.ctx_noise < 1.0:
             raise ValueError(f"ctx_noise must be in [0, 1), got {self.ctx_noise}")
+        if not (math.isfinite(self.level_shift) and self.level_shift > 0.0):
+            raise ValueError(f"level_shift must be a finite number > 0 (1 = evenly spaced), got {self.level_shift}")
         if not (math.isfinite(self.guidance) and self.guidance >= 0.0):
             raise ValueError(f"guidance must be a finite number >= 0 (1 = off), got {self.guidance}")
 
@@ -172,6 +182,13 @@ def draw_keys(batch_size: int, generator: torch.Generator | None, device: torch.
 
 
 # -------------------------------------------------------------------------------------- sampler
+def shift_levels(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """The level warp ``s t / (1 + (s - 1) t)``: monotone on [0, 1], fixes 0 and 1, identity at s = 1."""
+    if shift == 1.0:
+        return t
+    return shift * t / (1.0 + (shift - 1.0) * t)
+
+
 class SwinDPM:
     """The sliding-window sampler. Holds no parameters; level tables are computed once.
 
@@ -200,14 +217,14 @@ class SwinDPM:
         # Flow time of noisy group g (0 = head) after j of the k Euler steps: (g + 1)/G - j/(G k).
         j = torch.arange(k + 1, dtype=torch.float64)[:, None]  # (k+1, 1)
         grp = torch.arange(g, dtype=torch.float64)[None, :]  # (1, G)
-        noisy_levels = ((grp + 1) * k - j) / (g * k)  # (k+1, G)
+        noisy_levels = shift_levels(((grp + 1) * k - j) / (g * k), cfg.level_shift)  # (k+1, G)
         ctx_levels = torch.zeros(k + 1, self.context, dtype=torch.float64)  # (k+1, C_ctx)
         levels = torch.cat([ctx_levels, noisy_levels], dim=1).float()  # (k+1, L)
         self.levels = levels.to(self.device)  # (k+1, L): row j = flow times before Euler step j
         # Model input times: context frames are seen at ctx_noise.
         self.t_in = self.levels[:k].clone()  # (k, L)
         self.t_in[:, : self.context] = cfg.ctx_noise
-        self.dt = (self.levels[1:] - self.levels[:k])[:, self.context :].contiguous()  # (k, G), all -1/(G k)
+        self.dt = (self.levels[1:] - self.levels[:k])[:, self.context :].contiguous()  # (k, G), -1/(G k) unshifted
         self.start_levels = self.levels[0, self.context :]  # (G,) flow times of the frames in flight
 
     @property

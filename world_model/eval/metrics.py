@@ -93,6 +93,20 @@ def mean_brightness(frames: np.ndarray) -> float:
     return float((f.reshape(-1, 3).mean(axis=0, dtype=np.float64) * LUMA).sum())
 
 
+def rms_gradient(frames: np.ndarray, rows: int | None = None) -> float:
+    """Detail: RMS of the luma's horizontal and vertical finite differences, over frames (N, H, W, 3).
+
+    Blur lowers it (total variation does not change when an edge is merely smeared; the squared
+    gradient does), so generated frames can be compared with real ones and with VAE
+    reconstructions; noise raises it too, so the target is the real frames' value, not a maximum.
+    ``rows`` keeps only the top rows (e.g. CarRacing's view without the dashboard).
+    """
+    f = np.asarray(frames)[:, :rows].astype(np.float32)  # (N, H', W, 3)
+    y = f @ np.asarray(LUMA, np.float32)  # (N, H', W)
+    dx, dy = np.diff(y, axis=2)[:, :-1, :], np.diff(y, axis=1)[:, :, :-1]  # (N, H'-1, W-1) each
+    return float(np.sqrt((dx**2 + dy**2).mean()))
+
+
 # -------------------------------------------------------------------------------------- control
 def confusion_matrix(pred: np.ndarray, true: np.ndarray, num_classes: int) -> np.ndarray:
     """Count (true, predicted) pairs: (A, A) int64, row = true action, column = predicted action."""

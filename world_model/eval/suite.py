@@ -26,7 +26,9 @@ What is measured (DESIGN.md §7)
   real next frame), beside the copy-last-frame baseline and the VAE ceiling; Fréchet distance of
   generated vs real held-out frame-stack features (the IDM's penultimate layer), beside the floor of
   VAE reconstructions with the same sample size. FDs are only comparable between runs that use the
-  same IDM (pass ``--idm OUT/idm`` of an earlier run) and the same sample sizes.
+  same IDM (pass ``--idm OUT/idm`` of an earlier run) and the same sample sizes. Detail: the RMS
+  luma gradient above the dashboard (:func:`metrics.rms_gradient`; blur lowers it) of real held-out
+  frames, of their VAE reconstructions and (closed loop) of generated frames and the real game's.
 * **Drift.** ``--drift-envs`` streams generate ``--horizon`` frames with random held actions (the
   checkpoint's sampler); in each bucket of ``--bucket-edges`` (default [0,100), [100,1000),
   [1000,10000)) about ``--drift-samples`` frames are decoded and compared to real held-out frames:
@@ -108,6 +110,8 @@ if TYPE_CHECKING:
 
 Mode = Literal["pipelined", "reconditioned", "immediate"]
 ALL_MODES: tuple[Mode, ...] = ("pipelined", "reconditioned", "immediate")
+VIEW_ROWS = 62
+"""Rows of a 72x128 CarRacing frame above the dashboard (the detail metric's view)."""
 
 
 @dataclass
@@ -749,36 +753,40 @@ def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int,
     start = torch.from_numpy(np.random.default_rng(seed).permutation(len(contexts))[:envs] % len(contexts))
     sim.reset(torch.ones(envs, dtype=torch.bool), start, generator=torch.Generator().manual_seed(seed))
     frame = decode_latents(sim.vae, contexts[start, -1].float())  # (B, H, W, 3)
-    on, rew, ended = [], [], torch.zeros(envs, dtype=torch.bool)
+    on, rew, detail, ended = [], [], [], torch.zeros(envs, dtype=torch.bool)
     for _ in range(steps):  # a stream the termination head ends is counted once and driven on
         latents, reward, terminated = sim.step(torch.from_numpy(follower(frame)))
         frame = sim.decode(latents, E.TRAIN_HW).cpu().numpy()
         on.append(on_road(frame))
+        detail.append(M.rms_gradient(frame, VIEW_ROWS))
         rew.append(reward.float().cpu().numpy())
         ended |= terminated.cpu()
     ends = int(ended.sum())  # streams that terminated at least once (the real side: episodes)
     on_w, rew_w = np.array(on, np.float64), np.array(rew, np.float64)  # (T, B)
     out: dict = {"mode": mode, "envs": envs, "steps": steps,
                  "world": {"on_road": float(on_w.mean()), "on_road_by_quarter": bucket_means(on_w),
-                           "reward_per_step": float(rew_w.mean()), "terminations": ends}}
+                           "reward_per_step": float(rew_w.mean()), "terminations": ends,
+                           "detail": float(np.mean(detail))}}
     if real_env_id is None or not real_env_id.startswith("CarRacing"):
         out["real"] = {"skipped": f"the world was recorded from {real_env_id!r}, not CarRacing"}
         return out
     from agents.real_env import RealCarRacingEnv
 
     env = RealCarRacingEnv()
-    on_r, rew_r, ends_r = np.zeros((steps, envs)), np.zeros((steps, envs)), 0
+    on_r, rew_r, ends_r, detail_r = np.zeros((steps, envs)), np.zeros((steps, envs)), 0, np.zeros((steps, envs))
     for i in range(envs):
         obs, _ = env.reset(seed=seed + i)
         for t in range(steps):
             obs, r, term, trunc, _ = env.step(int(follower(obs[None])[0]))
             on_r[t, i], rew_r[t, i] = on_road(obs[None])[0], r
+            detail_r[t, i] = M.rms_gradient(obs[None], VIEW_ROWS)
             ends_r += int(term)
             if term or trunc:
                 obs, _ = env.reset()
     env.close()
     out["real"] = {"on_road": float(on_r.mean()), "on_road_by_quarter": bucket_means(on_r),
-                   "reward_per_step": float(rew_r.mean()), "terminations": ends_r}
+                   "reward_per_step": float(rew_r.mean()), "terminations": ends_r,
+                   "detail": float(detail_r.mean())}
     return out
 
 
@@ -951,6 +959,9 @@ def summary_markdown(results: dict) -> str:
         f"| Fréchet distance, generated vs real | {_fmt(fid['frechet']['generated'], 2)} | "
         f"VAE-recon floor {_fmt(fid['frechet']['vae_recon_floor'], 2)} (n={fid['frechet']['n']}) |",
     ]
+    if "detail" in fid:
+        lines.append(f"| detail (RMS luma gradient above the dashboard), VAE-reconstructed held-out | "
+                     f"{_fmt(fid['detail']['vae_recon'], 2)} | real frames {_fmt(fid['detail']['real'], 2)} |")
     drift = results.get("drift", {})
     for r in drift.get("buckets", []):
         span = f"{r['start']}-{min(r['end'], r['reached'] + 1)}"
@@ -987,6 +998,10 @@ def summary_markdown(results: dict) -> str:
                      f"/ predicted reward per step / terminations | {quarters} / "
                      f"{_fmt(loop['world']['reward_per_step'], 2)} / {loop['world'].get('terminations', 0)} | "
                      f"{ref} |")
+        if "detail" in loop["world"]:
+            ref = f"real game {_fmt(real['detail'], 2)}" if "detail" in real else ""
+            lines.append(f"| detail (RMS luma gradient above the dashboard), closed-loop frames | "
+                         f"{_fmt(loop['world']['detail'], 2)} | {ref} |")
     for mode, row in results.get("speed", {}).items():
         batched = [k for k in row if k.startswith("steps_per_s_b") and k != "steps_per_s_b1"]
         extra = f", batch {batched[0][13:]}: {_fmt(row[batched[0]], 1)}" if batched else ""
@@ -1134,7 +1149,9 @@ def _evaluate(args: Args, command: list[str] | None) -> dict:
     # ---- fidelity: VAE and teacher-forced PSNR
     t0 = time.perf_counter()
     fidelity: dict = {"vae_psnr": M.psnr(seg.recon, seg.frames),
-                      "vae_psnr_frames": int(np.prod(seg.frames.shape[:2]))}
+                      "vae_psnr_frames": int(np.prod(seg.frames.shape[:2])),
+                      "detail": {"real": M.rms_gradient(seg.frames.reshape(-1, *seg.frames.shape[2:]), VIEW_ROWS),
+                                 "vae_recon": M.rms_gradient(seg.recon.reshape(-1, *seg.recon.shape[2:]), VIEW_ROWS)}}
     fidelity["teacher_forced"] = teacher_forced(world, seg, args.tf_samples, device, args.seed, rng)
     log(f"[eval] VAE PSNR {fidelity['vae_psnr']:.2f} dB; "
         f"teacher-forced {fidelity['teacher_forced']['psnr']:.2f} dB "

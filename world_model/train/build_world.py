@@ -63,6 +63,8 @@ class Args:
     """Default Euler evaluations per shift (a non-distilled teacher needs several)."""
     ctx_noise: float | None = None
     """Default sampler context noise (default: half the DiT's training ctx_noise)."""
+    level_shift: float = 1.0
+    """Default warp of the sampler's noise levels towards clean (SwinDPMConfig.level_shift; 1 = even)."""
     term_threshold: float = 0.0
     """Termination logit threshold of the shipped heads (HeadsConfig.term_threshold). 0 = the
     decision of the class-weighted loss. Measured on the shipped DiT: at 0, 12 of 12 unseen
@@ -205,15 +207,18 @@ def build(args: Args, command: list[str] | None = None) -> Path:
 
     context = args.context or int(dit_summary["context"])
     groups = int(dit_summary["window"]) - int(dit_summary["context"])
-    sampler = dataclasses.asdict(
-        SwinDPMConfig(
+    try:
+        sampler_cfg = SwinDPMConfig(
             context=context,
             groups=max(1, groups),
             steps_per_shift=args.steps_per_shift,
             mode=args.mode,
             ctx_noise=float(dit_args.get("ctx_noise", 0.0)) / 2 if args.ctx_noise is None else args.ctx_noise,
+            level_shift=args.level_shift,
         )
-    )
+    except ValueError as err:
+        raise UsageError(f"build-world sampler settings: {err}") from err
+    sampler = dataclasses.asdict(sampler_cfg)
     # the DiT's own split (deterministic in its holdout_fraction and seed); starts come from
     # labelled episodes when there are any (unlabelled footage may be randomised-colour)
     train, heldout = resolve_episodes(

@@ -62,6 +62,7 @@ RESUME_FREE = (
     "device",
     "control_table",
     "eval_batches",
+    "stop_at",
 )
 # Upper bound of the termination pos_weight: keeps the BCE sane when terminations are very rare.
 MAX_POS_WEIGHT = 1000.0
@@ -97,6 +98,10 @@ class Args:
     """C, clean context frames of the Swin-DPM scheme (G = window - context noise groups)."""
     steps: int = 100_000
     """Optimiser steps in total (a resumed run continues up to this count)."""
+    stop_at: int | None = None
+    """End this invocation after this many optimiser steps, saving a checkpoint and exporting the
+    EMA model so far, without changing the learning-rate schedule set by ``steps``; rerun with a
+    larger value (or without it) to continue. For runs whose budget ends before their schedule."""
     batch_size: int = 16
     """Windows per step per rank."""
     lr: float = 1e-4
@@ -599,7 +604,8 @@ def train(args: Args, command: list[str] | None = None) -> dict:
     step_fn = common.wrap_ddp(model, info)
     batches = iter(loader)
     model.train()
-    for step in range(start, args.steps):
+    end = args.steps if args.stop_at is None else min(args.steps, args.stop_at)
+    for step in range(start, end):
         batch = next(batches)
         inp = make_inputs(batch, table, args, gen, info.device)
         lr = common.cosine_lr(step, args.steps, args.lr, args.warmup)
@@ -621,14 +627,14 @@ def train(args: Args, command: list[str] | None = None) -> dict:
             len(inp.x_t) * info.world_size,
             {**scalars, **gates, "opt/lr": lr, "opt/grad_norm": grad_norm.item()},
         )
-        if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
+        if (step + 1) % args.ckpt_every == 0 or step + 1 == end:
             common.save_checkpoint(
                 run_dir, step + 1, info, model, ema, optimizer, {"noise": gen}, config, keep=args.keep_ckpts
             )
         if args.step_sleep:
             time.sleep(args.step_sleep)
     if args.debug_hashes:
-        common.write_debug_hash(run_dir, info, "dit", model, args.steps)
+        common.write_debug_hash(run_dir, info, "dit", model, end)
 
     summary: dict = {}
     if info.is_main:
@@ -641,7 +647,7 @@ def train(args: Args, command: list[str] | None = None) -> dict:
             metrics["eval/split"] = "heldout" if heldout_eps else "train (no held-out episodes)"
         except UsageError as err:  # held-out episodes shorter than a window
             metrics = {"eval/skipped": str(err)}
-        logger.report(args.steps, metrics)
+        logger.report(end, metrics)
         save_module(out_dir, "dit", final.dit, dit_cfg)
         save_module(out_dir, "heads", final.heads, heads_cfg)
         save_control_table(
@@ -650,7 +656,8 @@ def train(args: Args, command: list[str] | None = None) -> dict:
         summary = {
             "command": command or [],
             "args": config,
-            "steps": args.steps,
+            "steps": end,
+            "schedule_steps": args.steps,
             "world_size": info.world_size,
             "action_names": names,
             "sentences": sentences,
