@@ -154,6 +154,10 @@ def test_rms_gradient_falls_with_blur_and_ignores_rows_below_the_view() -> None:
     flat_top = sharp.copy()
     flat_top[:, :12] = 40
     assert M.rms_gradient(flat_top, rows=12) == 0.0 and M.rms_gradient(flat_top) > 0.0
+    # a mean of per-frame values: the same for any grouping of the frames
+    assert M.rms_gradient(blurred, chunk=1) == pytest.approx(np.mean([M.rms_gradient(f[None]) for f in blurred]))
+    with pytest.raises(ValueError, match="at least 2x2"):
+        M.rms_gradient(sharp, rows=1)
 
 
 def test_reward_and_termination_metrics() -> None:
@@ -420,3 +424,29 @@ def test_closed_loop_compares_the_world_with_the_real_game() -> None:
     assert out["real"]["detail"] > 0.0 and out["world"]["detail"] > 0.0
     world.action_names[:] = [f"a{i}" for i in range(len(world.action_names))]
     assert "driving actions" in S.closed_loop(world, world.start_latents, "pipelined", 1, 2, 0, "cpu", None)["skipped"]
+
+
+def test_probe_compares_sampler_variants_on_the_same_starts(tmp_path: Path, tiny_world_dir: Path, capsys) -> None:
+    from world_model.eval import probe as P
+
+    assert P.parse_variant("default") == {}
+    assert P.parse_variant("mode=immediate, ctx_noise=0.25,groups=2") == {"mode": "immediate", "ctx_noise": 0.25, "groups": 2}
+    for bad, msg in [("nope=1", "unknown sampler field 'nope'"), ("level_shift", "name=value"),
+                     ("groups=2.5", "groups must be an int")]:
+        with pytest.raises(UsageError, match=msg):
+            P.parse_variant(bad)
+
+    out = tmp_path / "probe.json"
+    argv = ["--checkpoint", str(tiny_world_dir), "--variants", "default", "default", "level_shift=2",
+            "--envs", "2", "--steps", "4", "--seeds", "0", "1", "--out", str(out), "--threads", "1"]
+    assert P.main(argv) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["variant"], r["seed"]) for r in rows] == [
+        ("default", 0), ("default", 1), ("default", 0), ("default", 1), ("level_shift=2", 0), ("level_shift=2", 1)]
+    assert rows[0] == {**rows[2], "wall_s": rows[0]["wall_s"]}  # same variant and seed: the same rollout
+    assert rows[4]["sampler"]["level_shift"] == 2.0 and rows[0]["sampler"]["level_shift"] == 1.0
+    assert all(0.0 <= r["on_road"] <= 1.0 and len(r["on_road_by_quarter"]) == 4 and r["detail"] > 0 for r in rows)
+    table = capsys.readouterr().out
+    assert "| level_shift=2 | mean of 2 |" in table and table.count("| default | 0 |") == 2
+    with pytest.raises(UsageError, match="level_shift must be a finite number > 0"):
+        P.main(["--checkpoint", str(tiny_world_dir), "--variants", "level_shift=-1", "--envs", "1", "--steps", "1"])

@@ -185,7 +185,7 @@ def test_dit_trainer_and_build_world(data, footage, vae_dir, latents, dit_run, t
     ])  # fmt: skip
     assert load_world(again).heads.cfg.term_threshold == 3.5
     assert load_world(again).sampler["level_shift"] == 0.5 and world.sampler["level_shift"] == 1.0
-    with pytest.raises(UsageError, match="level_shift must be a finite number > 0"):
+    with pytest.raises(UsageError, match="--level-shift 0.0: expected a finite number > 0"):
         build_world.main([
             "--vae", str(vae_dir), "--dit", str(model), "--data", str(data), "--latents", str(latents[0]),
             "--out", str(tmp_path / "bad"), "--level-shift", "0",
@@ -383,13 +383,21 @@ def test_resume_after_kill_matches_uninterrupted(data, footage, latents, dit_run
         assert all(torch.equal(a[k], b[k]) for k in a), f"{name} differs from the uninterrupted run"
     assert load_file(str(ref / "model" / "dit.safetensors")).keys()  # exported too
 
-    # --stop-at: a budget-limited invocation exports the EMA model so far, on the full run's schedule;
-    # continuing it ends bitwise where the uninterrupted run ended
+    # --stop-at: a budget-limited invocation checkpoints and exports the EMA model at that step, on
+    # the full run's schedule; continuing it ends bitwise where the uninterrupted run ended
     cut = tmp_path / "stopped"
     dit.main(dit_args((data, footage), latents, cut, *steps, "--stop-at", "3"))
     summary = json.loads((cut / "model" / "train_dit.json").read_text())
     assert (summary["steps"], summary["schedule_steps"]) == (3, 6)
+    ema3 = load_file(str(cut / "state" / "step_000003" / "ema.safetensors"))
+    exported = load_file(str(cut / "model" / "dit.safetensors"))
+    assert all(torch.equal(exported[k], ema3[f"dit.{k}"]) for k in exported)
+    for bad, msg in [("0", "expected a step count >= 1"), ("2", "below step 3, which")]:
+        with pytest.raises(UsageError, match=msg):
+            dit.main(dit_args((data, footage), latents, cut, *steps, "--stop-at", bad))
+    capsys.readouterr()
     dit.main(dit_args((data, footage), latents, cut, *steps))
+    assert "at step 3" in capsys.readouterr().out
     assert json.loads((cut / "model" / "train_dit.json").read_text())["steps"] == 6
     a, b = load_file(str(ref / "model" / "dit.safetensors")), load_file(str(cut / "model" / "dit.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a), "stop-at + resume differs from the uninterrupted run"

@@ -2,11 +2,11 @@
 
 The window holds ``context`` clean frames (flow time 0) followed by ``G`` noisy frames at
 staggered flow times ``(1/G, 2/G, ..., 1)`` (the head, right after the context, is the least
-noisy; ``level_shift`` can warp these times towards clean). One *shift* runs ``k`` Euler steps
-of the rectified flow (``x <- x + (t' - t) v``) over the whole window, lowering every noisy frame
-by one level; the head reaches 0 and is emitted, the window
-slides by one frame (the emitted frame becomes the newest context frame, the oldest one drops
-out), and a pure-noise frame enters at the tail. Memory is flat: the window has a fixed length.
+noisy; ``level_shift`` can warp these times). One *shift* runs ``k`` Euler steps of the
+rectified flow (``x <- x + (t' - t) v``) over the whole window, lowering every noisy frame by one
+level; the head reaches 0 and is emitted, the window slides by one frame (the emitted frame
+becomes the newest context frame, the oldest one drops out), and a pure-noise frame enters at the
+tail. Memory is flat: the window has a fixed length.
 
 Three ways for the newest action to reach the frames (DESIGN.md §4, "action latency"):
 
@@ -85,12 +85,12 @@ class SwinDPMConfig:
     ctx_noise: float = 0.0
     """Flow time of the noise the model sees on the clean context frames (0 = none)."""
     level_shift: float = 1.0
-    """s, warps the noisy frames' flow times ``t -> s t / (1 + (s - 1) t)`` (the time shift of SD3;
-    it keeps 0 and 1 fixed). 1 = evenly spaced levels ``(1/G, ..., 1)``; s < 1 moves them towards
-    clean, so each frame's last Euler step starts nearer to 0 (its final estimate averages over
-    less noise, i.e. finer detail) and its first steps are longer. Inference-only: the trainer's
-    diffusion-forcing half draws independent uniform levels, so warped windows stay in
-    distribution."""
+    """s, warps every flow time of the noisy frames, ``t -> s t / (1 + (s - 1) t)`` (SD3's time
+    shift; 0 and 1 stay fixed), the sub-step times of a shift (k > 1, immediate mode) included.
+    1 = evenly spaced levels ``(1/G, ..., 1)``; s < 1 moves them towards clean (a frame's last Euler
+    step starts nearer to 0, its first steps are longer); s > 1 towards noise (more, shorter steps
+    where the layout forms). Inference-only: the trainer's diffusion-forcing half draws independent
+    uniform levels, so warped windows stay in distribution. Measured effects: docs/ARCHITECTURE.md."""
     guidance: float = 1.0
     """Classifier-free guidance scale w on the actions of the frames in flight:
     ``v = v_u + w (v_c - v_u)``, where v_u sees the "unknown" control row on the noisy frames (the

@@ -93,18 +93,29 @@ def mean_brightness(frames: np.ndarray) -> float:
     return float((f.reshape(-1, 3).mean(axis=0, dtype=np.float64) * LUMA).sum())
 
 
-def rms_gradient(frames: np.ndarray, rows: int | None = None) -> float:
-    """Detail: RMS of the luma's horizontal and vertical finite differences, over frames (N, H, W, 3).
+def rms_gradient(frames: np.ndarray, rows: int | None = None, chunk: int = 256) -> float:
+    """Detail: mean over frames of each frame's RMS luma gradient, in luma levels per pixel.
 
-    Blur lowers it (total variation does not change when an edge is merely smeared; the squared
-    gradient does), so generated frames can be compared with real ones and with VAE
-    reconstructions; noise raises it too, so the target is the real frames' value, not a maximum.
-    ``rows`` keeps only the top rows (e.g. CarRacing's view without the dashboard).
+    Per frame (H, W, 3) on the frames' own scale (0-255 for uint8): the root mean square of the
+    luma's horizontal and vertical finite differences. Blur lowers it (total variation does not
+    change when an edge is merely smeared; the squared gradient does), so generated frames can be
+    compared with real ones and with VAE reconstructions; noise raises it too, so the target is the
+    real frames' value, not a maximum. Averaging per-frame values makes batches of any size and
+    grouping comparable. ``rows`` keeps only the top rows (e.g. CarRacing's view without the
+    dashboard).
+
+    Raises:
+        ValueError: fewer than 2 rows or columns are left.
     """
-    f = np.asarray(frames)[:, :rows].astype(np.float32)  # (N, H', W, 3)
-    y = f @ np.asarray(LUMA, np.float32)  # (N, H', W)
-    dx, dy = np.diff(y, axis=2)[:, :-1, :], np.diff(y, axis=1)[:, :, :-1]  # (N, H'-1, W-1) each
-    return float(np.sqrt((dx**2 + dy**2).mean()))
+    f = np.asarray(frames)[:, :rows]  # (N, H', W, 3)
+    if f.shape[1] < 2 or f.shape[2] < 2:
+        raise ValueError(f"rms_gradient needs frames of at least 2x2 pixels, got {f.shape[1:3]} (rows={rows})")
+    per_frame = []
+    for i in range(0, len(f), chunk):  # bounded float32 memory for thousands of frames
+        y = f[i : i + chunk].astype(np.float32) @ np.asarray(LUMA, np.float32)  # (n, H', W)
+        dx, dy = np.diff(y, axis=2)[:, :-1, :], np.diff(y, axis=1)[:, :, :-1]  # (n, H'-1, W-1) each
+        per_frame.append(np.sqrt((dx**2 + dy**2).mean(axis=(1, 2))))  # (n,)
+    return float(np.concatenate(per_frame).mean())
 
 
 # -------------------------------------------------------------------------------------- control

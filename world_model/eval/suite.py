@@ -27,8 +27,9 @@ What is measured (DESIGN.md §7)
   generated vs real held-out frame-stack features (the IDM's penultimate layer), beside the floor of
   VAE reconstructions with the same sample size. FDs are only comparable between runs that use the
   same IDM (pass ``--idm OUT/idm`` of an earlier run) and the same sample sizes. Detail: the RMS
-  luma gradient above the dashboard (:func:`metrics.rms_gradient`; blur lowers it) of real held-out
-  frames, of their VAE reconstructions and (closed loop) of generated frames and the real game's.
+  luma gradient (:func:`metrics.rms_gradient`; blur lowers it; CarRacing: above the dashboard) of
+  real held-out frames, of their VAE reconstructions and (closed loop) of generated frames and of
+  the real game's.
 * **Drift.** ``--drift-envs`` streams generate ``--horizon`` frames with random held actions (the
   checkpoint's sampler); in each bucket of ``--bucket-edges`` (default [0,100), [100,1000),
   [1000,10000)) about ``--drift-samples`` frames are decoded and compared to real held-out frames:
@@ -112,6 +113,11 @@ Mode = Literal["pipelined", "reconditioned", "immediate"]
 ALL_MODES: tuple[Mode, ...] = ("pipelined", "reconditioned", "immediate")
 VIEW_ROWS = 62
 """Rows of a 72x128 CarRacing frame above the dashboard (the detail metric's view)."""
+
+
+def detail_rows(world: WorldModel) -> int | None:
+    """Rows the detail metric reads: CarRacing's view above the dashboard, else the whole frame."""
+    return VIEW_ROWS if str(world.meta.get("env_id", "")).startswith("CarRacing") else None
 
 
 @dataclass
@@ -750,15 +756,17 @@ def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int,
         contexts = contexts[torch.from_numpy(np.nonzero(on)[0])]
     sim = Simulator(dataclasses.replace(world, start_latents=contexts.float()), envs, device,
                     sampler=sampler_config(world, mode))
-    start = torch.from_numpy(np.random.default_rng(seed).permutation(len(contexts))[:envs] % len(contexts))
+    perm = np.random.default_rng(seed).permutation(len(contexts))
+    start = torch.from_numpy(perm[np.arange(envs) % len(perm)])  # (envs,) wraps when there are fewer starts
     sim.reset(torch.ones(envs, dtype=torch.bool), start, generator=torch.Generator().manual_seed(seed))
     frame = decode_latents(sim.vae, contexts[start, -1].float())  # (B, H, W, 3)
     on, rew, detail, ended = [], [], [], torch.zeros(envs, dtype=torch.bool)
+    rows = detail_rows(world)
     for _ in range(steps):  # a stream the termination head ends is counted once and driven on
         latents, reward, terminated = sim.step(torch.from_numpy(follower(frame)))
         frame = sim.decode(latents, E.TRAIN_HW).cpu().numpy()
         on.append(on_road(frame))
-        detail.append(M.rms_gradient(frame, VIEW_ROWS))
+        detail.append(M.rms_gradient(frame, rows))
         rew.append(reward.float().cpu().numpy())
         ended |= terminated.cpu()
     ends = int(ended.sum())  # streams that terminated at least once (the real side: episodes)
@@ -779,7 +787,7 @@ def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int,
         for t in range(steps):
             obs, r, term, trunc, _ = env.step(int(follower(obs[None])[0]))
             on_r[t, i], rew_r[t, i] = on_road(obs[None])[0], r
-            detail_r[t, i] = M.rms_gradient(obs[None], VIEW_ROWS)
+            detail_r[t, i] = M.rms_gradient(obs[None], rows)
             ends_r += int(term)
             if term or trunc:
                 obs, _ = env.reset()
@@ -960,7 +968,8 @@ def summary_markdown(results: dict) -> str:
         f"VAE-recon floor {_fmt(fid['frechet']['vae_recon_floor'], 2)} (n={fid['frechet']['n']}) |",
     ]
     if "detail" in fid:
-        lines.append(f"| detail (RMS luma gradient above the dashboard), VAE-reconstructed held-out | "
+        view = "above the dashboard" if fid["detail"].get("rows") else "whole frame"
+        lines.append(f"| detail (RMS luma gradient, {view}), VAE-reconstructed held-out | "
                      f"{_fmt(fid['detail']['vae_recon'], 2)} | real frames {_fmt(fid['detail']['real'], 2)} |")
     drift = results.get("drift", {})
     for r in drift.get("buckets", []):
@@ -1000,7 +1009,7 @@ def summary_markdown(results: dict) -> str:
                      f"{ref} |")
         if "detail" in loop["world"]:
             ref = f"real game {_fmt(real['detail'], 2)}" if "detail" in real else ""
-            lines.append(f"| detail (RMS luma gradient above the dashboard), closed-loop frames | "
+            lines.append(f"| detail (RMS luma gradient), closed-loop frames | "
                          f"{_fmt(loop['world']['detail'], 2)} | {ref} |")
     for mode, row in results.get("speed", {}).items():
         batched = [k for k in row if k.startswith("steps_per_s_b") and k != "steps_per_s_b1"]
@@ -1148,10 +1157,12 @@ def _evaluate(args: Args, command: list[str] | None) -> dict:
 
     # ---- fidelity: VAE and teacher-forced PSNR
     t0 = time.perf_counter()
+    rows = detail_rows(world)
     fidelity: dict = {"vae_psnr": M.psnr(seg.recon, seg.frames),
                       "vae_psnr_frames": int(np.prod(seg.frames.shape[:2])),
-                      "detail": {"real": M.rms_gradient(seg.frames.reshape(-1, *seg.frames.shape[2:]), VIEW_ROWS),
-                                 "vae_recon": M.rms_gradient(seg.recon.reshape(-1, *seg.recon.shape[2:]), VIEW_ROWS)}}
+                      "detail": {"real": M.rms_gradient(seg.frames.reshape(-1, *seg.frames.shape[2:]), rows),
+                                 "vae_recon": M.rms_gradient(seg.recon.reshape(-1, *seg.recon.shape[2:]), rows),
+                                 "rows": rows}}
     fidelity["teacher_forced"] = teacher_forced(world, seg, args.tf_samples, device, args.seed, rng)
     log(f"[eval] VAE PSNR {fidelity['vae_psnr']:.2f} dB; "
         f"teacher-forced {fidelity['teacher_forced']['psnr']:.2f} dB "

@@ -64,7 +64,7 @@ class Args:
     ctx_noise: float | None = None
     """Default sampler context noise (default: half the DiT's training ctx_noise)."""
     level_shift: float = 1.0
-    """Default warp of the sampler's noise levels towards clean (SwinDPMConfig.level_shift; 1 = even)."""
+    """Default warp of the sampler's noise levels (SwinDPMConfig.level_shift; 1 = evenly spaced)."""
     term_threshold: float = 0.0
     """Termination logit threshold of the shipped heads (HeadsConfig.term_threshold). 0 = the
     decision of the class-weighted loss. Measured on the shipped DiT: at 0, 12 of 12 unseen
@@ -175,6 +175,8 @@ def build(args: Args, command: list[str] | None = None) -> Path:
     from world_model.train.dit import CONTROL_TABLE_FILE, load_control_table
     from world_model.vae import FrameVAE, VAEConfig
 
+    if not (math.isfinite(args.level_shift) and args.level_shift > 0):
+        raise UsageError(f"--level-shift {args.level_shift}: expected a finite number > 0 (1 = evenly spaced levels)")
     for name, path in (("--vae", args.vae), ("--dit", args.dit)):
         if not Path(path).is_dir():
             raise UsageError(f"{name} {str(path)!r} does not exist or is not a directory")

@@ -690,7 +690,8 @@ class Logger:
             from torch.utils.tensorboard import SummaryWriter
             from tqdm import tqdm
 
-            self.writer = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=start)
+            # steps are logged at their 1-based count, so a resume at `start` purges only later ones
+            self.writer = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=start + 1)
             self.bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True)
 
     def step(self, step: int, samples: int, scalars: dict[str, float]) -> None:

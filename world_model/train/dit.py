@@ -99,9 +99,11 @@ class Args:
     steps: int = 100_000
     """Optimiser steps in total (a resumed run continues up to this count)."""
     stop_at: int | None = None
-    """End this invocation after this many optimiser steps, saving a checkpoint and exporting the
-    EMA model so far, without changing the learning-rate schedule set by ``steps``; rerun with a
-    larger value (or without it) to continue. For runs whose budget ends before their schedule."""
+    """Stop this invocation at step N of the run (counted like ``steps``), saving a checkpoint and
+    exporting the EMA model so far, without changing the learning-rate schedule set by ``steps``;
+    rerun with a larger value (or without it) to continue. Values >= ``steps`` change nothing; a
+    value below the step a resumed run has already reached is refused. For a compute budget that
+    ends before the schedule does."""
     batch_size: int = 16
     """Windows per step per rank."""
     lr: float = 1e-4
@@ -506,6 +508,8 @@ def train(args: Args, command: list[str] | None = None) -> dict:
         raise UsageError(f"--context {args.context} must be in [0, --window {args.window})")
     if args.window < 2:
         raise UsageError(f"--window {args.window}: need at least 2 frames (one transition for the heads)")
+    if args.stop_at is not None and args.stop_at < 1:
+        raise UsageError(f"--stop-at {args.stop_at}: expected a step count >= 1 (or leave it out)")
     if not (math.isfinite(args.road_weight) and args.road_weight > 0):
         raise UsageError(f"--road-weight {args.road_weight}: expected a finite number > 0 (1 = uniform sampling)")
     info = common.setup_distributed(args.device)
@@ -592,7 +596,10 @@ def train(args: Args, command: list[str] | None = None) -> dict:
         generator=torch.Generator().manual_seed(args.seed),
         persistent_workers=args.num_workers > 0,
     )
-    logger = common.Logger(run_dir, info, args.steps, start, desc="train-dit")
+    end = args.steps if args.stop_at is None else min(args.steps, args.stop_at)
+    if end < start:
+        raise UsageError(f"--stop-at {args.stop_at} is below step {start}, which {run_dir} has already reached")
+    logger = common.Logger(run_dir, info, end, start, desc="train-dit")
     if ckpt is not None:
         logger.print(f"resumed from {ckpt} at step {start}")
     n_params = sum(p.numel() for p in model.dit.parameters())
@@ -604,7 +611,6 @@ def train(args: Args, command: list[str] | None = None) -> dict:
     step_fn = common.wrap_ddp(model, info)
     batches = iter(loader)
     model.train()
-    end = args.steps if args.stop_at is None else min(args.steps, args.stop_at)
     for step in range(start, end):
         batch = next(batches)
         inp = make_inputs(batch, table, args, gen, info.device)
