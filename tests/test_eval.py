@@ -430,7 +430,8 @@ def test_probe_compares_sampler_variants_on_the_same_starts(tmp_path: Path, tiny
     from world_model.eval import probe as P
 
     assert P.parse_variant("default") == {}
-    assert P.parse_variant("mode=immediate, ctx_noise=0.25,groups=2") == {"mode": "immediate", "ctx_noise": 0.25, "groups": 2}
+    parsed = P.parse_variant("mode=immediate, ctx_noise=0.25,groups=2")
+    assert parsed == {"mode": "immediate", "ctx_noise": 0.25, "groups": 2}
     for bad, msg in [("nope=1", "unknown sampler field 'nope'"), ("level_shift", "name=value"),
                      ("groups=2.5", "groups must be an int")]:
         with pytest.raises(UsageError, match=msg):

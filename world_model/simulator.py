@@ -52,7 +52,9 @@ def sampler_config(world: WorldModel, mode: str | None = None, overrides: dict |
         raise UsageError(f"sampler overrides must be a dict of SwinDPMConfig fields, got {overrides!r}")
     overrides = dict(overrides or {})
     if mode is not None and overrides.get("mode", mode) != mode:
-        raise UsageError(f"sampler mode given twice: sampler_mode={mode!r} and sampler={{'mode': {overrides['mode']!r}}}")
+        raise UsageError(
+            f"sampler mode given twice: sampler_mode={mode!r} and sampler={{'mode': {overrides['mode']!r}}}"
+        )
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise UsageError(f"sampler overrides have unknown fields {unknown}; known: {sorted(known)}")

@@ -94,9 +94,9 @@ class SwinDPMConfig:
     guidance: float = 1.0
     """Classifier-free guidance scale w on the actions of the frames in flight:
     ``v = v_u + w (v_c - v_u)``, where v_u sees the "unknown" control row on the noisy frames (the
-    trainer's per-frame control dropout teaches that row, approximately). 1 = off (one model pass); other values cost a second
-    pass over the noisy frames (the context frames' keys/values are shared when the DiT is
-    block-causal). Applied by the denoiser the caller passes (``Simulator``)."""
+    trainer's per-frame control dropout teaches that row, approximately). 1 = off (one model pass);
+    other values cost a second pass over the noisy frames (the context frames' keys/values are
+    shared when the DiT is block-causal). Applied by the denoiser the caller passes (``Simulator``)."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

@@ -73,7 +73,8 @@ def parse_variant(text: str) -> dict:
         try:
             out[name] = kind(value) if kind in (int, float) else value
         except ValueError as err:
-            raise UsageError(f"variant {text!r}: {name} must be {'an int' if kind is int else 'a float'}, got {value!r}") from err
+            what = "an int" if kind is int else "a float"
+            raise UsageError(f"variant {text!r}: {name} must be {what}, got {value!r}") from err
     return out
 
 
@@ -134,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(args.seeds) > 1:
         for text in dict.fromkeys(args.variants):  # each variant once, in order
             mine = [r for r in rows if r["variant"] == text]
-            print(f"| {text} | mean of {len(mine)} | | {np.mean([r['on_road'] for r in mine]):.3f} | "
-                  f"{np.mean([r['reward_per_step'] for r in mine]):.3f} | | {np.mean([r['detail'] for r in mine]):.2f} |")
+            mean = {k: float(np.mean([r[k] for r in mine])) for k in ("on_road", "reward_per_step", "detail")}
+            print(f"| {text} | mean of {len(mine)} | | {mean['on_road']:.3f} | {mean['reward_per_step']:.3f} | | "
+                  f"{mean['detail']:.2f} |")
     return 0
 
 
