@@ -185,7 +185,7 @@ def test_dit_trainer_and_build_world(data, footage, vae_dir, latents, dit_run, t
     ])  # fmt: skip
     assert load_world(again).heads.cfg.term_threshold == 3.5
     assert load_world(again).sampler["level_shift"] == 0.5 and world.sampler["level_shift"] == 1.0
-    with pytest.raises(UsageError, match="--level-shift 0.0: expected a finite number > 0"):
+    with pytest.raises(UsageError, match="--level-shift\\): level_shift must be a finite number > 0"):
         build_world.main([
             "--vae", str(vae_dir), "--dit", str(model), "--data", str(data), "--latents", str(latents[0]),
             "--out", str(tmp_path / "bad"), "--level-shift", "0",

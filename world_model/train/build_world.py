@@ -175,14 +175,27 @@ def build(args: Args, command: list[str] | None = None) -> Path:
     from world_model.train.dit import CONTROL_TABLE_FILE, load_control_table
     from world_model.vae import FrameVAE, VAEConfig
 
-    if not (math.isfinite(args.level_shift) and args.level_shift > 0):
-        raise UsageError(f"--level-shift {args.level_shift}: expected a finite number > 0 (1 = evenly spaced levels)")
     for name, path in (("--vae", args.vae), ("--dit", args.dit)):
         if not Path(path).is_dir():
             raise UsageError(f"{name} {str(path)!r} does not exist or is not a directory")
     vae_summary = _read_json(Path(args.vae) / "train_vae.json", "train-vae")
     dit_summary = _read_json(Path(args.dit) / "train_dit.json", "train-dit")
     dit_args = dit_summary.get("args", {})
+    context = args.context or int(dit_summary["context"])
+    groups = int(dit_summary["window"]) - int(dit_summary["context"])
+    try:  # the sampler settings are checked before anything heavy is loaded
+        sampler_cfg = SwinDPMConfig(
+            context=context,
+            groups=max(1, groups),
+            steps_per_shift=args.steps_per_shift,
+            mode=args.mode,
+            ctx_noise=float(dit_args.get("ctx_noise", 0.0)) / 2 if args.ctx_noise is None else args.ctx_noise,
+            level_shift=args.level_shift,
+        )
+    except ValueError as err:
+        raise UsageError(f"build-world sampler settings (--context/--steps-per-shift/--mode/--ctx-noise/"
+                         f"--level-shift): {err}") from err
+    sampler = dataclasses.asdict(sampler_cfg)
     caches, lat_infos = resolve_caches(args.data, args.latents)
     lat_info = lat_infos[0]
     sha = latent_space_sha256(args.vae)  # a decoder-only fine-tune keeps its parent's latent space
@@ -207,20 +220,6 @@ def build(args: Args, command: list[str] | None = None) -> Path:
         raise UsageError(f"--term-threshold {args.term_threshold}: expected a finite logit")
     heads.cfg.term_threshold = args.term_threshold
 
-    context = args.context or int(dit_summary["context"])
-    groups = int(dit_summary["window"]) - int(dit_summary["context"])
-    try:
-        sampler_cfg = SwinDPMConfig(
-            context=context,
-            groups=max(1, groups),
-            steps_per_shift=args.steps_per_shift,
-            mode=args.mode,
-            ctx_noise=float(dit_args.get("ctx_noise", 0.0)) / 2 if args.ctx_noise is None else args.ctx_noise,
-            level_shift=args.level_shift,
-        )
-    except ValueError as err:
-        raise UsageError(f"build-world sampler settings: {err}") from err
-    sampler = dataclasses.asdict(sampler_cfg)
     # the DiT's own split (deterministic in its holdout_fraction and seed); starts come from
     # labelled episodes when there are any (unlabelled footage may be randomised-colour)
     train, heldout = resolve_episodes(
