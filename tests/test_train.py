@@ -290,6 +290,46 @@ def test_dit_warm_start_loads_parent_weights_and_records_lineage(data, footage, 
         dit.main([*dit_args((data, footage), latents, tmp_path / "bad", "--init-from", str(parent)), "--preset", "S"])
 
 
+def test_a_world_is_a_parent_for_encode_train_and_build(data, footage, vae_dir, latents, dit_run, tmp_path):
+    """A world dir stands in for train-vae's / train-dit's output: same latent space, weights, lineage."""
+    from safetensors.torch import load_file
+
+    from world_model.data import latents as latent_cache
+    from world_model.data.latents import latent_space_sha256
+    from world_model.train import build_world, dit
+
+    world = tmp_path / "world"
+    build_world.main([
+        "--vae", str(vae_dir), "--dit", str(dit_run / "model"), "--data", str(data), str(footage),
+        "--latents", str(latents[0]), str(latents[1]), "--out", str(world), "--starts", "2",
+    ])  # fmt: skip
+    world_cmds = json.loads((world / "manifest.json").read_text())["recipe"]["commands"]
+    assert latent_space_sha256(world) == latent_space_sha256(vae_dir)
+
+    cache = tmp_path / "lat_world"  # encode-latents --vae WORLD: the same cache as with the VAE's own dir
+    latent_cache.main(["--data", str(footage), "--vae", str(world), "--out", str(cache), "--batch-size", "8"])
+    assert latent_cache.read_info(cache)["vae_sha256"] == latent_cache.read_info(latents[1])["vae_sha256"]
+    for ep in sorted((latents[1] / "episodes").iterdir()):
+        a, b = np.load(ep / "latents.npy"), np.load(cache / "episodes" / ep.name / "latents.npy")
+        np.testing.assert_array_equal(a, b)
+
+    run = tmp_path / "warm"  # train-dit --init-from WORLD: its weights and control rows, its recipe as lineage
+    dit.main(dit_args((data, footage), latents, run, "--init-from", str(world), "--lr", "0", "--steps", "1"))
+    before, after = load_file(world / "dit.safetensors"), load_file(run / "model" / "dit.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    parent = json.loads((run / "model" / "train_dit.json").read_text())["init_from"]
+    assert parent["world_recipe"] == world_cmds and parent["steps"] == 4
+
+    out = tmp_path / "world2"  # build-world --vae WORLD: the recipe is the parent world's, then the new stages
+    build_world.main([
+        "--vae", str(world), "--dit", str(run / "model"), "--data", str(data), str(footage),
+        "--latents", str(latents[0]), str(latents[1]), "--out", str(out), "--starts", "2",
+    ])  # fmt: skip
+    cmds = json.loads((out / "manifest.json").read_text())["recipe"]["commands"]
+    assert cmds[: len(world_cmds)] == world_cmds
+    assert [c[1] for c in cmds[len(world_cmds) :]] == ["train-dit", "build-world"]
+
+
 def test_decoder_finetune_keeps_the_latent_space(data, footage, vae_dir, latents, dit_run, tmp_path):
     """--init-from/--freeze-encoder: encoder and latent stats unchanged, decoder trained, the world builds."""
     from safetensors.torch import load_file

@@ -354,6 +354,35 @@ def save_world(directory: str | os.PathLike, world: WorldModel, recipe: dict[str
     return directory
 
 
+def world_provenance(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """What a world directory records about its own making, or None if ``directory`` is no world.
+
+    Lets a world stand in for a trainer's output directory (``train-dit --init-from WORLD``,
+    ``encode-latents --vae WORLD``, ``build-world --vae WORLD``): its modules are stored under the
+    same file names, and this gives the provenance a trainer's summary JSON would have.
+
+    Returns:
+        ``{"path", "commands" (the world's recipe, in order), "vae_args", "dit_args",
+        "latent_space_sha256", "vae_steps", "dit_steps", "vae_eval", "dit_eval"}``.
+    """
+    directory = Path(directory)
+    if not ((directory / CONFIG_FILE).is_file() and (directory / MANIFEST_FILE).is_file()):
+        return None
+    meta = _read_json(directory / CONFIG_FILE).get("meta", {})
+    recipe = _read_json(directory / MANIFEST_FILE).get("recipe", {})
+    return {
+        "path": str(directory.resolve()),
+        "commands": list(recipe.get("commands", [])),
+        "vae_args": recipe.get("vae_args", {}),
+        "dit_args": recipe.get("dit_args", {}),
+        "latent_space_sha256": meta.get("vae_sha256"),
+        "vae_steps": meta.get("vae_steps"),
+        "dit_steps": meta.get("dit_steps"),
+        "vae_eval": meta.get("vae_eval", {}),
+        "dit_eval": meta.get("dit_eval", {}),
+    }
+
+
 def load_world(directory: str | os.PathLike, device: torch.device | str = "cpu") -> WorldModel:
     """Load and verify a checkpoint written by :func:`save_world`.
 

@@ -70,9 +70,15 @@ def latent_space_sha256(vae_dir: Path) -> str:
 
     A VAE whose decoder was fine-tuned with a frozen encoder (``train-vae --init-from A
     --freeze-encoder``) records A's latent-space identity in its ``train_vae.json``: latent caches and
-    DiTs made with A stay valid for it. Any other VAE is identified by its weights file.
+    DiTs made with A stay valid for it; a world directory records its VAE's in ``config.json``. Any
+    other VAE is identified by its weights file.
     """
+    from world_model.checkpoint import world_provenance
+
     summary = Path(vae_dir) / "train_vae.json"
+    world = None if summary.is_file() else world_provenance(vae_dir)
+    if world is not None and world["latent_space_sha256"]:  # a world records its VAE's latent space
+        return world["latent_space_sha256"]
     if summary.is_file():
         try:
             recorded = json.loads(summary.read_text()).get("latent_space_sha256")
@@ -188,7 +194,8 @@ def encode_all(args: Args, command: list[str] | None = None) -> dict:
     if not episodes:
         raise UsageError(f"--data {str(args.data)!r} holds no complete episodes")
     info = setup_distributed(args.device)
-    sha = vae_sha256(args.vae)
+    vae_sha256(args.vae)  # checks that --vae holds a VAE
+    sha = latent_space_sha256(args.vae)  # caches are keyed by the latent space (same for decoder fine-tunes)
     vae = load_module(args.vae, "vae", FrameVAE, VAEConfig, map_location=info.device).eval()
     c, (h, w) = vae.cfg.latent_channels, vae.cfg.latent_hw
     out = Path(args.out)

@@ -85,6 +85,24 @@ def _read_json(path: Path, what: str) -> dict:
         raise UsageError(f"{path} is corrupt: {err}") from err
 
 
+def _vae_summary(vae_dir: Path) -> dict:
+    """train-vae's summary of ``vae_dir``; for a world directory, the same fields from its records."""
+    from world_model.checkpoint import world_provenance
+
+    if not (vae_dir / "train_vae.json").exists():
+        world = world_provenance(vae_dir)
+        if world is not None:
+            return {"world_recipe": world["commands"], "args": world["vae_args"], "eval": world["vae_eval"],
+                    "steps": world["vae_steps"], "latent_space_sha256": world["latent_space_sha256"]}
+    return _read_json(vae_dir / "train_vae.json", "train-vae")
+
+
+def _unique(commands: list[list[str]]) -> list[list[str]]:
+    """Commands in order, each once (a world's recipe can reach a new one through both its VAE and DiT)."""
+    seen: set[tuple[str, ...]] = set()
+    return [c for c in commands if not (tuple(c) in seen or seen.add(tuple(c)))]
+
+
 def pick_starts(
     heldout: list[Path],
     train: list[Path],
@@ -178,7 +196,7 @@ def build(args: Args, command: list[str] | None = None) -> Path:
     for name, path in (("--vae", args.vae), ("--dit", args.dit)):
         if not Path(path).is_dir():
             raise UsageError(f"{name} {str(path)!r} does not exist or is not a directory")
-    vae_summary = _read_json(Path(args.vae) / "train_vae.json", "train-vae")
+    vae_summary = _vae_summary(Path(args.vae))
     dit_summary = _read_json(Path(args.dit) / "train_dit.json", "train-dit")
     dit_args = dit_summary.get("args", {})
     context = args.context or int(dit_summary["context"])
@@ -267,12 +285,12 @@ def build(args: Args, command: list[str] | None = None) -> Path:
         },
     )
     recipe = {
-        "commands": [
+        "commands": _unique([
             *common.stage_commands(vae_summary),
             *[info.get("command", []) for info in lat_infos],
             *common.stage_commands(dit_summary),
             command or [],
-        ],
+        ]),
         "data_manifest_sha256": fingerprint,
         "vae_args": vae_summary.get("args", {}),
         "dit_args": dit_args,

@@ -396,23 +396,35 @@ def parent_summary(model_dir: Path | None, summary_file: str) -> dict | None:
         summary_file: "train_vae.json" or "train_dit.json".
 
     Returns:
-        None without a parent; else ``{"path": ..., "command": ..., "args": ..., ...}`` (only the path
-        when the parent has no summary file). Nested parents stay nested under ``init_from``.
+        None without a parent; else ``{"path": ..., "command": ..., "args": ..., ...}``. Nested
+        parents stay nested under ``init_from``. A world directory as parent (e.g. the shipped
+        default world) gives ``{"path", "world_recipe": its recipe's commands, "steps"}``; a directory
+        with neither gives only the path.
     """
+    from world_model.checkpoint import world_provenance
+
     if model_dir is None:
         return None
     model_dir = Path(model_dir).expanduser()
     path = model_dir / summary_file
     if not path.exists():
-        return {"path": str(model_dir)}
+        world = world_provenance(model_dir)
+        if world is None:
+            return {"path": str(model_dir)}
+        steps = world["vae_steps" if summary_file == "train_vae.json" else "dit_steps"]
+        return {"path": world["path"], "world_recipe": world["commands"], "steps": steps}
     prev = json.loads(path.read_text())
     return {"path": str(model_dir), **{k: v for k, v in prev.items() if not k.endswith("_episodes")}}
 
 
 def stage_commands(summary: dict) -> list[list[str]]:
-    """The commands that produced a model, warm-start parents first (follows ``init_from``)."""
+    """The commands that produced a model, warm-start parents first (follows ``init_from``).
+
+    A world parent (``world_recipe``, see :func:`parent_summary`) contributes its whole recipe.
+    """
     parent = summary.get("init_from")
-    return [*(stage_commands(parent) if isinstance(parent, dict) else []), summary.get("command", [])]
+    own = [summary["command"]] if summary.get("command") else []
+    return [*summary.get("world_recipe", []), *(stage_commands(parent) if isinstance(parent, dict) else []), *own]
 
 
 # ----------------------------------------------------------------------------- config

@@ -172,9 +172,23 @@ def save_control_table(path: Path, table: ControlEmbeddings, sentences: list[str
 
 
 def load_control_table(path: Path) -> tuple[ControlEmbeddings, list[str]]:
-    """Read a control table written by :func:`save_control_table`; returns it and its sentences."""
+    """Read a control table written by :func:`save_control_table`; returns it and its sentences.
+
+    A missing ``path`` inside a world directory reads the world's own control rows instead.
+    """
     from safetensors import safe_open
 
+    from world_model.checkpoint import CONFIG_FILE, CONTROL_FILE
+
+    world_dir = Path(path).parent
+    if not Path(path).exists() and (world_dir / CONTROL_FILE).is_file() and (world_dir / CONFIG_FILE).is_file():
+        # a world directory (``--init-from WORLD``): the same rows, stored in its control file
+        try:
+            with safe_open(str(world_dir / CONTROL_FILE), framework="pt") as f:
+                table = ControlEmbeddings(f.get_tensor("tokens"), f.get_tensor("mask"), f.get_tensor("pooled"))
+            return table, list(json.loads((world_dir / CONFIG_FILE).read_text())["sentences"])
+        except Exception as err:
+            raise UsageError(f"world {str(world_dir)!r}: its control table is missing or corrupt: {err}") from err
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -535,7 +549,7 @@ def train(args: Args, command: list[str] | None = None) -> dict:
         if reuse is None and args.init_from is not None:
             reuse = Path(args.init_from).expanduser() / CONTROL_TABLE_FILE
         if reuse is not None:
-            table, stored = load_control_table(reuse)
+            table, stored = load_control_table(reuse)  # a train-dit run dir's, or a world's
             if stored != sentences:
                 raise UsageError(f"control table {reuse} encodes other sentences than this data's")
         else:
