@@ -48,6 +48,8 @@ class BenchArgs:
     """Also measure the real CarRacing-v3."""
     compile_model: bool = False
     """torch.compile the DiT (each env compiles once, inside the warm-up steps)."""
+    backend: str = "torch"
+    """Who runs the full-window DiT calls: torch, onnxruntime or tensorrt (world_model.export.onnx)."""
     num_envs: tuple[int, ...] = (1, 4, 16, 64)
     """Batch sizes of the 84x84 vector-env rows."""
     hd: bool = True
@@ -102,6 +104,7 @@ def bench_single(args: BenchArgs, obs_size: tuple[int, int], steps: int) -> floa
         device=args.device,
         dtype=args.dtype,
         compile_model=args.compile_model,
+        backend=args.backend,
     )
     env.reset(seed=0)
     rng = np.random.default_rng(0)
@@ -128,6 +131,7 @@ def bench_vector(args: BenchArgs, num_envs: int, obs_size: tuple[int, int], step
         dtype=args.dtype,
         max_episode_steps=1000,
         compile_model=args.compile_model,
+        backend=args.backend,
     )
     envs.reset(seed=0)
     rng = np.random.default_rng(0)
@@ -228,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(args)
     print(
         f"# bench_env: world={args.world or 'default'} device={args.device} dtype={args.dtype} "
-        f"compile={args.compile_model} guidance={args.guidance} "
+        f"compile={args.compile_model} backend={args.backend} guidance={args.guidance} "
         f"threads={torch.get_num_threads()} cpu={platform.processor() or platform.machine()}"
     )
     print(format_table(rows))

@@ -1,7 +1,8 @@
-"""Precision and compilation of the batched env's DiT, side by side in one run.
+"""Precision, compilation and runtime of the batched env's DiT, side by side in one run.
 
 For ``--num-envs`` streams at 84x84 (the agent setting): env steps/s with float32 / bfloat16
-autocast, eager / ``torch.compile``, the speed ratio to eager float32 measured in the same process,
+autocast, eager / ``torch.compile``, and the DiT exported to ONNX and run by ONNX Runtime (float32),
+the speed ratio to eager float32 measured in the same process,
 and how far each variant's latents are from eager float32 after ``--steps`` steps from the same
 seed and actions (RMS over the stream, in units of the latents' own RMS): the price of the speed.
 
@@ -35,14 +36,17 @@ class PrecisionArgs:
     """torch.set_num_threads (0: torch's default)."""
     compile_model: bool = True
     """Include the torch.compile variants."""
+    onnxruntime: bool = True
+    """Include the ONNX Runtime variant (float32; the export is cached, see world_model.export.onnx)."""
 
 
-def rollout(args: PrecisionArgs, dtype: str, compiled: bool) -> tuple[float, np.ndarray]:
+def rollout(args: PrecisionArgs, dtype: str, compiled: bool, backend: str) -> tuple[float, np.ndarray]:
     """(env steps/s, latents (T, B, C, h, w) of a fixed-action rollout) of one variant."""
     from matrix_env.vector import MatrixWorldVectorEnv
 
     envs = MatrixWorldVectorEnv(num_envs=args.num_envs, world=args.world, obs_size=(84, 84), obs_type="rgb",
-                                dtype=dtype, compile_model=compiled, max_episode_steps=10_000)
+                                dtype=dtype, compile_model=compiled, max_episode_steps=10_000,
+                                backend=backend)
     envs.reset(seed=0)
     actions = np.random.default_rng(0).integers(envs.single_action_space.n, size=(10_000, args.num_envs))
     t = iter(range(10_000))
@@ -67,19 +71,22 @@ def main(argv: list[str] | None = None) -> int:
     args = tyro.cli(PrecisionArgs, args=argv, description=__doc__.split("\n\n")[0])
     if args.threads:
         torch.set_num_threads(args.threads)
-    variants = [("float32", False), ("bfloat16", False)]
+    variants = [("float32", False, "torch"), ("bfloat16", False, "torch")]
     if args.compile_model:
-        variants += [("float32", True), ("bfloat16", True)]
+        variants += [("float32", True, "torch"), ("bfloat16", True, "torch")]
+    if args.onnxruntime:
+        variants += [("float32", False, "onnxruntime")]
     results = {v: rollout(args, *v) for v in variants}
-    base_rate, base_lat = results[("float32", False)]
+    base_rate, base_lat = results[("float32", False, "torch")]
     scale = float(np.sqrt((base_lat**2).mean()))
     print(f"# bench_precision: world={args.world or 'default'} num_envs={args.num_envs} obs=84x84 "
           f"steps={args.steps} threads={torch.get_num_threads()} cpu={platform.processor() or platform.machine()}")
-    print("| dtype | torch.compile | env steps/s | x eager float32 | latent RMS gap to eager float32 |")
-    print("|---|---|---:|---:|---:|")
-    for (dtype, compiled), (rate, lat) in results.items():
+    print("| backend | dtype | torch.compile | env steps/s | x eager float32 | latent RMS gap to eager float32 |")
+    print("|---|---|---|---:|---:|---:|")
+    for (dtype, compiled, backend), (rate, lat) in results.items():
         gap = float(np.sqrt(((lat - base_lat) ** 2).mean())) / scale
-        print(f"| {dtype} | {'yes' if compiled else 'no'} | {rate:.1f} | {rate / base_rate:.2f} | {gap:.3f} |")
+        cells = [backend, dtype, "yes" if compiled else "no", f"{rate:.1f}", f"{rate / base_rate:.2f}", f"{gap:.3f}"]
+        print("| " + " | ".join(cells) + " |")
     return 0
 
 

@@ -178,7 +178,7 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
     ```python
     gym.make("MatrixWorld-v0", world=None, render_mode=None, obs_size=None, obs_type="rgb",
              sampler_mode=None, device="cpu", dtype="float32", reward_fn=None, compile_model=False,
-             sampler=None)
+             sampler=None, backend="torch")
     ```
     * ``world``: checkpoint directory (default: the shipped ``matrix_env/worlds/default``) or a
       loaded :class:`~world_model.checkpoint.WorldModel`.
@@ -191,8 +191,11 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
     * ``device`` / ``dtype``: where and in which precision the networks run.
     * ``reward_fn``: replaces the reward head.
     * ``compile_model``: ``torch.compile`` the full-window DiT calls (a slow first step; see
-      ``Simulator``). With ``dtype="bfloat16"`` it is the fastest CPU setting (README: 2.07x at 16 envs;
-      bf16 alone 1.48x, compile alone 1.39x).
+      ``Simulator``). With ``dtype="bfloat16"`` it is the fastest torch setting on a CPU with
+      AVX512-BF16 (README, "Env speed").
+    * ``backend``: "torch", or run the full-window DiT calls as an exported ONNX graph with
+      "onnxruntime" (CPU or CUDA, float32, equal to torch to ~1e-5; the export is cached on disk
+      and the first use pays it) or "tensorrt" (CUDA). See ``world_model.export.onnx``.
 
     Same seed, same actions -> identical frames (all sampling noise comes from a stream keyed by
     ``np_random``).
@@ -222,6 +225,7 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
         reward_fn: RewardFn | None = None,
         compile_model: bool = False,
         sampler: dict | None = None,
+        backend: str = "torch",
     ) -> None:
         """Load the world model and allocate one stream. See the class docstring for arguments."""
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
@@ -240,6 +244,7 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
             parse_dtype(dtype),
             reward_fn,
             compile_model,
+            backend=backend,
         )
         self.metadata = {**self.metadata, "render_fps": int(self.world.meta.get("fps", DEFAULT_FPS))}
         self.action_meanings = list(self.world.action_names)

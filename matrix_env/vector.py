@@ -77,6 +77,7 @@ class MatrixWorldVectorEnv(VectorEnv):
         max_episode_steps: int | None = None,
         compile_model: bool = False,
         sampler: dict | None = None,
+        backend: str = "torch",
     ) -> None:
         """Load the world model and allocate ``num_envs`` streams."""
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
@@ -99,6 +100,7 @@ class MatrixWorldVectorEnv(VectorEnv):
             parse_dtype(dtype),
             reward_fn,
             compile_model,
+            backend=backend,
         )
         self.metadata = {**self.metadata, "render_fps": int(self.world.meta.get("fps", DEFAULT_FPS))}
         self.action_meanings = list(self.world.action_names)

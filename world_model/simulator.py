@@ -88,6 +88,7 @@ class Simulator:
         reward_fn: RewardFn | None = None,
         compile_model: bool = False,
         context_cache: bool = True,
+        backend: str = "torch",
     ) -> None:
         """Move the model to ``device``, cache the control tables and allocate the stream state.
 
@@ -107,6 +108,11 @@ class Simulator:
             context_cache: with a block-causal DiT and several model evaluations per shift
                 (``steps_per_shift`` > 1, or ``immediate`` mode), run the context frames once per
                 shift and reuse their keys/values (exact; see ``SwinDPM.step``).
+            backend: who runs the full-window DiT calls: "torch" (eager, or compiled), or the
+                DiT exported to ONNX and run by "onnxruntime" (CPU or CUDA; float32, equal to torch
+                to ~1e-5) or "tensorrt" (CUDA); see ``world_model.export.onnx``. The export is
+                cached on disk; the first use pays it (~20 s on 2 CPU cores). Context-cache calls
+                stay in torch, as with ``compile_model``.
 
         Raises:
             UsageError: the sampler window does not fit the model or the start contexts.
@@ -132,7 +138,7 @@ class Simulator:
             )
         self.vae = world.vae.to(self.device).eval()
         self.dit = world.dit.to(self.device).eval()
-        self._dit_fn = torch.compile(self.dit, dynamic=False) if compile_model else self.dit
+        self._dit_fn = self._full_window_fn(backend, compile_model)
         self._context_fn = self._encode_context if context_cache and self.dit.cfg.causal else None
         self.heads = world.heads.to(self.device).eval()
         # Cached once: the control tables (A+1 rows) and the start contexts.
@@ -168,6 +174,23 @@ class Simulator:
     def latest(self) -> torch.Tensor:
         """(B, C, H, W) the newest clean frame of every stream (a view of the state)."""
         return self.state.latents[:, self.cfg.context - 1]
+
+    def _full_window_fn(self, backend: str, compile_model: bool) -> Callable[..., torch.Tensor]:
+        """The callable of the full-window DiT calls: the module, compiled, or an exported graph."""
+        from world_model.export.onnx import BACKENDS
+
+        if backend not in BACKENDS:
+            raise UsageError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "torch":
+            return torch.compile(self.dit, dynamic=False) if compile_model else self.dit
+        if compile_model:
+            raise UsageError(f"compile_model=True applies to backend='torch' only, got backend={backend!r}")
+        if backend == "onnxruntime" and self.dtype != torch.float32:
+            raise UsageError(f"backend='onnxruntime' runs float32 graphs; got dtype={self.dtype} (use float32)")
+        from world_model.export.onnx import OnnxDiT
+
+        num_tokens = self.world.control_tokens.shape[1]
+        return OnnxDiT.from_dit(self.dit, self.sampler.window_len, num_tokens, self.device, backend)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype == torch.float32:

@@ -1,0 +1,107 @@
+"""ONNX export of the DiT's full-window call and the ONNX Runtime backend (CPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import build_tiny_world
+from world_model.errors import UsageError
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from world_model.export import onnx as wm_onnx  # noqa: E402
+from world_model.simulator import Simulator  # noqa: E402
+
+B = 3
+
+
+@pytest.fixture(scope="module")
+def world():
+    return build_tiny_world()
+
+
+@pytest.fixture()
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private export cache (MATRIX_WORLD_CACHE) per test."""
+    monkeypatch.setenv(wm_onnx.CACHE_ENV, str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def started(world, **kw) -> Simulator:
+    sim = Simulator(world, B, **kw)
+    sim.reset(torch.ones(B, dtype=torch.bool), torch.arange(B) % sim.num_starts, noise_key=torch.arange(7, 7 + B))
+    return sim
+
+
+def test_exported_dit_matches_torch_at_any_batch_and_is_cached(world, cache: Path, monkeypatch) -> None:
+    frames, tokens = 8, world.control_tokens.shape[1]
+    fn = wm_onnx.OnnxDiT.from_dit(world.dit, frames, tokens)
+    files = list(cache.glob("dit-*.onnx"))
+    assert len(files) == 1 and not list(cache.glob(".tmp-*"))  # one atomic write
+    for batch in (1, 5):  # one export serves every batch size
+        args = wm_onnx.example_inputs(world.dit, frames, tokens, batch)
+        with torch.inference_mode():
+            want = world.dit(*args)
+        got = fn(*args)
+        assert got.shape == want.shape == (batch, frames, *want.shape[2:]) and got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+    def no_export(*a, **k):
+        raise AssertionError("exported again although the cached graph matches")
+
+    monkeypatch.setattr(wm_onnx, "export_dit", no_export)
+    assert wm_onnx.OnnxDiT.from_dit(world.dit, frames, tokens).path == files[0]
+
+
+def test_export_key_follows_weights_and_window(world) -> None:
+    key = wm_onnx.export_key(world.dit, 8, 4)
+    assert key == wm_onnx.export_key(world.dit, 8, 4)
+    assert key != wm_onnx.export_key(world.dit, 5, 4)
+    other = build_tiny_world(seed=1).dit
+    assert key != wm_onnx.export_key(other, 8, 4)
+
+
+def test_onnxruntime_backend_rollout_matches_torch(world, cache: Path) -> None:
+    """Same keys, same actions: the ORT simulator emits the torch simulator's latents (float tolerance)."""
+    ref, ort = started(world), started(world, backend="onnxruntime")
+    for a in (0, 4, 8, 2, 2, 6):
+        want, r_want, d_want = ref.step(torch.full((B,), a))
+        got, r_got, d_got = ort.step(torch.full((B,), a))
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(r_got, r_want, rtol=1e-4, atol=1e-4)
+        assert torch.equal(d_got, d_want)
+    frames_ref, frames_ort = ref.decode(ref.latest, (84, 84)), ort.decode(ort.latest, (84, 84))
+    assert np.abs(frames_ref.int().numpy() - frames_ort.int().numpy()).max() <= 1
+
+
+def test_vector_env_backend_kwarg(tiny_world_dir: Path, cache: Path) -> None:
+    from matrix_env.vector import MatrixWorldVectorEnv
+
+    torch_env = MatrixWorldVectorEnv(num_envs=2, world=tiny_world_dir, obs_size=(32, 32))
+    ort_env = MatrixWorldVectorEnv(num_envs=2, world=tiny_world_dir, obs_size=(32, 32), backend="onnxruntime")
+    a, _ = torch_env.reset(seed=3)
+    b, _ = ort_env.reset(seed=3)
+    assert np.array_equal(a, b)  # resets copy recorded frames: no model call
+    for action in ([1, 2], [5, 0], [8, 8]):
+        a = torch_env.step(np.array(action))[0]
+        b = ort_env.step(np.array(action))[0]
+    assert a.shape == b.shape == (2, 32, 32, 3) and np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"backend": "tvm"}, "backend must be one of \\('torch', 'onnxruntime', 'tensorrt'\\), got 'tvm'"),
+        ({"backend": "onnxruntime", "compile_model": True}, "compile_model=True applies to backend='torch' only"),
+        ({"backend": "onnxruntime", "dtype": torch.bfloat16}, "runs float32 graphs; got dtype=torch.bfloat16"),
+        ({"backend": "tensorrt"}, "backend='tensorrt' needs a CUDA device, got device='cpu'"),
+    ],
+)
+def test_bad_backend_settings_are_named(world, cache: Path, kwargs: dict, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        Simulator(world, 1, **kwargs)
