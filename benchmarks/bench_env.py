@@ -10,6 +10,7 @@ actions and frame-skip 4 (the recorder's setting), so one of its "steps" is one 
 
 from __future__ import annotations
 
+import itertools
 import resource
 import sys
 import time
@@ -48,8 +49,9 @@ class BenchArgs:
     """Also measure the real CarRacing-v3."""
     compile_model: bool = False
     """torch.compile the DiT (each env compiles once, inside the warm-up steps)."""
-    backend: str = "torch"
-    """Who runs the full-window DiT calls: torch, onnxruntime or tensorrt (world_model.export.onnx)."""
+    backends: tuple[str, ...] = ("torch",)
+    """Who runs the full-window DiT calls: torch, onnxruntime and/or tensorrt (world_model.export.onnx);
+    several give adjacent rows per configuration, measured in the same run."""
     num_envs: tuple[int, ...] = (1, 4, 16, 64)
     """Batch sizes of the 84x84 vector-env rows."""
     hd: bool = True
@@ -92,7 +94,7 @@ def bench_carracing(steps: int, frame_skip: int = FRAME_SKIP) -> float:
     return steps / seconds
 
 
-def bench_single(args: BenchArgs, obs_size: tuple[int, int], steps: int) -> float:
+def bench_single(args: BenchArgs, obs_size: tuple[int, int], steps: int, backend: str = "torch") -> float:
     """Env steps/s of one MatrixWorldEnv."""
     from matrix_env.env import MatrixWorldEnv
 
@@ -104,7 +106,7 @@ def bench_single(args: BenchArgs, obs_size: tuple[int, int], steps: int) -> floa
         device=args.device,
         dtype=args.dtype,
         compile_model=args.compile_model,
-        backend=args.backend,
+        backend=backend,
     )
     env.reset(seed=0)
     rng = np.random.default_rng(0)
@@ -117,7 +119,9 @@ def bench_single(args: BenchArgs, obs_size: tuple[int, int], steps: int) -> floa
     return steps / time_steps(step, steps)
 
 
-def bench_vector(args: BenchArgs, num_envs: int, obs_size: tuple[int, int], steps: int) -> float:
+def bench_vector(
+    args: BenchArgs, num_envs: int, obs_size: tuple[int, int], steps: int, backend: str = "torch"
+) -> float:
     """Env steps/s (all sub-envs together) of one MatrixWorldVectorEnv."""
     from matrix_env.vector import MatrixWorldVectorEnv
 
@@ -131,7 +135,7 @@ def bench_vector(args: BenchArgs, num_envs: int, obs_size: tuple[int, int], step
         dtype=args.dtype,
         max_episode_steps=1000,
         compile_model=args.compile_model,
-        backend=args.backend,
+        backend=backend,
     )
     envs.reset(seed=0)
     rng = np.random.default_rng(0)
@@ -163,6 +167,7 @@ def run(args: BenchArgs) -> list[dict[str, object]]:
         rows.append(
             {
                 "env": f"CarRacing-v3 (frame-skip {FRAME_SKIP})",
+                "backend": "",
                 "num_envs": 1,
                 "obs": "96x96",
                 "steps_s": base,
@@ -174,6 +179,7 @@ def run(args: BenchArgs) -> list[dict[str, object]]:
         rows.append(
             {
                 "env": "CarRacing-v3 (raw env.step)",
+                "backend": "",
                 "num_envs": 1,
                 "obs": "96x96",
                 "steps_s": raw,
@@ -181,16 +187,17 @@ def run(args: BenchArgs) -> list[dict[str, object]]:
                 "rss": peak_rss_mib(),
             }
         )
-    for name, n, size in configs:
+    for (name, n, size), backend in itertools.product(configs, args.backends):
         if n is None:
-            rate = bench_single(args, size, steps)
+            rate = bench_single(args, size, steps, backend)
             batch = 1
         else:
-            rate = bench_vector(args, n, size, max(2, steps // max(1, n // 4)))
+            rate = bench_vector(args, n, size, max(2, steps // max(1, n // 4)), backend)
             batch = n
         rows.append(
             {
                 "env": name,
+                "backend": backend,
                 "num_envs": batch,
                 "obs": f"{size[0]}x{size[1]}",
                 "steps_s": rate,
@@ -206,12 +213,12 @@ def run(args: BenchArgs) -> list[dict[str, object]]:
 def format_table(rows: list[dict[str, object]]) -> str:
     """Markdown table of the rows."""
     lines = [
-        "| env | num_envs | obs | env steps/s | ms / step (batch) | x CarRacing | peak RSS MiB |",
-        "|---|---:|---|---:|---:|---:|---:|",
+        "| env | backend | num_envs | obs | env steps/s | ms / step (batch) | x CarRacing | peak RSS MiB |",
+        "|---|---|---:|---|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['env']} | {r['num_envs']} | {r['obs']} | {r['steps_s']:.1f} | {r['ms_step']:.1f} | "
+            f"| {r['env']} | {r['backend']} | {r['num_envs']} | {r['obs']} | {r['steps_s']:.1f} | {r['ms_step']:.1f} | "
             f"{r['vs_carracing']:.2f} | {r['rss']:.0f} |"
         )
     return "\n".join(lines)
@@ -232,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(args)
     print(
         f"# bench_env: world={args.world or 'default'} device={args.device} dtype={args.dtype} "
-        f"compile={args.compile_model} backend={args.backend} guidance={args.guidance} "
+        f"compile={args.compile_model} guidance={args.guidance} "
         f"threads={torch.get_num_threads()} cpu={platform.processor() or platform.machine()}"
     )
     print(format_table(rows))

@@ -14,7 +14,7 @@ def test_bench_env_prints_its_table(tiny_world_dir: Path, capsys: pytest.Capture
             "--num-envs", "2", "--guidance", "2.0", "--threads", "1"]
     assert bench_env.main(argv) == 0
     out = capsys.readouterr().out
-    assert "guidance=2.0" in out and "| MatrixWorldVectorEnv | 2 | 84x84 |" in out
+    assert "guidance=2.0" in out and "| MatrixWorldVectorEnv | torch | 2 | 84x84 |" in out
 
 
 def test_bench_env_rejects_bad_steps(tiny_world_dir: Path) -> None:
@@ -22,3 +22,17 @@ def test_bench_env_rejects_bad_steps(tiny_world_dir: Path) -> None:
 
     with pytest.raises(UsageError, match="--steps must be >= 1, got 0"):
         bench_env.main(["--world", str(tiny_world_dir), "--steps", "0"])
+
+
+def test_bench_env_backends_side_by_side(
+    tiny_world_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    monkeypatch.setenv("MATRIX_WORLD_CACHE", str(tmp_path))
+    argv = ["--world", str(tiny_world_dir), "--steps", "1", "--no-carracing", "--no-hd", "--num-envs", "2",
+            "--backends", "torch", "onnxruntime", "--threads", "1"]
+    assert bench_env.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line for line in lines if line.startswith("| MatrixWorldVectorEnv |")]
+    assert [r.split(" | ")[1] for r in rows] == ["torch", "onnxruntime"]  # adjacent rows, same config
