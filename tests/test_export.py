@@ -79,6 +79,16 @@ def test_onnxruntime_backend_rollout_matches_torch(world, cache: Path) -> None:
     assert np.abs(frames_ref.int().numpy() - frames_ort.int().numpy()).max() <= 1
 
 
+def test_context_cache_sampler_exports_nothing(world, cache: Path) -> None:
+    """Immediate mode with a causal DiT runs every call through the context cache (torch)."""
+    from world_model.simulator import sampler_config
+
+    sim = started(world, sampler=sampler_config(world, "immediate"), backend="onnxruntime")
+    ref = started(world, sampler=sampler_config(world, "immediate"))
+    torch.testing.assert_close(sim.step(torch.zeros(B))[0], ref.step(torch.zeros(B))[0])
+    assert not cache.exists() or not list(cache.iterdir())
+
+
 def test_vector_env_backend_kwarg(tiny_world_dir: Path, cache: Path) -> None:
     from matrix_env.vector import MatrixWorldVectorEnv
 

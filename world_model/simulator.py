@@ -138,8 +138,8 @@ class Simulator:
             )
         self.vae = world.vae.to(self.device).eval()
         self.dit = world.dit.to(self.device).eval()
-        self._dit_fn = self._full_window_fn(backend, compile_model)
         self._context_fn = self._encode_context if context_cache and self.dit.cfg.causal else None
+        self._dit_fn = self._full_window_fn(backend, compile_model)
         self.heads = world.heads.to(self.device).eval()
         # Cached once: the control tables (A+1 rows) and the start contexts.
         self.ctrl_tokens = world.control_tokens.to(self.device, torch.float32)  # (A+1, N, Dt)
@@ -187,8 +187,11 @@ class Simulator:
             raise UsageError(f"compile_model=True applies to backend='torch' only, got backend={backend!r}")
         if backend == "onnxruntime" and self.dtype != torch.float32:
             raise UsageError(f"backend='onnxruntime' runs float32 graphs; got dtype={self.dtype} (use float32)")
-        from world_model.export.onnx import OnnxDiT
+        from world_model.export.onnx import OnnxDiT, check_backend
 
+        check_backend(backend, self.device)
+        if self._context_fn is not None and (self.sampler.steps > 1 or self.cfg.guidance != 1.0):
+            return self.dit  # every call goes through the context cache (torch): nothing to export
         num_tokens = self.world.control_tokens.shape[1]
         return OnnxDiT.from_dit(self.dit, self.sampler.window_len, num_tokens, self.device, backend)
 

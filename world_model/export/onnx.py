@@ -124,6 +124,30 @@ def cached_export(dit: nn.Module, frames: int, num_tokens: int, directory: str |
     return path
 
 
+def check_backend(backend: str, device: torch.device, engine_dir: Path | None = None) -> list:
+    """ONNX Runtime execution providers for ``backend`` on ``device``; nothing is exported or opened.
+
+    Raises:
+        UsageError: unknown backend, a CPU device for TensorRT, onnxruntime missing, or
+            the providers are not in this onnxruntime build.
+    """
+    if backend not in BACKENDS[1:]:
+        raise UsageError(f"ONNX backend must be one of {BACKENDS[1:]}, got {backend!r}")
+    providers = _providers(backend, device, engine_dir or cache_dir() / "trt_engines")
+    try:
+        import onnxruntime as ort
+    except ImportError as err:
+        raise UsageError(f'backend={backend!r} needs onnxruntime: pip install -e ".[export]"') from err
+    names = [p if isinstance(p, str) else p[0] for p in providers]
+    missing = [n for n in names if n not in ort.get_available_providers()]
+    if missing:
+        raise UsageError(
+            f"backend={backend!r} on {device} needs ONNX Runtime providers {missing}; this "
+            f"onnxruntime has {ort.get_available_providers()} (install onnxruntime-gpu / tensorrt)"
+        )
+    return providers
+
+
 def _providers(backend: str, device: torch.device, engine_dir: Path) -> list:
     if backend == "tensorrt":
         if device.type != "cuda":
@@ -155,37 +179,27 @@ class OnnxDiT:
             threads: intra-op threads of the CPU provider (default: torch's thread count).
 
         Raises:
-            UsageError: unknown backend, onnxruntime missing, or the providers are not available.
+            UsageError: see :func:`check_backend`.
         """
-        if backend not in BACKENDS[1:]:
-            raise UsageError(f"OnnxDiT backend must be one of {BACKENDS[1:]}, got {backend!r}")
-        try:
-            import onnxruntime as ort
-        except ImportError as err:
-            raise UsageError(f'backend={backend!r} needs onnxruntime: pip install -e ".[export]"') from err
+        import onnxruntime as ort
+
         self.device = torch.device(device)
         self.path = Path(path)
-        providers = _providers(backend, self.device, self.path.parent / "trt_engines")
-        names = [p if isinstance(p, str) else p[0] for p in providers]
-        missing = [n for n in names if n not in ort.get_available_providers()]
-        if missing:
-            raise UsageError(
-                f"backend={backend!r} on {self.device} needs ONNX Runtime providers {missing}; this "
-                f"onnxruntime has {ort.get_available_providers()} (install onnxruntime-gpu / tensorrt)"
-            )
+        providers = check_backend(backend, self.device, self.path.parent / "trt_engines")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or torch.get_num_threads()
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # no busy-waiting between runs: torch (the VAE decode, the sampler's updates) runs right
+        # after each call on the same cores, and spinning ORT threads would take them from it
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
 
     @classmethod
     def from_dit(cls, dit: nn.Module, frames: int, num_tokens: int, device: torch.device | str = "cpu",
                  backend: str = "onnxruntime", directory: str | os.PathLike | None = None) -> OnnxDiT:
         """Export ``dit`` (or reuse its cached export) and open it (settings are checked first)."""
-        if backend not in BACKENDS[1:]:
-            raise UsageError(f"OnnxDiT backend must be one of {BACKENDS[1:]}, got {backend!r}")
-        _providers(backend, torch.device(device), Path())  # a bad device fails before the export
+        check_backend(backend, torch.device(device))  # a bad setting fails before the export
         return cls(cached_export(dit, frames, num_tokens, directory), device, backend)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
