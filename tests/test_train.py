@@ -121,21 +121,25 @@ def test_vae_trainer_writes_loadable_model(vae_dir):
     assert [s for s, _ in list_checkpoints(vae_dir.parent)] == [3]
 
 
-def test_hr_crop_loss_matches_full_decode():
+@pytest.mark.parametrize(("hr_base", "hr_kernel"), [("nearest", 1), ("bilinear", 3)])
+def test_hr_crop_loss_matches_full_decode(hr_base: str, hr_kernel: int):
     """Running the 720p head on a feature crop gives exactly the pixels of a full 720p decode."""
+    from dataclasses import replace
+
     from world_model.train.vae import hr_crop_loss
     from world_model.vae import VAE_PRESETS, FrameVAE
 
     torch.manual_seed(0)
-    vae = FrameVAE(VAE_PRESETS["tiny"]).eval()
+    vae = FrameVAE(replace(VAE_PRESETS["tiny"], hr_base=hr_base, hr_kernel=hr_kernel)).eval()
     torch.nn.init.normal_(vae.hr_out.weight, std=0.1)  # non-zero detail so the head matters
-    x = torch.rand(1, 3, 72, 128) * 2 - 1
+    x = torch.rand(2, 3, 72, 128) * 2 - 1
     with torch.no_grad():
-        full = vae.decode_hr(vae.encode(x))  # (1, 3, 720, 1280)
-        yx = torch.tensor([[24, 48]])  # crop corner on the 10x grid, interior
-        target = full[:, :, 240:420, 480:800]  # (1, 3, 180, 320)
+        full = vae.decode_hr(vae.encode(x))  # (2, 3, 720, 1280)
+        yx = torch.tensor([[24, 48], [0, 0]])  # crop corners on the 10x grid: interior, frame corner
+        target = torch.stack([full[0, :, 240:420, 480:800], full[1, :, :180, :320]])  # (2, 3, 180, 320)
         assert hr_crop_loss(vae, x, target, yx).item() < 1e-6
-        assert hr_crop_loss(vae, x, full[:, :, 250:430, 480:800], yx).item() > 1e-3  # off by one LR pixel
+        shifted = torch.stack([full[0, :, 250:430, 480:800], full[1, :, 10:190, :320]])  # off by one LR pixel
+        assert hr_crop_loss(vae, x, shifted, yx).item() > 1e-3
 
 
 def test_encode_latents_shapes_and_resume(data, vae_dir, latents):
@@ -288,6 +292,33 @@ def test_dit_warm_start_loads_parent_weights_and_records_lineage(data, footage, 
     assert common.stage_commands(summary) == [parent_cmd, summary["command"]]
     with pytest.raises(UsageError, match="config differs"):
         dit.main([*dit_args((data, footage), latents, tmp_path / "bad", "--init-from", str(parent)), "--preset", "S"])
+
+
+def test_hr_only_retrains_the_720p_head_and_nothing_else(data, vae_dir, tmp_path):
+    """--hr-only --hr-base bilinear --hr-kernel 3: a new head; every other weight and the latent space stay."""
+    from safetensors.torch import load_file
+
+    from world_model.checkpoint import load_module
+    from world_model.data.latents import latent_space_sha256
+    from world_model.train import vae
+    from world_model.vae import FrameVAE, VAEConfig
+
+    run = tmp_path / "vae_hr"
+    common = ["--data", str(data), "--init-from", str(vae_dir), "--steps", "2", "--batch-size", "4",
+              "--num-workers", "0", "--hr-batch", "2", "--hr-shuffle", "4", "--eval-frames", "16", "--warmup", "1"]
+    vae.main([*common, "--hr-only", "--hr-base", "bilinear", "--hr-kernel", "3", "--lr", "1e-2", "--run-dir", str(run)])
+    before, after = load_file(vae_dir / "vae.safetensors"), load_file(run / "model" / "vae.safetensors")
+    head = {"hr_out.weight", "hr_out.bias", "hr_up.weight", "hr_up.bias"}
+    assert all(torch.equal(before[k], after[k]) for k in before if k not in head)
+    assert after["hr_out.weight"].shape[-1] == 3 and after["hr_out.weight"].abs().sum() > 0  # trained, 3x3
+    assert latent_space_sha256(run / "model") == latent_space_sha256(vae_dir)
+    new = load_module(run / "model", "vae", FrameVAE, VAEConfig)
+    assert (new.cfg.hr_base, new.cfg.hr_kernel) == ("bilinear", 3)
+    assert new.decode_hr(torch.zeros(1, new.cfg.latent_channels, *new.cfg.latent_hw)).shape == (1, 3, 720, 1280)
+    with pytest.raises(UsageError, match="--hr-base / --hr-kernel: hr_base must be one of"):
+        vae.main([*common, "--hr-only", "--hr-base", "bicubic", "--run-dir", str(tmp_path / "bad")])
+    with pytest.raises(UsageError, match="--hr-only needs --init-from"):
+        vae.main(["--data", str(data), "--hr-only", "--run-dir", str(tmp_path / "bad2"), "--steps", "1"])
 
 
 def test_a_world_is_a_parent_for_encode_train_and_build(data, footage, vae_dir, latents, dit_run, tmp_path):

@@ -5,10 +5,11 @@ latent. The decoder mirrors it; its last full-resolution feature map feeds two h
 
 * ``decode``: a 3x3 conv to RGB at training resolution (72x128);
 * ``decode_hr``: a super-resolving head to ``sr_factor`` x the training resolution (720x1280). It
-  adds a learned residual on top of the nearest-upsampled ``decode`` image, so at initialisation
-  (zero-init last conv) ``decode_hr`` is exactly the upsampled low-res frame. The head is kept
-  cheap because the env decodes 720p on CPU every step: transposed conv x2 on the feature map,
-  a 1x1 conv to ``3 * s * s`` channels and ``PixelShuffle(s)`` with ``s = sr_factor / 2``.
+  adds a learned residual on top of the upsampled ``decode`` image (``hr_base``: nearest, or
+  bilinear), so at initialisation (zero-init last conv) ``decode_hr`` is exactly the upsampled
+  low-res frame. The head is kept cheap because the env decodes 720p on CPU every step: transposed
+  conv x2 on the feature map, a 1x1 (or 3x3, ``hr_kernel``) conv to ``3 * s * s`` channels and
+  ``PixelShuffle(s)`` with ``s = sr_factor / 2``.
 
 Latents are normalised with two buffers (``latent_shift``, ``latent_scale``) that the trainer sets
 after fitting (``set_latent_stats``), so the DiT sees roughly unit-variance latents.
@@ -28,6 +29,7 @@ from torch import nn
 LOGVAR_RANGE = (-30.0, 20.0)
 # Max GroupNorm groups; channel counts in the presets are multiples of it or smaller.
 MAX_NORM_GROUPS = 8
+HR_BASES = ("nearest", "bilinear")
 
 
 @dataclass
@@ -44,8 +46,20 @@ class VAEConfig:
     """decode_hr output size = in_hw * sr_factor (72x128 -> 720x1280)."""
     sr_channels: int = 16
     """Width of the super-resolving head's hidden feature map."""
+    hr_base: str = "nearest"
+    """Image the 720p head adds its residual to: the low-res decode upsampled "nearest" (10x10
+    blocks; the first worlds) or "bilinear" (smooth; ``train-vae --hr-only --hr-base bilinear``)."""
+    hr_kernel: int = 1
+    """Kernel of the head's last conv (1: each 5x5 output block sees one feature vector; 3: its
+    neighbours too, so adjacent blocks agree)."""
     kl_weight: float = 1e-6
     """Weight of ``kl()`` in the trainer's loss (LDM's value for a sum-over-latent KL)."""
+
+    def __post_init__(self) -> None:
+        if self.hr_base not in HR_BASES:
+            raise ValueError(f"hr_base must be one of {HR_BASES}, got {self.hr_base!r}")
+        if self.hr_kernel not in (1, 3):
+            raise ValueError(f"hr_kernel must be 1 or 3, got {self.hr_kernel!r}")
 
     @property
     def downsample(self) -> int:
@@ -139,7 +153,7 @@ class FrameVAE(nn.Module):
             if self.sr_pre > 1
             else nn.Conv2d(chans[0], cfg.sr_channels, 1)
         )
-        self.hr_out = nn.Conv2d(cfg.sr_channels, 3 * self.sr_shuffle**2, 1)
+        self.hr_out = nn.Conv2d(cfg.sr_channels, 3 * self.sr_shuffle**2, cfg.hr_kernel, padding=cfg.hr_kernel // 2)
         self.hr_shuffle = nn.PixelShuffle(self.sr_shuffle)
         nn.init.zeros_(self.hr_out.weight)
         nn.init.zeros_(self.hr_out.bias)
@@ -240,6 +254,9 @@ class FrameVAE(nn.Module):
         s = self.sr_shuffle
         h = F.silu(self.hr_up(feats))  # (B, sr_channels, H*pre, W*pre)
         detail = self.hr_out(h)  # (B, 3*s*s, H*pre, W*pre)
+        if self.cfg.hr_base == "bilinear":
+            up = F.interpolate(low_res, scale_factor=self.cfg.sr_factor, mode="bilinear")  # (B, 3, H*sr, W*sr)
+            return self.hr_shuffle(detail) + up
         # The nearest-upsampled low-res frame, added before the shuffle: each of the s*s sub-pixel
         # channels of colour c gets low_res[c] (upsampled by pre). This avoids materialising and
         # adding a separate 720p tensor (measured ~2x faster on CPU than interpolate + add at 720p).

@@ -97,6 +97,14 @@ class Args:
     freeze_encoder: bool = False
     """Train the decoder and the 720p head only (needs --init-from). The latent space, and with it
     every latent cache and DiT trained on it, stays valid: the way to improve decoding later."""
+    hr_only: bool = False
+    """Train the 720p head only (needs --init-from): encoder, decoder and the 72x128 output stay
+    exactly as they are, so latent caches, DiTs and every 72x128 metric stay valid."""
+    hr_base: str | None = None
+    """Change the 720p head's base image ("nearest" | "bilinear"; default: the --init-from VAE's)."""
+    hr_kernel: int | None = None
+    """Change the kernel of the head's last conv (1 | 3; a changed conv starts from zero, i.e. from
+    the plain upsampled decode)."""
     detail_weight: float = 0.0
     """Extra L1 weight on pixels that differ from their 7x7 neighbourhood (small objects: the car,
     kerbs, the HUD), which a plain pixel loss under-weights."""
@@ -193,9 +201,10 @@ def hr_crop_loss(vae: nn.Module, lr: torch.Tensor, hr: torch.Tensor, yx: torch.T
     """L1 loss of the super-resolving head on 720p crops, running the head only under the crops.
 
     The decoder trunk runs on the whole 72x128 frame (it has GroupNorms, whose statistics a
-    partial decode would change, and it is cheap at this size); the 720p head is pixel-local
-    (2x2 transposed conv, 1x1 conv, pixel shuffle), so running it on the trunk's feature crop gives
-    exactly the same pixels as cropping a full 720p decode, at (crop area / frame area) of the cost.
+    partial decode would change, and it is cheap at this size); the 720p head is local (2x2
+    transposed conv, 1x1 or 3x3 conv, pixel shuffle, nearest or bilinear base), so running it on the
+    trunk's feature crop plus a one-pixel margin (where the head reads beyond the crop) gives exactly
+    the pixels of a full 720p decode, at about (crop area / frame area) of the cost.
 
     Args:
         vae: the FrameVAE (raw module).
@@ -211,10 +220,30 @@ def hr_crop_loss(vae: nn.Module, lr: torch.Tensor, hr: torch.Tensor, yx: torch.T
     feats = vae.decode_features(vae.encode(lr))  # (B, C0, 72, 128), from the posterior mean
     low = vae.to_rgb(feats)  # (B, 3, 72, 128)
     crop = [(int(y), int(x)) for y, x in yx.tolist()]
-    feats = torch.stack([feats[b, :, y : y + ch, x : x + cw] for b, (y, x) in enumerate(crop)])  # (B, C0, ch, cw)
-    low = torch.stack([low[b, :, y : y + ch, x : x + cw] for b, (y, x) in enumerate(crop)])  # (B, 3, ch, cw)
-    pred = vae.hr_from_features(feats, low)  # (B, 3, ch*sr, cw*sr)
-    return F.l1_loss(pred.float(), hr)
+    if vae.cfg.hr_base == "nearest" and vae.cfg.hr_kernel == 1:  # pixel-local: one batched call
+        feats = torch.stack([feats[b, :, y : y + ch, x : x + cw] for b, (y, x) in enumerate(crop)])  # (B, C0, ch, cw)
+        low = torch.stack([low[b, :, y : y + ch, x : x + cw] for b, (y, x) in enumerate(crop)])  # (B, 3, ch, cw)
+        pred = vae.hr_from_features(feats, low)  # (B, 3, ch*sr, cw*sr)
+        return F.l1_loss(pred.float(), hr)
+    h, w = feats.shape[-2:]  # the head reads one low-res pixel around the crop; margins differ at the border
+    preds = []
+    for b, (y, x) in enumerate(crop):
+        y0, x0, y1, x1 = max(0, y - 1), max(0, x - 1), min(h, y + ch + 1), min(w, x + cw + 1)
+        out = vae.hr_from_features(feats[b : b + 1, :, y0:y1, x0:x1], low[b : b + 1, :, y0:y1, x0:x1])
+        oy, ox = (y - y0) * sr, (x - x0) * sr
+        preds.append(out[:, :, oy : oy + ch * sr, ox : ox + cw * sr])  # (1, 3, ch*sr, cw*sr)
+    return F.l1_loss(torch.cat(preds).float(), hr)
+
+
+def _with_head(cfg: object, args: Args) -> object:
+    """``cfg`` with the 720p head settings of ``--hr-base`` / ``--hr-kernel`` (clear error if bad)."""
+    from dataclasses import replace
+
+    change = {k: v for k, v in (("hr_base", args.hr_base), ("hr_kernel", args.hr_kernel)) if v is not None}
+    try:
+        return replace(cfg, **change)
+    except ValueError as err:
+        raise UsageError(f"--hr-base / --hr-kernel: {err}") from err
 
 
 class VAELoss(nn.Module):
@@ -241,6 +270,11 @@ class VAELoss(nn.Module):
         from world_model.vae import kl
 
         a = self.args
+        if a.hr_only:  # everything but the head is frozen: the 72x128 losses cannot change
+            if hr_batch is None:
+                raise UsageError("--hr-only needs 720p videos in the training episodes")
+            hr_l1 = hr_crop_loss(self.vae, hr_batch["lr"], hr_batch["hr"], hr_batch["yx"])
+            return {"loss/hr_l1": hr_l1, "loss/total": a.hr_weight * hr_l1}
         out = self.vae(x, generator=generator)
         recon = out["recon"].float()  # (B, 3, 72, 128)
         l1 = (recon - x).abs()  # (B, 3, H, W)
@@ -386,15 +420,27 @@ def train(args: Args, command: list[str] | None = None) -> dict:
     vae = FrameVAE(cfg).to(info.device)
     if args.freeze_encoder and args.init_from is None:
         raise UsageError("--freeze-encoder needs --init-from VAE_DIR (the VAE whose latent space to keep)")
+    if args.hr_only and args.init_from is None:
+        raise UsageError("--hr-only needs --init-from VAE_DIR (the VAE whose 720p head to retrain)")
+    if args.init_from is None and (args.hr_base is not None or args.hr_kernel is not None):
+        cfg = _with_head(cfg, args)
+        vae = FrameVAE(cfg).to(info.device)
     if args.init_from is not None:
         from world_model.checkpoint import load_module
         from world_model.vae import VAEConfig
 
         vae = load_module(Path(args.init_from).expanduser(), "vae", FrameVAE, VAEConfig).to(info.device)
-        cfg = vae.cfg
-    if args.freeze_encoder:
+        cfg = _with_head(vae.cfg, args)
+        if cfg != vae.cfg:  # a new head: keep every weight whose shape still fits
+            parent, vae = vae, FrameVAE(cfg).to(info.device)
+            fits = {k: v for k, v in parent.state_dict().items() if v.shape == vae.state_dict()[k].shape}
+            vae.load_state_dict(fits, strict=False)
+    if args.freeze_encoder or args.hr_only:
         for p in [*vae.enc_in.parameters(), *vae.encoder.parameters()]:
             p.requires_grad_(False)
+    if args.hr_only:
+        for name, p in vae.named_parameters():
+            p.requires_grad_(name.startswith(("hr_up.", "hr_out.")))
     ema = common.EMA(vae, args.ema_decay)
     optimizer = torch.optim.AdamW(
         [p for p in vae.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay
@@ -480,7 +526,7 @@ def train(args: Args, command: list[str] | None = None) -> dict:
     summary: dict = {}
     if info.is_main:
         final = ema.module
-        if args.freeze_encoder:  # same encoder, same latent space: keep its statistics
+        if args.freeze_encoder or args.hr_only:  # same encoder, same latent space: keep its statistics
             shift, scale = final.latent_shift.detach().cpu(), final.latent_scale.detach().cpu()
         else:
             shift, scale = fit_latent_stats(final, train_eps, args.stats_frames, info.device)
@@ -503,7 +549,7 @@ def train(args: Args, command: list[str] | None = None) -> dict:
             "hr_trained": hr_iter is not None,
             # latent caches / DiTs of the parent VAE stay valid for a frozen-encoder fine-tune
             "latent_space_sha256": latent_space_sha256(Path(args.init_from).expanduser())
-            if args.freeze_encoder
+            if args.freeze_encoder or args.hr_only
             else None,
             "init_from": common.parent_summary(args.init_from, "train_vae.json"),
             "eval": metrics,
