@@ -325,6 +325,7 @@ def test_a_world_is_a_parent_for_encode_train_and_build(data, footage, vae_dir, 
     """A world dir stands in for train-vae's / train-dit's output: same latent space, weights, lineage."""
     from safetensors.torch import load_file
 
+    from world_model.checkpoint import load_world
     from world_model.data import latents as latent_cache
     from world_model.data.latents import latent_space_sha256
     from world_model.train import build_world, dit
@@ -359,6 +360,17 @@ def test_a_world_is_a_parent_for_encode_train_and_build(data, footage, vae_dir, 
     cmds = json.loads((out / "manifest.json").read_text())["recipe"]["commands"]
     assert cmds[: len(world_cmds)] == world_cmds
     assert [c[1] for c in cmds[len(world_cmds) :]] == ["train-dit", "build-world"]
+
+    rebuilt = tmp_path / "world3"  # build-world --dit WORLD: a world's DiT with another sampler setting
+    build_world.main([
+        "--vae", str(world), "--dit", str(world), "--data", str(data), str(footage),
+        "--latents", str(latents[0]), str(latents[1]), "--out", str(rebuilt), "--starts", "2", "--level-shift", "2",
+    ])  # fmt: skip
+    again = load_world(rebuilt)
+    assert again.sampler["level_shift"] == 2.0 and again.meta["dit_steps"] == 4
+    assert torch.equal(again.control_tokens, load_world(world).control_tokens)
+    cmds = json.loads((rebuilt / "manifest.json").read_text())["recipe"]["commands"]
+    assert cmds[: len(world_cmds)] == world_cmds and [c[1] for c in cmds[len(world_cmds) :]] == ["build-world"]
 
 
 def test_decoder_finetune_keeps_the_latent_space(data, footage, vae_dir, latents, dit_run, tmp_path):

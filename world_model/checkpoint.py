@@ -358,20 +358,24 @@ def world_provenance(directory: str | os.PathLike) -> dict[str, Any] | None:
     """What a world directory records about its own making, or None if ``directory`` is no world.
 
     Lets a world stand in for a trainer's output directory (``train-dit --init-from WORLD``,
-    ``encode-latents --vae WORLD``, ``build-world --vae WORLD``): its modules are stored under the
+    ``encode-latents --vae WORLD``, ``build-world --vae WORLD --dit WORLD``): its modules are stored under the
     same file names, and this gives the provenance a trainer's summary JSON would have.
 
     Returns:
-        ``{"path", "commands" (the world's recipe, in order), "vae_args", "dit_args",
-        "latent_space_sha256", "vae_steps", "dit_steps", "vae_eval", "dit_eval"}``.
+        ``{"path", "action_names", "termination_pos_weight", "commands" (the world's recipe, in
+        order), "vae_args", "dit_args", "latent_space_sha256", "vae_steps", "dit_steps", "vae_eval",
+        "dit_eval"}``.
     """
     directory = Path(directory)
     if not ((directory / CONFIG_FILE).is_file() and (directory / MANIFEST_FILE).is_file()):
         return None
-    meta = _read_json(directory / CONFIG_FILE).get("meta", {})
+    cfg = _read_json(directory / CONFIG_FILE)
+    meta = cfg.get("meta", {})
     recipe = _read_json(directory / MANIFEST_FILE).get("recipe", {})
     return {
         "path": str(directory.resolve()),
+        "action_names": list(cfg.get("action_names", [])),
+        "termination_pos_weight": meta.get("termination_pos_weight"),
         "commands": list(recipe.get("commands", [])),
         "vae_args": recipe.get("vae_args", {}),
         "dit_args": recipe.get("dit_args", {}),

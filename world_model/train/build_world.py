@@ -97,6 +97,21 @@ def _vae_summary(vae_dir: Path) -> dict:
     return _read_json(vae_dir / "train_vae.json", "train-vae")
 
 
+def _dit_summary(dit_dir: Path) -> dict:
+    """train-dit's summary of ``dit_dir``; for a world directory, the same fields from its records."""
+    from world_model.checkpoint import world_provenance
+
+    if not (dit_dir / "train_dit.json").exists():
+        world = world_provenance(dit_dir)
+        if world is not None:
+            a = world["dit_args"]
+            return {"world_recipe": world["commands"], "args": a, "context": a.get("context"),
+                    "window": a.get("window"), "action_names": world["action_names"],
+                    "latents_vae_sha256": world["latent_space_sha256"], "eval": world["dit_eval"],
+                    "steps": world["dit_steps"], "termination_pos_weight": world["termination_pos_weight"]}
+    return _read_json(dit_dir / "train_dit.json", "train-dit")
+
+
 def _unique(commands: list[list[str]]) -> list[list[str]]:
     """Commands in order, each once (a world's recipe can reach a new one through both its VAE and DiT)."""
     seen: set[tuple[str, ...]] = set()
@@ -197,7 +212,7 @@ def build(args: Args, command: list[str] | None = None) -> Path:
         if not Path(path).is_dir():
             raise UsageError(f"{name} {str(path)!r} does not exist or is not a directory")
     vae_summary = _vae_summary(Path(args.vae))
-    dit_summary = _read_json(Path(args.dit) / "train_dit.json", "train-dit")
+    dit_summary = _dit_summary(Path(args.dit))
     dit_args = dit_summary.get("args", {})
     context = args.context or int(dit_summary["context"])
     groups = int(dit_summary["window"]) - int(dit_summary["context"])
