@@ -59,6 +59,8 @@ class DemoArgs:
     """Classifier-free guidance scale on the actions (default: the checkpoint's; 1 = off)."""
     device: str = "cpu"
     """Torch device of the model."""
+    backend: str = "torch"
+    """Who runs the DiT's full-window calls: torch, onnxruntime (CPU/CUDA) or tensorrt (CUDA)."""
     label: bool = True
     """Write the action name in the corner of each frame."""
     policy: Literal["road", "script"] = "road"
@@ -107,7 +109,7 @@ def demo(args: DemoArgs) -> dict:
 
     env = MatrixWorldEnv(
         world=args.world, obs_size=(720, 1280), sampler_mode=args.sampler_mode, device=args.device,
-        sampler=None if args.guidance is None else {"guidance": args.guidance},
+        sampler=None if args.guidance is None else {"guidance": args.guidance}, backend=args.backend,
     )
     from world_model.road_follower import RoadFollower, on_road
 

@@ -40,6 +40,8 @@ class PlayArgs:
     """Torch device of the model."""
     dtype: str = "float32"
     """Network precision: float32, bfloat16 or float16."""
+    backend: str = "torch"
+    """Who runs the DiT's full-window calls: torch, onnxruntime (CPU/CUDA) or tensorrt (CUDA)."""
     max_steps: int = 0
     """Stop after this many steps (0: run until the window is closed)."""
 
@@ -84,6 +86,7 @@ def play(args: PlayArgs) -> dict[str, float]:
         sampler=None if args.guidance is None else {"guidance": args.guidance},
         device=args.device,
         dtype=args.dtype,
+        backend=args.backend,
     )
     meanings = env.unwrapped.get_action_meanings()
     ids = driving_ids(meanings)
