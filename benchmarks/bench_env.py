@@ -146,12 +146,30 @@ def bench_vector(
     return num_envs * steps / time_steps(step, steps)
 
 
+def check_backends(args: BenchArgs) -> None:
+    """Refuse, before any row runs, backend settings that a later row would fail on."""
+    import torch
+
+    from world_model.errors import UsageError
+    from world_model.export.onnx import BACKENDS, check_backend
+
+    for backend in args.backends:
+        if backend not in BACKENDS:
+            raise UsageError(f"--backends: each must be one of {BACKENDS}, got {backend!r}")
+        if backend != "torch":
+            check_backend(backend, torch.device(args.device))
+            if args.compile_model or args.dtype != "float32":
+                raise UsageError(f"--backends {backend} runs float32 graphs without torch.compile; "
+                                 f"got --dtype {args.dtype} --compile-model {args.compile_model}")
+
+
 def run(args: BenchArgs) -> list[dict[str, object]]:
     """Measure every configuration; returns the table rows."""
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    check_backends(args)
     steps = min(args.steps, 10) if args.quick else args.steps
     small, hd = (84, 84), (720, 1280)
     configs: list[tuple[str, int | None, tuple[int, int]]] = [("MatrixWorldEnv", None, small)]

@@ -37,7 +37,8 @@ class PrecisionArgs:
     compile_model: bool = True
     """Include the torch.compile variants."""
     onnxruntime: bool = True
-    """Include the ONNX Runtime variant (float32; the export is cached, see world_model.export.onnx)."""
+    """Include the ONNX Runtime variant (float32; the export is cached, see world_model.export.onnx);
+    skipped with a note when onnxruntime / onnxscript are not installed."""
 
 
 def rollout(args: PrecisionArgs, dtype: str, compiled: bool, backend: str) -> tuple[float, np.ndarray]:
@@ -75,7 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.compile_model:
         variants += [("float32", True, "torch"), ("bfloat16", True, "torch")]
     if args.onnxruntime:
-        variants += [("float32", False, "onnxruntime")]
+        import importlib.util
+
+        missing = [m for m in ("onnxruntime", "onnxscript") if importlib.util.find_spec(m) is None]
+        if missing:
+            print(f"note: no ONNX Runtime row ({', '.join(missing)} not installed: pip install -e '.[export]')")
+        else:
+            variants += [("float32", False, "onnxruntime")]
     results = {v: rollout(args, *v) for v in variants}
     base_rate, base_lat = results[("float32", False, "torch")]
     scale = float(np.sqrt((base_lat**2).mean()))

@@ -22,6 +22,10 @@ def test_bench_env_rejects_bad_steps(tiny_world_dir: Path) -> None:
 
     with pytest.raises(UsageError, match="--steps must be >= 1, got 0"):
         bench_env.main(["--world", str(tiny_world_dir), "--steps", "0"])
+    with pytest.raises(UsageError, match="each must be one of .*, got 'tvm'"):
+        bench_env.main(["--world", str(tiny_world_dir), "--backends", "torch", "tvm", "--no-carracing"])
+    with pytest.raises(UsageError, match="runs float32 graphs without torch.compile; got --dtype bfloat16"):
+        bench_env.main(["--world", str(tiny_world_dir), "--backends", "onnxruntime", "--dtype", "bfloat16"])
 
 
 def test_bench_env_backends_side_by_side(

@@ -69,6 +69,7 @@ def test_export_key_follows_weights_and_window(world) -> None:
 def test_onnxruntime_backend_rollout_matches_torch(world, cache: Path) -> None:
     """Same keys, same actions: the ORT simulator emits the torch simulator's latents (float tolerance)."""
     ref, ort = started(world), started(world, backend="onnxruntime")
+    assert isinstance(ort._dit_fn, wm_onnx.OnnxDiT) and list(cache.glob("dit-*.onnx"))  # the graph runs
     for a in (0, 4, 8, 2, 2, 6):
         want, r_want, d_want = ref.step(torch.full((B,), a))
         got, r_got, d_got = ort.step(torch.full((B,), a))
@@ -96,6 +97,7 @@ def test_vector_env_backend_kwarg(tiny_world_dir: Path, cache: Path) -> None:
     ort_env = MatrixWorldVectorEnv(num_envs=2, world=tiny_world_dir, obs_size=(32, 32), backend="onnxruntime")
     a, _ = torch_env.reset(seed=3)
     b, _ = ort_env.reset(seed=3)
+    assert isinstance(ort_env.sim._dit_fn, wm_onnx.OnnxDiT)
     assert np.array_equal(a, b)  # resets copy recorded frames: no model call
     for action in ([1, 2], [5, 0], [8, 8]):
         a = torch_env.step(np.array(action))[0]

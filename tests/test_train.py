@@ -334,6 +334,7 @@ def test_a_world_is_a_parent_for_encode_train_and_build(data, footage, vae_dir, 
     build_world.main([
         "--vae", str(vae_dir), "--dit", str(dit_run / "model"), "--data", str(data), str(footage),
         "--latents", str(latents[0]), str(latents[1]), "--out", str(world), "--starts", "2",
+        "--steps-per-shift", "1", "--ctx-noise", "0.3", "--level-shift", "3", "--term-threshold", "2",
     ])  # fmt: skip
     world_cmds = json.loads((world / "manifest.json").read_text())["recipe"]["commands"]
     assert latent_space_sha256(world) == latent_space_sha256(vae_dir)
@@ -367,7 +368,9 @@ def test_a_world_is_a_parent_for_encode_train_and_build(data, footage, vae_dir, 
         "--latents", str(latents[0]), str(latents[1]), "--out", str(rebuilt), "--starts", "2", "--level-shift", "2",
     ])  # fmt: skip
     again = load_world(rebuilt)
-    assert again.sampler["level_shift"] == 2.0 and again.meta["dit_steps"] == 4
+    assert again.sampler["level_shift"] == 2.0 and again.meta["dit_steps"] == 4  # the one setting changed
+    assert (again.sampler["steps_per_shift"], again.sampler["ctx_noise"]) == (1, 0.3)  # the others inherited
+    assert again.heads.cfg.term_threshold == 2.0
     assert torch.equal(again.control_tokens, load_world(world).control_tokens)
     cmds = json.loads((rebuilt / "manifest.json").read_text())["recipe"]["commands"]
     assert cmds[: len(world_cmds)] == world_cmds and [c[1] for c in cmds[len(world_cmds) :]] == ["build-world"]

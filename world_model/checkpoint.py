@@ -122,7 +122,7 @@ def config_from_dict(config_cls: type, data: dict[str, Any], where: str) -> Any:
     ``data`` keep their defaults (older checkpoints); unknown fields are an error.
 
     Raises:
-        CheckpointError: ``data`` has fields ``config_cls`` does not know.
+        CheckpointError: ``data`` has fields ``config_cls`` does not know, or values it rejects.
     """
     known = {f.name: f for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(data) - set(known))
@@ -131,7 +131,10 @@ def config_from_dict(config_cls: type, data: dict[str, Any], where: str) -> Any:
             f"{where}: unknown {config_cls.__name__} field(s) {unknown}; known fields: {sorted(known)}"
         )
     kwargs = {k: _tuplify(v) if "tuple" in str(known[k].type) else v for k, v in data.items()}
-    return config_cls(**kwargs)
+    try:
+        return config_cls(**kwargs)
+    except (ValueError, TypeError) as err:  # the config's own validation (e.g. VAEConfig.hr_base)
+        raise CheckpointError(f"{where}: invalid {config_cls.__name__}: {err}") from err
 
 
 # ---------------------------------------------------------------------------------- modules
@@ -362,9 +365,9 @@ def world_provenance(directory: str | os.PathLike) -> dict[str, Any] | None:
     same file names, and this gives the provenance a trainer's summary JSON would have.
 
     Returns:
-        ``{"path", "action_names", "termination_pos_weight", "commands" (the world's recipe, in
-        order), "vae_args", "dit_args", "latent_space_sha256", "vae_steps", "dit_steps", "vae_eval",
-        "dit_eval"}``.
+        ``{"path", "action_names", "sampler", "term_threshold", "termination_pos_weight", "commands"
+        (the world's recipe, in order), "vae_args", "dit_args", "latent_space_sha256", "vae_steps",
+        "dit_steps", "vae_eval", "dit_eval"}``.
     """
     directory = Path(directory)
     if not ((directory / CONFIG_FILE).is_file() and (directory / MANIFEST_FILE).is_file()):
@@ -375,6 +378,8 @@ def world_provenance(directory: str | os.PathLike) -> dict[str, Any] | None:
     return {
         "path": str(directory.resolve()),
         "action_names": list(cfg.get("action_names", [])),
+        "sampler": dict(cfg.get("sampler", {})),
+        "term_threshold": cfg.get("heads", {}).get("term_threshold"),
         "termination_pos_weight": meta.get("termination_pos_weight"),
         "commands": list(recipe.get("commands", [])),
         "vae_args": recipe.get("vae_args", {}),

@@ -111,7 +111,7 @@ class Simulator:
             backend: who runs the full-window DiT calls: "torch" (eager, or compiled), or the
                 DiT exported to ONNX and run by "onnxruntime" (CPU or CUDA; float32, equal to torch
                 to ~1e-5) or "tensorrt" (CUDA); see ``world_model.export.onnx``. The export is
-                cached on disk; the first use pays it (~20 s on 2 CPU cores). Context-cache calls
+                cached on disk; the first use pays it (10-20 s on 2 CPU cores). Context-cache calls
                 stay in torch, as with ``compile_model``.
 
         Raises:

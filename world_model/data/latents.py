@@ -42,7 +42,7 @@ class Args:
     data: Path
     """Recorded data directory."""
     vae: Path
-    """Directory holding vae.safetensors + vae_config.json (train-vae's output, RUN_DIR/model)."""
+    """Directory holding vae.safetensors + vae_config.json (train-vae's output, RUN_DIR/model, or a world)."""
     out: Path
     """Latent cache directory to create or complete."""
     batch_size: int = 64
@@ -61,7 +61,9 @@ def vae_sha256(vae_dir: Path) -> str:
 
     path = Path(vae_dir) / "vae.safetensors"
     if not path.is_file():
-        raise UsageError(f"--vae {str(vae_dir)!r} holds no vae.safetensors (expected train-vae's output dir)")
+        raise UsageError(
+            f"--vae {str(vae_dir)!r} holds no vae.safetensors (expected train-vae's output dir or a world)"
+        )
     return sha256_file(path)
 
 
@@ -205,9 +207,10 @@ def encode_all(args: Args, command: list[str] | None = None) -> dict:
     if existing is not None and existing.get("vae_sha256") != sha:
         if not args.overwrite:
             raise UsageError(
-                f"latent cache {str(out)!r} was made by another VAE "
-                f"(vae_sha256 {existing.get('vae_sha256')}, "
-                f"--vae has {sha}); use a new --out or pass --overwrite"
+                f"latent cache {str(out)!r} was made in another latent space "
+                f"(vae_sha256 {existing.get('vae_sha256')}, --vae has {sha}; caches written before the "
+                f"latent-space identity was recorded hold the weights hash instead); use a new --out or "
+                f"pass --overwrite"
             )
         if info.is_main:
             shutil.rmtree(ep_root, ignore_errors=True)

@@ -9,7 +9,7 @@ mode, guidance with a causal DiT) stay in torch.
 
 Exports are cached on disk (``$MATRIX_WORLD_CACHE``, default ``~/.cache/matrix_world``), named by a
 hash of the weights, the config, the window length and the torch version; a missing or stale file
-is re-exported (about 10 s for DiT-S on 2 CPU cores) and written atomically.
+is re-exported (10-20 s for DiT-S on 2 CPU cores) and written atomically.
 
 Backends:
 
@@ -23,6 +23,7 @@ Backends:
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import io
@@ -97,7 +98,7 @@ def export_dit(dit: nn.Module, path: str | os.PathLike, frames: int, num_tokens:
         raise UsageError('ONNX export needs onnx and onnxscript: pip install -e ".[export]"') from err
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    module = _FullWindow(dit).eval().float()
+    module = _FullWindow(copy.deepcopy(dit).cpu().float()).eval()  # traced on the CPU; the live module stays as is
     batch = torch.export.Dim("batch", min=1, max=4096)
     dynamic = {name: {0: batch} for name in INPUT_NAMES}
     # the exporter narrates its passes on stdout and warns about its own internals: keep both quiet
@@ -109,8 +110,11 @@ def export_dit(dit: nn.Module, path: str | os.PathLike, frames: int, num_tokens:
             input_names=list(INPUT_NAMES), output_names=["v"], dynamic_shapes=dynamic, verbose=False,
         )  # fmt: skip
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    program.save(str(tmp))
-    os.replace(tmp, path)
+    try:
+        program.save(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -148,6 +152,13 @@ def check_backend(backend: str, device: torch.device, engine_dir: Path | None = 
     return providers
 
 
+def _resolve(device: torch.device) -> torch.device:
+    """``cuda`` -> ``cuda:<current device>`` (ORT needs the index torch will put the tensors on)."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def _providers(backend: str, device: torch.device, engine_dir: Path) -> list:
     if backend == "tensorrt":
         if device.type != "cuda":
@@ -183,7 +194,7 @@ class OnnxDiT:
         """
         import onnxruntime as ort
 
-        self.device = torch.device(device)
+        self.device = _resolve(torch.device(device))
         self.path = Path(path)
         providers = check_backend(backend, self.device, self.path.parent / "trt_engines")
         opts = ort.SessionOptions()
@@ -199,7 +210,7 @@ class OnnxDiT:
     def from_dit(cls, dit: nn.Module, frames: int, num_tokens: int, device: torch.device | str = "cpu",
                  backend: str = "onnxruntime", directory: str | os.PathLike | None = None) -> OnnxDiT:
         """Export ``dit`` (or reuse its cached export) and open it (settings are checked first)."""
-        check_backend(backend, torch.device(device))  # a bad setting fails before the export
+        check_backend(backend, _resolve(torch.device(device)))  # a bad setting fails before the export
         return cls(cached_export(dit, frames, num_tokens, directory), device, backend)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -208,12 +219,16 @@ class OnnxDiT:
         if self.device.type == "cpu":  # zero-copy numpy views in, a torch view of ORT's output out
             feed = {n: a.contiguous().numpy() for n, a in zip(INPUT_NAMES, inputs, strict=True)}
             return torch.from_numpy(self.session.run(["v"], feed)[0])
-        binding = self.session.io_binding()  # GPU: bind the torch buffers, no host round trip
-        for name, a in zip(INPUT_NAMES, inputs, strict=True):
-            a = a.contiguous()
-            binding.bind_input(name, self.device.type, self.device.index or 0,
-                               np.bool_ if a.dtype == torch.bool else np.float32, tuple(a.shape), a.data_ptr())
+        # GPU: bind the torch buffers, no host round trip. The contiguous copies must outlive the run,
+        # and ORT runs on its own stream: wait for torch's queued writes to the inputs first.
+        bound = [a.contiguous() for a in inputs]
+        binding = self.session.io_binding()
+        index = self.device.index
+        for name, a in zip(INPUT_NAMES, bound, strict=True):
+            binding.bind_input(name, self.device.type, index, np.bool_ if a.dtype == torch.bool else np.float32,
+                               tuple(a.shape), a.data_ptr())
         out = torch.empty(x.shape, dtype=torch.float32, device=self.device)
-        binding.bind_output("v", self.device.type, self.device.index or 0, np.float32, tuple(out.shape), out.data_ptr())
-        self.session.run_with_iobinding(binding)
+        binding.bind_output("v", self.device.type, index, np.float32, tuple(out.shape), out.data_ptr())
+        torch.cuda.current_stream(self.device).synchronize()
+        self.session.run_with_iobinding(binding)  # ORT synchronises its own stream at the end of the run
         return out

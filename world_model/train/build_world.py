@@ -40,9 +40,10 @@ class Args:
     """Assemble a world-model checkpoint from trained VAE / DiT directories and recorded data."""
 
     vae: Path
-    """train-vae output directory (vae.safetensors, vae_config.json, train_vae.json)."""
+    """train-vae output directory (vae.safetensors, vae_config.json, train_vae.json), or a world directory."""
     dit: Path
-    """train-dit output directory (dit/heads safetensors, control_table.safetensors, train_dit.json)."""
+    """train-dit output directory (dit/heads safetensors, control_table.safetensors, train_dit.json), or a
+    world directory (whose sampler settings and termination threshold then are the defaults below)."""
     data: tuple[Path, ...]
     """Recorded data directories the DiT was trained on."""
     latents: tuple[Path, ...]
@@ -57,16 +58,16 @@ class Args:
     """First frame index a start context may begin at (skips the reset zoom-in)."""
     seed: int = 0
     """Seed of the start-context choice."""
-    mode: Literal["pipelined", "reconditioned", "immediate"] = "pipelined"
-    """Default Swin-DPM mode of the world (see world_model.swin_dpm)."""
-    steps_per_shift: int = 8
-    """Default Euler evaluations per shift (a non-distilled teacher needs several)."""
+    mode: Literal["pipelined", "reconditioned", "immediate"] | None = None
+    """Default Swin-DPM mode of the world (see world_model.swin_dpm; default pipelined)."""
+    steps_per_shift: int | None = None
+    """Default Euler evaluations per shift (default 8: a non-distilled teacher needs several)."""
     ctx_noise: float | None = None
     """Default sampler context noise (default: half the DiT's training ctx_noise)."""
-    level_shift: float = 1.0
-    """Default warp of the sampler's noise levels (SwinDPMConfig.level_shift; 1 = evenly spaced)."""
-    term_threshold: float = 0.0
-    """Termination logit threshold of the shipped heads (HeadsConfig.term_threshold). 0 = the
+    level_shift: float | None = None
+    """Default warp of the sampler's noise levels (SwinDPMConfig.level_shift; default 1 = evenly spaced)."""
+    term_threshold: float | None = None
+    """Termination logit threshold of the shipped heads (HeadsConfig.term_threshold; default 0). 0 = the
     decision of the class-weighted loss. Measured on the shipped DiT: at 0, 12 of 12 unseen
     terminations caught and no false one on 992 held-out driving transitions; at the
     prior-corrected log(pos_weight) + log(road_weight) = 8.0, none caught (with ~20 positive
@@ -108,7 +109,8 @@ def _dit_summary(dit_dir: Path) -> dict:
             return {"world_recipe": world["commands"], "args": a, "context": a.get("context"),
                     "window": a.get("window"), "action_names": world["action_names"],
                     "latents_vae_sha256": world["latent_space_sha256"], "eval": world["dit_eval"],
-                    "steps": world["dit_steps"], "termination_pos_weight": world["termination_pos_weight"]}
+                    "steps": world["dit_steps"], "termination_pos_weight": world["termination_pos_weight"],
+                    "world_sampler": world["sampler"], "world_term_threshold": world["term_threshold"]}
     return _read_json(dit_dir / "train_dit.json", "train-dit")
 
 
@@ -216,15 +218,20 @@ def build(args: Args, command: list[str] | None = None) -> Path:
     dit_args = dit_summary.get("args", {})
     context = args.context or int(dit_summary["context"])
     groups = int(dit_summary["window"]) - int(dit_summary["context"])
+    # defaults: a world's own settings when --dit is a world, else the teacher's
+    inherited = dit_summary.get("world_sampler") or {
+        "mode": "pipelined", "steps_per_shift": 8, "level_shift": 1.0,
+        "ctx_noise": float(dit_args.get("ctx_noise", 0.0)) / 2,
+    }  # fmt: skip
+    given = {"mode": args.mode, "steps_per_shift": args.steps_per_shift, "ctx_noise": args.ctx_noise,
+             "level_shift": args.level_shift}
+    settings = {k: v for k, v in inherited.items() if k not in ("context", "groups")}
+    settings.update({k: v for k, v in given.items() if v is not None})
+    term_threshold = args.term_threshold
+    if term_threshold is None:
+        term_threshold = dit_summary.get("world_term_threshold") or 0.0
     try:  # the sampler settings are checked before anything heavy is loaded
-        sampler_cfg = SwinDPMConfig(
-            context=context,
-            groups=max(1, groups),
-            steps_per_shift=args.steps_per_shift,
-            mode=args.mode,
-            ctx_noise=float(dit_args.get("ctx_noise", 0.0)) / 2 if args.ctx_noise is None else args.ctx_noise,
-            level_shift=args.level_shift,
-        )
+        sampler_cfg = SwinDPMConfig(context=context, groups=max(1, groups), **settings)
     except ValueError as err:
         raise UsageError(f"build-world sampler settings (--context/--steps-per-shift/--mode/--ctx-noise/"
                          f"--level-shift): {err}") from err
@@ -249,9 +256,9 @@ def build(args: Args, command: list[str] | None = None) -> Path:
     dit = load_module(args.dit, "dit", VideoDiT, DiTConfig)
     heads = load_module(args.dit, "heads", RewardTerminationHeads, HeadsConfig)
     table, sentences = load_control_table(Path(args.dit) / CONTROL_TABLE_FILE)
-    if not math.isfinite(args.term_threshold):
-        raise UsageError(f"--term-threshold {args.term_threshold}: expected a finite logit")
-    heads.cfg.term_threshold = args.term_threshold
+    if not math.isfinite(term_threshold):
+        raise UsageError(f"--term-threshold {term_threshold}: expected a finite logit")
+    heads.cfg.term_threshold = term_threshold
 
     # the DiT's own split (deterministic in its holdout_fraction and seed); starts come from
     # labelled episodes when there are any (unlabelled footage may be randomised-colour)

@@ -89,9 +89,9 @@ class Args:
     control_table: Path | None = None
     """Reuse a control_table.safetensors (from a DiT run or model dir) instead of running the text encoder."""
     init_from: Path | None = None
-    """Warm start: a train-dit model dir whose DiT + heads weights (same preset, latent shape and text width)
-    initialise this run; the optimiser, schedule and EMA start fresh, its control table is reused and its
-    recipe is recorded in this run's train_dit.json."""
+    """Warm start: a train-dit model dir or a world dir, whose DiT + heads weights (same preset, latent
+    shape, text width) initialise this run; the optimiser, schedule and EMA start fresh, its control
+    table is reused and its recipe is recorded in this run's train_dit.json."""
     window: int = 8
     """T, frames per training window (context + noise groups)."""
     context: int = 4
@@ -490,6 +490,8 @@ def warm_start(model: DiTWithHeads, model_dir: Path, dit_cfg: object, heads_cfg:
 
     dit = load_module(model_dir, "dit", VideoDiT, DiTConfig)
     heads = load_module(model_dir, "heads", RewardTerminationHeads, HeadsConfig)
+    # a world's heads carry the decision threshold build-world chose: not part of the weights' shape
+    heads.cfg = dataclasses.replace(heads.cfg, term_threshold=heads_cfg.term_threshold)
     for name, got, want in (("dit", dit.cfg, dit_cfg), ("heads", heads.cfg, heads_cfg)):
         if got != want:
             diff = {

@@ -103,8 +103,8 @@ class Args:
     hr_base: str | None = None
     """Change the 720p head's base image ("nearest" | "bilinear"; default: the --init-from VAE's)."""
     hr_kernel: int | None = None
-    """Change the kernel of the head's last conv (1 | 3; a changed conv starts from zero, i.e. from
-    the plain upsampled decode)."""
+    """Change the kernel of the head's last conv (1 | 3). With a changed base or kernel the head's last
+    conv starts from zero, i.e. from the plain upsampled decode."""
     detail_weight: float = 0.0
     """Extra L1 weight on pixels that differ from their 7x7 neighbourhood (small objects: the car,
     kerbs, the HUD), which a plain pixel loss under-weights."""
@@ -271,8 +271,6 @@ class VAELoss(nn.Module):
 
         a = self.args
         if a.hr_only:  # everything but the head is frozen: the 72x128 losses cannot change
-            if hr_batch is None:
-                raise UsageError("--hr-only needs 720p videos in the training episodes")
             hr_l1 = hr_crop_loss(self.vae, hr_batch["lr"], hr_batch["hr"], hr_batch["yx"])
             return {"loss/hr_l1": hr_l1, "loss/total": a.hr_weight * hr_l1}
         out = self.vae(x, generator=generator)
@@ -431,10 +429,10 @@ def train(args: Args, command: list[str] | None = None) -> dict:
 
         vae = load_module(Path(args.init_from).expanduser(), "vae", FrameVAE, VAEConfig).to(info.device)
         cfg = _with_head(vae.cfg, args)
-        if cfg != vae.cfg:  # a new head: keep every weight whose shape still fits
-            parent, vae = vae, FrameVAE(cfg).to(info.device)
-            fits = {k: v for k, v in parent.state_dict().items() if v.shape == vae.state_dict()[k].shape}
-            vae.load_state_dict(fits, strict=False)
+        if cfg != vae.cfg:  # a new head: every weight but the head's last conv, which starts at zero
+            parent, vae = vae, FrameVAE(cfg).to(info.device)  # (so decode_hr starts as the upsampled decode)
+            vae.load_state_dict({k: v for k, v in parent.state_dict().items() if not k.startswith("hr_out.")},
+                                strict=False)
     if args.freeze_encoder or args.hr_only:
         for p in [*vae.enc_in.parameters(), *vae.encoder.parameters()]:
             p.requires_grad_(False)
@@ -467,6 +465,11 @@ def train(args: Args, command: list[str] | None = None) -> dict:
     logger = common.Logger(run_dir, info, args.steps, start, desc="train-vae")
     if ckpt is not None:
         logger.print(f"resumed from {ckpt} at step {start}")
+    if args.hr_only and not (video_eps and args.hr_weight > 0):
+        raise UsageError(
+            f"--hr-only trains the 720p head alone, which needs {VIDEO_FILE} in the training episodes and "
+            f"--hr-weight > 0 (got {len(video_eps)} episodes with video, --hr-weight {args.hr_weight})"
+        )
     if video_eps and args.hr_weight > 0:
         stream = HRCropStream(
             video_eps,
