@@ -320,4 +320,4 @@ class Simulator:
             x = F.interpolate(
                 x, size=hw, mode="bilinear", antialias=True, align_corners=False
             )  # (B, 3, h, w)
-        return tensor_to_frames(x)  # (B, h, w, 3)
+        return tensor_to_frames(x, inplace=True)  # (B, h, w, 3); x is this call's own scratch
