@@ -83,8 +83,11 @@ def test_frame_conversion_roundtrip() -> None:
     x = frames_to_tensor(frames)
     assert x.shape == (2, 5, 3, 72, 128) and x.dtype == torch.float32
     assert x.min() >= -1 and x.max() <= 1
+    before = x.clone()
     back = tensor_to_frames(x)
     assert back.dtype == torch.uint8 and np.array_equal(back.numpy(), frames)
+    assert torch.equal(x, before)  # the default leaves the input alone
+    assert np.array_equal(tensor_to_frames(x, inplace=True).numpy(), frames)  # scratch mode: same frames
     assert tensor_to_frames(torch.full((3, 2, 2), 5.0)).eq(255).all()
     with pytest.raises(TypeError):
         frames_to_tensor(np.zeros((2, 2, 3), dtype=np.float32))
