@@ -205,7 +205,7 @@ class OnnxDiT:
         # after each call on the same cores, and spinning ORT threads would take them from it
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # no memory arena: it keeps the peak of every call (attention scores grow with the batch),
-        # which doubled peak RSS at 64 envs for no speed (measured: 4.2 vs 2.2 GiB, arena off slightly faster)
+        # which doubled the env's peak RSS at 64 envs for no speed (4.5 vs 2.3 GiB; docs/ARCHITECTURE.md)
         opts.enable_cpu_mem_arena = False
         self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
 
