@@ -334,8 +334,8 @@ def tensor_to_frames(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     Values outside [-1, 1] are clamped. ``inplace`` reuses a float32 ``x`` the caller no longer
     needs as scratch (at 720p it saves three frame-sized allocations, ~3 ms per frame on 2 cores).
     """
-    x = x.detach().float()
-    if not inplace:
-        x = x.clone()
-    u8 = x.clamp_(-1.0, 1.0).add_(1.0).mul_(127.5).round_().to(torch.uint8)
+    y = x.detach().float()
+    if not inplace and y.data_ptr() == x.data_ptr():  # .float() made no copy: do not touch the caller's x
+        y = y.clone()
+    u8 = y.clamp_(-1.0, 1.0).add_(1.0).mul_(127.5).round_().to(torch.uint8)
     return u8.movedim(-3, -1)  # (..., H, W, 3)

@@ -21,7 +21,6 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import sys
 from dataclasses import dataclass
@@ -77,41 +76,12 @@ class Args:
     world_model.road_follower on the recorded frame); default: on for CarRacing data."""
 
 
-def _read_json(path: Path, what: str) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError as err:
-        raise UsageError(f"{path} is missing; is it a {what} output directory?") from err
-    except json.JSONDecodeError as err:
-        raise UsageError(f"{path} is corrupt: {err}") from err
-
-
-def _vae_summary(vae_dir: Path) -> dict:
-    """train-vae's summary of ``vae_dir``; for a world directory, the same fields from its records."""
-    from world_model.checkpoint import world_provenance
-
-    if not (vae_dir / "train_vae.json").exists():
-        world = world_provenance(vae_dir)
-        if world is not None:
-            return {"world_recipe": world["commands"], "args": world["vae_args"], "eval": world["vae_eval"],
-                    "steps": world["vae_steps"], "latent_space_sha256": world["latent_space_sha256"]}
-    return _read_json(vae_dir / "train_vae.json", "train-vae")
-
-
-def _dit_summary(dit_dir: Path) -> dict:
-    """train-dit's summary of ``dit_dir``; for a world directory, the same fields from its records."""
-    from world_model.checkpoint import world_provenance
-
-    if not (dit_dir / "train_dit.json").exists():
-        world = world_provenance(dit_dir)
-        if world is not None:
-            a = world["dit_args"]
-            return {"world_recipe": world["commands"], "args": a, "context": a.get("context"),
-                    "window": a.get("window"), "action_names": world["action_names"],
-                    "latents_vae_sha256": world["latent_space_sha256"], "eval": world["dit_eval"],
-                    "steps": world["dit_steps"], "termination_pos_weight": world["termination_pos_weight"],
-                    "world_sampler": world["sampler"], "world_term_threshold": world["term_threshold"]}
-    return _read_json(dit_dir / "train_dit.json", "train-dit")
+def _summary(model_dir: Path, summary_file: str, what: str) -> dict:
+    """The trainer's summary of ``model_dir`` (or a world's, see ``common.read_summary``); clear error if none."""
+    summary = common.read_summary(model_dir, summary_file)
+    if summary is None:
+        raise UsageError(f"{model_dir / summary_file} is missing; is it a {what} output directory or a world?")
+    return summary
 
 
 def _unique(commands: list[list[str]]) -> list[list[str]]:
@@ -213,8 +183,8 @@ def build(args: Args, command: list[str] | None = None) -> Path:
     for name, path in (("--vae", args.vae), ("--dit", args.dit)):
         if not Path(path).is_dir():
             raise UsageError(f"{name} {str(path)!r} does not exist or is not a directory")
-    vae_summary = _vae_summary(Path(args.vae))
-    dit_summary = _dit_summary(Path(args.dit))
+    vae_summary = _summary(Path(args.vae), "train_vae.json", "train-vae")
+    dit_summary = _summary(Path(args.dit), "train_dit.json", "train-dit")
     dit_args = dit_summary.get("args", {})
     context = args.context or int(dit_summary["context"])
     groups = int(dit_summary["window"]) - int(dit_summary["context"])

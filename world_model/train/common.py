@@ -398,23 +398,50 @@ def parent_summary(model_dir: Path | None, summary_file: str) -> dict | None:
     Returns:
         None without a parent; else ``{"path": ..., "command": ..., "args": ..., ...}``. Nested
         parents stay nested under ``init_from``. A world directory as parent (e.g. the shipped
-        default world) gives ``{"path", "world_recipe": its recipe's commands, "steps"}``; a directory
-        with neither gives only the path.
+        default world) gives its :func:`read_summary` (``world_recipe``: its recipe's commands); a
+        directory with neither gives only the path.
     """
-    from world_model.checkpoint import world_provenance
-
     if model_dir is None:
         return None
     model_dir = Path(model_dir).expanduser()
-    path = model_dir / summary_file
-    if not path.exists():
-        world = world_provenance(model_dir)
-        if world is None:
-            return {"path": str(model_dir)}
-        steps = world["vae_steps" if summary_file == "train_vae.json" else "dit_steps"]
-        return {"path": world["path"], "world_recipe": world["commands"], "steps": steps}
-    prev = json.loads(path.read_text())
+    prev = read_summary(model_dir, summary_file) or {}
     return {"path": str(model_dir), **{k: v for k, v in prev.items() if not k.endswith("_episodes")}}
+
+
+def read_summary(model_dir: Path, summary_file: str) -> dict | None:
+    """A trainer's summary JSON in ``model_dir``, or the same fields read off a world directory.
+
+    Args:
+        model_dir: a train-vae / train-dit output directory, or a world directory.
+        summary_file: "train_vae.json" or "train_dit.json".
+
+    Returns:
+        The summary (a world's has ``world_recipe``, its whole recipe, instead of ``command``, and
+        ``world_sampler`` / ``world_term_threshold``), or None when ``model_dir`` has neither.
+
+    Raises:
+        UsageError: the summary file is corrupt.
+    """
+    from world_model.checkpoint import world_provenance
+
+    path = Path(model_dir) / summary_file
+    if path.exists():
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise UsageError(f"{path} is corrupt: {err}") from err
+    world = world_provenance(model_dir)
+    if world is None:
+        return None
+    if summary_file == "train_vae.json":
+        return {"world_recipe": world["commands"], "args": world["vae_args"], "eval": world["vae_eval"],
+                "steps": world["vae_steps"], "latent_space_sha256": world["latent_space_sha256"]}
+    a = world["dit_args"]
+    return {"world_recipe": world["commands"], "args": a, "context": a.get("context"), "window": a.get("window"),
+            "action_names": world["action_names"], "latents_vae_sha256": world["latent_space_sha256"],
+            "eval": world["dit_eval"], "steps": world["dit_steps"],
+            "termination_pos_weight": world["termination_pos_weight"], "world_sampler": world["sampler"],
+            "world_term_threshold": world["term_threshold"]}
 
 
 def stage_commands(summary: dict) -> list[list[str]]:

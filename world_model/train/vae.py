@@ -220,11 +220,6 @@ def hr_crop_loss(vae: nn.Module, lr: torch.Tensor, hr: torch.Tensor, yx: torch.T
     feats = vae.decode_features(vae.encode(lr))  # (B, C0, 72, 128), from the posterior mean
     low = vae.to_rgb(feats)  # (B, 3, 72, 128)
     crop = [(int(y), int(x)) for y, x in yx.tolist()]
-    if vae.cfg.hr_base == "nearest" and vae.cfg.hr_kernel == 1:  # pixel-local: one batched call
-        feats = torch.stack([feats[b, :, y : y + ch, x : x + cw] for b, (y, x) in enumerate(crop)])  # (B, C0, ch, cw)
-        low = torch.stack([low[b, :, y : y + ch, x : x + cw] for b, (y, x) in enumerate(crop)])  # (B, 3, ch, cw)
-        pred = vae.hr_from_features(feats, low)  # (B, 3, ch*sr, cw*sr)
-        return F.l1_loss(pred.float(), hr)
     h, w = feats.shape[-2:]  # the head reads one low-res pixel around the crop; margins differ at the border
     preds = []
     for b, (y, x) in enumerate(crop):
@@ -412,7 +407,7 @@ def train(args: Args, command: list[str] | None = None) -> dict:
     common.clean_stale_tmp(run_dir, info)
 
     common.seed_everything(args.seed)  # same init on every rank
-    cfg = VAE_PRESETS[args.preset]
+    cfg = _with_head(VAE_PRESETS[args.preset], args)
     if tuple(cfg.in_hw) != tuple(TRAIN_HW):
         raise UsageError(f"preset {args.preset!r} has in_hw {cfg.in_hw}, the data is {TRAIN_HW}")
     vae = FrameVAE(cfg).to(info.device)
@@ -420,9 +415,6 @@ def train(args: Args, command: list[str] | None = None) -> dict:
         raise UsageError("--freeze-encoder needs --init-from VAE_DIR (the VAE whose latent space to keep)")
     if args.hr_only and args.init_from is None:
         raise UsageError("--hr-only needs --init-from VAE_DIR (the VAE whose 720p head to retrain)")
-    if args.init_from is None and (args.hr_base is not None or args.hr_kernel is not None):
-        cfg = _with_head(cfg, args)
-        vae = FrameVAE(cfg).to(info.device)
     if args.init_from is not None:
         from world_model.checkpoint import load_module
         from world_model.vae import VAEConfig
@@ -433,12 +425,12 @@ def train(args: Args, command: list[str] | None = None) -> dict:
             parent, vae = vae, FrameVAE(cfg).to(info.device)  # (so decode_hr starts as the upsampled decode)
             vae.load_state_dict({k: v for k, v in parent.state_dict().items() if not k.startswith("hr_out.")},
                                 strict=False)
-    if args.freeze_encoder or args.hr_only:
-        for p in [*vae.enc_in.parameters(), *vae.encoder.parameters()]:
-            p.requires_grad_(False)
     if args.hr_only:
         for name, p in vae.named_parameters():
             p.requires_grad_(name.startswith(("hr_up.", "hr_out.")))
+    elif args.freeze_encoder:
+        for p in [*vae.enc_in.parameters(), *vae.encoder.parameters()]:
+            p.requires_grad_(False)
     ema = common.EMA(vae, args.ema_decay)
     optimizer = torch.optim.AdamW(
         [p for p in vae.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay
