@@ -96,7 +96,7 @@ def bench_vae(preset: str, args: Args, bf16: bool, device: torch.device) -> floa
 
     def step() -> None:
         with common.autocast(device, bf16):
-            losses = loss_fn(x, gen, hr)
+            losses, _ = loss_fn(x, gen, hr)
         _optimise(vae, losses["loss/total"], opt, ema, count[0])
         count[0] += 1
 

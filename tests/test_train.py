@@ -321,6 +321,80 @@ def test_hr_only_retrains_the_720p_head_and_nothing_else(data, vae_dir, tmp_path
         vae.main(["--data", str(data), "--hr-only", "--run-dir", str(tmp_path / "bad2"), "--steps", "1"])
 
 
+def test_patch_discriminator_and_hinge_losses():
+    from world_model.train.adversarial import (
+        PatchDiscriminator,
+        adaptive_weight,
+        discriminator_loss,
+        generator_loss,
+    )
+
+    torch.manual_seed(0)
+    disc = PatchDiscriminator()
+    assert disc(torch.zeros(2, 3, 72, 128)).shape == (2, 1, 9, 16)  # one logit per 8x8 patch
+    assert disc(torch.zeros(1, 3, 180, 320)).shape == (1, 1, 22, 40)
+    confident = discriminator_loss(torch.full((4,), 2.0), torch.full((4,), -2.0))
+    fooled = discriminator_loss(torch.full((4,), -1.0), torch.full((4,), 1.0))
+    assert confident.item() == 0.0 and fooled.item() == pytest.approx(2.0)
+    assert generator_loss(torch.tensor([1.0, 3.0])).item() == -2.0
+    # the weight is |grad rec| / |grad g| on the last layer: here d(2w)/dw = 2, d(w/4)/dw = 1/4 -> 8
+    w = torch.ones(3, requires_grad=True)
+    assert adaptive_weight((2 * w).sum(), (w / 4).sum(), w).item() == pytest.approx(8.0, rel=1e-3)
+
+
+def _vae_gan_args(data: Path, vae_dir: Path, run: Path, steps: int, *extra: str) -> list[str]:
+    return [
+        "--data", str(data), "--init-from", str(vae_dir), "--run-dir", str(run), "--steps", str(steps),
+        "--batch-size", "4", "--num-workers", "0", "--hr-batch", "2", "--hr-shuffle", "4", "--eval-frames", "16",
+        "--warmup", "1", "--lr", "1e-3", "--adv-weight", "0.5", "--adv-start", "1", "--ckpt-every", "2", *extra,
+    ]  # fmt: skip
+
+
+def test_adversarial_decoder_finetune_keeps_the_latent_space_and_resumes_exactly(data, vae_dir, tmp_path):
+    """--freeze-encoder --adv-weight: the critic trains beside the decoder, is checkpointed, and a
+    run resumed at step 2 ends with the same decoder and critic as an uninterrupted one."""
+    import shutil
+
+    from world_model.data.latents import latent_space_sha256
+    from world_model.train import vae
+
+    args = ("--freeze-encoder", "--hr-weight", "0")  # the 720p stream reseeds on resume; not under test
+    vae.main(_vae_gan_args(data, vae_dir, tmp_path / "full", 4, *args))
+    shutil.copytree(tmp_path / "full", tmp_path / "cut")  # as if killed between the checkpoints at 2 and 4
+    shutil.rmtree(tmp_path / "cut" / "model")
+    shutil.rmtree(tmp_path / "cut" / "state" / "step_000004")
+    assert (tmp_path / "cut" / "state" / "step_000002" / "aux_disc.safetensors").is_file()
+    vae.main(_vae_gan_args(data, vae_dir, tmp_path / "cut", 4, *args))  # resumes at step 2
+
+    before, after = load_file(vae_dir / "vae.safetensors"), load_file(tmp_path / "full" / "model" / "vae.safetensors")
+    enc = [k for k in before if k.startswith(("enc_in.", "encoder.", "latent_"))]
+    assert enc and all(torch.equal(before[k], after[k]) for k in enc)
+    assert not torch.equal(before["to_rgb.weight"], after["to_rgb.weight"])
+    assert latent_space_sha256(tmp_path / "full" / "model") == latent_space_sha256(vae_dir)
+    resumed = load_file(tmp_path / "cut" / "model" / "vae.safetensors")
+    assert all(torch.equal(after[k], resumed[k]) for k in after)
+    disc_full = load_file(tmp_path / "full" / "state" / "step_000004" / "aux_disc.safetensors")
+    disc_cut = load_file(tmp_path / "cut" / "state" / "step_000004" / "aux_disc.safetensors")
+    assert all(torch.equal(disc_full[k], disc_cut[k]) for k in disc_full)
+    first = load_file(tmp_path / "cut" / "state" / "step_000002" / "aux_disc.safetensors")
+    assert any(not torch.equal(first[k], disc_cut[k]) for k in first)  # the critic kept training
+
+    with pytest.raises(UsageError, match="--adv-weight -1.0"):
+        vae.main(_vae_gan_args(data, vae_dir, tmp_path / "bad", 1, "--adv-weight", "-1"))
+
+
+def test_adversarial_hr_head_trains_only_the_head(data, vae_dir, tmp_path):
+    """--hr-only --adv-weight: the critic judges 720p crops; only the head's weights move."""
+    from world_model.train import vae
+
+    run = tmp_path / "hr_gan"
+    vae.main(_vae_gan_args(data, vae_dir, run, 2, "--hr-only"))
+    before, after = load_file(vae_dir / "vae.safetensors"), load_file(run / "model" / "vae.safetensors")
+    head = {"hr_out.weight", "hr_out.bias", "hr_up.weight", "hr_up.bias"}
+    assert all(torch.equal(before[k], after[k]) for k in before if k not in head)
+    assert any(not torch.equal(before[k], after[k]) for k in head)
+
+
 def test_a_world_is_a_parent_for_encode_train_and_build(data, footage, vae_dir, latents, dit_run, tmp_path):
     """A world dir stands in for train-vae's / train-dit's output: same latent space, weights, lineage."""
     from safetensors.torch import load_file

@@ -622,8 +622,12 @@ def save_checkpoint(
     config: dict[str, Any],
     extra: dict[str, Any] | None = None,
     keep: int = 2,
+    aux: dict[str, tuple[nn.Module, torch.optim.Optimizer]] | None = None,
 ) -> Path:
     """Write ``RUN/state/step_<step>/`` atomically; every rank must call it (each saves its RNG).
+
+    ``aux`` holds further trained modules with their own optimizers (e.g. a discriminator), saved
+    as ``aux_<name>.safetensors`` and ``aux_<name>_optimizer.*``.
 
     The folder is filled as ``state/.tmp-step_<step>/`` and renamed by rank 0 once every file is
     synced, so a kill at any moment leaves either the old set of checkpoints or the new one.
@@ -648,6 +652,11 @@ def save_checkpoint(
         opt_t, opt_meta = optimizer_to_flat(optimizer.state_dict())
         save_file(opt_t, str(tmp / "optimizer.safetensors"))
         (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
+        for name, (module, opt) in (aux or {}).items():
+            save_file(_tensors(unwrap(module).state_dict()), str(tmp / f"aux_{name}.safetensors"))
+            opt_t, opt_meta = optimizer_to_flat(opt.state_dict())
+            save_file(opt_t, str(tmp / f"aux_{name}_optimizer.safetensors"))
+            (tmp / f"aux_{name}_optimizer.json").write_text(json.dumps(opt_meta))
         trainer = {"step": step, "world_size": info.world_size, "time": time.time(), **(extra or {})}
         (tmp / "trainer.json").write_text(json.dumps(trainer, indent=2))
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
@@ -672,6 +681,7 @@ def load_checkpoint(
     ema: EMA,
     optimizer: torch.optim.Optimizer,
     generators: dict[str, torch.Generator],
+    aux: dict[str, tuple[nn.Module, torch.optim.Optimizer]] | None = None,
 ) -> dict[str, Any]:
     """Restore a checkpoint written by :func:`save_checkpoint` in place; returns ``trainer.json``.
 
@@ -691,6 +701,11 @@ def load_checkpoint(
         opt_meta = json.loads((path / "optimizer.json").read_text())
         opt_t = load_file(str(path / "optimizer.safetensors"), device=str(info.device))
         optimizer.load_state_dict(optimizer_from_flat(opt_t, opt_meta))
+        for name, (module, opt) in (aux or {}).items():
+            unwrap(module).load_state_dict(load_file(str(path / f"aux_{name}.safetensors"), device=str(info.device)))
+            opt_meta = json.loads((path / f"aux_{name}_optimizer.json").read_text())
+            opt_t = load_file(str(path / f"aux_{name}_optimizer.safetensors"), device=str(info.device))
+            opt.load_state_dict(optimizer_from_flat(opt_t, opt_meta))
         rng_t = load_file(str(path / f"rng_rank{info.rank}.safetensors"))
         rng_s = json.loads((path / f"rng_rank{info.rank}.json").read_text())
         set_rng_state(rng_t, rng_s, generators)

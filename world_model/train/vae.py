@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from world_model.errors import UsageError
 from world_model.train import common
+from world_model.train.adversarial import PatchDiscriminator, adaptive_weight, discriminator_loss, generator_loss
 
 # Fields that may change between a run and its resume: they do not change the math.
 RESUME_FREE = (
@@ -105,6 +106,14 @@ class Args:
     hr_kernel: int | None = None
     """Change the kernel of the head's last conv (1 | 3). With a changed base or kernel the head's last
     conv starts from zero, i.e. from the plain upsampled decode."""
+    adv_weight: float = 0.0
+    """Adversarial (PatchGAN hinge) loss on the decoder's output, as a fraction of the reconstruction
+    gradient at the output layer (LDM's adaptive weight; 0 = off, LDM uses 0.5). The critic judges
+    the 72x128 reconstruction, or with --hr-only the 720p crops. Sharpens what a pixel loss blurs."""
+    adv_start: int = 0
+    """Step from which the adversarial term enters the decoder's loss (the critic trains from step 0)."""
+    disc_lr: float | None = None
+    """Critic learning rate (default: --lr), same schedule as the decoder's."""
     detail_weight: float = 0.0
     """Extra L1 weight on pixels that differ from their 7x7 neighbourhood (small objects: the car,
     kerbs, the HUD), which a plain pixel loss under-weights."""
@@ -198,7 +207,12 @@ class HRCropStream(IterableDataset):
 
 
 def hr_crop_loss(vae: nn.Module, lr: torch.Tensor, hr: torch.Tensor, yx: torch.Tensor) -> torch.Tensor:
-    """L1 loss of the super-resolving head on 720p crops, running the head only under the crops.
+    """L1 loss of :func:`hr_crop_predict` against the real 720p crops ``hr`` (B, 3, ch, cw)."""
+    return F.l1_loss(hr_crop_predict(vae, lr, yx, hr.shape[-2:]).float(), hr)
+
+
+def hr_crop_predict(vae: nn.Module, lr: torch.Tensor, yx: torch.Tensor, crop_hw: tuple[int, int]) -> torch.Tensor:
+    """720p crops of ``decode_hr(encode(lr))``, running the super-resolving head only under the crops.
 
     The decoder trunk runs on the whole 72x128 frame (it has GroupNorms, whose statistics a
     partial decode would change, and it is cheap at this size); the 720p head is local (2x2
@@ -209,14 +223,14 @@ def hr_crop_loss(vae: nn.Module, lr: torch.Tensor, hr: torch.Tensor, yx: torch.T
     Args:
         vae: the FrameVAE (raw module).
         lr: (B, 3, 72, 128) frames in [-1, 1].
-        hr: (B, 3, ch, cw) 720p crops in [-1, 1]; ch, cw multiples of ``sr_factor``.
         yx: (B, 2) crop corners in 72x128 pixels.
+        crop_hw: (ch, cw) size of the 720p crops; multiples of ``sr_factor``.
 
     Returns:
-        Scalar L1 loss.
+        (B, 3, ch, cw) predicted crops.
     """
     sr = vae.cfg.sr_factor
-    ch, cw = hr.shape[-2] // sr, hr.shape[-1] // sr  # crop size in 72x128 pixels
+    ch, cw = crop_hw[0] // sr, crop_hw[1] // sr  # crop size in 72x128 pixels
     feats = vae.decode_features(vae.encode(lr))  # (B, C0, 72, 128), from the posterior mean
     low = vae.to_rgb(feats)  # (B, 3, 72, 128)
     crop = [(int(y), int(x)) for y, x in yx.tolist()]
@@ -227,7 +241,7 @@ def hr_crop_loss(vae: nn.Module, lr: torch.Tensor, hr: torch.Tensor, yx: torch.T
         out = vae.hr_from_features(feats[b : b + 1, :, y0:y1, x0:x1], low[b : b + 1, :, y0:y1, x0:x1])
         oy, ox = (y - y0) * sr, (x - x0) * sr
         preds.append(out[:, :, oy : oy + ch * sr, ox : ox + cw * sr])  # (1, 3, ch*sr, cw*sr)
-    return F.l1_loss(torch.cat(preds).float(), hr)
+    return torch.cat(preds)
 
 
 def _with_head(cfg: object, args: Args) -> object:
@@ -251,7 +265,7 @@ class VAELoss(nn.Module):
 
     def forward(
         self, x: torch.Tensor, generator: torch.Generator, hr_batch: dict[str, torch.Tensor] | None
-    ) -> dict[str, torch.Tensor]:
+    ) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
         """Losses of one step.
 
         Args:
@@ -260,14 +274,17 @@ class VAELoss(nn.Module):
             hr_batch: ``lr`` (Bh, 3, 72, 128), ``hr`` (Bh, 3, ch, cw) in [-1, 1], ``yx`` (Bh, 2); or None.
 
         Returns:
-            dict of scalar losses, ``loss/total`` being the one to minimise.
+            dict of scalar losses, ``loss/total`` being the one to minimise; and ``(real, fake)``,
+            the images a critic compares: the 72x128 frames and their reconstruction (B, 3, 72, 128),
+            or with ``--hr-only`` the 720p crops and their prediction (Bh, 3, ch, cw).
         """
         from world_model.vae import kl
 
         a = self.args
         if a.hr_only:  # everything but the head is frozen: the 72x128 losses cannot change
-            hr_l1 = hr_crop_loss(self.vae, hr_batch["lr"], hr_batch["hr"], hr_batch["yx"])
-            return {"loss/hr_l1": hr_l1, "loss/total": a.hr_weight * hr_l1}
+            pred = hr_crop_predict(self.vae, hr_batch["lr"], hr_batch["yx"], hr_batch["hr"].shape[-2:])
+            hr_l1 = F.l1_loss(pred.float(), hr_batch["hr"])
+            return {"loss/hr_l1": hr_l1, "loss/total": a.hr_weight * hr_l1}, (hr_batch["hr"], pred)
         out = self.vae(x, generator=generator)
         recon = out["recon"].float()  # (B, 3, 72, 128)
         l1 = (recon - x).abs()  # (B, 3, H, W)
@@ -285,7 +302,7 @@ class VAELoss(nn.Module):
             losses["loss/hr_l1"] = hr_crop_loss(self.vae, hr_batch["lr"], hr_batch["hr"], hr_batch["yx"])
             total = total + a.hr_weight * losses["loss/hr_l1"]
         losses["loss/total"] = total
-        return losses
+        return losses, (x, out["recon"])
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -437,10 +454,21 @@ def train(args: Args, command: list[str] | None = None) -> dict:
     )
     gen = torch.Generator(device=info.device).manual_seed(args.seed * 1000 + info.rank)  # posterior noise
     bf16 = common.resolve_bf16(args.bf16, info.device)
+    if args.adv_weight < 0 or args.adv_start < 0:
+        raise UsageError(f"--adv-weight {args.adv_weight} / --adv-start {args.adv_start}: must be >= 0")
+    aux: dict[str, tuple[nn.Module, torch.optim.Optimizer]] = {}
+    disc = disc_opt = None
+    if args.adv_weight > 0:
+        disc = PatchDiscriminator().to(info.device)
+        disc_opt = torch.optim.AdamW(disc.parameters(), lr=args.disc_lr or args.lr, betas=(0.5, 0.9), weight_decay=0.0)
+        aux["disc"] = (disc, disc_opt)
+    # the layer whose gradients balance the adversarial term against the reconstruction
+    last_layer = vae.hr_out.weight if args.hr_only else vae.to_rgb.weight
 
     start = 0
     if ckpt is not None:
-        start = common.load_checkpoint(ckpt, info, vae, ema, optimizer, {"noise": gen})["step"]
+        start = common.load_checkpoint(ckpt, info, vae, ema, optimizer, {"noise": gen}, aux=aux)["step"]
+    disc_step = None if disc is None else common.wrap_ddp(disc, info)
 
     dataset = common.window_dataset(train_eps, window=1, source="frames")
     sampler = common.ResumableBatchSampler(len(dataset), args.batch_size, info.rank, info.world_size, args.seed, start)
@@ -498,20 +526,38 @@ def train(args: Args, command: list[str] | None = None) -> dict:
         lr = common.cosine_lr(step, args.steps, args.lr, args.warmup)
         common.set_lr(optimizer, lr)
         with common.autocast(info.device, bf16):
-            losses = step_fn(x, gen, hr_batch)
+            losses, (real, fake) = step_fn(x, gen, hr_batch)
+        total = losses["loss/total"]
+        if disc is not None and step >= args.adv_start:  # decoder step against the (frozen) critic
+            disc.requires_grad_(False)
+            with common.autocast(info.device, bf16):
+                g_adv = generator_loss(disc(fake).float())
+            weight = args.adv_weight * adaptive_weight(total, g_adv, last_layer)
+            disc.requires_grad_(True)
+            total = total + weight * g_adv
+            losses["loss/g_adv"], losses["adv/weight"] = g_adv, weight
         optimizer.zero_grad(set_to_none=True)
-        losses["loss/total"].backward()
+        total.backward()
         grad_norm = nn.utils.clip_grad_norm_(
             [p for p in vae.parameters() if p.requires_grad], args.grad_clip if args.grad_clip > 0 else math.inf
         )
         optimizer.step()
         ema.update(vae, step)
+        if disc is not None:  # critic step on the same real and (detached) decoded images
+            common.set_lr(disc_opt, (args.disc_lr or args.lr) * lr / args.lr)
+            with common.autocast(info.device, bf16):
+                logits = disc_step(torch.cat([real, fake.detach()]).to(real.dtype)).float()  # (2B, 1, h, w)
+            d_loss = discriminator_loss(*logits.chunk(2))
+            disc_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            disc_opt.step()
+            losses["loss/disc"] = d_loss.detach()
 
         scalars = common.reduce_scalars(losses)
         logger.step(step + 1, len(x) * info.world_size, {**scalars, "opt/lr": lr, "opt/grad_norm": grad_norm.item()})
         if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
             common.save_checkpoint(
-                run_dir, step + 1, info, vae, ema, optimizer, {"noise": gen}, config, keep=args.keep_ckpts
+                run_dir, step + 1, info, vae, ema, optimizer, {"noise": gen}, config, keep=args.keep_ckpts, aux=aux
             )
         if args.step_sleep:
             time.sleep(args.step_sleep)

@@ -1,0 +1,79 @@
+"""Adversarial loss for the frame decoder: a PatchGAN discriminator and hinge losses.
+
+A pixel loss (L1/MSE) makes the decoder predict the mean of what a latent could be: where the
+9x16 latent does not pin an edge or a kerb down to the pixel, the mean is a blur. A discriminator
+that judges local patches (pix2pix's PatchGAN; LDM's autoencoder recipe) penalises blur itself,
+so the decoder commits to sharp edges and draws the textures the latent implies (kerbs on curves).
+
+Only the decoder side is trained adversarially (``train-vae --freeze-encoder`` or ``--hr-only``),
+so the latent space, every latent cache and every DiT trained on it stay valid.
+
+The adversarial term is weighted as in LDM (Rombach et al. 2022, ``calculate_adaptive_weight``):
+``w = adv_weight * |grad_last(rec)| / |grad_last(g)|`` on the decoder's last layer, so the
+adversarial gradient stays a fixed fraction of the reconstruction gradient whatever the losses'
+scales.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class PatchDiscriminator(nn.Module):
+    """Fully convolutional critic: (B, 3, H, W) image in [-1, 1] -> (B, 1, H/2^n, W/2^n) logits.
+
+    ``n = len(channels)`` stride-2 4x4 convolutions (LeakyReLU, GroupNorm after the first), then a
+    3x3 conv to one logit per patch. With the default (64, 128, 256) each logit sees a ~46-pixel
+    patch: at 72x128 most of the road's width, at 720p the edge of a kerb.
+    """
+
+    def __init__(self, channels: tuple[int, ...] = (64, 128, 256)) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        prev = 3
+        for i, c in enumerate(channels):
+            layers.append(nn.Conv2d(prev, c, 4, stride=2, padding=1))
+            if i > 0:
+                layers.append(nn.GroupNorm(min(32, c // 4), c))
+            layers.append(nn.LeakyReLU(0.2))
+            prev = c
+        layers.append(nn.Conv2d(prev, 1, 3, padding=1))
+        self.net = nn.Sequential(*layers)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):  # pix2pix init
+                nn.init.normal_(m.weight, 0.0, 0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch logits of ``x`` (B, 3, H, W) -> (B, 1, H', W'); higher means "real"."""
+        return self.net(x)
+
+
+def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """Hinge loss of the critic: push real patches above +1 and fake ones below -1."""
+    return 0.5 * (F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean())
+
+
+def generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """Hinge loss of the generator (the decoder): raise the critic's score of its output."""
+    return -fake_logits.mean()
+
+
+def adaptive_weight(
+    rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float = 1e4
+) -> torch.Tensor:
+    """LDM's balance of the two gradients on ``last_layer``: |grad rec| / |grad g| (detached).
+
+    Args:
+        rec_loss: scalar reconstruction loss (its graph must reach ``last_layer``).
+        g_loss: scalar generator loss (likewise).
+        last_layer: the weight of the decoder's output layer.
+
+    Returns:
+        Scalar weight in [0, max_weight], without a graph.
+    """
+    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    return (rec_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()
