@@ -122,11 +122,11 @@ def test_vae_trainer_writes_loadable_model(vae_dir):
 
 
 @pytest.mark.parametrize(("hr_base", "hr_kernel"), [("nearest", 1), ("bilinear", 3)])
-def test_hr_crop_loss_matches_full_decode(hr_base: str, hr_kernel: int):
+def test_hr_crop_predict_matches_full_decode(hr_base: str, hr_kernel: int):
     """Running the 720p head on a feature crop gives exactly the pixels of a full 720p decode."""
     from dataclasses import replace
 
-    from world_model.train.vae import hr_crop_loss
+    from world_model.train.vae import hr_crop_predict
     from world_model.vae import VAE_PRESETS, FrameVAE
 
     torch.manual_seed(0)
@@ -137,9 +137,10 @@ def test_hr_crop_loss_matches_full_decode(hr_base: str, hr_kernel: int):
         full = vae.decode_hr(vae.encode(x))  # (2, 3, 720, 1280)
         yx = torch.tensor([[24, 48], [0, 0]])  # crop corners on the 10x grid: interior, frame corner
         target = torch.stack([full[0, :, 240:420, 480:800], full[1, :, :180, :320]])  # (2, 3, 180, 320)
-        assert hr_crop_loss(vae, x, target, yx).item() < 1e-6
+        pred = hr_crop_predict(vae, x, yx, (180, 320))
+        assert pred.shape == target.shape and (pred - target).abs().max().item() < 1e-5
         shifted = torch.stack([full[0, :, 250:430, 480:800], full[1, :, 10:190, :320]])  # off by one LR pixel
-        assert hr_crop_loss(vae, x, shifted, yx).item() > 1e-3
+        assert (pred - shifted).abs().mean().item() > 1e-3
 
 
 def test_encode_latents_shapes_and_resume(data, vae_dir, latents):
@@ -340,6 +341,30 @@ def test_patch_discriminator_and_hinge_losses():
     # the weight is |grad rec| / |grad g| on the last layer: here d(2w)/dw = 2, d(w/4)/dw = 1/4 -> 8
     w = torch.ones(3, requires_grad=True)
     assert adaptive_weight((2 * w).sum(), (w / 4).sum(), w).item() == pytest.approx(8.0, rel=1e-3)
+    with pytest.raises(ValueError, match="does not reach the decoder's output layer"):
+        adaptive_weight(torch.ones(3, requires_grad=True).sum(), (w / 4).sum(), w)
+
+
+def test_critic_generator_term_moves_only_the_decoder_and_step_moves_only_the_critic():
+    import contextlib
+
+    from world_model.train.adversarial import Critic
+
+    torch.manual_seed(0)
+    critic = Critic(weight=0.5, lr=1e-2, device=torch.device("cpu"))
+    last = torch.nn.Conv2d(4, 3, 3, padding=1)  # stands in for the decoder's output layer
+    feats, real = torch.randn(2, 4, 72, 128), torch.rand(2, 3, 72, 128) * 2 - 1
+    fake = last(feats)  # (2, 3, 72, 128)
+    rec = (fake - real).abs().mean()
+    g, weight = critic.generator_term(rec, fake, last.weight, contextlib.nullcontext())
+    (rec + weight * g).backward()
+    assert weight.item() > 0 and not weight.requires_grad
+    assert last.weight.grad is not None
+    assert all(p.grad is None and p.requires_grad for p in critic.disc.parameters())  # frozen, then restored
+    before = [p.detach().clone() for p in critic.disc.parameters()]
+    loss = critic.step(real, fake, lr_scale=1.0, autocast=contextlib.nullcontext())
+    assert loss.ndim == 0 and not loss.requires_grad
+    assert any(not torch.equal(b, p) for b, p in zip(before, critic.disc.parameters(), strict=True))
 
 
 def _vae_gan_args(data: Path, vae_dir: Path, run: Path, steps: int, *extra: str) -> list[str]:
@@ -378,9 +403,15 @@ def test_adversarial_decoder_finetune_keeps_the_latent_space_and_resumes_exactly
     assert all(torch.equal(disc_full[k], disc_cut[k]) for k in disc_full)
     first = load_file(tmp_path / "cut" / "state" / "step_000002" / "aux_disc.safetensors")
     assert any(not torch.equal(first[k], disc_cut[k]) for k in first)  # the critic kept training
+    # the adversarial term reached the decoder: without it (same seed, same batches) it ends elsewhere
+    vae.main(_vae_gan_args(data, vae_dir, tmp_path / "plain", 4, *args, "--adv-weight", "0"))
+    plain = load_file(tmp_path / "plain" / "model" / "vae.safetensors")
+    assert not torch.equal(plain["to_rgb.weight"], after["to_rgb.weight"])
+    assert not (tmp_path / "plain" / "state" / "step_000004" / "aux_disc.safetensors").exists()
 
-    with pytest.raises(UsageError, match="--adv-weight -1.0"):
-        vae.main(_vae_gan_args(data, vae_dir, tmp_path / "bad", 1, "--adv-weight", "-1"))
+    for flag, value in (("--adv-weight", "-1"), ("--adv-start", "-2"), ("--disc-lr", "0")):
+        with pytest.raises(UsageError, match=f"{flag} {float(value) if flag != '--adv-start' else value}"):
+            vae.main(_vae_gan_args(data, vae_dir, tmp_path / "bad", 1, flag, value))
 
 
 def test_adversarial_hr_head_trains_only_the_head(data, vae_dir, tmp_path):
@@ -392,7 +423,10 @@ def test_adversarial_hr_head_trains_only_the_head(data, vae_dir, tmp_path):
     before, after = load_file(vae_dir / "vae.safetensors"), load_file(run / "model" / "vae.safetensors")
     head = {"hr_out.weight", "hr_out.bias", "hr_up.weight", "hr_up.bias"}
     assert all(torch.equal(before[k], after[k]) for k in before if k not in head)
-    assert any(not torch.equal(before[k], after[k]) for k in head)
+    assert (run / "state" / "step_000002" / "aux_disc.safetensors").is_file()
+    vae.main(_vae_gan_args(data, vae_dir, tmp_path / "hr_plain", 2, "--hr-only", "--adv-weight", "0"))
+    plain = load_file(tmp_path / "hr_plain" / "model" / "vae.safetensors")
+    assert not torch.equal(plain["hr_out.weight"], after["hr_out.weight"])  # the critic shaped the head
 
 
 def test_a_world_is_a_parent_for_encode_train_and_build(data, footage, vae_dir, latents, dit_run, tmp_path):
@@ -492,6 +526,21 @@ def test_ddp_two_ranks_end_with_identical_weights(data, footage, latents, dit_ru
     assert hashes[0] == hashes[1] and hashes[0][0] == "2"
     ckpt = run / "state" / "step_000002"
     assert (ckpt / "rng_rank0.safetensors").exists() and (ckpt / "rng_rank1.safetensors").exists()
+
+
+def test_ddp_two_ranks_adversarial_vae_end_with_identical_decoder_and_critic(data, vae_dir, tmp_path):
+    """2 ranks, --adv-weight: the critic is DDP-wrapped for its own step and frozen in the decoder's."""
+    run = tmp_path / "ddp_gan"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "world_model.train.vae",
+        *_vae_gan_args(data, vae_dir, run, 2, "--freeze-encoder", "--adv-start", "0", "--debug-hashes"),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("vae", "vae_critic"):
+        hashes = [(run / "debug" / f"{name}_rank{r}.txt").read_text().split() for r in (0, 1)]
+        assert hashes[0] == hashes[1] and hashes[0][0] == "2", name
 
 
 def test_resume_after_kill_matches_uninterrupted(data, footage, latents, dit_run, tmp_path, capsys):

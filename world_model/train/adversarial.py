@@ -5,8 +5,9 @@ A pixel loss (L1/MSE) makes the decoder predict the mean of what a latent could 
 that judges local patches (pix2pix's PatchGAN; LDM's autoencoder recipe) penalises blur itself,
 so the decoder commits to sharp edges and draws the textures the latent implies (kerbs on curves).
 
-Only the decoder side is trained adversarially (``train-vae --freeze-encoder`` or ``--hr-only``),
-so the latent space, every latent cache and every DiT trained on it stay valid.
+Used on the decoder side (``train-vae --freeze-encoder`` or ``--hr-only``), it leaves the latent
+space, every latent cache and every DiT trained on it valid; without a frozen encoder the
+adversarial gradient reaches the encoder too (LDM's full-autoencoder recipe).
 
 The adversarial term is weighted as in LDM (Rombach et al. 2022, ``calculate_adaptive_weight``):
 ``w = adv_weight * |grad_last(rec)| / |grad_last(g)|`` on the decoder's last layer, so the
@@ -15,6 +16,9 @@ scales.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +29,8 @@ class PatchDiscriminator(nn.Module):
     """Fully convolutional critic: (B, 3, H, W) image in [-1, 1] -> (B, 1, H/2^n, W/2^n) logits.
 
     ``n = len(channels)`` stride-2 4x4 convolutions (LeakyReLU, GroupNorm after the first), then a
-    3x3 conv to one logit per patch. With the default (64, 128, 256) each logit sees a ~46-pixel
-    patch: at 72x128 most of the road's width, at 720p the edge of a kerb.
+    3x3 conv to one logit per patch. With the default (64, 128, 256) each logit sees a 38-pixel
+    patch: at 72x128 the road's width and its edges, at 720p the edge of a kerb.
     """
 
     def __init__(self, channels: tuple[int, ...] = (64, 128, 256)) -> None:
@@ -74,6 +78,79 @@ def adaptive_weight(
     Returns:
         Scalar weight in [0, max_weight], without a graph.
     """
-    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
-    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True, allow_unused=True)[0]
+    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True, allow_unused=True)[0]
+    if rec_grad is None or g_grad is None:
+        raise ValueError(
+            "adaptive_weight: the reconstruction or the adversarial loss does not reach the decoder's "
+            "output layer (are all reconstruction weights 0?)"
+        )
     return (rec_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()
+
+
+class Critic:
+    """A PatchGAN critic with its optimiser, and the two halves of an adversarial training step.
+
+    Per step, after the reconstruction losses: :meth:`generator_term` (the decoder's extra loss
+    against the frozen critic), the decoder's backward and optimiser step, then :meth:`step` (one
+    critic update on the same real and detached decoded images).
+
+    Args:
+        weight: ``adv_weight``, the adversarial share of the output layer's gradient.
+        lr: base learning rate of the critic (scaled per step like the decoder's).
+        device: where the critic lives.
+        wrap: wraps the critic for its own update (``common.wrap_ddp``: identity on one process).
+            The generator term calls the raw module with its weights frozen, so no DDP hook fires.
+    """
+
+    def __init__(
+        self, weight: float, lr: float, device: torch.device, wrap: Callable[[nn.Module], nn.Module] = lambda m: m
+    ) -> None:
+        self.weight, self.lr = weight, lr
+        self.disc = PatchDiscriminator().to(device)
+        self.optimizer = torch.optim.AdamW(self.disc.parameters(), lr=lr, betas=(0.5, 0.9), weight_decay=0.0)
+        self.wrapped = wrap(self.disc)
+
+    def generator_term(
+        self,
+        rec_loss: torch.Tensor,
+        fake: torch.Tensor,
+        last_layer: torch.Tensor,
+        autocast: contextlib.AbstractContextManager,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder's adversarial loss and its adaptive weight (add ``weight * g`` to the loss).
+
+        Args:
+            rec_loss: scalar reconstruction loss of this step.
+            fake: (B, 3, H, W) decoded images, in the decoder's graph.
+            last_layer: weight of the decoder's output layer.
+            autocast: the trainer's autocast context.
+
+        Returns:
+            ``(g, weight)``: scalar generator loss (with graph) and scalar weight (without).
+        """
+        self.disc.requires_grad_(False)  # gradients reach the decoder only
+        try:
+            with autocast:
+                g = generator_loss(self.disc(fake).float())  # critic logits (B, 1, H/8, W/8)
+        finally:
+            self.disc.requires_grad_(True)
+        return g, self.weight * adaptive_weight(rec_loss, g, last_layer)
+
+    def step(
+        self, real: torch.Tensor, fake: torch.Tensor, lr_scale: float, autocast: contextlib.AbstractContextManager
+    ) -> torch.Tensor:
+        """One critic update on ``real`` and ``fake`` (B, 3, H, W) images; returns its (detached) loss.
+
+        ``lr_scale`` is the decoder's current learning rate over its base rate (warmup, cosine decay).
+        """
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr * lr_scale
+        with autocast:
+            both = torch.cat([real, fake.detach().to(real.dtype)])  # (2B, 3, H, W)
+            logits = self.wrapped(both).float()  # (2B, 1, H/8, W/8)
+        loss = discriminator_loss(*logits.chunk(2))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()

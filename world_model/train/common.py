@@ -652,11 +652,11 @@ def save_checkpoint(
         opt_t, opt_meta = optimizer_to_flat(optimizer.state_dict())
         save_file(opt_t, str(tmp / "optimizer.safetensors"))
         (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
-        for name, (module, opt) in (aux or {}).items():
-            save_file(_tensors(unwrap(module).state_dict()), str(tmp / f"aux_{name}.safetensors"))
+        for aux_name, (module, opt) in (aux or {}).items():
+            save_file(_tensors(unwrap(module).state_dict()), str(tmp / f"aux_{aux_name}.safetensors"))
             opt_t, opt_meta = optimizer_to_flat(opt.state_dict())
-            save_file(opt_t, str(tmp / f"aux_{name}_optimizer.safetensors"))
-            (tmp / f"aux_{name}_optimizer.json").write_text(json.dumps(opt_meta))
+            save_file(opt_t, str(tmp / f"aux_{aux_name}_optimizer.safetensors"))
+            (tmp / f"aux_{aux_name}_optimizer.json").write_text(json.dumps(opt_meta))
         trainer = {"step": step, "world_size": info.world_size, "time": time.time(), **(extra or {})}
         (tmp / "trainer.json").write_text(json.dumps(trainer, indent=2))
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
@@ -684,6 +684,8 @@ def load_checkpoint(
     aux: dict[str, tuple[nn.Module, torch.optim.Optimizer]] | None = None,
 ) -> dict[str, Any]:
     """Restore a checkpoint written by :func:`save_checkpoint` in place; returns ``trainer.json``.
+
+    ``aux`` must name the same extra modules and optimizers that were saved (e.g. a critic).
 
     Raises:
         UsageError: the checkpoint was written with another world size, or a file is missing/corrupt.

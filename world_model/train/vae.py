@@ -6,7 +6,9 @@ Losses (per step):
     ``video_720p.mp4``, an L1 loss of the super-resolving head on random ``hr_crop`` crops of the
     real 720p frames. A crop is cut on the 10x grid of the 72x128 frame; the decoder trunk runs at
     72x128 and the (pixel-local) 720p head only on the trunk features under the crop, so the head
-    trains on exact 720p targets at a fraction of a full 720p decode (see :func:`hr_crop_loss`).
+    trains on exact 720p targets at a fraction of a full 720p decode (see :func:`hr_crop_predict`).
+    With ``--adv-weight``, a PatchGAN critic (``adversarial.py``) judges the 72x128 reconstruction
+    (or, with ``--hr-only``, the 720p crops) and its hinge loss joins the decoder's.
 
 After training the EMA model gets per-channel latent statistics fitted on training frames
 (``set_latent_stats``), is evaluated on held-out episodes (PSNR at 72x128, and at 720p where
@@ -38,7 +40,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from world_model.errors import UsageError
 from world_model.train import common
-from world_model.train.adversarial import PatchDiscriminator, adaptive_weight, discriminator_loss, generator_loss
+from world_model.train.adversarial import Critic
 
 # Fields that may change between a run and its resume: they do not change the math.
 RESUME_FREE = (
@@ -206,11 +208,6 @@ class HRCropStream(IterableDataset):
                     yield item
 
 
-def hr_crop_loss(vae: nn.Module, lr: torch.Tensor, hr: torch.Tensor, yx: torch.Tensor) -> torch.Tensor:
-    """L1 loss of :func:`hr_crop_predict` against the real 720p crops ``hr`` (B, 3, ch, cw)."""
-    return F.l1_loss(hr_crop_predict(vae, lr, yx, hr.shape[-2:]).float(), hr)
-
-
 def hr_crop_predict(vae: nn.Module, lr: torch.Tensor, yx: torch.Tensor, crop_hw: tuple[int, int]) -> torch.Tensor:
     """720p crops of ``decode_hr(encode(lr))``, running the super-resolving head only under the crops.
 
@@ -256,7 +253,10 @@ def _with_head(cfg: object, args: Args) -> object:
 
 
 class VAELoss(nn.Module):
-    """Everything one step computes, in one forward, so DDP sees a single graph per step."""
+    """The reconstruction losses of one step, in one forward, so DDP sees a single graph per step.
+
+    The adversarial term (``Critic.generator_term``) is added by the trainer on the returned images.
+    """
 
     def __init__(self, vae: nn.Module, args: Args, kl_weight: float) -> None:
         """Hold the VAE and the loss weights."""
@@ -281,10 +281,12 @@ class VAELoss(nn.Module):
         from world_model.vae import kl
 
         a = self.args
+        hr_pred = None
+        if hr_batch is not None:
+            hr_pred = hr_crop_predict(self.vae, hr_batch["lr"], hr_batch["yx"], hr_batch["hr"].shape[-2:])
+            hr_l1 = F.l1_loss(hr_pred.float(), hr_batch["hr"])  # hr_pred (Bh, 3, ch, cw)
         if a.hr_only:  # everything but the head is frozen: the 72x128 losses cannot change
-            pred = hr_crop_predict(self.vae, hr_batch["lr"], hr_batch["yx"], hr_batch["hr"].shape[-2:])
-            hr_l1 = F.l1_loss(pred.float(), hr_batch["hr"])
-            return {"loss/hr_l1": hr_l1, "loss/total": a.hr_weight * hr_l1}, (hr_batch["hr"], pred)
+            return {"loss/hr_l1": hr_l1, "loss/total": a.hr_weight * hr_l1}, (hr_batch["hr"], hr_pred)
         out = self.vae(x, generator=generator)
         recon = out["recon"].float()  # (B, 3, 72, 128)
         l1 = (recon - x).abs()  # (B, 3, H, W)
@@ -299,8 +301,8 @@ class VAELoss(nn.Module):
         }
         total = a.l1_weight * losses["loss/l1"] + a.mse_weight * losses["loss/mse"] + self.kl_weight * losses["loss/kl"]
         if hr_batch is not None:
-            losses["loss/hr_l1"] = hr_crop_loss(self.vae, hr_batch["lr"], hr_batch["hr"], hr_batch["yx"])
-            total = total + a.hr_weight * losses["loss/hr_l1"]
+            losses["loss/hr_l1"] = hr_l1
+            total = total + a.hr_weight * hr_l1
         losses["loss/total"] = total
         return losses, (x, out["recon"])
 
@@ -415,6 +417,14 @@ def train(args: Args, command: list[str] | None = None) -> dict:
         raise UsageError(f"--hr-crop {args.hr_crop}: must fit in a 720x1280 frame")
     if args.hr_crop[0] % 10 or args.hr_crop[1] % 10:
         raise UsageError(f"--hr-crop {args.hr_crop}: both sides must be multiples of 10 (the 72x128 -> 720p grid)")
+    if args.lr <= 0:
+        raise UsageError(f"--lr {args.lr}: must be > 0")
+    if args.adv_weight < 0:
+        raise UsageError(f"--adv-weight {args.adv_weight}: must be >= 0 (0 = no critic)")
+    if args.adv_start < 0:
+        raise UsageError(f"--adv-start {args.adv_start}: must be a step >= 0")
+    if args.disc_lr is not None and args.disc_lr <= 0:
+        raise UsageError(f"--disc-lr {args.disc_lr}: must be > 0 (or omitted: --lr)")
     train_eps, heldout_eps = common.resolve_episodes(args.data, args.holdout_fraction, args.seed)
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -454,21 +464,17 @@ def train(args: Args, command: list[str] | None = None) -> dict:
     )
     gen = torch.Generator(device=info.device).manual_seed(args.seed * 1000 + info.rank)  # posterior noise
     bf16 = common.resolve_bf16(args.bf16, info.device)
-    if args.adv_weight < 0 or args.adv_start < 0:
-        raise UsageError(f"--adv-weight {args.adv_weight} / --adv-start {args.adv_start}: must be >= 0")
-    aux: dict[str, tuple[nn.Module, torch.optim.Optimizer]] = {}
-    disc = disc_opt = None
+    critic = None
     if args.adv_weight > 0:
-        disc = PatchDiscriminator().to(info.device)
-        disc_opt = torch.optim.AdamW(disc.parameters(), lr=args.disc_lr or args.lr, betas=(0.5, 0.9), weight_decay=0.0)
-        aux["disc"] = (disc, disc_opt)
+        disc_lr = args.lr if args.disc_lr is None else args.disc_lr
+        critic = Critic(args.adv_weight, disc_lr, info.device, wrap=lambda m: common.wrap_ddp(m, info))
+    aux = {} if critic is None else {"disc": (critic.disc, critic.optimizer)}
     # the layer whose gradients balance the adversarial term against the reconstruction
     last_layer = vae.hr_out.weight if args.hr_only else vae.to_rgb.weight
 
     start = 0
     if ckpt is not None:
         start = common.load_checkpoint(ckpt, info, vae, ema, optimizer, {"noise": gen}, aux=aux)["step"]
-    disc_step = None if disc is None else common.wrap_ddp(disc, info)
 
     dataset = common.window_dataset(train_eps, window=1, source="frames")
     sampler = common.ResumableBatchSampler(len(dataset), args.batch_size, info.rank, info.world_size, args.seed, start)
@@ -528,13 +534,10 @@ def train(args: Args, command: list[str] | None = None) -> dict:
         with common.autocast(info.device, bf16):
             losses, (real, fake) = step_fn(x, gen, hr_batch)
         total = losses["loss/total"]
-        if disc is not None and step >= args.adv_start:  # decoder step against the (frozen) critic
-            disc.requires_grad_(False)
-            with common.autocast(info.device, bf16):
-                g_adv = generator_loss(disc(fake).float())
-            weight = args.adv_weight * adaptive_weight(total, g_adv, last_layer)
-            disc.requires_grad_(True)
-            total = total + weight * g_adv
+        if critic is not None and step >= args.adv_start:  # decoder step against the (frozen) critic
+            g_adv, weight = critic.generator_term(total, fake, last_layer, common.autocast(info.device, bf16))
+            losses["loss/rec"] = total
+            total = losses["loss/total"] = total + weight * g_adv
             losses["loss/g_adv"], losses["adv/weight"] = g_adv, weight
         optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -543,15 +546,8 @@ def train(args: Args, command: list[str] | None = None) -> dict:
         )
         optimizer.step()
         ema.update(vae, step)
-        if disc is not None:  # critic step on the same real and (detached) decoded images
-            common.set_lr(disc_opt, (args.disc_lr or args.lr) * lr / args.lr)
-            with common.autocast(info.device, bf16):
-                logits = disc_step(torch.cat([real, fake.detach()]).to(real.dtype)).float()  # (2B, 1, h, w)
-            d_loss = discriminator_loss(*logits.chunk(2))
-            disc_opt.zero_grad(set_to_none=True)
-            d_loss.backward()
-            disc_opt.step()
-            losses["loss/disc"] = d_loss.detach()
+        if critic is not None:  # critic step on the same real and (detached) decoded images
+            losses["loss/disc"] = critic.step(real, fake, lr / args.lr, common.autocast(info.device, bf16))
 
         scalars = common.reduce_scalars(losses)
         logger.step(step + 1, len(x) * info.world_size, {**scalars, "opt/lr": lr, "opt/grad_norm": grad_norm.item()})
@@ -563,6 +559,8 @@ def train(args: Args, command: list[str] | None = None) -> dict:
             time.sleep(args.step_sleep)
     if args.debug_hashes:
         common.write_debug_hash(run_dir, info, "vae", vae, args.steps)
+        if critic is not None:
+            common.write_debug_hash(run_dir, info, "vae_critic", critic.disc, args.steps)
 
     summary: dict = {}
     if info.is_main:
