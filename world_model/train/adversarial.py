@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from world_model.train import common
+
 
 class PatchDiscriminator(nn.Module):
     """Fully convolutional critic: (B, 3, H, W) image in [-1, 1] -> (B, 1, H/2^n, W/2^n) logits.
@@ -144,8 +146,7 @@ class Critic:
 
         ``lr_scale`` is the decoder's current learning rate over its base rate (warmup, cosine decay).
         """
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr * lr_scale
+        common.set_lr(self.optimizer, self.lr * lr_scale)
         with autocast:
             both = torch.cat([real, fake.detach().to(real.dtype)])  # (2B, 3, H, W)
             logits = self.wrapped(both).float()  # (2B, 1, H/8, W/8)

@@ -560,6 +560,20 @@ def optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) 
     return {"state": state, "param_groups": groups}
 
 
+def _save_optimizer(stem: Path, optimizer: torch.optim.Optimizer) -> None:
+    """``STEM.safetensors`` (state tensors) + ``STEM.json`` (param groups, scalars)."""
+    tensors, meta = optimizer_to_flat(optimizer.state_dict())
+    save_file(tensors, str(stem.with_suffix(".safetensors")))
+    stem.with_suffix(".json").write_text(json.dumps(meta))
+
+
+def _load_optimizer(stem: Path, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Inverse of :func:`_save_optimizer`."""
+    meta = json.loads(stem.with_suffix(".json").read_text())
+    tensors = load_file(str(stem.with_suffix(".safetensors")), device=str(device))
+    optimizer.load_state_dict(optimizer_from_flat(tensors, meta))
+
+
 def rng_state(generators: dict[str, torch.Generator]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Every RNG this process draws from, as tensors + JSON scalars."""
     tensors = {"torch_cpu": torch.get_rng_state()}
@@ -649,14 +663,10 @@ def save_checkpoint(
     if info.is_main:
         save_file(_tensors(unwrap(model).state_dict()), str(tmp / "model.safetensors"))
         save_file(_tensors(ema.module.state_dict()), str(tmp / "ema.safetensors"))
-        opt_t, opt_meta = optimizer_to_flat(optimizer.state_dict())
-        save_file(opt_t, str(tmp / "optimizer.safetensors"))
-        (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
+        _save_optimizer(tmp / "optimizer", optimizer)
         for aux_name, (module, opt) in (aux or {}).items():
             save_file(_tensors(unwrap(module).state_dict()), str(tmp / f"aux_{aux_name}.safetensors"))
-            opt_t, opt_meta = optimizer_to_flat(opt.state_dict())
-            save_file(opt_t, str(tmp / f"aux_{aux_name}_optimizer.safetensors"))
-            (tmp / f"aux_{aux_name}_optimizer.json").write_text(json.dumps(opt_meta))
+            _save_optimizer(tmp / f"aux_{aux_name}_optimizer", opt)
         trainer = {"step": step, "world_size": info.world_size, "time": time.time(), **(extra or {})}
         (tmp / "trainer.json").write_text(json.dumps(trainer, indent=2))
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
@@ -700,14 +710,10 @@ def load_checkpoint(
             )
         unwrap(model).load_state_dict(load_file(str(path / "model.safetensors"), device=str(info.device)))
         ema.module.load_state_dict(load_file(str(path / "ema.safetensors"), device=str(info.device)))
-        opt_meta = json.loads((path / "optimizer.json").read_text())
-        opt_t = load_file(str(path / "optimizer.safetensors"), device=str(info.device))
-        optimizer.load_state_dict(optimizer_from_flat(opt_t, opt_meta))
+        _load_optimizer(path / "optimizer", optimizer, info.device)
         for name, (module, opt) in (aux or {}).items():
             unwrap(module).load_state_dict(load_file(str(path / f"aux_{name}.safetensors"), device=str(info.device)))
-            opt_meta = json.loads((path / f"aux_{name}_optimizer.json").read_text())
-            opt_t = load_file(str(path / f"aux_{name}_optimizer.safetensors"), device=str(info.device))
-            opt.load_state_dict(optimizer_from_flat(opt_t, opt_meta))
+            _load_optimizer(path / f"aux_{name}_optimizer", opt, info.device)
         rng_t = load_file(str(path / f"rng_rank{info.rank}.safetensors"))
         rng_s = json.loads((path / f"rng_rank{info.rank}.json").read_text())
         set_rng_state(rng_t, rng_s, generators)
