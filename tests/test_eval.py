@@ -160,6 +160,20 @@ def test_rms_gradient_falls_with_blur_and_ignores_rows_below_the_view() -> None:
         M.rms_gradient(sharp, rows=1)
 
 
+def test_kerb_pixels_counts_red_and_white_in_the_view_but_not_the_car_or_pink_blur() -> None:
+    frames = np.full((2, 72, 128, 3), 105, np.uint8)  # grey road
+    frames[:, 20, 10:16] = (255, 0, 0)  # 6 red kerb pixels
+    frames[:, 21, 10:14] = 255  # 4 white ones
+    frames[1, 30, 40:50] = (200, 140, 140)  # a blurred, pinkish edge is not a kerb
+    frames[:, 50:58, 62:66] = (204, 0, 0)  # the car
+    frames[:, 65, :20] = 255  # dashboard digits, below the view
+    assert M.kerb_pixels(frames, rows=62) == 10.0
+    assert M.kerb_pixels(frames) == 30.0  # the dashboard row counts without ``rows``; the car never does
+    assert M.kerb_pixels(np.full((1, 72, 128, 3), 105, np.uint8)) == 0.0
+    with pytest.raises(ValueError, match=r"\(N, 72, 128, 3\) frames, got \(2, 84, 84, 3\)"):
+        M.kerb_pixels(np.zeros((2, 84, 84, 3), np.uint8))
+
+
 def test_reward_and_termination_metrics() -> None:
     true = np.array([0.0, 1.0, 2.0, 3.0])
     good = M.reward_metrics(true + 0.1, true, baseline=1.5)
@@ -422,6 +436,10 @@ def test_closed_loop_compares_the_world_with_the_real_game() -> None:
     assert out["real"]["on_road"] > 0.5  # the real game starts on the road and the follower keeps to it
     # the tiny untrained world emits noise, which also has "detail": the metric is a match-the-real one
     assert out["real"]["detail"] > 0.0 and out["world"]["detail"] > 0.0
+    # kerbs are a CarRacing statistic: measured on the real game, and on a world recorded from CarRacing
+    assert out["real"]["kerb_pixels"] >= 0.0 and "kerb_pixels" not in out["world"]
+    world.meta["env_id"] = "CarRacing-v3"
+    assert S.closed_loop(world, world.start_latents, "pipelined", 2, 2, 0, "cpu", None)["world"]["kerb_pixels"] >= 0.0
     world.action_names[:] = [f"a{i}" for i in range(len(world.action_names))]
     assert "driving actions" in S.closed_loop(world, world.start_latents, "pipelined", 1, 2, 0, "cpu", None)["skipped"]
 

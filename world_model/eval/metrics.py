@@ -5,7 +5,8 @@ labels are int ``(N,)`` arrays of action ids in ``[0, A)``.
 
 * Fidelity: :func:`psnr`, :func:`frechet_distance` (the FID formula on any feature set; the suite
   uses the inverse-dynamics model's penultimate layer), :func:`color_histogram` with
-  :func:`histogram_distance`, :func:`mean_brightness`.
+  :func:`histogram_distance`, :func:`mean_brightness`, :func:`rms_gradient` (detail),
+  :func:`kerb_pixels` (CarRacing's red/white kerbs).
 * Control: :func:`confusion_matrix`, :func:`accuracy_report` (accuracy, per-action accuracy, chance).
 * Drift: :class:`DriftAccumulator` collects frame statistics per horizon bucket while a generator
   runs, without keeping the frames.
@@ -116,6 +117,34 @@ def rms_gradient(frames: np.ndarray, rows: int | None = None, chunk: int = 256) 
         dx, dy = np.diff(y, axis=2)[:, :-1, :], np.diff(y, axis=1)[:, :, :-1]  # (n, H'-1, W-1) each
         per_frame.append(np.sqrt((dx**2 + dy**2).mean(axis=(1, 2))))  # (n,)
     return float(np.concatenate(per_frame).mean())
+
+
+# CarRacing's kerbs are the only saturated-red or near-white pixels of its view besides the car, which
+# sits at a fixed place: rows 50-57, columns 62-65 of a 72x128 frame (measured over a recorded
+# episode); the box adds a margin.
+KERB_FRAME_HW = (72, 128)
+KERB_CAR_BOX = (slice(47, 61), slice(58, 70))
+
+
+def kerb_pixels(frames: np.ndarray, rows: int | None = None) -> float:
+    """Kerbs drawn: mean over frames of the kerb-coloured pixels of a 72x128 CarRacing view.
+
+    Kerb-coloured: saturated red (R > 150, G < 100, B < 100) or white (every channel > 200); the
+    car's box is left out and ``rows`` keeps only the top rows (the view above the dashboard). Like
+    :func:`rms_gradient`, a match-the-real statistic: a decoder that smooths kerbs into the road edge
+    draws ~0, one that paints red noise draws too many.
+
+    Raises:
+        ValueError: the frames are not (N, 72, 128, 3).
+    """
+    f = np.asarray(frames)
+    if f.ndim != 4 or f.shape[1:] != (*KERB_FRAME_HW, 3):
+        raise ValueError(f"kerb_pixels needs (N, {KERB_FRAME_HW[0]}, {KERB_FRAME_HW[1]}, 3) frames, got {f.shape}")
+    f = f.astype(np.int16)  # (N, 72, 128, 3)
+    r, g, b = f[..., 0], f[..., 1], f[..., 2]
+    kerb = ((r > 150) & (g < 100) & (b < 100)) | (f.min(-1) > 200)  # (N, 72, 128)
+    kerb[:, KERB_CAR_BOX[0], KERB_CAR_BOX[1]] = False
+    return float(kerb[:, :rows].sum(axis=(1, 2)).mean())
 
 
 # -------------------------------------------------------------------------------------- control

@@ -4,7 +4,8 @@ The pixel road follower (:mod:`world_model.road_follower`) drives ``--envs`` str
 ``--steps`` steps from its shipped start contexts, once per sampler variant and seed
 (:func:`world_model.eval.suite.closed_loop`); for each it reports the fraction of steps with the car
 on the road, per quarter of the run, the predicted reward per step, the streams the termination
-head ended, and the detail of the frames (RMS luma gradient above the dashboard). A seed fixes the
+head ended, the detail of the frames (RMS luma gradient above the dashboard) and, for CarRacing
+worlds, the kerb pixels per frame (:func:`world_model.eval.metrics.kerb_pixels`). A seed fixes the
 start contexts and the noise keys, so variants are compared on the same starts and noise (paired).
 The README's sampler table was measured with it.
 
@@ -104,7 +105,8 @@ def probe(args: Args) -> list[dict]:
             row = {"variant": text, "seed": seed, "sampler": sampler, "on_road": w["on_road"],
                    "on_road_by_quarter": [q["mean"] for q in w["on_road_by_quarter"]],
                    "reward_per_step": w["reward_per_step"], "terminations": w["terminations"],
-                   "detail": w["detail"], "wall_s": time.perf_counter() - t0}
+                   "detail": w["detail"], "kerb_pixels": w.get("kerb_pixels"),
+                   "wall_s": time.perf_counter() - t0}
             rows.append(row)
             print(format_row(row), flush=True)
             if args.out is not None:
@@ -115,11 +117,17 @@ def probe(args: Args) -> list[dict]:
     return rows
 
 
+def _opt(value: float | None) -> str:
+    """A 2-decimal cell, or "-" for a metric that does not apply (kerbs outside CarRacing)."""
+    return "-" if value is None else f"{value:.2f}"
+
+
 def format_row(row: dict) -> str:
     """One markdown table row."""
     quarters = " / ".join(f"{q:.2f}" for q in row["on_road_by_quarter"])
     return (f"| {row['variant']} | {row['seed']} | {quarters} | {row['on_road']:.3f} | "
-            f"{row['reward_per_step']:.3f} | {row['terminations']} | {row['detail']:.2f} |")
+            f"{row['reward_per_step']:.3f} | {row['terminations']} | {row['detail']:.2f} | "
+            f"{_opt(row['kerb_pixels'])} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,15 +137,17 @@ def main(argv: list[str] | None = None) -> int:
     args = tyro.cli(Args, args=argv, prog="matrix-world probe", description=__doc__.split("\n\n")[0])
     print(f"{args.envs} streams x {args.steps} steps of {args.checkpoint}, road follower")
     print("| sampler variant | seed | on road, by quarter | on road, mean | predicted reward / step "
-          "| terminated streams | detail |")
-    print("|---|---:|---|---:|---:|---:|---:|")
+          "| terminated streams | detail | kerb pixels |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
     rows = probe(args)
     if len(args.seeds) > 1:
         for text in dict.fromkeys(args.variants):  # each variant once, in order
             mine = [r for r in rows if r["variant"] == text]
             mean = {k: float(np.mean([r[k] for r in mine])) for k in ("on_road", "reward_per_step", "detail")}
+            kerbs = [r["kerb_pixels"] for r in mine]
+            mean["kerb_pixels"] = None if None in kerbs else float(np.mean(kerbs))
             print(f"| {text} | mean of {len(mine)} | | {mean['on_road']:.3f} | {mean['reward_per_step']:.3f} | | "
-                  f"{mean['detail']:.2f} |")
+                  f"{mean['detail']:.2f} | {_opt(mean['kerb_pixels'])} |")
     return 0
 
 

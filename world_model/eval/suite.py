@@ -115,9 +115,14 @@ VIEW_ROWS = 62
 """Rows of a 72x128 CarRacing frame above the dashboard (the detail metric's view)."""
 
 
+def is_carracing(world: WorldModel) -> bool:
+    """Whether the world was recorded from CarRacing (the kerb metric and the view rows apply)."""
+    return str(world.meta.get("env_id", "")).startswith("CarRacing")
+
+
 def detail_rows(world: WorldModel) -> int | None:
     """Rows the detail metric reads: CarRacing's view above the dashboard, else the whole frame."""
-    return VIEW_ROWS if str(world.meta.get("env_id", "")).startswith("CarRacing") else None
+    return VIEW_ROWS if is_carracing(world) else None
 
 
 @dataclass
@@ -760,13 +765,15 @@ def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int,
     start = torch.from_numpy(perm[np.arange(envs) % len(perm)])  # (envs,) wraps when there are fewer starts
     sim.reset(torch.ones(envs, dtype=torch.bool), start, generator=torch.Generator().manual_seed(seed))
     frame = decode_latents(sim.vae, contexts[start, -1].float())  # (B, H, W, 3)
-    on, rew, detail, ended = [], [], [], torch.zeros(envs, dtype=torch.bool)
+    on, rew, detail, kerbs, ended = [], [], [], [], torch.zeros(envs, dtype=torch.bool)
     rows = detail_rows(world)
     for _ in range(steps):  # a stream the termination head ends is counted once and driven on
         latents, reward, terminated = sim.step(torch.from_numpy(follower(frame)))
-        frame = sim.decode(latents, E.TRAIN_HW).cpu().numpy()
+        frame = sim.decode(latents, E.TRAIN_HW).cpu().numpy()  # (B, 72, 128, 3)
         on.append(on_road(frame))
         detail.append(M.rms_gradient(frame, rows))
+        if is_carracing(world):
+            kerbs.append(M.kerb_pixels(frame, rows))
         rew.append(reward.float().cpu().numpy())
         ended |= terminated.cpu()
     ends = int(ended.sum())  # streams that terminated at least once (the real side: episodes)
@@ -775,6 +782,8 @@ def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int,
                  "world": {"on_road": float(on_w.mean()), "on_road_by_quarter": bucket_means(on_w),
                            "reward_per_step": float(rew_w.mean()), "terminations": ends,
                            "detail": float(np.mean(detail))}}
+    if kerbs:
+        out["world"]["kerb_pixels"] = float(np.mean(kerbs))
     if real_env_id is None or not real_env_id.startswith("CarRacing"):
         out["real"] = {"skipped": f"the world was recorded from {real_env_id!r}, not CarRacing"}
         return out
@@ -782,19 +791,21 @@ def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int,
 
     env = RealCarRacingEnv()
     on_r, rew_r, ends_r, detail_r = np.zeros((steps, envs)), np.zeros((steps, envs)), 0, np.zeros((steps, envs))
+    kerb_r = np.zeros((steps, envs))
     for i in range(envs):
         obs, _ = env.reset(seed=seed + i)
         for t in range(steps):
             obs, r, term, trunc, _ = env.step(int(follower(obs[None])[0]))
             on_r[t, i], rew_r[t, i] = on_road(obs[None])[0], r
             detail_r[t, i] = M.rms_gradient(obs[None], rows)
+            kerb_r[t, i] = M.kerb_pixels(obs[None], rows)
             ends_r += int(term)
             if term or trunc:
                 obs, _ = env.reset()
     env.close()
     out["real"] = {"on_road": float(on_r.mean()), "on_road_by_quarter": bucket_means(on_r),
                    "reward_per_step": float(rew_r.mean()), "terminations": ends_r,
-                   "detail": float(detail_r.mean())}
+                   "detail": float(detail_r.mean()), "kerb_pixels": float(kerb_r.mean())}
     return out
 
 
@@ -971,6 +982,10 @@ def summary_markdown(results: dict) -> str:
         view = "above the dashboard" if fid["detail"].get("rows") else "whole frame"
         lines.append(f"| detail (RMS luma gradient, {view}), VAE-reconstructed held-out | "
                      f"{_fmt(fid['detail']['vae_recon'], 2)} | real frames {_fmt(fid['detail']['real'], 2)} |")
+    if "kerb_pixels" in fid:
+        kp = fid["kerb_pixels"]
+        lines.append(f"| kerb pixels per frame (red/white, above the dashboard), VAE-reconstructed held-out | "
+                     f"{_fmt(kp['vae_recon'], 2)} | real frames {_fmt(kp['real'], 2)} |")
     drift = results.get("drift", {})
     for r in drift.get("buckets", []):
         span = f"{r['start']}-{min(r['end'], r['reached'] + 1)}"
@@ -1011,6 +1026,10 @@ def summary_markdown(results: dict) -> str:
             ref = f"real game {_fmt(real['detail'], 2)}" if "detail" in real else ""
             lines.append(f"| detail (RMS luma gradient), closed-loop frames | "
                          f"{_fmt(loop['world']['detail'], 2)} | {ref} |")
+        if "kerb_pixels" in loop["world"]:
+            ref = f"real game {_fmt(real['kerb_pixels'], 2)}" if "kerb_pixels" in real else ""
+            lines.append(f"| kerb pixels per frame, closed-loop frames | "
+                         f"{_fmt(loop['world']['kerb_pixels'], 2)} | {ref} |")
     for mode, row in results.get("speed", {}).items():
         batched = [k for k in row if k.startswith("steps_per_s_b") and k != "steps_per_s_b1"]
         extra = f", batch {batched[0][13:]}: {_fmt(row[batched[0]], 1)}" if batched else ""
@@ -1163,6 +1182,9 @@ def _evaluate(args: Args, command: list[str] | None) -> dict:
                       "detail": {"real": M.rms_gradient(seg.frames.reshape(-1, *seg.frames.shape[2:]), rows),
                                  "vae_recon": M.rms_gradient(seg.recon.reshape(-1, *seg.recon.shape[2:]), rows),
                                  "rows": rows}}
+    if is_carracing(world):
+        fidelity["kerb_pixels"] = {"real": M.kerb_pixels(seg.frames.reshape(-1, *seg.frames.shape[2:]), rows),
+                                   "vae_recon": M.kerb_pixels(seg.recon.reshape(-1, *seg.recon.shape[2:]), rows)}
     fidelity["teacher_forced"] = teacher_forced(world, seg, args.tf_samples, device, args.seed, rng)
     log(f"[eval] VAE PSNR {fidelity['vae_psnr']:.2f} dB; "
         f"teacher-forced {fidelity['teacher_forced']['psnr']:.2f} dB "
