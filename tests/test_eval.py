@@ -416,6 +416,13 @@ def test_eval_suite_end_to_end(tmp_path: Path, tiny_world_dir: Path, toy_data: P
     assert again["idm"]["latent"]["real_heldout"] == metrics["idm"]["latent"]["real_heldout"]
     assert list(again["control"]["modes"]) == ["immediate"]
     assert again["drift"]["horizon_reached"] == 8
+    # a latent IDM is tied to the latent space it was trained on: another encoder is refused by name
+    cfg_path = out / "latent_idm" / "latent_idm_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    assert len(cfg["latent_space"]) == 64
+    cfg_path.write_text(json.dumps({**cfg, "latent_space": "0" * 64}))
+    with pytest.raises(UsageError, match="trained on another latent space .*fingerprint 000000000000"):
+        S.main([*argv2[:5], str(tmp_path / "out3"), *argv2[6:]])
 
 
 def test_eval_refuses_data_without_a_held_out_split(tmp_path: Path, tiny_world_dir: Path) -> None:

@@ -91,3 +91,17 @@ def test_frame_conversion_roundtrip() -> None:
     assert tensor_to_frames(torch.full((3, 2, 2), 5.0)).eq(255).all()
     with pytest.raises(TypeError):
         frames_to_tensor(np.zeros((2, 2, 3), dtype=np.float32))
+
+
+def test_latent_space_fingerprint_follows_the_encoder_not_the_decoder(vae: FrameVAE) -> None:
+    before = vae.latent_space_fingerprint()
+    with torch.no_grad():
+        vae.to_rgb.weight.add_(0.1)  # a decoder-only fine-tune keeps the latent space
+        vae.hr_out.weight.add_(0.1)
+    assert vae.latent_space_fingerprint() == before and len(before) == 64
+    with torch.no_grad():
+        next(vae.encoder.parameters()).add_(0.1)
+    assert vae.latent_space_fingerprint() != before
+    moved = vae.latent_space_fingerprint()
+    vae.set_latent_stats(torch.ones(vae.cfg.latent_channels), torch.full((vae.cfg.latent_channels,), 2.0))
+    assert vae.latent_space_fingerprint() != moved

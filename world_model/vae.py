@@ -17,6 +17,7 @@ after fitting (``set_latent_stats``), so the DiT sees roughly unit-variance late
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -177,6 +178,19 @@ class FrameVAE(nn.Module):
             raise ValueError(f"latent scale must be positive, got {scale.tolist()}")
         self.latent_shift.copy_(shift)
         self.latent_scale.copy_(scale)
+
+    def latent_space_fingerprint(self) -> str:
+        """SHA-256 of what fixes the latent space: the encoder's weights and the latent normalisation.
+
+        A decoder-only fine-tune (``--freeze-encoder``, ``--hr-only``) keeps it; anything trained on
+        this VAE's latents (a latent IDM, a DiT) can record it and refuse another latent space.
+        """
+        h = hashlib.sha256()
+        for name, t in sorted(self.state_dict().items()):
+            if name.split(".")[0] in ("enc_in", "encoder", "latent_shift", "latent_scale"):
+                h.update(name.encode())
+                h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return h.hexdigest()
 
     def _normalise(self, z: torch.Tensor) -> torch.Tensor:
         return (z - self.latent_shift[:, None, None]) / self.latent_scale[:, None, None]

@@ -46,6 +46,9 @@ class LatentIDMConfig:
     """Bottom latent rows ignored (CarRacing's dashboard; 0 for other envs)."""
     width: int = 96
     """Channels of the convolutions."""
+    latent_space: str | None = None
+    """:meth:`FrameVAE.latent_space_fingerprint` of the VAE whose latents it was trained on; the eval
+    suite refuses to reuse it on another latent space (None: saved before this field, unchecked)."""
 
     def __post_init__(self) -> None:
         if self.frames < 2:

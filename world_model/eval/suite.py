@@ -470,7 +470,7 @@ def train_latent_idm_on(world: WorldModel, episodes: list[Path], args: Args, k: 
         acts.append(np.asarray(arrays["actions"], np.int64))
     c, h, w = lats[0].shape[1:]
     cfg = LatentIDMConfig(num_actions=world.num_actions, frames=k, latent_channels=c, latent_hw=(h, w),
-                          hud_rows=args.hud_rows)
+                          hud_rows=args.hud_rows, latent_space=world.vae.latent_space_fingerprint())
     transitions = LatentTransitions(lats, acts, k, world.num_actions)
     log(f"[eval] training the latent IDM on {len(transitions)} transitions of {len(lats)} episodes "
         f"({args.latent_idm_steps} steps)")
@@ -1165,6 +1165,14 @@ def _evaluate(args: Args, command: list[str] | None) -> dict:
         if (lidm.cfg.num_actions, lidm.cfg.frames) != (num_actions, k):
             raise UsageError(f"--latent-idm {args.latent_idm} has {lidm.cfg.num_actions} actions / "
                              f"{lidm.cfg.frames} frames; need {num_actions} / {k}")
+        space = world.vae.latent_space_fingerprint()
+        if lidm.cfg.latent_space is None:
+            log(f"[eval] warning: --latent-idm {args.latent_idm} does not record its latent space; "
+                "assuming it is this world's")
+        elif lidm.cfg.latent_space != space:
+            raise UsageError(f"--latent-idm {args.latent_idm} was trained on another latent space (encoder "
+                             f"fingerprint {lidm.cfg.latent_space[:12]}, this world's VAE {space[:12]}); "
+                             "leave --latent-idm out to train one on this world's latents")
         lidm_train: dict = {"loaded_from": str(args.latent_idm)}
     else:
         lidm, lidm_train = train_latent_idm_on(world, train_eps, args, k, device)
