@@ -170,8 +170,12 @@ def test_kerb_pixels_counts_red_and_white_in_the_view_but_not_the_car_or_pink_bl
     assert M.kerb_pixels(frames, rows=62) == 10.0
     assert M.kerb_pixels(frames) == 30.0  # the dashboard row counts without ``rows``; the car never does
     assert M.kerb_pixels(np.full((1, 72, 128, 3), 105, np.uint8)) == 0.0
-    with pytest.raises(ValueError, match=r"\(N, 72, 128, 3\) frames, got \(2, 84, 84, 3\)"):
+    with pytest.raises(ValueError, match=r"\(N, 72, 128, 3\) frames with N >= 1, got uint8 \(2, 84, 84, 3\)"):
         M.kerb_pixels(np.zeros((2, 84, 84, 3), np.uint8))
+    with pytest.raises(ValueError, match="got float32"):  # frames in [-1, 1] would silently count 0
+        M.kerb_pixels(frames.astype(np.float32) / 127.5 - 1)
+    with pytest.raises(ValueError, match=r"rows must be in \[1, 72\], got 0"):
+        M.kerb_pixels(frames, rows=0)
 
 
 def test_reward_and_termination_metrics() -> None:
@@ -394,6 +398,13 @@ def test_eval_suite_end_to_end(tmp_path: Path, tiny_world_dir: Path, toy_data: P
     assert "closed loop, road follower" in summary
     assert loop["world"]["detail"] > 0.0 and 0.0 < metrics["fidelity"]["detail"]["vae_recon"]
     assert "detail (RMS luma gradient" in summary
+    assert "kerb pixels" not in summary  # synthetic data is not CarRacing
+    metrics["fidelity"]["kerb_pixels"] = {"real": 6.28, "vae_recon": 3.23}
+    loop["world"]["kerb_pixels"], loop["real"] = 1.5, {**loop["world"], "kerb_pixels": 6.0}
+    rendered = S.summary_markdown(metrics)
+    assert "| kerb pixels per frame (red/white, above the dashboard), VAE-reconstructed held-out | 3.23 | " \
+           "real frames 6.28 |" in rendered
+    assert "| kerb pixels per frame, closed-loop frames | 1.50 | real game 6.00 |" in rendered
 
     # a second run reuses the first run's IDM (fixed features: comparable Fréchet distances) and tests
     # the heads on a second data directory (its held-out split + its eval-split episodes)
@@ -419,9 +430,13 @@ def test_eval_suite_end_to_end(tmp_path: Path, tiny_world_dir: Path, toy_data: P
     # a latent IDM is tied to the latent space it was trained on: another encoder is refused by name
     cfg_path = out / "latent_idm" / "latent_idm_config.json"
     cfg = json.loads(cfg_path.read_text())
-    assert len(cfg["latent_space"]) == 64
-    cfg_path.write_text(json.dumps({**cfg, "latent_space": "0" * 64}))
-    with pytest.raises(UsageError, match="trained on another latent space .*fingerprint 000000000000"):
+    assert len(cfg["encoder_fingerprint"]) == 64
+    cfg_path.write_text(json.dumps({**cfg, "encoder_fingerprint": "0" * 64}))
+    with pytest.raises(UsageError, match="another encoder's latents .*fingerprint 000000000000"):
+        S.main([*argv2[:5], str(tmp_path / "out3"), *argv2[6:]])
+    assert not (tmp_path / "out3" / "metrics.json").exists()
+    cfg_path.write_text(json.dumps({**cfg, "latent_hw": [8, 16]}))  # would run: the IDM pools over space
+    with pytest.raises(UsageError, match=r"4 channels x \(8, 16\); this world.s VAE makes 4 x \(9, 16\)"):
         S.main([*argv2[:5], str(tmp_path / "out3"), *argv2[6:]])
 
 
@@ -444,9 +459,9 @@ def test_closed_loop_compares_the_world_with_the_real_game() -> None:
     # the tiny untrained world emits noise, which also has "detail": the metric is a match-the-real one
     assert out["real"]["detail"] > 0.0 and out["world"]["detail"] > 0.0
     # kerbs are a CarRacing statistic: measured on the real game, and on a world recorded from CarRacing
-    assert out["real"]["kerb_pixels"] >= 0.0 and "kerb_pixels" not in out["world"]
-    world.meta["env_id"] = "CarRacing-v3"
-    assert S.closed_loop(world, world.start_latents, "pipelined", 2, 2, 0, "cpu", None)["world"]["kerb_pixels"] >= 0.0
+    assert "kerb_pixels" in out["real"] and "kerb_pixels" not in out["world"]
+    world.meta["env_id"] = "gymnasium.envs.box2d:CarRacing-v3"  # the recorder's spelling with a module
+    assert "kerb_pixels" in S.closed_loop(world, world.start_latents, "pipelined", 2, 2, 0, "cpu", None)["world"]
     world.action_names[:] = [f"a{i}" for i in range(len(world.action_names))]
     assert "driving actions" in S.closed_loop(world, world.start_latents, "pipelined", 1, 2, 0, "cpu", None)["skipped"]
 
@@ -472,7 +487,10 @@ def test_probe_compares_sampler_variants_on_the_same_starts(tmp_path: Path, tiny
     assert rows[0] == {**rows[2], "wall_s": rows[0]["wall_s"]}  # same variant and seed: the same rollout
     assert rows[4]["sampler"]["level_shift"] == 2.0 and rows[0]["sampler"]["level_shift"] == 1.0
     assert all(0.0 <= r["on_road"] <= 1.0 and len(r["on_road_by_quarter"]) == 4 and r["detail"] > 0 for r in rows)
+    assert all(r["kerb_pixels"] is None for r in rows)  # the tiny world is not CarRacing: no kerb count
     table = capsys.readouterr().out
     assert "| level_shift=2 | mean of 2 |" in table and table.count("| default | 0 |") == 2
+    assert table.splitlines()[1].endswith("| detail | kerb pixels |") and all(
+        line.endswith(" | - |") for line in table.splitlines()[3:])  # each row's kerb cell says "not applicable"
     with pytest.raises(UsageError, match="level_shift must be a finite number > 0"):
         P.main(["--checkpoint", str(tiny_world_dir), "--variants", "level_shift=-1", "--envs", "1", "--steps", "1"])

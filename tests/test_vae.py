@@ -93,15 +93,15 @@ def test_frame_conversion_roundtrip() -> None:
         frames_to_tensor(np.zeros((2, 2, 3), dtype=np.float32))
 
 
-def test_latent_space_fingerprint_follows_the_encoder_not_the_decoder(vae: FrameVAE) -> None:
-    before = vae.latent_space_fingerprint()
+def test_encoder_fingerprint_follows_the_encoder_not_the_decoder(vae: FrameVAE) -> None:
+    before = vae.encoder_fingerprint()
     with torch.no_grad():
         vae.to_rgb.weight.add_(0.1)  # a decoder-only fine-tune keeps the latent space
         vae.hr_out.weight.add_(0.1)
-    assert vae.latent_space_fingerprint() == before and len(before) == 64
+    assert vae.encoder_fingerprint() == before and len(before) == 64
     with torch.no_grad():
         next(vae.encoder.parameters()).add_(0.1)
-    assert vae.latent_space_fingerprint() != before
-    moved = vae.latent_space_fingerprint()
+    assert vae.encoder_fingerprint() != before
+    moved = vae.encoder_fingerprint()
     vae.set_latent_stats(torch.ones(vae.cfg.latent_channels), torch.full((vae.cfg.latent_channels,), 2.0))
-    assert vae.latent_space_fingerprint() != moved
+    assert vae.encoder_fingerprint() != moved

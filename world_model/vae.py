@@ -179,16 +179,21 @@ class FrameVAE(nn.Module):
         self.latent_shift.copy_(shift)
         self.latent_scale.copy_(scale)
 
-    def latent_space_fingerprint(self) -> str:
+    def encoder_fingerprint(self) -> str:
         """SHA-256 of what fixes the latent space: the encoder's weights and the latent normalisation.
 
-        A decoder-only fine-tune (``--freeze-encoder``, ``--hr-only``) keeps it; anything trained on
-        this VAE's latents (a latent IDM, a DiT) can record it and refuse another latent space.
+        Computed from the weights in memory, so a latent IDM or any other model trained on these
+        latents can record it and refuse another encoder. A decoder-only fine-tune
+        (``--freeze-encoder``, ``--hr-only``) keeps it. Not the same value as
+        :func:`world_model.data.latents.latent_space_sha256` (the provenance id that ``train_vae.json``
+        and worlds record for latent caches and DiTs, a hash of a weights *file*).
         """
         h = hashlib.sha256()
-        for name, t in sorted(self.state_dict().items()):
-            if name.split(".")[0] in ("enc_in", "encoder", "latent_shift", "latent_scale"):
-                h.update(name.encode())
+        parts = {"enc_in": self.enc_in.state_dict(), "encoder": self.encoder.state_dict(),
+                 "latent": {"shift": self.latent_shift, "scale": self.latent_scale}}
+        for part, tensors in parts.items():
+            for name, t in sorted(tensors.items()):
+                h.update(f"{part}.{name}:{tuple(t.shape)}".encode())
                 h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
         return h.hexdigest()
 

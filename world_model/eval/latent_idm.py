@@ -15,6 +15,7 @@ bars there, and an IDM reading them would score the dashboard rather than the ro
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,15 +47,18 @@ class LatentIDMConfig:
     """Bottom latent rows ignored (CarRacing's dashboard; 0 for other envs)."""
     width: int = 96
     """Channels of the convolutions."""
-    latent_space: str | None = None
-    """:meth:`FrameVAE.latent_space_fingerprint` of the VAE whose latents it was trained on; the eval
-    suite refuses to reuse it on another latent space (None: saved before this field, unchecked)."""
+    encoder_fingerprint: str | None = None
+    """:meth:`FrameVAE.encoder_fingerprint` of the VAE whose latents it was trained on; the eval suite
+    refuses to reuse it with another encoder (None: saved before this field, not checked)."""
 
     def __post_init__(self) -> None:
         if self.frames < 2:
             raise ValueError(f"latent IDM frames must be >= 2 (a transition), got {self.frames}")
         if not 0 <= self.hud_rows < self.latent_hw[0]:
             raise ValueError(f"hud_rows must be in [0, {self.latent_hw[0]}), got {self.hud_rows}")
+        fp = self.encoder_fingerprint
+        if fp is not None and not (isinstance(fp, str) and re.fullmatch(r"[0-9a-f]{64}", fp)):
+            raise ValueError(f"encoder_fingerprint must be None or 64 hex digits, got {fp!r}")
 
 
 class LatentIDM(nn.Module):

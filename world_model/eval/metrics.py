@@ -132,19 +132,23 @@ def kerb_pixels(frames: np.ndarray, rows: int | None = None) -> float:
     Kerb-coloured: saturated red (R > 150, G < 100, B < 100) or white (every channel > 200); the
     car's box is left out and ``rows`` keeps only the top rows (the view above the dashboard). Like
     :func:`rms_gradient`, a match-the-real statistic: a decoder that smooths kerbs into the road edge
-    draws ~0, one that paints red noise draws too many.
+    draws ~0, one that paints red noise draws too many. It assumes CarRacing's fixed colours: under
+    ``domain_randomize`` the road or grass itself can be red.
 
     Raises:
-        ValueError: the frames are not (N, 72, 128, 3).
+        ValueError: the frames are not uint8 (N >= 1, 72, 128, 3), or ``rows`` is not in [1, 72].
     """
     f = np.asarray(frames)
-    if f.ndim != 4 or f.shape[1:] != (*KERB_FRAME_HW, 3):
-        raise ValueError(f"kerb_pixels needs (N, {KERB_FRAME_HW[0]}, {KERB_FRAME_HW[1]}, 3) frames, got {f.shape}")
-    f = f.astype(np.int16)  # (N, 72, 128, 3)
+    if f.dtype != np.uint8 or f.ndim != 4 or len(f) == 0 or f.shape[1:] != (*KERB_FRAME_HW, 3):
+        raise ValueError(f"kerb_pixels needs uint8 (N, {KERB_FRAME_HW[0]}, {KERB_FRAME_HW[1]}, 3) frames with "
+                         f"N >= 1, got {f.dtype} {f.shape}")
+    if rows is not None and not 1 <= rows <= KERB_FRAME_HW[0]:
+        raise ValueError(f"kerb_pixels rows must be in [1, {KERB_FRAME_HW[0]}], got {rows}")
+    f = f[:, :rows]  # (N, H', 128, 3)
     r, g, b = f[..., 0], f[..., 1], f[..., 2]
-    kerb = ((r > 150) & (g < 100) & (b < 100)) | (f.min(-1) > 200)  # (N, 72, 128)
+    kerb = ((r > 150) & (g < 100) & (b < 100)) | (f.min(-1) > 200)  # (N, H', 128)
     kerb[:, KERB_CAR_BOX[0], KERB_CAR_BOX[1]] = False
-    return float(kerb[:, :rows].sum(axis=(1, 2)).mean())
+    return float(kerb.sum(axis=(1, 2)).mean())
 
 
 # -------------------------------------------------------------------------------------- control

@@ -82,6 +82,7 @@ import torch
 import torch.nn.functional as F
 
 from world_model.data import episodes as E
+from world_model.data.record import is_carracing as env_is_carracing
 from world_model.errors import UsageError
 from world_model.eval import metrics as M
 from world_model.eval.idm import (
@@ -117,7 +118,7 @@ VIEW_ROWS = 62
 
 def is_carracing(world: WorldModel) -> bool:
     """Whether the world was recorded from CarRacing (the kerb metric and the view rows apply)."""
-    return str(world.meta.get("env_id", "")).startswith("CarRacing")
+    return env_is_carracing(str(world.meta.get("env_id", "")))
 
 
 def detail_rows(world: WorldModel) -> int | None:
@@ -456,6 +457,21 @@ def segment_latent_accuracy(lidm: LatentIDM, seg: Segments) -> dict:
     return M.accuracy_report(np.concatenate(preds), np.concatenate(labels), lidm.cfg.num_actions)
 
 
+def check_latent_idm(cfg: LatentIDMConfig, world: WorldModel, path: Path) -> None:
+    """Raise UsageError if a saved latent IDM was trained on another latent space than the world's."""
+    want = (world.vae.cfg.latent_channels, tuple(world.vae.cfg.latent_hw))
+    if (cfg.latent_channels, tuple(cfg.latent_hw)) != want:
+        raise UsageError(f"--latent-idm {path} reads latents of {cfg.latent_channels} channels x "
+                         f"{tuple(cfg.latent_hw)}; this world's VAE makes {want[0]} x {want[1]}")
+    fingerprint = world.vae.encoder_fingerprint()
+    if cfg.encoder_fingerprint is None:
+        log(f"[eval] warning: --latent-idm {path} does not record its encoder; assuming it is this world's")
+    elif cfg.encoder_fingerprint != fingerprint:
+        raise UsageError(f"--latent-idm {path} was trained on another encoder's latents (encoder fingerprint "
+                         f"{cfg.encoder_fingerprint[:12]}, this world's VAE {fingerprint[:12]}); leave "
+                         "--latent-idm out to train one on this world's latents")
+
+
 def train_latent_idm_on(world: WorldModel, episodes: list[Path], args: Args, k: int, device: str) -> tuple:
     """Encode up to ``--latent-idm-episodes`` training episodes with the world's VAE; train a latent IDM.
 
@@ -470,7 +486,7 @@ def train_latent_idm_on(world: WorldModel, episodes: list[Path], args: Args, k: 
         acts.append(np.asarray(arrays["actions"], np.int64))
     c, h, w = lats[0].shape[1:]
     cfg = LatentIDMConfig(num_actions=world.num_actions, frames=k, latent_channels=c, latent_hw=(h, w),
-                          hud_rows=args.hud_rows, latent_space=world.vae.latent_space_fingerprint())
+                          hud_rows=args.hud_rows, encoder_fingerprint=world.vae.encoder_fingerprint())
     transitions = LatentTransitions(lats, acts, k, world.num_actions)
     log(f"[eval] training the latent IDM on {len(transitions)} transitions of {len(lats)} episodes "
         f"({args.latent_idm_steps} steps)")
@@ -766,13 +782,13 @@ def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int,
     sim.reset(torch.ones(envs, dtype=torch.bool), start, generator=torch.Generator().manual_seed(seed))
     frame = decode_latents(sim.vae, contexts[start, -1].float())  # (B, H, W, 3)
     on, rew, detail, kerbs, ended = [], [], [], [], torch.zeros(envs, dtype=torch.bool)
-    rows = detail_rows(world)
+    rows, carracing = detail_rows(world), is_carracing(world)
     for _ in range(steps):  # a stream the termination head ends is counted once and driven on
         latents, reward, terminated = sim.step(torch.from_numpy(follower(frame)))
         frame = sim.decode(latents, E.TRAIN_HW).cpu().numpy()  # (B, 72, 128, 3)
         on.append(on_road(frame))
         detail.append(M.rms_gradient(frame, rows))
-        if is_carracing(world):
+        if carracing:
             kerbs.append(M.kerb_pixels(frame, rows))
         rew.append(reward.float().cpu().numpy())
         ended |= terminated.cpu()
@@ -784,7 +800,7 @@ def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int,
                            "detail": float(np.mean(detail))}}
     if kerbs:
         out["world"]["kerb_pixels"] = float(np.mean(kerbs))
-    if real_env_id is None or not real_env_id.startswith("CarRacing"):
+    if real_env_id is None or not env_is_carracing(real_env_id):
         out["real"] = {"skipped": f"the world was recorded from {real_env_id!r}, not CarRacing"}
         return out
     from agents.real_env import RealCarRacingEnv
@@ -797,8 +813,8 @@ def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int,
         for t in range(steps):
             obs, r, term, trunc, _ = env.step(int(follower(obs[None])[0]))
             on_r[t, i], rew_r[t, i] = on_road(obs[None])[0], r
-            detail_r[t, i] = M.rms_gradient(obs[None], rows)
-            kerb_r[t, i] = M.kerb_pixels(obs[None], rows)
+            detail_r[t, i] = M.rms_gradient(obs[None], VIEW_ROWS)  # the real game is CarRacing: its view
+            kerb_r[t, i] = M.kerb_pixels(obs[None], VIEW_ROWS)
             ends_r += int(term)
             if term or trunc:
                 obs, _ = env.reset()
@@ -1115,6 +1131,8 @@ def _evaluate(args: Args, command: list[str] | None) -> dict:
     world = load_world(args.checkpoint, device)
     default_cfg = sampler_config(world, args.mode)
     num_actions = world.num_actions
+    if args.latent_idm is not None:  # before any encoding or training: refuse a latent IDM of another encoder
+        check_latent_idm(load_latent_idm(args.latent_idm).cfg, world, args.latent_idm)
     train_names, held_names = split_episodes(args.data, args.holdout_fraction, args.split_seed)
     train_eps = labelled_episodes(args.data, train_names)
     held_eps = labelled_episodes(args.data, held_names)
@@ -1165,14 +1183,6 @@ def _evaluate(args: Args, command: list[str] | None) -> dict:
         if (lidm.cfg.num_actions, lidm.cfg.frames) != (num_actions, k):
             raise UsageError(f"--latent-idm {args.latent_idm} has {lidm.cfg.num_actions} actions / "
                              f"{lidm.cfg.frames} frames; need {num_actions} / {k}")
-        space = world.vae.latent_space_fingerprint()
-        if lidm.cfg.latent_space is None:
-            log(f"[eval] warning: --latent-idm {args.latent_idm} does not record its latent space; "
-                "assuming it is this world's")
-        elif lidm.cfg.latent_space != space:
-            raise UsageError(f"--latent-idm {args.latent_idm} was trained on another latent space (encoder "
-                             f"fingerprint {lidm.cfg.latent_space[:12]}, this world's VAE {space[:12]}); "
-                             "leave --latent-idm out to train one on this world's latents")
         lidm_train: dict = {"loaded_from": str(args.latent_idm)}
     else:
         lidm, lidm_train = train_latent_idm_on(world, train_eps, args, k, device)
