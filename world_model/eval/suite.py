@@ -1131,8 +1131,10 @@ def _evaluate(args: Args, command: list[str] | None) -> dict:
     world = load_world(args.checkpoint, device)
     default_cfg = sampler_config(world, args.mode)
     num_actions = world.num_actions
-    if args.latent_idm is not None:  # before any encoding or training: refuse a latent IDM of another encoder
-        check_latent_idm(load_latent_idm(args.latent_idm).cfg, world, args.latent_idm)
+    loaded_lidm = None  # loaded and checked before any encoding or training: refuse one of another encoder
+    if args.latent_idm is not None:
+        loaded_lidm = load_latent_idm(args.latent_idm, device)
+        check_latent_idm(loaded_lidm.cfg, world, args.latent_idm)
     train_names, held_names = split_episodes(args.data, args.holdout_fraction, args.split_seed)
     train_eps = labelled_episodes(args.data, train_names)
     held_eps = labelled_episodes(args.data, held_names)
@@ -1178,8 +1180,8 @@ def _evaluate(args: Args, command: list[str] | None) -> dict:
     }
     log(f"[eval] IDM accuracy: real held-out {results_idm['real_heldout']['accuracy']:.3f}, "
         f"VAE-reconstructed {results_idm['recon_heldout']['accuracy']:.3f}, chance {1 / num_actions:.3f}")
-    if args.latent_idm is not None:
-        lidm = load_latent_idm(args.latent_idm, device)
+    if loaded_lidm is not None:
+        lidm = loaded_lidm
         if (lidm.cfg.num_actions, lidm.cfg.frames) != (num_actions, k):
             raise UsageError(f"--latent-idm {args.latent_idm} has {lidm.cfg.num_actions} actions / "
                              f"{lidm.cfg.frames} frames; need {num_actions} / {k}")
