@@ -30,6 +30,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "world_model.train.dit:main",
         "train the video DiT + reward/termination heads on latents; DDP, resumable",
     ),
+    "rollout-latents": (
+        "world_model.train.rollouts:main",
+        "drive a world in closed loop and store the latents it generates (for train-vae --gen-latents)",
+    ),
     "build-world": (
         "world_model.train.build_world:main",
         "assemble a world-model directory from VAE/DiT runs and data",

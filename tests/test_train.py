@@ -414,6 +414,62 @@ def test_adversarial_decoder_finetune_keeps_the_latent_space_and_resumes_exactly
             vae.main(_vae_gan_args(data, vae_dir, tmp_path / "bad", 1, flag, value))
 
 
+def test_decoder_learns_from_generated_latents(data, footage, vae_dir, latents, dit_run, tmp_path):
+    """rollout-latents stores what a world's DiT generates (seeded, in the world's latent space);
+    train-vae --gen-latents shows their decodes to the critic, moving the decoder and not the encoder."""
+    from world_model.data.latents import latent_space_sha256
+    from world_model.train import build_world, rollouts, vae
+
+    world = tmp_path / "world"
+    build_world.main([
+        "--vae", str(vae_dir), "--dit", str(dit_run / "model"), "--data", str(data), str(footage),
+        "--latents", str(latents[0]), str(latents[1]), "--out", str(world), "--starts", "2",
+    ])  # fmt: skip
+    roll = ["--checkpoint", str(world), "--envs", "3", "--steps", "5", "--skip", "1", "--threads", "1"]
+    rollouts.main([*roll, "--out", str(tmp_path / "gen")])
+    z = load_file(tmp_path / "gen" / rollouts.LATENTS_FILE)["latents"]
+    info = json.loads((tmp_path / "gen" / rollouts.INFO_FILE).read_text())
+    assert z.shape == (4 * 3, 4, 9, 16) and z.dtype == torch.float32 and torch.isfinite(z).all()
+    assert info["count"] == 12 and info["latent_space_sha256"] == latent_space_sha256(vae_dir)
+    assert info["command"][:2] == ["matrix-world", "rollout-latents"]
+    rollouts.main([*roll, "--out", str(tmp_path / "gen_again")])  # same seed: the same latents
+    assert torch.equal(z, load_file(tmp_path / "gen_again" / rollouts.LATENTS_FILE)["latents"])
+    rollouts.main([*roll, "--seed", "1", "--out", str(tmp_path / "gen_other")])
+    assert not torch.equal(z, load_file(tmp_path / "gen_other" / rollouts.LATENTS_FILE)["latents"])
+    assert z[:3].sub(z[-3:]).abs().max() > 0  # the streams moved over the rollout
+
+    args = ("--freeze-encoder", "--hr-weight", "0", "--adv-start", "0")
+    vae.main(_vae_gan_args(data, vae_dir, tmp_path / "gen_run", 2, *args, "--gen-latents", str(tmp_path / "gen"),
+                           "--gen-batch", "3"))
+    vae.main(_vae_gan_args(data, vae_dir, tmp_path / "plain_run", 2, *args))
+    before = load_file(vae_dir / "vae.safetensors")
+    with_gen = load_file(tmp_path / "gen_run" / "model" / "vae.safetensors")
+    plain = load_file(tmp_path / "plain_run" / "model" / "vae.safetensors")
+    enc = [k for k in before if k.startswith(("enc_in.", "encoder.", "latent_"))]
+    assert enc and all(torch.equal(before[k], with_gen[k]) for k in enc)  # same latent space
+    assert not torch.equal(plain["to_rgb.weight"], with_gen["to_rgb.weight"])  # the generated decodes mattered
+    cfg = json.loads((tmp_path / "gen_run" / "config.json").read_text())
+    assert cfg["gen_latents"] == [str(tmp_path / "gen")] and cfg["gen_batch"] == 3
+
+    with pytest.raises(UsageError, match="--gen-latents .*--freeze-encoder"):
+        vae.main(_vae_gan_args(data, vae_dir, tmp_path / "bad1", 1, "--gen-latents", str(tmp_path / "gen")))
+    with pytest.raises(UsageError, match="--gen-batch 0"):
+        vae.main(_vae_gan_args(data, vae_dir, tmp_path / "bad2", 1, *args, "--gen-latents", str(tmp_path / "gen"),
+                               "--gen-batch", "0"))
+    rollouts.save(tmp_path / "other", z, {**info, "latent_space_sha256": "f" * 64})  # another VAE's latents
+    with pytest.raises(UsageError, match="latent space ffffffffffff"):
+        vae.main(_vae_gan_args(data, vae_dir, tmp_path / "bad3", 1, *args, "--gen-latents", str(tmp_path / "other")))
+    rollouts.save(tmp_path / "shape", z[:, :2], info)
+    with pytest.raises(UsageError, match=r"shape \(12, 2, 9, 16\), expected \(N>0, 4, 9, 16\)"):
+        vae.main(_vae_gan_args(data, vae_dir, tmp_path / "bad4", 1, *args, "--gen-latents", str(tmp_path / "shape")))
+    with pytest.raises(UsageError, match="has no rollouts.json"):
+        vae.main(_vae_gan_args(data, vae_dir, tmp_path / "bad5", 1, *args, "--gen-latents", str(tmp_path / "none")))
+    with pytest.raises(UsageError, match="--skip 5"):
+        rollouts.main([*roll[:-2], "--skip", "5", "--out", str(tmp_path / "bad6")])
+    with pytest.raises(UsageError, match="--random-prob 1.5"):
+        rollouts.main([*roll, "--random-prob", "1.5", "--out", str(tmp_path / "bad7")])
+
+
 def test_adversarial_hr_head_trains_only_the_head(data, vae_dir, tmp_path):
     """--hr-only --adv-weight: the critic judges 720p crops; only the head's weights move."""
     from world_model.train import vae

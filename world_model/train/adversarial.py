@@ -142,15 +142,15 @@ class Critic:
     def step(
         self, real: torch.Tensor, fake: torch.Tensor, lr_scale: float, autocast: contextlib.AbstractContextManager
     ) -> torch.Tensor:
-        """One critic update on ``real`` and ``fake`` (B, 3, H, W) images; returns its (detached) loss.
+        """One critic update on ``real`` (B, 3, H, W) and ``fake`` (B', 3, H, W) images; returns its loss.
 
         ``lr_scale`` is the decoder's current learning rate over its base rate (warmup, cosine decay).
         """
         common.set_lr(self.optimizer, self.lr * lr_scale)
         with autocast:
-            both = torch.cat([real, fake.detach().to(real.dtype)])  # (2B, 3, H, W)
-            logits = self.wrapped(both).float()  # (2B, 1, H/8, W/8)
-        loss = discriminator_loss(*logits.chunk(2))
+            both = torch.cat([real, fake.detach().to(real.dtype)])  # (B + B', 3, H, W)
+            logits = self.wrapped(both).float()  # (B + B', 1, H/8, W/8)
+        loss = discriminator_loss(logits[: len(real)], logits[len(real) :])
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

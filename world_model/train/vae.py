@@ -8,7 +8,8 @@ Losses (per step):
     72x128 and the (pixel-local) 720p head only on the trunk features under the crop, so the head
     trains on exact 720p targets at a fraction of a full 720p decode (see :func:`hr_crop_predict`).
     With ``--adv-weight``, a PatchGAN critic (``adversarial.py``) judges the 72x128 reconstruction
-    (or, with ``--hr-only``, the 720p crops) and its hinge loss joins the decoder's.
+    (or, with ``--hr-only``, the 720p crops) and its hinge loss joins the decoder's. With
+    ``--gen-latents`` it also judges decodes of latents the DiT generated (``rollouts.py``).
 
 After training the EMA model gets per-channel latent statistics fitted on training frames
 (``set_latent_stats``), is evaluated on held-out episodes (PSNR at 72x128, and at 720p where
@@ -116,6 +117,13 @@ class Args:
     """Step from which the adversarial term enters the decoder's loss (the critic trains from step 0)."""
     disc_lr: float | None = None
     """Critic learning rate (default: --lr), same schedule as the decoder's."""
+    gen_latents: tuple[Path, ...] = ()
+    """Generated latents (``matrix-world rollout-latents`` directories) whose decodes the critic judges
+    beside the reconstructions (needs --freeze-encoder and --adv-weight > 0): the decoder learns to draw
+    real-looking frames from the DiT's latents, not only from encodings of real frames. They have no
+    paired target; only the critic sees them."""
+    gen_batch: int = 16
+    """Generated latents decoded per step (with --gen-latents)."""
     detail_weight: float = 0.0
     """Extra L1 weight on pixels that differ from their 7x7 neighbourhood (small objects: the car,
     kerbs, the HUD), which a plain pixel loss under-weights."""
@@ -264,7 +272,11 @@ class VAELoss(nn.Module):
         self.vae, self.args, self.kl_weight = vae, args, kl_weight
 
     def forward(
-        self, x: torch.Tensor, generator: torch.Generator, hr_batch: dict[str, torch.Tensor] | None
+        self,
+        x: torch.Tensor,
+        generator: torch.Generator,
+        hr_batch: dict[str, torch.Tensor] | None,
+        gen_z: torch.Tensor | None = None,
     ) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
         """Losses of one step.
 
@@ -272,11 +284,13 @@ class VAELoss(nn.Module):
             x: (B, 3, 72, 128) frames in [-1, 1].
             generator: RNG of the posterior sample.
             hr_batch: ``lr`` (Bh, 3, 72, 128), ``hr`` (Bh, 3, ch, cw) in [-1, 1], ``yx`` (Bh, 2); or None.
+            gen_z: (G, Cz, h, w) generated latents to decode for the critic (``--gen-latents``), or None.
 
         Returns:
             dict of scalar losses, ``loss/total`` being the one to minimise; and ``(real, fake)``,
-            the images a critic compares: the 72x128 frames and their reconstruction (B, 3, 72, 128),
-            or with ``--hr-only`` the 720p crops and their prediction (Bh, 3, ch, cw).
+            the images a critic compares: the 72x128 frames (B, 3, 72, 128) and their reconstruction,
+            followed by the decodes of ``gen_z`` ((B + G, 3, 72, 128)); or with ``--hr-only`` the
+            720p crops and their prediction (Bh, 3, ch, cw).
         """
         from world_model.vae import kl
 
@@ -304,7 +318,10 @@ class VAELoss(nn.Module):
             losses["loss/hr_l1"] = hr_l1
             total = total + a.hr_weight * hr_l1
         losses["loss/total"] = total
-        return losses, (x, out["recon"])
+        fake = out["recon"]  # (B, 3, 72, 128)
+        if gen_z is not None:
+            fake = torch.cat([fake, self.vae.decode(gen_z).to(fake.dtype)])  # (B + G, 3, 72, 128)
+        return losses, (x, fake)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -425,6 +442,13 @@ def train(args: Args, command: list[str] | None = None) -> dict:
         raise UsageError(f"--adv-start {args.adv_start}: must be a step >= 0")
     if args.disc_lr is not None and args.disc_lr <= 0:
         raise UsageError(f"--disc-lr {args.disc_lr}: must be > 0 (or omitted: --lr)")
+    if args.gen_latents and not (args.freeze_encoder and not args.hr_only and args.adv_weight > 0):
+        raise UsageError(
+            "--gen-latents trains the decoder on the DiT's latents through the critic: it needs "
+            "--freeze-encoder (the latents must stay in the DiT's latent space), --adv-weight > 0 and no --hr-only"
+        )
+    if args.gen_latents and args.gen_batch < 1:
+        raise UsageError(f"--gen-batch {args.gen_batch}: must be >= 1")
     train_eps, heldout_eps = common.resolve_episodes(args.data, args.holdout_fraction, args.seed)
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -458,6 +482,13 @@ def train(args: Args, command: list[str] | None = None) -> dict:
     elif args.freeze_encoder:
         for p in [*vae.enc_in.parameters(), *vae.encoder.parameters()]:
             p.requires_grad_(False)
+    gen_pool = None  # (N, Cz, h, w) generated latents, checked against the latent space being decoded
+    if args.gen_latents:
+        from world_model.train import rollouts
+
+        space = latent_space_sha256(Path(args.init_from).expanduser())
+        shape = (cfg.latent_channels, *cfg.latent_hw)
+        gen_pool = torch.cat([rollouts.load(p, space, shape) for p in args.gen_latents]).to(info.device)
     ema = common.EMA(vae, args.ema_decay)
     optimizer = torch.optim.AdamW(
         [p for p in vae.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay
@@ -529,10 +560,14 @@ def train(args: Args, command: list[str] | None = None) -> dict:
                 "hr": frames_to_tensor(hb["hr"].to(info.device)),  # (Bh, 3, ch, cw)
                 "yx": hb["yx"].to(info.device),  # (Bh, 2)
             }
+        gen_z = None
+        if gen_pool is not None:  # a per-step seed: the same draws after a resume
+            pick = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 97 + info.rank)
+            gen_z = gen_pool[torch.randint(len(gen_pool), (args.gen_batch,), generator=pick).to(info.device)]
         lr = common.cosine_lr(step, args.steps, args.lr, args.warmup)
         common.set_lr(optimizer, lr)
         with common.autocast(info.device, bf16):
-            losses, (real, fake) = step_fn(x, gen, hr_batch)
+            losses, (real, fake) = step_fn(x, gen, hr_batch, gen_z)
         total = losses["loss/total"]
         if critic is not None and step >= args.adv_start:  # decoder step against the (frozen) critic
             g_adv, weight = critic.generator_term(total, fake, last_layer, common.autocast(info.device, bf16))
