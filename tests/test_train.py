@@ -450,6 +450,12 @@ def test_decoder_learns_from_generated_latents(data, footage, vae_dir, latents, 
     assert not torch.equal(plain["to_rgb.weight"], with_gen["to_rgb.weight"])  # the generated decodes mattered
     cfg = json.loads((tmp_path / "gen_run" / "config.json").read_text())
     assert cfg["gen_latents"] == [str(tmp_path / "gen")] and cfg["gen_batch"] == 3
+    build_world.main([  # the new world's recipe: the rollout world's, the rollout, then the fine-tune
+        "--vae", str(tmp_path / "gen_run" / "model"), "--dit", str(world), "--data", str(data), str(footage),
+        "--latents", str(latents[0]), str(latents[1]), "--out", str(tmp_path / "world_gen"), "--starts", "2",
+    ])  # fmt: skip
+    cmds = [c[1] for c in json.loads((tmp_path / "world_gen" / "manifest.json").read_text())["recipe"]["commands"]]
+    assert cmds[-3:] == ["rollout-latents", "train-vae", "build-world"] and cmds.count("build-world") == 2
 
     with pytest.raises(UsageError, match="--gen-latents .*--freeze-encoder"):
         vae.main(_vae_gan_args(data, vae_dir, tmp_path / "bad1", 1, "--gen-latents", str(tmp_path / "gen")))

@@ -447,11 +447,16 @@ def read_summary(model_dir: Path, summary_file: str) -> dict | None:
 def stage_commands(summary: dict) -> list[list[str]]:
     """The commands that produced a model, warm-start parents first (follows ``init_from``).
 
-    A world parent (``world_recipe``, see :func:`parent_summary`) contributes its whole recipe.
+    A world parent (``world_recipe``, see :func:`parent_summary`) contributes its whole recipe, and
+    so does the world of every generated-latent set a ``train-vae --gen-latents`` run used, followed
+    by its ``rollout-latents`` command.
     """
     parent = summary.get("init_from")
     own = [summary["command"]] if summary.get("command") else []
-    return [*summary.get("world_recipe", []), *(stage_commands(parent) if isinstance(parent, dict) else []), *own]
+    gen = summary.get("gen_latents") or []
+    rollouts = [c for g in gen for c in [*g.get("world_recipe", []), g.get("command")] if c]
+    return [*summary.get("world_recipe", []), *(stage_commands(parent) if isinstance(parent, dict) else []),
+            *rollouts, *own]
 
 
 # ----------------------------------------------------------------------------- config

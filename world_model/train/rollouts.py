@@ -14,8 +14,9 @@ uniformly random actions, so the rollouts cover turns, braking and the car leavi
 
 Output (``OUT/``): ``latents.safetensors`` with ``latents`` (N, C, h, w) float32 normalised latents
 (step-major: N = steps x envs, after ``--skip`` warm-up steps), and ``rollouts.json`` with the
-world's latent-space identity, the sampler, the counts and the command. Both are written
-atomically; a rerun overwrites them.
+world's latent-space identity and recipe, the sampler, the counts and the command. Both are
+written atomically; a rerun overwrites them. ``train-vae`` records the info of the sets it used in
+its summary, so a world built on that decoder lists the rollout (and its world's recipe) in its own.
 
 Example::
 
@@ -76,7 +77,7 @@ def check_args(args: Args) -> None:
 @torch.no_grad()
 def collect(args: Args) -> tuple[torch.Tensor, dict]:
     """Run the rollouts; returns the stored latents (N, C, h, w) float32 and the info dict."""
-    from world_model.checkpoint import load_world
+    from world_model.checkpoint import load_world, world_provenance
     from world_model.data.episodes import TRAIN_HW
     from world_model.data.latents import latent_space_sha256
     from world_model.road_follower import RoadFollower
@@ -118,6 +119,7 @@ def collect(args: Args) -> tuple[torch.Tensor, dict]:
         "random_prob": args.random_prob,
         "seed": args.seed,
         "sampler": dataclasses.asdict(sim.cfg),
+        "world_recipe": (world_provenance(args.checkpoint) or {}).get("commands", []),
         "wall_s": round(time.perf_counter() - t0, 1),
     }
     return out, info
@@ -132,8 +134,8 @@ def save(out_dir: Path, latents: torch.Tensor, info: dict) -> None:
     _atomic_write_json(out_dir / INFO_FILE, info)
 
 
-def load(path: Path, latent_space: str, latent_shape: tuple[int, ...]) -> torch.Tensor:
-    """Generated latents of ``path`` (N, C, h, w) float32, checked against the VAE that will decode them.
+def load(path: Path, latent_space: str, latent_shape: tuple[int, ...]) -> tuple[torch.Tensor, dict]:
+    """Generated latents of ``path`` (N, C, h, w) float32 and their info, checked against the decoding VAE.
 
     Raises:
         UsageError: missing/corrupt files, or latents of another latent space or shape.
@@ -161,7 +163,7 @@ def load(path: Path, latent_space: str, latent_shape: tuple[int, ...]) -> torch.
             f"--gen-latents {str(path)!r} holds latents of shape {tuple(latents.shape)}, expected (N>0, "
             f"{', '.join(map(str, latent_shape))})"
         )
-    return latents
+    return latents, {"path": str(path), **info}
 
 
 def main(argv: list[str] | None = None) -> int:

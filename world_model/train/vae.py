@@ -482,13 +482,15 @@ def train(args: Args, command: list[str] | None = None) -> dict:
     elif args.freeze_encoder:
         for p in [*vae.enc_in.parameters(), *vae.encoder.parameters()]:
             p.requires_grad_(False)
-    gen_pool = None  # (N, Cz, h, w) generated latents, checked against the latent space being decoded
+    gen_pool, gen_infos = None, []  # (N, Cz, h, w) generated latents, checked against the decoded latent space
     if args.gen_latents:
         from world_model.train import rollouts
 
         space = latent_space_sha256(Path(args.init_from).expanduser())
         shape = (cfg.latent_channels, *cfg.latent_hw)
-        gen_pool = torch.cat([rollouts.load(p, space, shape) for p in args.gen_latents]).to(info.device)
+        sets = [rollouts.load(p, space, shape) for p in args.gen_latents]
+        gen_pool = torch.cat([z for z, _ in sets]).to(info.device)
+        gen_infos = [gen_info for _, gen_info in sets]
     ema = common.EMA(vae, args.ema_decay)
     optimizer = torch.optim.AdamW(
         [p for p in vae.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay
@@ -626,6 +628,7 @@ def train(args: Args, command: list[str] | None = None) -> dict:
             if args.freeze_encoder or args.hr_only
             else None,
             "init_from": common.parent_summary(args.init_from, "train_vae.json"),
+            "gen_latents": gen_infos,  # the rollouts whose decodes the critic judged (their recipes)
             "eval": metrics,
         }
         (out_dir / "train_vae.json").write_text(json.dumps(summary, indent=2))
