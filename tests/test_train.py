@@ -417,6 +417,8 @@ def test_adversarial_decoder_finetune_keeps_the_latent_space_and_resumes_exactly
 def test_decoder_learns_from_generated_latents(data, footage, vae_dir, latents, dit_run, tmp_path):
     """rollout-latents stores what a world's DiT generates (seeded, in the world's latent space);
     train-vae --gen-latents shows their decodes to the critic, moving the decoder and not the encoder."""
+    import shutil
+
     from world_model.data.latents import latent_space_sha256
     from world_model.train import build_world, rollouts, vae
 
@@ -439,15 +441,21 @@ def test_decoder_learns_from_generated_latents(data, footage, vae_dir, latents, 
     assert z[:3].sub(z[-3:]).abs().max() > 0  # the streams moved over the rollout
 
     args = ("--freeze-encoder", "--hr-weight", "0", "--adv-start", "0")
-    vae.main(_vae_gan_args(data, vae_dir, tmp_path / "gen_run", 2, *args, "--gen-latents", str(tmp_path / "gen"),
-                           "--gen-batch", "3"))
-    vae.main(_vae_gan_args(data, vae_dir, tmp_path / "plain_run", 2, *args))
+    gen_args = (*args, "--gen-latents", str(tmp_path / "gen"), "--gen-batch", "3")
+    vae.main(_vae_gan_args(data, vae_dir, tmp_path / "gen_run", 4, *gen_args))
+    vae.main(_vae_gan_args(data, vae_dir, tmp_path / "plain_run", 4, *args))
     before = load_file(vae_dir / "vae.safetensors")
     with_gen = load_file(tmp_path / "gen_run" / "model" / "vae.safetensors")
     plain = load_file(tmp_path / "plain_run" / "model" / "vae.safetensors")
     enc = [k for k in before if k.startswith(("enc_in.", "encoder.", "latent_"))]
     assert enc and all(torch.equal(before[k], with_gen[k]) for k in enc)  # same latent space
     assert not torch.equal(plain["to_rgb.weight"], with_gen["to_rgb.weight"])  # the generated decodes mattered
+    shutil.copytree(tmp_path / "gen_run", tmp_path / "cut")  # killed after the checkpoint at step 2
+    shutil.rmtree(tmp_path / "cut" / "model")
+    shutil.rmtree(tmp_path / "cut" / "state" / "step_000004")
+    vae.main(_vae_gan_args(data, vae_dir, tmp_path / "cut", 4, *gen_args))  # same generated draws after resume
+    resumed = load_file(tmp_path / "cut" / "model" / "vae.safetensors")
+    assert all(torch.equal(with_gen[k], resumed[k]) for k in with_gen)
     cfg = json.loads((tmp_path / "gen_run" / "config.json").read_text())
     assert cfg["gen_latents"] == [str(tmp_path / "gen")] and cfg["gen_batch"] == 3
     build_world.main([  # the new world's recipe: the rollout world's, the rollout, then the fine-tune
@@ -459,6 +467,14 @@ def test_decoder_learns_from_generated_latents(data, footage, vae_dir, latents, 
 
     with pytest.raises(UsageError, match="--gen-latents .*--freeze-encoder"):
         vae.main(_vae_gan_args(data, vae_dir, tmp_path / "bad1", 1, "--gen-latents", str(tmp_path / "gen")))
+    with pytest.raises(UsageError, match=r"--adv-weight > 0 \(got 0.0\)"):
+        vae.main(_vae_gan_args(data, vae_dir, tmp_path / "bad1b", 1, *gen_args, "--adv-weight", "0"))
+    with pytest.raises(UsageError, match="--hr-only trains the 720p head alone"):
+        vae.main(_vae_gan_args(data, vae_dir, tmp_path / "bad1c", 1, *gen_args, "--hr-only"))
+    shutil.copytree(tmp_path / "gen", tmp_path / "swapped")  # tensors of another rollout under this info
+    shutil.copy(tmp_path / "gen_other" / rollouts.LATENTS_FILE, tmp_path / "swapped" / rollouts.LATENTS_FILE)
+    with pytest.raises(UsageError, match="does not match the SHA-256"):
+        vae.main(_vae_gan_args(data, vae_dir, tmp_path / "bad1d", 1, *args, "--gen-latents", str(tmp_path / "swapped")))
     with pytest.raises(UsageError, match="--gen-batch 0"):
         vae.main(_vae_gan_args(data, vae_dir, tmp_path / "bad2", 1, *args, "--gen-latents", str(tmp_path / "gen"),
                                "--gen-batch", "0"))

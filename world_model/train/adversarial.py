@@ -124,7 +124,8 @@ class Critic:
 
         Args:
             rec_loss: scalar reconstruction loss of this step.
-            fake: (B, 3, H, W) decoded images, in the decoder's graph.
+            fake: (B', 3, H, W) decoded images, in the decoder's graph (reconstructions, and with
+                ``train-vae --gen-latents`` decodes of generated latents after them: one mean over all).
             last_layer: weight of the decoder's output layer.
             autocast: the trainer's autocast context.
 
@@ -134,7 +135,7 @@ class Critic:
         self.disc.requires_grad_(False)  # gradients reach the decoder only
         try:
             with autocast:
-                g = generator_loss(self.disc(fake).float())  # critic logits (B, 1, H/8, W/8)
+                g = generator_loss(self.disc(fake).float())  # critic logits (B', 1, H/8, W/8)
         finally:
             self.disc.requires_grad_(True)
         return g, self.weight * adaptive_weight(rec_loss, g, last_layer)

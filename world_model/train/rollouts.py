@@ -13,10 +13,12 @@ Driver: the pixel road follower (:class:`world_model.road_follower.RoadFollower`
 uniformly random actions, so the rollouts cover turns, braking and the car leaving the road.
 
 Output (``OUT/``): ``latents.safetensors`` with ``latents`` (N, C, h, w) float32 normalised latents
-(step-major: N = steps x envs, after ``--skip`` warm-up steps), and ``rollouts.json`` with the
-world's latent-space identity and recipe, the sampler, the counts and the command. Both are
-written atomically; a rerun overwrites them. ``train-vae`` records the info of the sets it used in
-its summary, so a world built on that decoder lists the rollout (and its world's recipe) in its own.
+(step-major: N = (steps - skip) x envs), and ``rollouts.json`` with the world's latent-space
+identity and recipe, the sampler, the counts, the command and the SHA-256 of the tensor file
+(checked on load, so the pair cannot be mixed up). Both are written atomically; a rerun removes
+the old info first, so a crash between the two writes leaves no info, not a stale one.
+``train-vae`` records the info of the sets it used in its summary, so a world built on that decoder
+lists the rollout (and its world's recipe) in its own recipe.
 
 Example::
 
@@ -86,17 +88,19 @@ def collect(args: Args) -> tuple[torch.Tensor, dict]:
     check_args(args)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    world = load_world(args.checkpoint)
+    checkpoint = Path(args.checkpoint).expanduser()
+    world = load_world(checkpoint)
     try:
         follower = RoadFollower(list(world.action_names))
     except ValueError as err:
-        raise UsageError(f"{args.checkpoint}: {err}") from err
+        raise UsageError(f"{checkpoint}: {err}") from err
     sim = Simulator(world, args.envs, "cpu")
     rng = np.random.default_rng(args.seed)
     num_starts = len(world.start_latents)
     starts = torch.from_numpy(rng.permutation(num_starts)[np.arange(args.envs) % num_starts])  # (B,) wraps
-    sim.reset(torch.ones(args.envs, dtype=torch.bool), starts, generator=torch.Generator().manual_seed(args.seed))
-    frame = sim.decode(world.start_latents[starts, -1].float(), TRAIN_HW).numpy()  # (B, 72, 128, 3)
+    gen = torch.Generator().manual_seed(args.seed)
+    first = sim.reset(torch.ones(args.envs, dtype=torch.bool), starts, generator=gen)  # (B, C, h, w)
+    frame = sim.decode(first, TRAIN_HW).cpu().numpy()  # (B, 72, 128, 3)
     kept = []
     t0 = time.perf_counter()
     for t in range(args.steps):
@@ -104,13 +108,13 @@ def collect(args: Args) -> tuple[torch.Tensor, dict]:
         explore = rng.random(args.envs) < args.random_prob
         actions[explore] = rng.integers(0, len(world.action_names), int(explore.sum()))
         latents, _, _ = sim.step(torch.from_numpy(actions))  # (B, C, h, w)
-        frame = sim.decode(latents, TRAIN_HW).numpy()
+        frame = sim.decode(latents, TRAIN_HW).cpu().numpy()
         if t >= args.skip:
             kept.append(latents.float().clone())
     out = torch.cat(kept)  # (N, C, h, w), step-major
     info = {
-        "checkpoint": str(args.checkpoint),
-        "latent_space_sha256": latent_space_sha256(Path(args.checkpoint)),
+        "checkpoint": str(checkpoint),
+        "latent_space_sha256": latent_space_sha256(checkpoint),
         "latent_shape": list(out.shape[1:]),
         "count": len(out),
         "envs": args.envs,
@@ -119,19 +123,21 @@ def collect(args: Args) -> tuple[torch.Tensor, dict]:
         "random_prob": args.random_prob,
         "seed": args.seed,
         "sampler": dataclasses.asdict(sim.cfg),
-        "world_recipe": (world_provenance(args.checkpoint) or {}).get("commands", []),
+        "world_recipe": (world_provenance(checkpoint) or {}).get("commands", []),
         "wall_s": round(time.perf_counter() - t0, 1),
     }
     return out, info
 
 
 def save(out_dir: Path, latents: torch.Tensor, info: dict) -> None:
-    """Write ``latents.safetensors`` and ``rollouts.json`` atomically (tensors first, info last)."""
-    from world_model.checkpoint import _atomic_save_tensors, _atomic_write_json
+    """Write ``latents.safetensors`` and ``rollouts.json`` atomically: the old info goes first, the
+    tensors next, the info (with the tensor file's SHA-256) last."""
+    from world_model.checkpoint import _atomic_save_tensors, _atomic_write_json, _sha256
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / INFO_FILE).unlink(missing_ok=True)
     _atomic_save_tensors(out_dir / LATENTS_FILE, {"latents": latents})
-    _atomic_write_json(out_dir / INFO_FILE, info)
+    _atomic_write_json(out_dir / INFO_FILE, {**info, "latents_sha256": _sha256(out_dir / LATENTS_FILE)})
 
 
 def load(path: Path, latent_space: str, latent_shape: tuple[int, ...]) -> tuple[torch.Tensor, dict]:
@@ -140,7 +146,7 @@ def load(path: Path, latent_space: str, latent_shape: tuple[int, ...]) -> tuple[
     Raises:
         UsageError: missing/corrupt files, or latents of another latent space or shape.
     """
-    from world_model.checkpoint import CheckpointError, _load_tensors
+    from world_model.checkpoint import CheckpointError, _load_tensors, _sha256
 
     path = Path(path).expanduser()
     try:
@@ -153,6 +159,11 @@ def load(path: Path, latent_space: str, latent_shape: tuple[int, ...]) -> tuple[
         raise UsageError(
             f"--gen-latents {str(path)!r} was generated in latent space {str(info.get('latent_space_sha256'))[:12]}, "
             f"the VAE being trained decodes latent space {latent_space[:12]}; roll out a world built on this VAE"
+        )
+    if (path / LATENTS_FILE).is_file() and _sha256(path / LATENTS_FILE) != info.get("latents_sha256"):
+        raise UsageError(
+            f"--gen-latents {str(path)!r}: {LATENTS_FILE} does not match the SHA-256 in {INFO_FILE} "
+            "(written by another run); rerun `matrix-world rollout-latents`"
         )
     try:
         latents = _load_tensors(path / LATENTS_FILE)["latents"].float()

@@ -119,11 +119,13 @@ class Args:
     """Critic learning rate (default: --lr), same schedule as the decoder's."""
     gen_latents: tuple[Path, ...] = ()
     """Generated latents (``matrix-world rollout-latents`` directories) whose decodes the critic judges
-    beside the reconstructions (needs --freeze-encoder and --adv-weight > 0): the decoder learns to draw
-    real-looking frames from the DiT's latents, not only from encodings of real frames. They have no
-    paired target; only the critic sees them."""
+    beside the reconstructions (needs --freeze-encoder, --adv-weight > 0 and no --hr-only): the decoder
+    learns to draw real-looking frames from the DiT's latents, not only from encodings of real frames.
+    They have no paired target; only the critic sees them."""
     gen_batch: int = 16
-    """Generated latents decoded per step (with --gen-latents)."""
+    """Generated latents decoded per step (with --gen-latents). The decoder's adversarial term is one
+    mean over the batch's reconstructions and these decodes, so the two batch sizes set their shares
+    (--batch-size 32, --gen-batch 16: 2/3 and 1/3 of the adversarial gradient)."""
     detail_weight: float = 0.0
     """Extra L1 weight on pixels that differ from their 7x7 neighbourhood (small objects: the car,
     kerbs, the HUD), which a plain pixel loss under-weights."""
@@ -442,11 +444,14 @@ def train(args: Args, command: list[str] | None = None) -> dict:
         raise UsageError(f"--adv-start {args.adv_start}: must be a step >= 0")
     if args.disc_lr is not None and args.disc_lr <= 0:
         raise UsageError(f"--disc-lr {args.disc_lr}: must be > 0 (or omitted: --lr)")
-    if args.gen_latents and not (args.freeze_encoder and not args.hr_only and args.adv_weight > 0):
-        raise UsageError(
-            "--gen-latents trains the decoder on the DiT's latents through the critic: it needs "
-            "--freeze-encoder (the latents must stay in the DiT's latent space), --adv-weight > 0 and no --hr-only"
-        )
+    if args.gen_latents:  # the critic judges decodes of the DiT's latents: same latent space, a critic, the decoder
+        why = "trains the decoder on the DiT's latents through the critic"
+        if not args.freeze_encoder:
+            raise UsageError(f"--gen-latents {why}; it needs --freeze-encoder (the latent space must stay the DiT's)")
+        if args.adv_weight <= 0:
+            raise UsageError(f"--gen-latents {why}; it needs --adv-weight > 0 (got {args.adv_weight})")
+        if args.hr_only:
+            raise UsageError(f"--gen-latents {why}; --hr-only trains the 720p head alone, drop one of them")
     if args.gen_latents and args.gen_batch < 1:
         raise UsageError(f"--gen-batch {args.gen_batch}: must be >= 1")
     train_eps, heldout_eps = common.resolve_episodes(args.data, args.holdout_fraction, args.seed)
@@ -563,9 +568,10 @@ def train(args: Args, command: list[str] | None = None) -> dict:
                 "yx": hb["yx"].to(info.device),  # (Bh, 2)
             }
         gen_z = None
-        if gen_pool is not None:  # a per-step seed: the same draws after a resume
+        if gen_pool is not None:  # a per-step seed: the same draws after a resume (distinct for rank < 97)
             pick = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 97 + info.rank)
-            gen_z = gen_pool[torch.randint(len(gen_pool), (args.gen_batch,), generator=pick).to(info.device)]
+            idx = torch.randint(len(gen_pool), (args.gen_batch,), generator=pick).to(info.device)  # (G,)
+            gen_z = gen_pool[idx]  # (G, Cz, h, w)
         lr = common.cosine_lr(step, args.steps, args.lr, args.warmup)
         common.set_lr(optimizer, lr)
         with common.autocast(info.device, bf16):
