@@ -456,6 +456,11 @@ def test_decoder_learns_from_generated_latents(data, footage, vae_dir, latents, 
     vae.main(_vae_gan_args(data, vae_dir, tmp_path / "cut", 4, *gen_args))  # same generated draws after resume
     resumed = load_file(tmp_path / "cut" / "model" / "vae.safetensors")
     assert all(torch.equal(with_gen[k], resumed[k]) for k in with_gen)
+    vae.main(_vae_gan_args(data, vae_dir, tmp_path / "anchored", 4, *gen_args, "--gen-anchor-weight", "1"))
+    anchored = load_file(tmp_path / "anchored" / "model" / "vae.safetensors")
+    assert not torch.equal(anchored["to_rgb.weight"], with_gen["to_rgb.weight"])  # the anchor reached the decoder
+    with pytest.raises(UsageError, match="--gen-anchor-weight 1.0: must be >= 0, and > 0 only with --gen-latents"):
+        vae.main(_vae_gan_args(data, vae_dir, tmp_path / "bad0", 1, *args, "--gen-anchor-weight", "1"))
     cfg = json.loads((tmp_path / "gen_run" / "config.json").read_text())
     assert cfg["gen_latents"] == [str(tmp_path / "gen")] and cfg["gen_batch"] == 3
     build_world.main([  # the new world's recipe: the rollout world's, the rollout, then the fine-tune

@@ -122,6 +122,11 @@ class Args:
     beside the reconstructions (needs --freeze-encoder, --adv-weight > 0 and no --hr-only): the decoder
     learns to draw real-looking frames from the DiT's latents, not only from encodings of real frames.
     They have no paired target; only the critic sees them."""
+    gen_anchor_weight: float = 0.0
+    """Weight of an L1 loss between the decodes of the generated latents and the --init-from decoder's
+    decodes of the same latents (0 = off). The critic alone may draw whatever fools it where a
+    generated latent is unlike any encoding (high-contrast blobs beside the car were seen); the anchor
+    keeps those decodes near the parent's and leaves the critic room for thin detail (edges, kerb lines)."""
     gen_batch: int = 16
     """Generated latents decoded per step (with --gen-latents). The decoder's adversarial term is one
     mean over the batch's reconstructions and these decodes, so the two batch sizes set their shares
@@ -268,10 +273,10 @@ class VAELoss(nn.Module):
     The adversarial term (``Critic.generator_term``) is added by the trainer on the returned images.
     """
 
-    def __init__(self, vae: nn.Module, args: Args, kl_weight: float) -> None:
-        """Hold the VAE and the loss weights."""
+    def __init__(self, vae: nn.Module, args: Args, kl_weight: float, anchor: nn.Module | None = None) -> None:
+        """Hold the VAE, the loss weights and the frozen parent VAE of ``--gen-anchor-weight`` (or None)."""
         super().__init__()
-        self.vae, self.args, self.kl_weight = vae, args, kl_weight
+        self.vae, self.args, self.kl_weight, self.anchor = vae, args, kl_weight, anchor
 
     def forward(
         self,
@@ -322,7 +327,13 @@ class VAELoss(nn.Module):
         losses["loss/total"] = total
         fake = out["recon"]  # (B, 3, 72, 128)
         if gen_z is not None:
-            fake = torch.cat([fake, self.vae.decode(gen_z).to(fake.dtype)])  # (B + G, 3, 72, 128)
+            gen_dec = self.vae.decode(gen_z)  # (G, 3, 72, 128)
+            if self.anchor is not None:
+                with torch.no_grad():
+                    parent = self.anchor.decode(gen_z).float()  # (G, 3, 72, 128), the --init-from decoder's
+                losses["loss/gen_anchor"] = F.l1_loss(gen_dec.float(), parent)
+                losses["loss/total"] = total + a.gen_anchor_weight * losses["loss/gen_anchor"]
+            fake = torch.cat([fake, gen_dec.to(fake.dtype)])  # (B + G, 3, 72, 128)
         return losses, (x, fake)
 
 
@@ -454,6 +465,8 @@ def train(args: Args, command: list[str] | None = None) -> dict:
             raise UsageError(f"--gen-latents {why}; --hr-only trains the 720p head alone, drop one of them")
     if args.gen_latents and args.gen_batch < 1:
         raise UsageError(f"--gen-batch {args.gen_batch}: must be >= 1")
+    if args.gen_anchor_weight < 0 or (args.gen_anchor_weight > 0 and not args.gen_latents):
+        raise UsageError(f"--gen-anchor-weight {args.gen_anchor_weight}: must be >= 0, and > 0 only with --gen-latents")
     train_eps, heldout_eps = common.resolve_episodes(args.data, args.holdout_fraction, args.seed)
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -553,7 +566,14 @@ def train(args: Args, command: list[str] | None = None) -> dict:
         logger.print(f"note: no {VIDEO_FILE} in the training episodes; the 720p head is not trained (no HR loss)")
 
     kl_weight = cfg.kl_weight if args.kl_weight is None else args.kl_weight
-    step_fn = common.wrap_ddp(VAELoss(vae, args, kl_weight), info, find_unused=hr_iter is None)
+    anchor = None  # the --init-from VAE, frozen: the target of --gen-anchor-weight
+    if args.gen_anchor_weight > 0:
+        from world_model.checkpoint import load_module
+        from world_model.vae import VAEConfig
+
+        anchor = load_module(Path(args.init_from).expanduser(), "vae", FrameVAE, VAEConfig).to(info.device).eval()
+        anchor.requires_grad_(False)
+    step_fn = common.wrap_ddp(VAELoss(vae, args, kl_weight, anchor), info, find_unused=hr_iter is None)
     batches = iter(loader)
     vae.train()
     for step in range(start, args.steps):
