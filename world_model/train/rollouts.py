@@ -132,12 +132,13 @@ def collect(args: Args) -> tuple[torch.Tensor, dict]:
 def save(out_dir: Path, latents: torch.Tensor, info: dict) -> None:
     """Write ``latents.safetensors`` and ``rollouts.json`` atomically: the old info goes first, the
     tensors next, the info (with the tensor file's SHA-256) last."""
-    from world_model.checkpoint import _atomic_save_tensors, _atomic_write_json, _sha256
+    from world_model.checkpoint import _atomic_save_tensors, _atomic_write_json
+    from world_model.data.episodes import sha256_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / INFO_FILE).unlink(missing_ok=True)
     _atomic_save_tensors(out_dir / LATENTS_FILE, {"latents": latents})
-    _atomic_write_json(out_dir / INFO_FILE, {**info, "latents_sha256": _sha256(out_dir / LATENTS_FILE)})
+    _atomic_write_json(out_dir / INFO_FILE, {**info, "latents_sha256": sha256_file(out_dir / LATENTS_FILE)})
 
 
 def load(path: Path, latent_space: str, latent_shape: tuple[int, ...]) -> tuple[torch.Tensor, dict]:
@@ -146,7 +147,8 @@ def load(path: Path, latent_space: str, latent_shape: tuple[int, ...]) -> tuple[
     Raises:
         UsageError: missing/corrupt files, or latents of another latent space or shape.
     """
-    from world_model.checkpoint import CheckpointError, _load_tensors, _sha256
+    from world_model.checkpoint import CheckpointError, _load_tensors
+    from world_model.data.episodes import sha256_file
 
     path = Path(path).expanduser()
     try:
@@ -160,7 +162,7 @@ def load(path: Path, latent_space: str, latent_shape: tuple[int, ...]) -> tuple[
             f"--gen-latents {str(path)!r} was generated in latent space {str(info.get('latent_space_sha256'))[:12]}, "
             f"the VAE being trained decodes latent space {latent_space[:12]}; roll out a world built on this VAE"
         )
-    if (path / LATENTS_FILE).is_file() and _sha256(path / LATENTS_FILE) != info.get("latents_sha256"):
+    if (path / LATENTS_FILE).is_file() and sha256_file(path / LATENTS_FILE) != info.get("latents_sha256"):
         raise UsageError(
             f"--gen-latents {str(path)!r}: {LATENTS_FILE} does not match the SHA-256 in {INFO_FILE} "
             "(written by another run); rerun `matrix-world rollout-latents`"

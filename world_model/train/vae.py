@@ -463,8 +463,8 @@ def train(args: Args, command: list[str] | None = None) -> dict:
             raise UsageError(f"--gen-latents {why}; it needs --adv-weight > 0 (got {args.adv_weight})")
         if args.hr_only:
             raise UsageError(f"--gen-latents {why}; --hr-only trains the 720p head alone, drop one of them")
-    if args.gen_latents and args.gen_batch < 1:
-        raise UsageError(f"--gen-batch {args.gen_batch}: must be >= 1")
+        if args.gen_batch < 1:
+            raise UsageError(f"--gen-batch {args.gen_batch}: must be >= 1")
     if args.gen_anchor_weight < 0 or (args.gen_anchor_weight > 0 and not args.gen_latents):
         raise UsageError(f"--gen-anchor-weight {args.gen_anchor_weight}: must be >= 0, and > 0 only with --gen-latents")
     train_eps, heldout_eps = common.resolve_episodes(args.data, args.holdout_fraction, args.seed)
