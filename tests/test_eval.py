@@ -178,6 +178,37 @@ def test_kerb_pixels_counts_red_and_white_in_the_view_but_not_the_car_or_pink_bl
         M.kerb_pixels(frames, rows=0)
 
 
+def test_off_palette_counts_invented_colours_but_not_real_ones_blur_the_car_or_the_dashboard() -> None:
+    real = np.zeros((2, 72, 128, 3), np.uint8)
+    real[..., :] = (102, 204, 102)  # grass
+    real[:, :, 40:80] = (102, 102, 102)  # road
+    real[:, :, 39] = (102, 153, 102)  # a resampled road edge
+    real[:, 20, 38] = (255, 0, 0)  # a kerb pixel
+    real[:, 50:58, 62:66] = (0, 0, 0)  # the car's black wheels (left out)
+    real[:, 62:] = (0, 0, 0)  # the dashboard (below the view)
+    palette = M.color_palette(real, rows=62, ignore=M.KERB_CAR_BOX)
+    assert palette.shape == (512,) and palette.dtype == bool and palette.sum() == 4  # grass, road, edge, red
+    assert M.off_palette(real, palette, 62, M.KERB_CAR_BOX) == 0.0
+    gen = real.copy()
+    gen[0, 40:45, 50:60] = (255, 255, 0)  # a yellow blob: 50 pixels
+    gen[1, 40:45, 50:60] = (0, 0, 0)  # a black one, as dark as the wheels and the dashboard
+    gen[:, 21, 38] = (255, 0, 0)  # one more kerb pixel: a real colour
+    gen[:, 30, 39] = (102, 150, 102)  # a slightly different blend of road and grass: the same cell
+    view = 62 * 128 - 14 * 12  # pixels counted per frame: the view without the car's box
+    assert M.off_palette(gen, palette, 62, M.KERB_CAR_BOX) == pytest.approx(50 / view)
+    assert M.off_palette(gen[:1], palette, 62, M.KERB_CAR_BOX) == pytest.approx(50 / view)
+    # without rows and box the dashboard and wheels join the palette, so black is no longer invented
+    assert M.off_palette(gen, M.color_palette(real), None) == pytest.approx(25 / (72 * 128))
+    with pytest.raises(ValueError, match=r"uint8 \(N >= 1, H, W, 3\) frames, got float32"):
+        M.off_palette(gen.astype(np.float32), palette)
+    with pytest.raises(ValueError, match=r"no pixel of \(72, 128\) frames is left to count \(rows=0"):
+        M.color_palette(gen, rows=0)
+    with pytest.raises(ValueError, match="palette must be a bool"):
+        M.off_palette(gen, palette.astype(np.float64))
+    with pytest.raises(ValueError, match=r"got int64 \(100,\)"):
+        M.off_palette(gen, np.zeros(100, np.int64))
+
+
 def test_reward_and_termination_metrics() -> None:
     true = np.array([0.0, 1.0, 2.0, 3.0])
     good = M.reward_metrics(true + 0.1, true, baseline=1.5)
@@ -405,6 +436,12 @@ def test_eval_suite_end_to_end(tmp_path: Path, tiny_world_dir: Path, toy_data: P
     assert "| kerb pixels per frame (red/white, above the dashboard), VAE-reconstructed held-out | 3.23 | " \
            "real frames 6.28 |" in rendered
     assert "| kerb pixels per frame, closed-loop frames | 1.50 | real game 6.00 |" in rendered
+    op = metrics["fidelity"]["off_palette"]  # the tiny untrained world emits colours the toy data lacks
+    assert 0.0 <= op["vae_recon"] <= 1.0 and 0.0 < op["generated"] <= 1.0 and op["palette_cells"] >= 1
+    assert "| off-palette pixels (colours no held-out frame has), generated | " in summary
+    assert 0.0 < loop["world"]["off_palette"] <= 1.0
+    assert f"| off-palette pixels, closed-loop frames | {100 * loop['world']['off_palette']:.2f}% | real game " \
+           in rendered
 
     # a second run reuses the first run's IDM (fixed features: comparable Fréchet distances) and tests
     # the heads on a second data directory (its held-out split + its eval-split episodes)
@@ -460,6 +497,11 @@ def test_closed_loop_compares_the_world_with_the_real_game() -> None:
     assert out["real"]["detail"] > 0.0 and out["world"]["detail"] > 0.0
     # kerbs are a CarRacing statistic: measured on the real game, and on a world recorded from CarRacing
     assert "kerb_pixels" in out["real"] and "kerb_pixels" not in out["world"]
+    # a palette of the real game's colours: the real game stays almost inside it, the untrained world does not
+    palette = M.color_palette(np.stack([np.full((72, 128, 3), c, np.uint8) for c in ((102, 204, 102),
+                                                                                   (102, 102, 102))]))
+    out = S.closed_loop(world, world.start_latents, "pipelined", 2, 2, 0, "cpu", "CarRacing-v3", palette)
+    assert 0.0 <= out["real"]["off_palette"] < out["world"]["off_palette"] <= 1.0
     world.meta["env_id"] = "gymnasium.envs.box2d:CarRacing-v3"  # the recorder's spelling with a module
     assert "kerb_pixels" in S.closed_loop(world, world.start_latents, "pipelined", 2, 2, 0, "cpu", None)["world"]
     world.action_names[:] = [f"a{i}" for i in range(len(world.action_names))]
@@ -488,9 +530,22 @@ def test_probe_compares_sampler_variants_on_the_same_starts(tmp_path: Path, tiny
     assert rows[4]["sampler"]["level_shift"] == 2.0 and rows[0]["sampler"]["level_shift"] == 1.0
     assert all(0.0 <= r["on_road"] <= 1.0 and len(r["on_road_by_quarter"]) == 4 and r["detail"] > 0 for r in rows)
     assert all(r["kerb_pixels"] is None for r in rows)  # the tiny world is not CarRacing: no kerb count
+    assert all(r["off_palette"] is None for r in rows)  # no --palette-data
     table = capsys.readouterr().out
     assert "| level_shift=2 | mean of 2 |" in table and table.count("| default | 0 |") == 2
-    assert table.splitlines()[1].endswith("| detail | kerb pixels |") and all(
-        line.endswith(" | - |") for line in table.splitlines()[3:])  # each row's kerb cell says "not applicable"
+    assert table.splitlines()[1].endswith("| detail | kerb pixels | off-palette pixels |") and all(
+        line.endswith(" | - | - |") for line in table.splitlines()[3:])  # "not applicable" cells
+    # --palette-data: the real colours of a recording; the untrained world invents others
+    toy = make_synthetic_dataset(tmp_path / "toy", episodes=2, steps=6)
+    argv = ["--checkpoint", str(tiny_world_dir), "--envs", "2", "--steps", "2", "--threads", "1",
+            "--palette-data", str(toy), "--out", str(out)]
+    assert P.main(argv) == 0
+    (row,) = json.loads(out.read_text())
+    assert 0.0 < row["off_palette"] <= 1.0
+    assert capsys.readouterr().out.splitlines()[-1].endswith(f"| {100 * row['off_palette']:.2f}% |")
+    with pytest.raises(UsageError, match="--palette-data: data directory .*empty' holds no recorded episodes"):
+        P.main([*argv[:-4], "--palette-data", str(tmp_path / "empty"), "--out", str(out)])
+    with pytest.raises(UsageError, match="--palette-data .* holds no episodes \\(or --palette-episodes 0 < 1\\)"):
+        P.main([*argv, "--palette-episodes", "0"])
     with pytest.raises(UsageError, match="level_shift must be a finite number > 0"):
         P.main(["--checkpoint", str(tiny_world_dir), "--variants", "level_shift=-1", "--envs", "1", "--steps", "1"])

@@ -6,7 +6,8 @@ labels are int ``(N,)`` arrays of action ids in ``[0, A)``.
 * Fidelity: :func:`psnr`, :func:`frechet_distance` (the FID formula on any feature set; the suite
   uses the inverse-dynamics model's penultimate layer), :func:`color_histogram` with
   :func:`histogram_distance`, :func:`mean_brightness`, :func:`rms_gradient` (detail),
-  :func:`kerb_pixels` (CarRacing's red/white kerbs).
+  :func:`kerb_pixels` (CarRacing's red/white kerbs), :func:`color_palette` with :func:`off_palette`
+  (artifacts: colours no real frame has).
 * Control: :func:`confusion_matrix`, :func:`accuracy_report` (accuracy, per-action accuracy, chance).
 * Drift: :class:`DriftAccumulator` collects frame statistics per horizon bucket while a generator
   runs, without keeping the frames.
@@ -149,6 +150,52 @@ def kerb_pixels(frames: np.ndarray, rows: int | None = None) -> float:
     kerb = ((r > 150) & (g < 100) & (b < 100)) | (f.min(-1) > 200)  # (N, H', 128)
     kerb[:, KERB_CAR_BOX[0], KERB_CAR_BOX[1]] = False
     return float(kerb.sum(axis=(1, 2)).mean())
+
+
+def _view_cells(frames: np.ndarray, rows: int | None, ignore: tuple[slice, slice] | None, bins: int) -> np.ndarray:
+    """Colour cell of each counted pixel: uint8 (N, H, W, 3) -> int64 (P,) in [0, bins**3)."""
+    f = np.asarray(frames)
+    if f.dtype != np.uint8 or f.ndim != 4 or len(f) == 0 or f.shape[-1] != 3:
+        raise ValueError(f"colour palettes need uint8 (N >= 1, H, W, 3) frames, got {f.dtype} {f.shape}")
+    keep = np.ones(f.shape[1:3], bool)  # (H, W) the pixels that count
+    if rows is not None:
+        keep[rows:] = False
+    if ignore is not None:
+        keep[ignore] = False
+    if not keep.any():
+        raise ValueError(f"no pixel of {f.shape[1:3]} frames is left to count (rows={rows}, ignore={ignore})")
+    q = f[:, keep].astype(np.int64) * bins // 256  # (N, P', 3) bin per channel
+    return ((q[..., 0] * bins + q[..., 1]) * bins + q[..., 2]).ravel()
+
+
+def color_palette(frames: np.ndarray, rows: int | None = None, ignore: tuple[slice, slice] | None = None,
+                  bins: int = HIST_BINS) -> np.ndarray:
+    """The colours real frames use: bool (bins**3,), True for each RGB cell some counted pixel falls in.
+
+    ``rows`` keeps the top rows (CarRacing: the view above the dashboard); ``ignore`` is a (rows,
+    columns) box left out (CarRacing: the car, whose black wheels no other part of the view has).
+    """
+    return np.bincount(_view_cells(frames, rows, ignore, bins), minlength=bins**3) > 0
+
+
+def off_palette(frames: np.ndarray, palette: np.ndarray, rows: int | None = None,
+                ignore: tuple[slice, slice] | None = None) -> float:
+    """Artifacts: the share in [0, 1] of counted pixels whose colour cell ``palette`` lacks.
+
+    A decoder that invents colours (saturated yellow, magenta or black blobs beside CarRacing's car)
+    scores high, where :func:`kerb_pixels` would count the blobs' red and white as kerbs and
+    :func:`rms_gradient` as detail. Blur between two real colours mostly stays in the palette (the
+    real frames' own edges are resampled too); VAE reconstructions of real frames give the floor.
+    Use the same ``rows`` / ``ignore`` as for :func:`color_palette`.
+
+    Raises:
+        ValueError: frames not uint8 (N >= 1, H, W, 3), or ``palette`` not a bool vector of a cube size.
+    """
+    pal = np.asarray(palette)
+    bins = round(len(pal) ** (1 / 3))
+    if pal.dtype != bool or pal.ndim != 1 or bins**3 != len(pal):
+        raise ValueError(f"palette must be a bool (bins**3,) vector from color_palette, got {pal.dtype} {pal.shape}")
+    return float(1.0 - pal[_view_cells(frames, rows, ignore, bins)].mean())
 
 
 # -------------------------------------------------------------------------------------- control

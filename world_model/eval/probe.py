@@ -4,8 +4,10 @@ The pixel road follower (:mod:`world_model.road_follower`) drives ``--envs`` str
 ``--steps`` steps from its shipped start contexts, once per sampler variant and seed
 (:func:`world_model.eval.suite.closed_loop`); for each it reports the fraction of steps with the car
 on the road, per quarter of the run, the predicted reward per step, the streams the termination
-head ended, the detail of the frames (RMS luma gradient above the dashboard) and, for CarRacing
-worlds, the kerb pixels per frame (:func:`world_model.eval.metrics.kerb_pixels`). A seed fixes the
+head ended, the detail of the frames (RMS luma gradient above the dashboard), for CarRacing
+worlds the kerb pixels per frame (:func:`world_model.eval.metrics.kerb_pixels`) and, with
+``--palette-data``, the share of pixels whose colour no recorded frame has
+(:func:`world_model.eval.metrics.off_palette`: invented colours, blobs). A seed fixes the
 start contexts and the noise keys, so variants are compared on the same starts and noise (paired).
 The README's sampler table was measured with it.
 
@@ -32,6 +34,9 @@ import torch
 from world_model.errors import UsageError
 from world_model.swin_dpm import SwinDPMConfig
 
+if typing.TYPE_CHECKING:
+    from world_model.checkpoint import WorldModel
+
 
 @dataclass
 class Args:
@@ -51,6 +56,10 @@ class Args:
     """torch.set_num_threads (0 = torch's default)."""
     out: Path | None = None
     """Write the results as JSON here (rewritten after every row)."""
+    palette_data: Path | None = None
+    """Recorded episodes whose 72x128 frames give the real colours: adds the off-palette share (artifacts)."""
+    palette_episodes: int = 16
+    """Episodes of --palette-data read (every second frame of each)."""
 
 
 def parse_variant(text: str) -> dict:
@@ -79,6 +88,20 @@ def parse_variant(text: str) -> dict:
     return out
 
 
+def palette_from(world: WorldModel, data: Path, episodes: int) -> np.ndarray:
+    """Real colours of a recording: every second 72x128 frame of its first ``episodes`` episodes."""
+    from world_model.data import episodes as E
+    from world_model.eval.suite import real_palette
+
+    try:
+        eps = E.list_episodes(data)[:episodes] if episodes > 0 else []
+    except UsageError as err:
+        raise UsageError(f"--palette-data: {err}") from err
+    if not eps:
+        raise UsageError(f"--palette-data {str(data)!r} holds no episodes (or --palette-episodes {episodes} < 1)")
+    return real_palette(world, np.concatenate([np.asarray(E.open_episode(ep)["frames"][::2]) for ep in eps]))
+
+
 def probe(args: Args) -> list[dict]:
     """Run every (variant, seed); returns one row per pair (also printed as it finishes)."""
     from world_model.checkpoint import load_world
@@ -90,6 +113,7 @@ def probe(args: Args) -> list[dict]:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     world = load_world(args.checkpoint)
+    palette = None if args.palette_data is None else palette_from(world, args.palette_data, args.palette_episodes)
     rows: list[dict] = []
     variants = [(v, parse_variant(v)) for v in args.variants]
     for text, overrides in variants:
@@ -98,14 +122,14 @@ def probe(args: Args) -> list[dict]:
         for seed in args.seeds:
             t0 = time.perf_counter()
             out = closed_loop(dataclasses.replace(world, sampler=sampler), world.start_latents, cfg.mode,
-                              args.envs, args.steps, seed, "cpu", None)
+                              args.envs, args.steps, seed, "cpu", None, palette)
             if "skipped" in out:
                 raise UsageError(f"{args.checkpoint}: {out['skipped']}")
             w = out["world"]
             row = {"variant": text, "seed": seed, "sampler": sampler, "on_road": w["on_road"],
                    "on_road_by_quarter": [q["mean"] for q in w["on_road_by_quarter"]],
                    "reward_per_step": w["reward_per_step"], "terminations": w["terminations"],
-                   "detail": w["detail"], "kerb_pixels": w.get("kerb_pixels"),
+                   "detail": w["detail"], "kerb_pixels": w.get("kerb_pixels"), "off_palette": w.get("off_palette"),
                    "wall_s": time.perf_counter() - t0}
             rows.append(row)
             print(format_row(row), flush=True)
@@ -117,9 +141,9 @@ def probe(args: Args) -> list[dict]:
     return rows
 
 
-def _opt(value: float | None) -> str:
+def _opt(value: float | None, scale: float = 1.0, unit: str = "") -> str:
     """A 2-decimal cell, or "-" for a metric that does not apply (kerbs outside CarRacing)."""
-    return "-" if value is None else f"{value:.2f}"
+    return "-" if value is None else f"{scale * value:.2f}{unit}"
 
 
 def format_row(row: dict) -> str:
@@ -127,7 +151,7 @@ def format_row(row: dict) -> str:
     quarters = " / ".join(f"{q:.2f}" for q in row["on_road_by_quarter"])
     return (f"| {row['variant']} | {row['seed']} | {quarters} | {row['on_road']:.3f} | "
             f"{row['reward_per_step']:.3f} | {row['terminations']} | {row['detail']:.2f} | "
-            f"{_opt(row['kerb_pixels'])} |")
+            f"{_opt(row['kerb_pixels'])} | {_opt(row['off_palette'], 100, '%')} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,17 +161,18 @@ def main(argv: list[str] | None = None) -> int:
     args = tyro.cli(Args, args=argv, prog="matrix-world probe", description=__doc__.split("\n\n")[0])
     print(f"{args.envs} streams x {args.steps} steps of {args.checkpoint}, road follower")
     print("| sampler variant | seed | on road, by quarter | on road, mean | predicted reward / step "
-          "| terminated streams | detail | kerb pixels |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|")
+          "| terminated streams | detail | kerb pixels | off-palette pixels |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
     rows = probe(args)
     if len(args.seeds) > 1:
         for text in dict.fromkeys(args.variants):  # each variant once, in order
             mine = [r for r in rows if r["variant"] == text]
             mean = {k: float(np.mean([r[k] for r in mine])) for k in ("on_road", "reward_per_step", "detail")}
-            kerbs = [r["kerb_pixels"] for r in mine]
-            mean["kerb_pixels"] = None if None in kerbs else float(np.mean(kerbs))
+            for key in ("kerb_pixels", "off_palette"):
+                vals = [r[key] for r in mine]
+                mean[key] = None if None in vals else float(np.mean(vals))
             print(f"| {text} | mean of {len(mine)} | | {mean['on_road']:.3f} | {mean['reward_per_step']:.3f} | | "
-                  f"{mean['detail']:.2f} | {_opt(mean['kerb_pixels'])} |")
+                  f"{mean['detail']:.2f} | {_opt(mean['kerb_pixels'])} | {_opt(mean['off_palette'], 100, '%')} |")
     return 0
 
 

@@ -126,6 +126,16 @@ def detail_rows(world: WorldModel) -> int | None:
     return VIEW_ROWS if is_carracing(world) else None
 
 
+def palette_ignore(world: WorldModel) -> tuple[slice, slice] | None:
+    """The box the colour palette leaves out: CarRacing's car (its black wheels), else nothing."""
+    return M.KERB_CAR_BOX if is_carracing(world) else None
+
+
+def real_palette(world: WorldModel, frames: np.ndarray) -> np.ndarray:
+    """The colours of real frames (N, 72, 128, 3) in the world's view: bool (512,) for :func:`metrics.off_palette`."""
+    return M.color_palette(frames, detail_rows(world), palette_ignore(world))
+
+
 @dataclass
 class Args:
     """Evaluate a world model: control accuracy (inverse dynamics), fidelity, drift, reward heads, speed."""
@@ -756,14 +766,16 @@ def bucket_means(x: np.ndarray, buckets: int = 4) -> list[dict]:
 
 
 def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int, steps: int, seed: int,
-                device: str, real_env_id: str | None) -> dict:
+                device: str, real_env_id: str | None, palette: np.ndarray | None = None) -> dict:
     """Drive the world (and the real CarRacing-v3) with the pixel road follower; compare road keeping.
 
     In the world, ``envs`` streams start from real held-out contexts whose last frame shows the car on
     the road (as the real game's episodes start; all contexts if none does); each step the follower reads
     the decoded 72x128 frames. On-road fraction (:func:`world_model.road_follower.on_road`) and
     reward per step are reported per quarter of the run; the same follower on the real game (when
-    the world was recorded from CarRacing) gives the reference.
+    the world was recorded from CarRacing) gives the reference. With a ``palette`` of real colours
+    (:func:`real_palette`), the share of off-palette pixels (:func:`metrics.off_palette`) is reported
+    for both.
     """
     from world_model.road_follower import RoadFollower, on_road
     from world_model.simulator import Simulator, sampler_config
@@ -781,8 +793,8 @@ def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int,
     start = torch.from_numpy(perm[np.arange(envs) % len(perm)])  # (envs,) wraps when there are fewer starts
     sim.reset(torch.ones(envs, dtype=torch.bool), start, generator=torch.Generator().manual_seed(seed))
     frame = decode_latents(sim.vae, contexts[start, -1].float())  # (B, H, W, 3)
-    on, rew, detail, kerbs, ended = [], [], [], [], torch.zeros(envs, dtype=torch.bool)
-    rows, carracing = detail_rows(world), is_carracing(world)
+    on, rew, detail, kerbs, off, ended = [], [], [], [], [], torch.zeros(envs, dtype=torch.bool)
+    rows, carracing, ignore = detail_rows(world), is_carracing(world), palette_ignore(world)
     for _ in range(steps):  # a stream the termination head ends is counted once and driven on
         latents, reward, terminated = sim.step(torch.from_numpy(follower(frame)))
         frame = sim.decode(latents, E.TRAIN_HW).cpu().numpy()  # (B, 72, 128, 3)
@@ -790,6 +802,8 @@ def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int,
         detail.append(M.rms_gradient(frame, rows))
         if carracing:
             kerbs.append(M.kerb_pixels(frame, rows))
+        if palette is not None:
+            off.append(M.off_palette(frame, palette, rows, ignore))
         rew.append(reward.float().cpu().numpy())
         ended |= terminated.cpu()
     ends = int(ended.sum())  # streams that terminated at least once (the real side: episodes)
@@ -800,6 +814,8 @@ def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int,
                            "detail": float(np.mean(detail))}}
     if kerbs:
         out["world"]["kerb_pixels"] = float(np.mean(kerbs))
+    if off:
+        out["world"]["off_palette"] = float(np.mean(off))
     if real_env_id is None or not env_is_carracing(real_env_id):
         out["real"] = {"skipped": f"the world was recorded from {real_env_id!r}, not CarRacing"}
         return out
@@ -807,7 +823,7 @@ def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int,
 
     env = RealCarRacingEnv()
     on_r, rew_r, ends_r, detail_r = np.zeros((steps, envs)), np.zeros((steps, envs)), 0, np.zeros((steps, envs))
-    kerb_r = np.zeros((steps, envs))
+    kerb_r, off_r = np.zeros((steps, envs)), np.zeros((steps, envs))
     for i in range(envs):
         obs, _ = env.reset(seed=seed + i)
         for t in range(steps):
@@ -815,6 +831,8 @@ def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int,
             on_r[t, i], rew_r[t, i] = on_road(obs[None])[0], r
             detail_r[t, i] = M.rms_gradient(obs[None], VIEW_ROWS)  # the real game is CarRacing: its view
             kerb_r[t, i] = M.kerb_pixels(obs[None], VIEW_ROWS)
+            if palette is not None:
+                off_r[t, i] = M.off_palette(obs[None], palette, VIEW_ROWS, M.KERB_CAR_BOX)
             ends_r += int(term)
             if term or trunc:
                 obs, _ = env.reset()
@@ -822,6 +840,8 @@ def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int,
     out["real"] = {"on_road": float(on_r.mean()), "on_road_by_quarter": bucket_means(on_r),
                    "reward_per_step": float(rew_r.mean()), "terminations": ends_r,
                    "detail": float(detail_r.mean()), "kerb_pixels": float(kerb_r.mean())}
+    if palette is not None:
+        out["real"]["off_palette"] = float(off_r.mean())
     return out
 
 
@@ -852,6 +872,11 @@ def _fmt(v: object, digits: int = 3) -> str:
     if isinstance(v, float):
         return "inf" if math.isinf(v) else f"{v:.{digits}f}"
     return str(v)
+
+
+def _pct(v: float | None) -> str:
+    """A share in [0, 1] as a percentage with 2 decimals."""
+    return "n/a" if v is None else f"{100 * v:.2f}%"
 
 
 def write_plots(out: Path, results: dict, action_names: list[str], scatter: tuple | None) -> list[str]:
@@ -1002,6 +1027,10 @@ def summary_markdown(results: dict) -> str:
         kp = fid["kerb_pixels"]
         lines.append(f"| kerb pixels per frame (red/white, above the dashboard), VAE-reconstructed held-out | "
                      f"{_fmt(kp['vae_recon'], 2)} | real frames {_fmt(kp['real'], 2)} |")
+    if "generated" in fid.get("off_palette", {}):
+        op = fid["off_palette"]
+        lines.append(f"| off-palette pixels (colours no held-out frame has), generated | "
+                     f"{_pct(op['generated'])} | VAE-reconstructed held-out {_pct(op['vae_recon'])} |")
     drift = results.get("drift", {})
     for r in drift.get("buckets", []):
         span = f"{r['start']}-{min(r['end'], r['reached'] + 1)}"
@@ -1046,6 +1075,9 @@ def summary_markdown(results: dict) -> str:
             ref = f"real game {_fmt(real['kerb_pixels'], 2)}" if "kerb_pixels" in real else ""
             lines.append(f"| kerb pixels per frame, closed-loop frames | "
                          f"{_fmt(loop['world']['kerb_pixels'], 2)} | {ref} |")
+        if "off_palette" in loop["world"]:
+            ref = f"real game {_pct(real['off_palette'])}" if "off_palette" in real else ""
+            lines.append(f"| off-palette pixels, closed-loop frames | {_pct(loop['world']['off_palette'])} | {ref} |")
     for mode, row in results.get("speed", {}).items():
         batched = [k for k in row if k.startswith("steps_per_s_b") and k != "steps_per_s_b1"]
         extra = f", batch {batched[0][13:]}: {_fmt(row[batched[0]], 1)}" if batched else ""
@@ -1205,6 +1237,10 @@ def _evaluate(args: Args, command: list[str] | None) -> dict:
     if is_carracing(world):
         fidelity["kerb_pixels"] = {"real": M.kerb_pixels(seg.frames.reshape(-1, *seg.frames.shape[2:]), rows),
                                    "vae_recon": M.kerb_pixels(seg.recon.reshape(-1, *seg.recon.shape[2:]), rows)}
+    palette = real_palette(world, seg.frames.reshape(-1, *seg.frames.shape[2:]))  # (512,) held-out colours
+    fidelity["off_palette"] = {"vae_recon": M.off_palette(seg.recon.reshape(-1, *seg.recon.shape[2:]), palette, rows,
+                                                          palette_ignore(world)),
+                               "palette_cells": int(palette.sum())}
     fidelity["teacher_forced"] = teacher_forced(world, seg, args.tf_samples, device, args.seed, rng)
     log(f"[eval] VAE PSNR {fidelity['vae_psnr']:.2f} dB; "
         f"teacher-forced {fidelity['teacher_forced']['psnr']:.2f} dB "
@@ -1248,6 +1284,8 @@ def _evaluate(args: Args, command: list[str] | None) -> dict:
                 f"(latency {rep['latency']}, by lag {[round(a, 3) for a in rep['by_lag']]})")
         if mode == default_cfg.mode:
             gen_feats = feats
+            gen = frames[:, k - 1 :].reshape(-1, *frames.shape[2:])  # (B*T, H, W, 3) without the decoded history
+            fidelity["off_palette"]["generated"] = M.off_palette(gen, palette, rows, palette_ignore(world))
     n_fd = min(len(gen_feats), len(recon_feats))
     floor_rows = rng.choice(len(recon_feats), size=n_fd, replace=False)
     fidelity["frechet"] = {
@@ -1305,7 +1343,7 @@ def _evaluate(args: Args, command: list[str] | None) -> dict:
     if args.loop_steps > 0:
         t0 = time.perf_counter()
         loop = closed_loop(world, contexts, default_cfg.mode, args.loop_envs, args.loop_steps, args.seed, device,
-                           world.meta.get("env_id"))
+                           world.meta.get("env_id"), palette)
         if "world" in loop:
             real = loop["real"].get("on_road")
             log(f"[eval] closed loop ({args.loop_steps} steps): on road "
