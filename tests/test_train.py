@@ -459,6 +459,26 @@ def test_decoder_learns_from_generated_latents(data, footage, vae_dir, latents, 
     vae.main(_vae_gan_args(data, vae_dir, tmp_path / "anchored", 4, *gen_args, "--gen-anchor-weight", "1"))
     anchored = load_file(tmp_path / "anchored" / "model" / "vae.safetensors")
     assert not torch.equal(anchored["to_rgb.weight"], with_gen["to_rgb.weight"])  # the anchor reached the decoder
+    # the colour prior: the real colours of the recording; the run records them, the decoder moves
+    pal_args = ("--gen-palette-weight", "1", "--gen-palette-data", str(data))
+    vae.main(_vae_gan_args(data, vae_dir, tmp_path / "palette", 4, *gen_args, *pal_args))
+    coloured = load_file(tmp_path / "palette" / "model" / "vae.safetensors")
+    assert not torch.equal(coloured["to_rgb.weight"], with_gen["to_rgb.weight"])
+    pal = json.loads((tmp_path / "palette" / "model" / "train_vae.json").read_text())["gen_palette"]
+    assert pal["data"] == str(data) and pal["colours"] >= 2 and pal["view"] == "whole frame"  # synthetic data
+    colours, keep, _ = vae.palette_targets(data)
+    assert keep.all() and colours.shape[1] == 3 and colours.abs().max() <= 1
+    near = colours[:1, :, None, None].expand(1, 3, 72, 128)  # a real colour everywhere: free
+    assert vae.palette_loss(near, colours, keep) == 0.0
+    far = near + torch.tensor([0.0, 0.0, 1.0])[None, :, None, None]  # one channel 1.0 off: costs ~1 - margin
+    assert 0.3 < vae.palette_loss(far, colours, keep) <= 1.0 - vae.PALETTE_MARGIN + 1e-6
+    with pytest.raises(UsageError, match="give both"):
+        vae.main(_vae_gan_args(data, vae_dir, tmp_path / "bad_p0", 1, *gen_args, "--gen-palette-weight", "1"))
+    with pytest.raises(UsageError, match="--gen-palette-weight 1.0: must be >= 0, and > 0 only with --gen-latents"):
+        vae.main(_vae_gan_args(data, vae_dir, tmp_path / "bad_p1", 1, *args, *pal_args))
+    with pytest.raises(UsageError, match="--gen-palette-data: data directory .*nowhere' holds no recorded"):
+        vae.main(_vae_gan_args(data, vae_dir, tmp_path / "bad_p2", 1, *gen_args, "--gen-palette-weight", "1",
+                               "--gen-palette-data", str(tmp_path / "nowhere")))
     with pytest.raises(UsageError, match="--gen-anchor-weight 1.0: must be >= 0, and > 0 only with --gen-latents"):
         vae.main(_vae_gan_args(data, vae_dir, tmp_path / "bad0", 1, *args, "--gen-anchor-weight", "1"))
     cfg = json.loads((tmp_path / "gen_run" / "config.json").read_text())

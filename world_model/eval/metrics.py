@@ -125,6 +125,8 @@ def rms_gradient(frames: np.ndarray, rows: int | None = None, chunk: int = 256) 
 # episode); the box adds a margin.
 KERB_FRAME_HW = (72, 128)
 KERB_CAR_BOX = (slice(47, 61), slice(58, 70))
+CARRACING_VIEW_ROWS = 62
+"""Rows of a 72x128 CarRacing frame above the dashboard (the view)."""
 
 
 def kerb_pixels(frames: np.ndarray, rows: int | None = None) -> float:
@@ -152,8 +154,8 @@ def kerb_pixels(frames: np.ndarray, rows: int | None = None) -> float:
     return float(kerb.sum(axis=(1, 2)).mean())
 
 
-def _view_cells(frames: np.ndarray, rows: int | None, ignore: tuple[slice, slice] | None, bins: int) -> np.ndarray:
-    """Colour cell of each counted pixel: uint8 (N, H, W, 3) -> int64 (P,) in [0, bins**3)."""
+def _view_pixels(frames: np.ndarray, rows: int | None, ignore: tuple[slice, slice] | None) -> np.ndarray:
+    """The counted pixels of uint8 frames (N, H, W, 3): the top ``rows`` without the ``ignore`` box -> (P, 3)."""
     f = np.asarray(frames)
     if f.dtype != np.uint8 or f.ndim != 4 or len(f) == 0 or f.shape[-1] != 3:
         raise ValueError(f"colour palettes need uint8 (N >= 1, H, W, 3) frames, got {f.dtype} {f.shape}")
@@ -164,8 +166,13 @@ def _view_cells(frames: np.ndarray, rows: int | None, ignore: tuple[slice, slice
         keep[ignore] = False
     if not keep.any():
         raise ValueError(f"no pixel of {f.shape[1:3]} frames is left to count (rows={rows}, ignore={ignore})")
-    q = f[:, keep].astype(np.int64) * bins // 256  # (N, P', 3) bin per channel
-    return ((q[..., 0] * bins + q[..., 1]) * bins + q[..., 2]).ravel()
+    return f[:, keep].reshape(-1, 3)
+
+
+def _cells(px: np.ndarray, bins: int) -> np.ndarray:
+    """RGB cell of each uint8 pixel (P, 3) on a grid of ``bins`` levels per channel -> int64 (P,)."""
+    q = px.astype(np.int64) * bins // 256  # (P, 3) bin per channel
+    return (q[:, 0] * bins + q[:, 1]) * bins + q[:, 2]
 
 
 def color_palette(frames: np.ndarray, rows: int | None = None, ignore: tuple[slice, slice] | None = None,
@@ -175,7 +182,24 @@ def color_palette(frames: np.ndarray, rows: int | None = None, ignore: tuple[sli
     ``rows`` keeps the top rows (CarRacing: the view above the dashboard); ``ignore`` is a (rows,
     columns) box left out (CarRacing: the car, whose black wheels no other part of the view has).
     """
-    return np.bincount(_view_cells(frames, rows, ignore, bins), minlength=bins**3) > 0
+    return np.bincount(_cells(_view_pixels(frames, rows, ignore), bins), minlength=bins**3) > 0
+
+
+def palette_colours(frames: np.ndarray, rows: int | None = None, ignore: tuple[slice, slice] | None = None,
+                    bins: int = 16) -> np.ndarray:
+    """The mean colour of each RGB cell real frames use: float32 (K, 3) in [0, 255], K = used cells.
+
+    A finer grid than :func:`color_palette`'s by default (16 levels per channel), so the colours hug
+    the real ones: the targets of a differentiable "stay in the palette" loss. ``rows`` / ``ignore``
+    as for :func:`color_palette`.
+    """
+    px = _view_pixels(frames, rows, ignore)  # (P, 3)
+    cells = _cells(px, bins)  # (P,)
+    count = np.bincount(cells, minlength=bins**3)
+    sums = np.stack([np.bincount(cells, px[:, c].astype(np.float64), minlength=bins**3)
+                     for c in range(3)], 1)  # (bins**3, 3) summed colour per cell
+    used = count > 0
+    return (sums[used] / count[used, None]).astype(np.float32)
 
 
 def off_palette(frames: np.ndarray, palette: np.ndarray, rows: int | None = None,
@@ -195,7 +219,7 @@ def off_palette(frames: np.ndarray, palette: np.ndarray, rows: int | None = None
     bins = round(len(pal) ** (1 / 3))
     if pal.dtype != bool or pal.ndim != 1 or bins**3 != len(pal):
         raise ValueError(f"palette must be a bool (bins**3,) vector from color_palette, got {pal.dtype} {pal.shape}")
-    return float(1.0 - pal[_view_cells(frames, rows, ignore, bins)].mean())
+    return float(1.0 - pal[_cells(_view_pixels(frames, rows, ignore), bins)].mean())
 
 
 # -------------------------------------------------------------------------------------- control

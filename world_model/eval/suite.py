@@ -112,7 +112,7 @@ if TYPE_CHECKING:
 
 Mode = Literal["pipelined", "reconditioned", "immediate"]
 ALL_MODES: tuple[Mode, ...] = ("pipelined", "reconditioned", "immediate")
-VIEW_ROWS = 62
+VIEW_ROWS = M.CARRACING_VIEW_ROWS
 """Rows of a 72x128 CarRacing frame above the dashboard (the detail metric's view)."""
 
 

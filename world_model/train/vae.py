@@ -127,6 +127,14 @@ class Args:
     decodes of the same latents (0 = off). The critic alone may draw whatever fools it where a
     generated latent is unlike any encoding (high-contrast blobs beside the car were seen); the anchor
     keeps those decodes near the parent's and leaves the critic room for thin detail (edges, kerb lines)."""
+    gen_palette_weight: float = 0.0
+    """Weight of a colour prior on the decodes of the generated latents (0 = off; needs
+    --gen-palette-data): the mean distance of each pixel beyond a margin to the nearest real colour.
+    Real colours keep it at zero (red and white kerbs, road-grass blends); invented ones (the yellow,
+    magenta and black blobs an unanchored critic drew beside the car) pay for their distance."""
+    gen_palette_data: Path | None = None
+    """Recorded episodes whose 72x128 frames give the real colours of --gen-palette-weight (CarRacing:
+    the view above the dashboard, without the car's box). Not domain-randomised footage."""
     gen_batch: int = 16
     """Generated latents decoded per step (with --gen-latents). The decoder's adversarial term is one
     mean over the batch's reconstructions and these decodes, so the two batch sizes set their shares
@@ -267,16 +275,64 @@ def _with_head(cfg: object, args: Args) -> object:
         raise UsageError(f"--hr-base / --hr-kernel: {err}") from err
 
 
+PALETTE_MARGIN = 2 * 16 / 255
+"""Distance in [-1, 1] RGB units a pixel may be from its nearest real colour at no cost (16 grey levels:
+about the radius of the 16-level colour cells whose mean colours form the palette)."""
+
+
+def palette_targets(data: Path, episodes: int = 32, every: int = 4) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The real colours of a recording for ``--gen-palette-weight``.
+
+    Returns:
+        ``colours`` (K, 3) float32 in [-1, 1] (:func:`world_model.eval.metrics.palette_colours` of every
+        ``every``-th frame of the first ``episodes`` episodes), ``keep`` (72, 128) bool (the pixels the
+        loss reads: CarRacing's view without the car's box, else all), and a record for the summary.
+    """
+    from world_model.data import episodes as E
+    from world_model.data.record import is_carracing
+    from world_model.eval import metrics as M
+
+    try:
+        eps = E.list_episodes(data)[:episodes]
+    except UsageError as err:
+        raise UsageError(f"--gen-palette-data: {err}") from err
+    if not eps:
+        raise UsageError(f"--gen-palette-data {str(data)!r} holds no episodes")
+    frames = np.concatenate([np.asarray(E.open_episode(ep)["frames"][::every]) for ep in eps])  # (N, 72, 128, 3)
+    carracing = is_carracing(str(E.read_meta(eps[0]).get("env_id", "")))
+    rows, ignore = (M.CARRACING_VIEW_ROWS, M.KERB_CAR_BOX) if carracing else (None, None)
+    colours = torch.from_numpy(M.palette_colours(frames, rows, ignore)) / 127.5 - 1  # (K, 3)
+    keep = torch.ones(frames.shape[1:3], dtype=torch.bool)  # (72, 128)
+    if carracing:
+        keep[rows:] = False
+        keep[ignore] = False
+    record = {"data": str(data), "episodes": len(eps), "frames": len(frames), "colours": len(colours),
+              "view": "CarRacing view without the car" if carracing else "whole frame"}
+    return colours, keep, record
+
+
+def palette_loss(images: torch.Tensor, colours: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Mean distance beyond :data:`PALETTE_MARGIN` of the kept pixels of ``images`` (G, 3, H, W) in [-1, 1]
+    to their nearest colour of ``colours`` (K, 3); ``keep`` (H, W) bool."""
+    px = images.float().permute(0, 2, 3, 1)[:, keep].reshape(-1, 3)  # (G*P, 3)
+    with torch.no_grad():  # the nearest colour, in chunks: (G*P, K) distances would not fit a big batch
+        nearest = torch.cat([torch.cdist(c, colours).argmin(1) for c in px.split(16384)])  # (G*P,)
+    dist = (px - colours[nearest]).norm(dim=1)  # (G*P,) differentiable in px
+    return F.relu(dist - PALETTE_MARGIN).mean()
+
+
 class VAELoss(nn.Module):
     """The reconstruction losses of one step, in one forward, so DDP sees a single graph per step.
 
     The adversarial term (``Critic.generator_term``) is added by the trainer on the returned images.
     """
 
-    def __init__(self, vae: nn.Module, args: Args, kl_weight: float, anchor: nn.Module | None = None) -> None:
-        """Hold the VAE, the loss weights and the frozen parent VAE of ``--gen-anchor-weight`` (or None)."""
+    def __init__(self, vae: nn.Module, args: Args, kl_weight: float, anchor: nn.Module | None = None,
+                 palette: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Hold the VAE, the loss weights, the frozen parent VAE of ``--gen-anchor-weight`` and the
+        ``(colours, keep)`` of ``--gen-palette-weight`` (each or None)."""
         super().__init__()
-        self.vae, self.args, self.kl_weight, self.anchor = vae, args, kl_weight, anchor
+        self.vae, self.args, self.kl_weight, self.anchor, self.palette = vae, args, kl_weight, anchor, palette
 
     def forward(
         self,
@@ -332,7 +388,10 @@ class VAELoss(nn.Module):
                 with torch.no_grad():
                     parent = self.anchor.decode(gen_z).float()  # (G, 3, 72, 128), the --init-from decoder's
                 losses["loss/gen_anchor"] = F.l1_loss(gen_dec.float(), parent)
-                losses["loss/total"] = total + a.gen_anchor_weight * losses["loss/gen_anchor"]
+                total = losses["loss/total"] = total + a.gen_anchor_weight * losses["loss/gen_anchor"]
+            if self.palette is not None:
+                losses["loss/gen_palette"] = palette_loss(gen_dec, *self.palette)
+                losses["loss/total"] = total + a.gen_palette_weight * losses["loss/gen_palette"]
             fake = torch.cat([fake, gen_dec.to(fake.dtype)])  # (B + G, 3, 72, 128)
         return losses, (x, fake)
 
@@ -467,6 +526,12 @@ def train(args: Args, command: list[str] | None = None) -> dict:
             raise UsageError(f"--gen-batch {args.gen_batch}: must be >= 1")
     if args.gen_anchor_weight < 0 or (args.gen_anchor_weight > 0 and not args.gen_latents):
         raise UsageError(f"--gen-anchor-weight {args.gen_anchor_weight}: must be >= 0, and > 0 only with --gen-latents")
+    if args.gen_palette_weight < 0 or (args.gen_palette_weight > 0 and not args.gen_latents):
+        raise UsageError(f"--gen-palette-weight {args.gen_palette_weight}: must be >= 0, and > 0 only with "
+                         "--gen-latents")
+    if (args.gen_palette_weight > 0) != (args.gen_palette_data is not None):
+        raise UsageError(f"--gen-palette-weight {args.gen_palette_weight} and --gen-palette-data "
+                         f"{args.gen_palette_data}: give both (weight > 0) or neither")
     train_eps, heldout_eps = common.resolve_episodes(args.data, args.holdout_fraction, args.seed)
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -573,7 +638,13 @@ def train(args: Args, command: list[str] | None = None) -> dict:
 
         anchor = load_module(Path(args.init_from).expanduser(), "vae", FrameVAE, VAEConfig).to(info.device).eval()
         anchor.requires_grad_(False)
-    step_fn = common.wrap_ddp(VAELoss(vae, args, kl_weight, anchor), info, find_unused=hr_iter is None)
+    palette, palette_info = None, None  # the real colours of --gen-palette-weight
+    if args.gen_palette_weight > 0:
+        colours, keep, palette_info = palette_targets(Path(args.gen_palette_data).expanduser())
+        palette = (colours.to(info.device), keep.to(info.device))
+        logger.print(f"colour prior: {palette_info['colours']} real colours from {palette_info['frames']} frames "
+                     f"of {args.gen_palette_data}")
+    step_fn = common.wrap_ddp(VAELoss(vae, args, kl_weight, anchor, palette), info, find_unused=hr_iter is None)
     batches = iter(loader)
     vae.train()
     for step in range(start, args.steps):
@@ -655,6 +726,7 @@ def train(args: Args, command: list[str] | None = None) -> dict:
             else None,
             "init_from": common.parent_summary(args.init_from, "train_vae.json"),
             "gen_latents": gen_infos,  # the rollouts whose decodes the critic judged (their recipes)
+            "gen_palette": palette_info,  # the recording whose colours the generated decodes kept
             "eval": metrics,
         }
         (out_dir / "train_vae.json").write_text(json.dumps(summary, indent=2))
