@@ -468,10 +468,13 @@ def test_decoder_learns_from_generated_latents(data, footage, vae_dir, latents, 
     assert pal["data"] == str(data) and pal["colours"] >= 2 and pal["view"] == "whole frame"  # synthetic data
     colours, keep, _ = vae.palette_targets(data)
     assert keep.all() and colours.shape[1] == 3 and colours.abs().max() <= 1
+    keep = keep.flatten().nonzero().squeeze(1)  # (72*128,) the pixels the loss reads
     near = colours[:1, :, None, None].expand(1, 3, 72, 128)  # a real colour everywhere: free
     assert vae.palette_loss(near, colours, keep) == 0.0
     far = near + torch.tensor([0.0, 0.0, 1.0])[None, :, None, None]  # one channel 1.0 off: costs ~1 - margin
     assert 0.3 < vae.palette_loss(far, colours, keep) <= 1.0 - vae.PALETTE_MARGIN + 1e-6
+    top = torch.cat([far[:, :, :1], near[:, :, 1:]], 2)  # only row 0 off the palette
+    assert vae.palette_loss(top, colours, keep[128:]) == 0.0 < vae.palette_loss(top, colours, keep[:256])
     with pytest.raises(UsageError, match="give both"):
         vae.main(_vae_gan_args(data, vae_dir, tmp_path / "bad_p0", 1, *gen_args, "--gen-palette-weight", "1"))
     with pytest.raises(UsageError, match="--gen-palette-weight 1.0: must be >= 0, and > 0 only with --gen-latents"):

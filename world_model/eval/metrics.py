@@ -171,8 +171,10 @@ def _view_pixels(frames: np.ndarray, rows: int | None, ignore: tuple[slice, slic
 
 def _cells(px: np.ndarray, bins: int) -> np.ndarray:
     """RGB cell of each uint8 pixel (P, 3) on a grid of ``bins`` levels per channel -> int64 (P,)."""
-    q = px.astype(np.int64) * bins // 256  # (P, 3) bin per channel
-    return (q[:, 0] * bins + q[:, 1]) * bins + q[:, 2]
+    cell = np.zeros(len(px), np.int64)  # (P,) built channel by channel: no (P, 3) int64 copy
+    for c in range(3):
+        cell = cell * bins + px[:, c].astype(np.int64) * bins // 256
+    return cell
 
 
 def color_palette(frames: np.ndarray, rows: int | None = None, ignore: tuple[slice, slice] | None = None,
@@ -210,7 +212,10 @@ def off_palette(frames: np.ndarray, palette: np.ndarray, rows: int | None = None
     scores high, where :func:`kerb_pixels` would count the blobs' red and white as kerbs and
     :func:`rms_gradient` as detail. Blur between two real colours mostly stays in the palette (the
     real frames' own edges are resampled too); VAE reconstructions of real frames give the floor.
-    Use the same ``rows`` / ``ignore`` as for :func:`color_palette`.
+    Cells are 32 levels wide by default and a real colour may sit near a cell's edge (CarRacing's
+    road grey, 102, is 6 levels above one), so a decoder that shifts a whole surface by a few
+    levels can score high too: look at the frames before trusting a rise. Use the same ``rows`` /
+    ``ignore`` as for :func:`color_palette`.
 
     Raises:
         ValueError: frames not uint8 (N >= 1, H, W, 3), or ``palette`` not a bool vector of a cube size.

@@ -93,12 +93,14 @@ def palette_from(world: WorldModel, data: Path, episodes: int) -> np.ndarray:
     from world_model.data import episodes as E
     from world_model.eval.suite import real_palette
 
+    if episodes < 1:
+        raise UsageError(f"--palette-episodes {episodes}: must be >= 1")
     try:
-        eps = E.list_episodes(data)[:episodes] if episodes > 0 else []
+        eps = E.list_episodes(data)[:episodes]
     except UsageError as err:
         raise UsageError(f"--palette-data: {err}") from err
     if not eps:
-        raise UsageError(f"--palette-data {str(data)!r} holds no episodes (or --palette-episodes {episodes} < 1)")
+        raise UsageError(f"--palette-data {str(data)!r} holds no episodes")
     return real_palette(world, np.concatenate([np.asarray(E.open_episode(ep)["frames"][::2]) for ep in eps]))
 
 

@@ -276,8 +276,9 @@ def _with_head(cfg: object, args: Args) -> object:
 
 
 PALETTE_MARGIN = 2 * 16 / 255
-"""Distance in [-1, 1] RGB units a pixel may be from its nearest real colour at no cost (16 grey levels:
-about the radius of the 16-level colour cells whose mean colours form the palette)."""
+"""Distance in [-1, 1] RGB units a pixel may be from its nearest real colour at no cost: 16 grey levels,
+the half-width of the 16-level colour cells whose mean colours form the palette (a colour in a cell's
+corner can be up to ~28 levels from its mean and pays a little)."""
 
 
 def palette_targets(data: Path, episodes: int = 32, every: int = 4) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -311,10 +312,16 @@ def palette_targets(data: Path, episodes: int = 32, every: int = 4) -> tuple[tor
     return colours, keep, record
 
 
-def palette_loss(images: torch.Tensor, colours: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Mean distance beyond :data:`PALETTE_MARGIN` of the kept pixels of ``images`` (G, 3, H, W) in [-1, 1]
-    to their nearest colour of ``colours`` (K, 3); ``keep`` (H, W) bool."""
-    px = images.float().permute(0, 2, 3, 1)[:, keep].reshape(-1, 3)  # (G*P, 3)
+def palette_loss(images: torch.Tensor, colours: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+    """Mean distance beyond :data:`PALETTE_MARGIN` of the pixels ``pixels`` (P,) int64 (row-major
+    indices into H*W, e.g. ``keep.flatten().nonzero().squeeze(1)``) of ``images`` (G, 3, H, W) in
+    [-1, 1] to their nearest colour of ``colours`` (K, 3).
+
+    The decodes are not clamped: a value past [-1, 1] pays for its distance too. The term is part of
+    the loss whose gradient sets the critic's adaptive weight (as the anchor's is).
+    """
+    g, _, h, w = images.shape
+    px = images.float().permute(0, 2, 3, 1).reshape(g, h * w, 3).index_select(1, pixels).reshape(-1, 3)  # (G*P, 3)
     with torch.no_grad():  # the nearest colour, in chunks: (G*P, K) distances would not fit a big batch
         nearest = torch.cat([torch.cdist(c, colours).argmin(1) for c in px.split(16384)])  # (G*P,)
     dist = (px - colours[nearest]).norm(dim=1)  # (G*P,) differentiable in px
@@ -330,7 +337,7 @@ class VAELoss(nn.Module):
     def __init__(self, vae: nn.Module, args: Args, kl_weight: float, anchor: nn.Module | None = None,
                  palette: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Hold the VAE, the loss weights, the frozen parent VAE of ``--gen-anchor-weight`` and the
-        ``(colours, keep)`` of ``--gen-palette-weight`` (each or None)."""
+        ``(colours, pixels)`` of ``--gen-palette-weight`` (each or None; see :func:`palette_loss`)."""
         super().__init__()
         self.vae, self.args, self.kl_weight, self.anchor, self.palette = vae, args, kl_weight, anchor, palette
 
@@ -641,7 +648,7 @@ def train(args: Args, command: list[str] | None = None) -> dict:
     palette, palette_info = None, None  # the real colours of --gen-palette-weight
     if args.gen_palette_weight > 0:
         colours, keep, palette_info = palette_targets(Path(args.gen_palette_data).expanduser())
-        palette = (colours.to(info.device), keep.to(info.device))
+        palette = (colours.to(info.device), keep.flatten().nonzero().squeeze(1).to(info.device))  # (K, 3), (P,)
         logger.print(f"colour prior: {palette_info['colours']} real colours from {palette_info['frames']} frames "
                      f"of {args.gen_palette_data}")
     step_fn = common.wrap_ddp(VAELoss(vae, args, kl_weight, anchor, palette), info, find_unused=hr_iter is None)
