@@ -105,6 +105,21 @@ def list_episodes(root: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(TMP_PREFIX))
 
 
+def sample_frames(root: Path, episodes: int, every: int) -> tuple[np.ndarray, list[Path]]:
+    """Every ``every``-th frame of the first ``episodes`` episodes of ``root`` (e.g. a palette of real colours).
+
+    Returns:
+        frames (N, 72, 128, 3) uint8 and the episodes read.
+
+    Raises:
+        UsageError: ``root`` holds no episodes.
+    """
+    eps = list_episodes(root)[:episodes]
+    if not eps:
+        raise UsageError(f"data directory {str(root)!r} holds no episodes")
+    return np.concatenate([np.asarray(open_episode(ep)["frames"][::every]) for ep in eps]), eps
+
+
 def remove_stale_tmp(root: Path) -> int:
     """Delete half-written episodes left by a killed recorder; returns how many."""
     stale = [p for p in (Path(root) / EPISODES_DIR).glob(f"{TMP_PREFIX}*")]

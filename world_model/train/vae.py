@@ -294,12 +294,9 @@ def palette_targets(data: Path, episodes: int = 32, every: int = 4) -> tuple[tor
     from world_model.eval import metrics as M
 
     try:
-        eps = E.list_episodes(data)[:episodes]
+        frames, eps = E.sample_frames(data, episodes, every)  # (N, 72, 128, 3)
     except UsageError as err:
         raise UsageError(f"--gen-palette-data: {err}") from err
-    if not eps:
-        raise UsageError(f"--gen-palette-data {str(data)!r} holds no episodes")
-    frames = np.concatenate([np.asarray(E.open_episode(ep)["frames"][::every]) for ep in eps])  # (N, 72, 128, 3)
     carracing = is_carracing(str(E.read_meta(eps[0]).get("env_id", "")))
     rows, ignore = (M.CARRACING_VIEW_ROWS, M.KERB_CAR_BOX) if carracing else (None, None)
     colours = torch.from_numpy(M.palette_colours(frames, rows, ignore)) / 127.5 - 1  # (K, 3)
