@@ -154,19 +154,28 @@ def kerb_pixels(frames: np.ndarray, rows: int | None = None) -> float:
     return float(kerb.sum(axis=(1, 2)).mean())
 
 
-def _view_pixels(frames: np.ndarray, rows: int | None, ignore: tuple[slice, slice] | None) -> np.ndarray:
-    """The counted pixels of uint8 frames (N, H, W, 3): the top ``rows`` without the ``ignore`` box -> (P, 3)."""
-    f = np.asarray(frames)
-    if f.dtype != np.uint8 or f.ndim != 4 or len(f) == 0 or f.shape[-1] != 3:
-        raise ValueError(f"colour palettes need uint8 (N >= 1, H, W, 3) frames, got {f.dtype} {f.shape}")
-    keep = np.ones(f.shape[1:3], bool)  # (H, W) the pixels that count
+def view_mask(hw: tuple[int, int], rows: int | None, ignore: tuple[slice, slice] | None) -> np.ndarray:
+    """The pixels a palette counts: bool (H, W), the top ``rows`` (all if None) without the ``ignore`` box.
+
+    Raises:
+        ValueError: no pixel is left.
+    """
+    keep = np.ones(hw, bool)  # (H, W)
     if rows is not None:
         keep[rows:] = False
     if ignore is not None:
         keep[ignore] = False
     if not keep.any():
-        raise ValueError(f"no pixel of {f.shape[1:3]} frames is left to count (rows={rows}, ignore={ignore})")
-    return f[:, keep].reshape(-1, 3)
+        raise ValueError(f"no pixel of {tuple(hw)} frames is left to count (rows={rows}, ignore={ignore})")
+    return keep
+
+
+def _view_pixels(frames: np.ndarray, rows: int | None, ignore: tuple[slice, slice] | None) -> np.ndarray:
+    """The counted pixels of uint8 frames (N, H, W, 3) (:func:`view_mask`) -> (P, 3)."""
+    f = np.asarray(frames)
+    if f.dtype != np.uint8 or f.ndim != 4 or len(f) == 0 or f.shape[-1] != 3:
+        raise ValueError(f"colour palettes need uint8 (N >= 1, H, W, 3) frames, got {f.dtype} {f.shape}")
+    return f[:, view_mask(f.shape[1:3], rows, ignore)].reshape(-1, 3)
 
 
 def _cells(px: np.ndarray, bins: int) -> np.ndarray:

@@ -300,10 +300,7 @@ def palette_targets(data: Path, episodes: int = 32, every: int = 4) -> tuple[tor
     carracing = is_carracing(str(E.read_meta(eps[0]).get("env_id", "")))
     rows, ignore = (M.CARRACING_VIEW_ROWS, M.KERB_CAR_BOX) if carracing else (None, None)
     colours = torch.from_numpy(M.palette_colours(frames, rows, ignore)) / 127.5 - 1  # (K, 3)
-    keep = torch.ones(frames.shape[1:3], dtype=torch.bool)  # (72, 128)
-    if carracing:
-        keep[rows:] = False
-        keep[ignore] = False
+    keep = torch.from_numpy(M.view_mask(frames.shape[1:3], rows, ignore))  # (72, 128) the same pixels
     record = {"data": str(data), "episodes": len(eps), "frames": len(frames), "colours": len(colours),
               "view": "CarRacing view without the car" if carracing else "whole frame"}
     return colours, keep, record
