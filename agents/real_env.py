@@ -16,10 +16,13 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
+import torch
+import torch.nn.functional as F
 from gymnasium import spaces
 
 from world_model.actions import CARRACING_CONTROLS, DRIVING_ACTIONS
 from world_model.data.record import carracing_canvas, resize_frame, to_train_res
+from world_model.vae import frames_to_tensor, tensor_to_frames
 
 HD_W, HD_H = 1280, 720
 
@@ -32,6 +35,9 @@ class RealCarRacingEnv(gym.Env):
         frame_skip: physics steps per env step (the recorder's default, 4).
         domain_randomize: CarRacing's randomised colours (the other domain).
         render_mode: None or "rgb_array" (the last 1280x720 frame).
+        vae: a world's frame VAE (``load_world(path).vae``): each 72x128 frame is encoded (posterior
+            mean) and decoded by it before the resize, so an agent trained in that world sees the
+            real game drawn by the world's own decoder (no kerb stripes, the same textures).
 
     CarRacing's own time limit (1000 physics steps = 250 env steps at frame_skip 4) truncates episodes.
     """
@@ -44,6 +50,7 @@ class RealCarRacingEnv(gym.Env):
         frame_skip: int = 4,
         domain_randomize: bool = False,
         render_mode: str | None = None,
+        vae: torch.nn.Module | None = None,
     ) -> None:
         if frame_skip < 1:
             raise ValueError(f"frame_skip must be >= 1, got {frame_skip}")
@@ -54,6 +61,7 @@ class RealCarRacingEnv(gym.Env):
         self.action_space = spaces.Discrete(len(DRIVING_ACTIONS))
         self.observation_space = spaces.Box(0, 255, (*self.obs_size, 3), np.uint8)
         self._hd: np.ndarray | None = None
+        self.vae = vae
 
     def get_action_meanings(self) -> list[str]:
         """Names of the nine driving actions, in action-id order."""
@@ -63,6 +71,12 @@ class RealCarRacingEnv(gym.Env):
         with carracing_canvas(HD_W, HD_H):
             self._hd = np.asarray(self.env.render(), dtype=np.uint8)  # (720, 1280, 3)
         small = to_train_res(self._hd)  # (72, 128, 3), the recorder's training frame
+        if self.vae is not None:
+            with torch.no_grad():
+                x = self.vae.decode(self.vae.encode(frames_to_tensor(small[None])))  # (1, 3, h, w)
+                if tuple(x.shape[-2:]) != small.shape[:2]:
+                    x = F.interpolate(x, size=small.shape[:2], mode="bilinear", antialias=True, align_corners=False)
+            small = tensor_to_frames(x)[0].numpy()  # (72, 128, 3) uint8
         return resize_frame(small, self.obs_size[1], self.obs_size[0])
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):

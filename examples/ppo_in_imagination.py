@@ -1,43 +1,122 @@
 """Train a PPO agent only in MatrixWorld, then evaluate it in the real CarRacing-v3.
 
 The agent sees 84x84 frames in both worlds: MatrixWorld decodes at 72x128 and resizes; the real env
-renders 1280x720, averages down to 72x128 (the recorder's pipeline) and resizes the same way.
+renders 1280x720, averages down to 72x128 (the recorder's pipeline) and resizes the same way. The
+imagined reward is the world's reward head; the real return is CarRacing's own.
 
     python examples/ppo_in_imagination.py --timesteps 4096 --episodes 3
+
+A long run, resumable (rerun the same command after a kill: it continues from the newest checkpoint
+in --run-dir, saved atomically every --save-every timesteps):
+
+    python examples/ppo_in_imagination.py --timesteps 300000 --run-dir ~/ppo --dtype bfloat16 --compile
 """
 
 import argparse
+import json
+import os
+from pathlib import Path
 
 import numpy as np
 from stable_baselines3 import PPO
-from stable_baselines3.common.evaluation import evaluate_policy
+from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecFrameStack, VecMonitor
 
 from agents.real_env import RealCarRacingEnv
 from agents.vec_env import MatrixWorldSB3VecEnv
+from matrix_env import DEFAULT_WORLD
+from world_model.actions import DRIVING_ACTIONS
+from world_model.checkpoint import load_world
+from world_model.road_follower import RoadFollower
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--timesteps", type=int, default=4096, help="PPO timesteps in imagination")
+parser.add_argument("--timesteps", type=int, default=4096, help="PPO timesteps in imagination (in all, with resume)")
 parser.add_argument("--num-envs", type=int, default=8, help="imagined envs, one batched forward")
+parser.add_argument("--frame-stack", type=int, default=1, help="frames the agent sees per step (1 = no stack)")
+parser.add_argument("--n-steps", type=int, default=128, help="PPO rollout length per env")
+parser.add_argument("--dtype", default="float32", help="world dtype: float32 or bfloat16")
+parser.add_argument("--compile", action="store_true", help="torch.compile the world's DiT")
+parser.add_argument("--run-dir", type=Path, default=None, help="checkpoints and progress log; resumes from it")
+parser.add_argument("--save-every", type=int, default=16384, help="timesteps between checkpoints (with --run-dir)")
 parser.add_argument("--episodes", type=int, default=3, help="real CarRacing-v3 evaluation episodes")
+parser.add_argument("--eval-seed", type=int, default=1000, help="seed of the first real evaluation episode")
+parser.add_argument("--no-baselines", action="store_true", help="evaluate only the agent (no random/follower rows)")
+parser.add_argument("--seed", type=int, default=0)
 args = parser.parse_args()
+for name in ("timesteps", "num_envs", "frame_stack", "n_steps", "save_every"):
+    if getattr(args, name) < 1:
+        parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
 
-imagined = MatrixWorldSB3VecEnv(num_envs=args.num_envs, obs_size=(84, 84), max_episode_steps=250)
-imagined.seed(0)
-model = PPO("CnnPolicy", imagined, n_steps=128, batch_size=256, seed=0, verbose=1)
-model.learn(total_timesteps=args.timesteps)
 
-real = RealCarRacingEnv(obs_size=(84, 84))
-mean, std = evaluate_policy(model, real, n_eval_episodes=args.episodes, deterministic=False)
-rng = np.random.default_rng(0)
-returns = []
-for ep in range(args.episodes):  # the random-policy baseline in the same real env
-    real.reset(seed=1000 + ep)
-    total, done = 0.0, False
-    while not done:
-        _, r, term, trunc, _ = real.step(int(rng.integers(9)))
-        total, done = total + r, term or trunc
-    returns.append(total)
-print(
-    f"real CarRacing-v3 return: PPO trained in imagination {mean:.1f} +- {std:.1f}; "
-    f"random policy {np.mean(returns):.1f} +- {np.std(returns):.1f} ({args.episodes} episodes)"
+def stacked(venv: VecEnv) -> VecEnv:
+    """The same frame stack in imagination and in the real game."""
+    return VecFrameStack(venv, args.frame_stack) if args.frame_stack > 1 else venv
+
+
+imagined = MatrixWorldSB3VecEnv(
+    num_envs=args.num_envs, obs_size=(84, 84), max_episode_steps=250, dtype=args.dtype, compile_model=args.compile
 )
+imagined.seed(args.seed)
+imagined = stacked(VecMonitor(imagined))
+
+ckpt = args.run_dir / "ppo.zip" if args.run_dir else None
+if ckpt is not None and ckpt.exists():
+    model = PPO.load(ckpt, env=imagined, device="cpu")
+    print(f"resumed {ckpt} at {model.num_timesteps} timesteps")
+else:
+    model = PPO(
+        "CnnPolicy", imagined, n_steps=args.n_steps, batch_size=256, n_epochs=4, learning_rate=2.5e-4,
+        ent_coef=0.01, clip_range=0.1, seed=args.seed, device="cpu", verbose=1,
+    )  # fmt: skip
+
+while model.num_timesteps < args.timesteps:
+    chunk = args.timesteps - model.num_timesteps
+    if ckpt is not None:
+        chunk = min(chunk, args.save_every)
+    model.learn(total_timesteps=chunk, reset_num_timesteps=False)
+    if ckpt is not None:
+        args.run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = args.run_dir / "ppo.tmp.zip"
+        model.save(tmp)
+        os.replace(tmp, ckpt)  # atomic: a kill never leaves a half-written checkpoint
+        returns = [ep["r"] for ep in model.ep_info_buffer]
+        line = {"timesteps": model.num_timesteps, "imagined_return": float(np.mean(returns)) if returns else None}
+        with open(args.run_dir / "progress.jsonl", "a") as f:
+            f.write(json.dumps(line) + "\n")
+imagined.close()
+
+
+def real_returns(act, vae=None) -> list[float]:
+    """Returns of ``act(obs) -> actions`` over --episodes real episodes, seeds --eval-seed, +1, ...
+
+    With ``vae`` the agent sees each real frame encoded and decoded by the world's VAE first.
+    """
+    out = []
+    for ep in range(args.episodes):
+        real = stacked(DummyVecEnv([lambda: RealCarRacingEnv(obs_size=(84, 84), vae=vae)]))
+        real.seed(args.eval_seed + ep)
+        obs, total, done = real.reset(), 0.0, False
+        while not done:
+            obs, reward, dones, _ = real.step(act(obs))
+            total, done = total + float(reward[0]), bool(dones[0])
+        real.close()
+        out.append(total)
+    return out
+
+
+rng = np.random.default_rng(args.seed)
+follower = RoadFollower(DRIVING_ACTIONS)
+vae = load_world(DEFAULT_WORLD).vae.eval()
+model.set_random_seed(args.seed)
+rows = {
+    "PPO trained in imagination": real_returns(lambda obs: model.predict(obs, deterministic=False)[0]),
+    "the same, greedy": real_returns(lambda obs: model.predict(obs, deterministic=True)[0]),
+    "the same, real frames through the world's VAE": real_returns(
+        lambda obs: model.predict(obs, deterministic=False)[0], vae
+    ),
+}
+if not args.no_baselines:
+    rows["random policy"] = real_returns(lambda obs: rng.integers(9, size=1))
+    rows["pixel road follower (scripted reference)"] = real_returns(lambda obs: follower(obs[..., -3:]))
+print(f"real CarRacing-v3, {args.episodes} episodes (seeds {args.eval_seed}+), {model.num_timesteps} imagined steps:")
+for name, rets in rows.items():
+    print(f"  {name}: return {np.mean(rets):.1f} +- {np.std(rets):.1f}  {[round(r, 1) for r in rets]}")

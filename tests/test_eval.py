@@ -484,6 +484,14 @@ def test_eval_refuses_data_without_a_held_out_split(tmp_path: Path, tiny_world_d
                 "--quick"])
 
 
+def test_held_action_is_one_action_for_every_frame() -> None:
+    policy = S.held_action(["D", "DL", "DR"], "DR")
+    actions = policy(np.zeros((3, 72, 128, 3), np.uint8))
+    assert actions.dtype == np.int64 and actions.tolist() == [2, 2, 2]
+    with pytest.raises(UsageError, match=r"hold action 'L' is not one of the world's actions \['D', 'DL', 'DR'\]"):
+        S.held_action(["D", "DL", "DR"], "L")
+
+
 def test_closed_loop_compares_the_world_with_the_real_game() -> None:
     """The road follower drives both; a CarRacing world gets the real game's numbers beside its own."""
     world = build_tiny_world()
@@ -502,6 +510,9 @@ def test_closed_loop_compares_the_world_with_the_real_game() -> None:
                                                                                    (102, 102, 102))]))
     out = S.closed_loop(world, world.start_latents, "pipelined", 2, 2, 0, "cpu", "CarRacing-v3", palette)
     assert 0.0 <= out["real"]["off_palette"] < out["world"]["off_palette"] <= 1.0
+    # an action held open loop: the real game drives the same action in every step
+    held = S.closed_loop(world, world.start_latents, "pipelined", 2, 4, 0, "cpu", "CarRacing-v3", hold="D")
+    assert held["policy"] == "D" and 0.0 <= held["real"]["on_road"] <= 1.0
     world.meta["env_id"] = "gymnasium.envs.box2d:CarRacing-v3"  # the recorder's spelling with a module
     assert "kerb_pixels" in S.closed_loop(world, world.start_latents, "pipelined", 2, 2, 0, "cpu", None)["world"]
     world.action_names[:] = [f"a{i}" for i in range(len(world.action_names))]
@@ -533,8 +544,9 @@ def test_probe_compares_sampler_variants_on_the_same_starts(tmp_path: Path, tiny
     assert all(r["off_palette"] is None for r in rows)  # no --palette-data
     table = capsys.readouterr().out
     assert "| level_shift=2 | mean of 2 |" in table and table.count("| default | 0 |") == 2
-    assert table.splitlines()[1].endswith("| detail | kerb pixels | off-palette pixels |") and all(
-        line.endswith(" | - | - |") for line in table.splitlines()[3:])  # "not applicable" cells
+    assert table.splitlines()[1].endswith("| detail | kerb pixels | off-palette pixels | real game on road |") and all(
+        line.endswith(" | - | - | - |") for line in table.splitlines()[3:])  # "not applicable" cells
+    assert all(r["real_on_road"] is None for r in rows)  # no --real
     # --palette-data: the real colours of a recording; the untrained world invents others
     toy = make_synthetic_dataset(tmp_path / "toy", episodes=2, steps=6)
     argv = ["--checkpoint", str(tiny_world_dir), "--envs", "2", "--steps", "2", "--threads", "1",
@@ -542,10 +554,14 @@ def test_probe_compares_sampler_variants_on_the_same_starts(tmp_path: Path, tiny
     assert P.main(argv) == 0
     (row,) = json.loads(out.read_text())
     assert 0.0 < row["off_palette"] <= 1.0
-    assert capsys.readouterr().out.splitlines()[-1].endswith(f"| {100 * row['off_palette']:.2f}% |")
+    assert capsys.readouterr().out.splitlines()[-1].endswith(f"| {100 * row['off_palette']:.2f}% | - |")
     with pytest.raises(UsageError, match="--palette-data: data directory .*empty' holds no recorded episodes"):
         P.main([*argv[:-4], "--palette-data", str(tmp_path / "empty"), "--out", str(out)])
     with pytest.raises(UsageError, match="--palette-episodes 0: must be >= 1"):
         P.main([*argv, "--palette-episodes", "0"])
     with pytest.raises(UsageError, match="level_shift must be a finite number > 0"):
         P.main(["--checkpoint", str(tiny_world_dir), "--variants", "level_shift=-1", "--envs", "1", "--steps", "1"])
+    with pytest.raises(UsageError, match="--real: .* the real game is CarRacing only"):
+        P.main(["--checkpoint", str(tiny_world_dir), "--envs", "1", "--steps", "1", "--real"])
+    with pytest.raises(UsageError, match="hold action 'X' is not one of the world's actions"):
+        P.main(["--checkpoint", str(tiny_world_dir), "--envs", "1", "--steps", "1", "--hold", "X"])

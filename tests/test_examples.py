@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -34,6 +35,13 @@ def test_vector_env_example(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_ppo_in_imagination_example(tmp_path: Path) -> None:
-    out = run_example("ppo_in_imagination.py", tmp_path, "--timesteps", "1024", "--episodes", "1", timeout=900)
-    assert "real CarRacing-v3 return: PPO trained in imagination" in out
+def test_ppo_in_imagination_example_resumes(tmp_path: Path) -> None:
+    common = ("--num-envs", "4", "--n-steps", "64", "--frame-stack", "2", "--episodes", "1", "--run-dir", "run")
+    out = run_example("ppo_in_imagination.py", tmp_path, "--timesteps", "256", "--save-every", "256", *common)
+    for row in ("PPO trained in imagination", "random policy", "pixel road follower (scripted reference)"):
+        assert f"  {row}: return " in out
+    assert "256 imagined steps" in out and (tmp_path / "run" / "ppo.zip").exists()
+    out = run_example("ppo_in_imagination.py", tmp_path, "--timesteps", "512", "--save-every", "256", *common)
+    assert "resumed run/ppo.zip at 256 timesteps" in out and "512 imagined steps" in out
+    progress = (tmp_path / "run" / "progress.jsonl").read_text().splitlines()
+    assert [json.loads(line)["timesteps"] for line in progress] == [256, 512]

@@ -21,3 +21,22 @@ def test_real_env_observations_actions_and_determinism() -> None:
     with pytest.raises(ValueError, match="driving action"):
         env.step(9)
     env.close()
+
+
+def test_real_env_through_a_world_vae_shows_its_decoded_frames() -> None:
+    """With ``vae`` the observation is the world decoder's drawing of the real frame, not the frame."""
+    from tests.conftest import build_tiny_world
+    from world_model.data.record import resize_frame
+    from world_model.eval.suite import decode_latents, encode_frames
+
+    vae = build_tiny_world().vae.eval()
+    plain, through = RealCarRacingEnv(obs_size=(84, 84)), RealCarRacingEnv(obs_size=(84, 84), vae=vae)
+    obs, _ = plain.reset(seed=5)
+    seen, _ = through.reset(seed=5)
+    assert seen.shape == (84, 84, 3) and seen.dtype == np.uint8 and not np.array_equal(seen, obs)
+    native, _ = RealCarRacingEnv().reset(seed=5)  # (72, 128, 3): the training-resolution frame
+    small = decode_latents(vae, encode_frames(vae, native[None]))  # the same path by hand
+    assert np.abs(seen.astype(int) - resize_frame(small[0], 84, 84).astype(int)).max() <= 1
+    assert np.array_equal(through.reset(seed=5)[0], seen)  # deterministic: the posterior mean, no sampling
+    plain.close()
+    through.close()

@@ -7,7 +7,10 @@ on the road, per quarter of the run, the predicted reward per step, the streams 
 head ended, the detail of the frames (RMS luma gradient above the dashboard), for CarRacing
 worlds the kerb pixels per frame (:func:`world_model.eval.metrics.kerb_pixels`) and, with
 ``--palette-data``, the share of pixels whose colour no recorded frame has
-(:func:`world_model.eval.metrics.off_palette`: invented colours, blobs). A seed fixes the
+(:func:`world_model.eval.metrics.off_palette`: invented colours, blobs). ``--hold D`` replaces the
+follower by one action held open loop (does the world keep the road under a car that drives
+straight, as an agent trained in it would learn to?), and ``--real`` drives the real CarRacing-v3
+with the same policy beside it (seeds ``seed .. seed + envs - 1``). A seed fixes the
 start contexts and the noise keys, so variants are compared on the same starts and noise (paired).
 The README's sampler table was measured with it.
 
@@ -60,6 +63,10 @@ class Args:
     """Recorded episodes whose 72x128 frames give the real colours: adds the off-palette share (artifacts)."""
     palette_episodes: int = 16
     """Episodes of --palette-data read (every second frame of each)."""
+    hold: str | None = None
+    """Hold this action (e.g. D) open loop instead of driving with the road follower."""
+    real: bool = False
+    """Drive the real game too (CarRacing worlds), with the same policy: its on-road fraction as a column."""
 
 
 def parse_variant(text: str) -> dict:
@@ -105,7 +112,7 @@ def palette_from(world: WorldModel, data: Path, episodes: int) -> np.ndarray:
 def probe(args: Args) -> list[dict]:
     """Run every (variant, seed); returns one row per pair (also printed as it finishes)."""
     from world_model.checkpoint import load_world
-    from world_model.eval.suite import closed_loop
+    from world_model.eval.suite import closed_loop, is_carracing
     from world_model.simulator import sampler_config
 
     if args.envs < 1 or args.steps < 1:
@@ -114,6 +121,9 @@ def probe(args: Args) -> list[dict]:
         torch.set_num_threads(args.threads)
     world = load_world(args.checkpoint)
     palette = None if args.palette_data is None else palette_from(world, args.palette_data, args.palette_episodes)
+    real_env = str(world.meta.get("env_id", "")) if args.real else None
+    if args.real and not is_carracing(world):
+        raise UsageError(f"--real: {args.checkpoint} was recorded from {real_env!r}; the real game is CarRacing only")
     rows: list[dict] = []
     variants = [(v, parse_variant(v)) for v in args.variants]
     for text, overrides in variants:
@@ -122,7 +132,7 @@ def probe(args: Args) -> list[dict]:
         for seed in args.seeds:
             t0 = time.perf_counter()
             out = closed_loop(dataclasses.replace(world, sampler=sampler), world.start_latents, cfg.mode,
-                              args.envs, args.steps, seed, "cpu", None, palette)
+                              args.envs, args.steps, seed, "cpu", real_env, palette, args.hold)
             if "skipped" in out:
                 raise UsageError(f"{args.checkpoint}: {out['skipped']}")
             w = out["world"]
@@ -130,7 +140,7 @@ def probe(args: Args) -> list[dict]:
                    "on_road_by_quarter": [q["mean"] for q in w["on_road_by_quarter"]],
                    "reward_per_step": w["reward_per_step"], "terminations": w["terminations"],
                    "detail": w["detail"], "kerb_pixels": w.get("kerb_pixels"), "off_palette": w.get("off_palette"),
-                   "wall_s": time.perf_counter() - t0}
+                   "real_on_road": out["real"]["on_road"] if args.real else None, "wall_s": time.perf_counter() - t0}
             rows.append(row)
             print(format_row(row), flush=True)
             if args.out is not None:
@@ -141,9 +151,9 @@ def probe(args: Args) -> list[dict]:
     return rows
 
 
-def _opt(value: float | None, scale: float = 1.0, unit: str = "") -> str:
-    """A 2-decimal cell, or "-" for a metric that does not apply (kerbs outside CarRacing)."""
-    return "-" if value is None else f"{scale * value:.2f}{unit}"
+def _opt(value: float | None, scale: float = 1.0, unit: str = "", digits: int = 2) -> str:
+    """A cell with ``digits`` decimals, or "-" for a metric that does not apply (kerbs outside CarRacing)."""
+    return "-" if value is None else f"{scale * value:.{digits}f}{unit}"
 
 
 def format_row(row: dict) -> str:
@@ -151,7 +161,8 @@ def format_row(row: dict) -> str:
     quarters = " / ".join(f"{q:.2f}" for q in row["on_road_by_quarter"])
     return (f"| {row['variant']} | {row['seed']} | {quarters} | {row['on_road']:.3f} | "
             f"{row['reward_per_step']:.3f} | {row['terminations']} | {row['detail']:.2f} | "
-            f"{_opt(row['kerb_pixels'])} | {_opt(row['off_palette'], 100, '%')} |")
+            f"{_opt(row['kerb_pixels'])} | {_opt(row['off_palette'], 100, '%')} | "
+            f"{_opt(row['real_on_road'], digits=3)} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,20 +170,22 @@ def main(argv: list[str] | None = None) -> int:
     import tyro
 
     args = tyro.cli(Args, args=argv, prog="matrix-world probe", description=__doc__.split("\n\n")[0])
-    print(f"{args.envs} streams x {args.steps} steps of {args.checkpoint}, road follower")
+    driver = "road follower" if args.hold is None else f"action {args.hold} held"
+    print(f"{args.envs} streams x {args.steps} steps of {args.checkpoint}, {driver}")
     print("| sampler variant | seed | on road, by quarter | on road, mean | predicted reward / step "
-          "| terminated streams | detail | kerb pixels | off-palette pixels |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
+          "| terminated streams | detail | kerb pixels | off-palette pixels | real game on road |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     rows = probe(args)
     if len(args.seeds) > 1:
         for text in dict.fromkeys(args.variants):  # each variant once, in order
             mine = [r for r in rows if r["variant"] == text]
             mean = {k: float(np.mean([r[k] for r in mine])) for k in ("on_road", "reward_per_step", "detail")}
-            for key in ("kerb_pixels", "off_palette"):
+            for key in ("kerb_pixels", "off_palette", "real_on_road"):
                 vals = [r[key] for r in mine]
                 mean[key] = None if None in vals else float(np.mean(vals))
             print(f"| {text} | mean of {len(mine)} | | {mean['on_road']:.3f} | {mean['reward_per_step']:.3f} | | "
-                  f"{mean['detail']:.2f} | {_opt(mean['kerb_pixels'])} | {_opt(mean['off_palette'], 100, '%')} |")
+                  f"{mean['detail']:.2f} | {_opt(mean['kerb_pixels'])} | {_opt(mean['off_palette'], 100, '%')} | "
+                  f"{_opt(mean['real_on_road'], digits=3)} |")
     return 0
 
 

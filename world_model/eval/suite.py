@@ -765,8 +765,21 @@ def bucket_means(x: np.ndarray, buckets: int = 4) -> list[dict]:
             for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
 
 
+def held_action(action_names: list[str], name: str) -> Callable[[np.ndarray], np.ndarray]:
+    """An open-loop policy that always takes action ``name``: frames (B, H, W, 3) -> (B,) int64 ids.
+
+    Raises:
+        UsageError: ``name`` is not one of ``action_names``.
+    """
+    if name not in action_names:
+        raise UsageError(f"hold action {name!r} is not one of the world's actions {action_names}")
+    index = action_names.index(name)
+    return lambda frames: np.full(len(frames), index, np.int64)
+
+
 def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int, steps: int, seed: int,
-                device: str, real_env_id: str | None, palette: np.ndarray | None = None) -> dict:
+                device: str, real_env_id: str | None, palette: np.ndarray | None = None,
+                hold: str | None = None) -> dict:
     """Drive the world (and the real CarRacing-v3) with the pixel road follower; compare road keeping.
 
     In the world, ``envs`` streams start from real held-out contexts whose last frame shows the car on
@@ -775,7 +788,12 @@ def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int,
     reward per step are reported per quarter of the run; the same follower on the real game (when
     the world was recorded from CarRacing) gives the reference. With a ``palette`` of real colours
     (:func:`real_palette`), the share of off-palette pixels (:func:`metrics.off_palette`) is reported
-    for both.
+    for both. ``hold`` (an action name, e.g. "D") replaces the follower by that action, held open
+    loop: a world that keeps the road under a car driving straight is easier than the real game
+    (a policy trained in it learns to drive straight).
+
+    Raises:
+        UsageError: ``hold`` is not one of the world's action names.
     """
     from world_model.road_follower import RoadFollower, on_road
     from world_model.simulator import Simulator, sampler_config
@@ -784,6 +802,7 @@ def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int,
         follower = RoadFollower(list(world.action_names))
     except ValueError as err:
         return {"skipped": str(err)}
+    policy = follower if hold is None else held_action(list(world.action_names), hold)
     on = on_road(decode_latents(world.vae, contexts[:, -1].float()))  # (S,) the real game starts on the road
     if on.any():
         contexts = contexts[torch.from_numpy(np.nonzero(on)[0])]
@@ -796,7 +815,7 @@ def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int,
     on, rew, detail, kerbs, off, ended = [], [], [], [], [], torch.zeros(envs, dtype=torch.bool)
     rows, carracing, ignore = detail_rows(world), is_carracing(world), palette_ignore(world)
     for _ in range(steps):  # a stream the termination head ends is counted once and driven on
-        latents, reward, terminated = sim.step(torch.from_numpy(follower(frame)))
+        latents, reward, terminated = sim.step(torch.from_numpy(policy(frame)))
         frame = sim.decode(latents, E.TRAIN_HW).cpu().numpy()  # (B, 72, 128, 3)
         on.append(on_road(frame))
         detail.append(M.rms_gradient(frame, rows))
@@ -808,7 +827,7 @@ def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int,
         ended |= terminated.cpu()
     ends = int(ended.sum())  # streams that terminated at least once (the real side: episodes)
     on_w, rew_w = np.array(on, np.float64), np.array(rew, np.float64)  # (T, B)
-    out: dict = {"mode": mode, "envs": envs, "steps": steps,
+    out: dict = {"mode": mode, "envs": envs, "steps": steps, "policy": hold or "road follower",
                  "world": {"on_road": float(on_w.mean()), "on_road_by_quarter": bucket_means(on_w),
                            "reward_per_step": float(rew_w.mean()), "terminations": ends,
                            "detail": float(np.mean(detail))}}
@@ -827,7 +846,7 @@ def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int,
     for i in range(envs):
         obs, _ = env.reset(seed=seed + i)
         for t in range(steps):
-            obs, r, term, trunc, _ = env.step(int(follower(obs[None])[0]))
+            obs, r, term, trunc, _ = env.step(int(policy(obs[None])[0]))
             on_r[t, i], rew_r[t, i] = on_road(obs[None])[0], r
             detail_r[t, i] = M.rms_gradient(obs[None], VIEW_ROWS)  # the real game is CarRacing: its view
             kerb_r[t, i] = M.kerb_pixels(obs[None], VIEW_ROWS)
