@@ -73,10 +73,11 @@ class RealCarRacingEnv(gym.Env):
         small = to_train_res(self._hd)  # (72, 128, 3), the recorder's training frame
         if self.vae is not None:
             with torch.no_grad():
-                x = self.vae.decode(self.vae.encode(frames_to_tensor(small[None])))  # (1, 3, h, w)
+                device = next(self.vae.parameters()).device
+                x = self.vae.decode(self.vae.encode(frames_to_tensor(small[None], device)))  # (1, 3, h, w)
                 if tuple(x.shape[-2:]) != small.shape[:2]:
                     x = F.interpolate(x, size=small.shape[:2], mode="bilinear", antialias=True, align_corners=False)
-            small = tensor_to_frames(x)[0].numpy()  # (72, 128, 3) uint8
+            small = tensor_to_frames(x)[0].cpu().numpy()  # (72, 128, 3) uint8
         return resize_frame(small, self.obs_size[1], self.obs_size[0])
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
