@@ -17,12 +17,11 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
-import torch.nn.functional as F
 from gymnasium import spaces
 
 from world_model.actions import CARRACING_CONTROLS, DRIVING_ACTIONS
 from world_model.data.record import carracing_canvas, resize_frame, to_train_res
-from world_model.vae import frames_to_tensor, tensor_to_frames
+from world_model.eval.suite import decode_latents, encode_frames
 
 HD_W, HD_H = 1280, 720
 
@@ -72,12 +71,7 @@ class RealCarRacingEnv(gym.Env):
             self._hd = np.asarray(self.env.render(), dtype=np.uint8)  # (720, 1280, 3)
         small = to_train_res(self._hd)  # (72, 128, 3), the recorder's training frame
         if self.vae is not None:
-            with torch.no_grad():
-                device = next(self.vae.parameters()).device
-                x = self.vae.decode(self.vae.encode(frames_to_tensor(small[None], device)))  # (1, 3, h, w)
-                if tuple(x.shape[-2:]) != small.shape[:2]:
-                    x = F.interpolate(x, size=small.shape[:2], mode="bilinear", antialias=True, align_corners=False)
-            small = tensor_to_frames(x)[0].cpu().numpy()  # (72, 128, 3) uint8
+            small = decode_latents(self.vae, encode_frames(self.vae, small[None]))[0]  # (72, 128, 3) uint8
         return resize_frame(small, self.obs_size[1], self.obs_size[0])
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
