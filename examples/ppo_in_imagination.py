@@ -33,6 +33,7 @@ parser.add_argument("--timesteps", type=int, default=4096, help="PPO timesteps i
 parser.add_argument("--num-envs", type=int, default=8, help="imagined envs, one batched forward")
 parser.add_argument("--frame-stack", type=int, default=1, help="frames the agent sees per step (1 = no stack)")
 parser.add_argument("--n-steps", type=int, default=128, help="PPO rollout length per env")
+parser.add_argument("--world", type=Path, default=DEFAULT_WORLD, help="world directory (default: the shipped world)")
 parser.add_argument("--dtype", default="float32", help="world dtype: float32 or bfloat16")
 parser.add_argument("--compile", action="store_true", help="torch.compile the world's DiT")
 parser.add_argument("--run-dir", type=Path, default=None, help="checkpoints and progress log; resumes from it")
@@ -53,7 +54,8 @@ def stacked(venv: VecEnv) -> VecEnv:
 
 
 imagined = MatrixWorldSB3VecEnv(
-    num_envs=args.num_envs, obs_size=(84, 84), max_episode_steps=250, dtype=args.dtype, compile_model=args.compile
+    world=args.world, num_envs=args.num_envs, obs_size=(84, 84), max_episode_steps=250, dtype=args.dtype,
+    compile_model=args.compile,
 )
 imagined.seed(args.seed)
 imagined = stacked(VecMonitor(imagined))
@@ -105,7 +107,7 @@ def real_returns(act, vae=None) -> list[float]:
 
 rng = np.random.default_rng(args.seed)
 follower = RoadFollower(DRIVING_ACTIONS)
-vae = load_world(DEFAULT_WORLD).vae.eval()
+vae = load_world(args.world).vae.eval()
 model.set_random_seed(args.seed)
 rows = {
     "PPO trained in imagination": real_returns(lambda obs: model.predict(obs, deterministic=False)[0]),

@@ -111,6 +111,40 @@ def test_kill_and_resume(tmp_path: Path) -> None:
     assert [e["name"] for e in manifest["episodes"]] == names
 
 
+def test_killed_recorder_leaves_no_worker_recording(tmp_path: Path) -> None:
+    """SIGKILL reaches only the recorder; its worker processes stop at their next step instead of
+    recording the episodes still queued, and a rerun completes the set."""
+    out = tmp_path / "data"
+    args = ["record", "--episodes", "6", "--steps", "60", "--resolution", "320x180", "--workers", "2"]
+    args += ["--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "agents.cli", *args]
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    episodes = out / E.EPISODES_DIR
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(episodes.glob(f"{E.TMP_PREFIX}*"))) < 2:  # both workers recording
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    workers = {int(d.name.rsplit("-", 1)[1]) for d in episodes.glob(f"{E.TMP_PREFIX}*")}  # .tmp-<name>-<pid>
+    assert len(workers) == 2
+
+    def alive(pid: int) -> bool:  # running (a zombie waiting for init to reap it has stopped)
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.time() + 30
+    while time.time() < deadline and any(alive(pid) for pid in workers):
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in workers), "orphaned recorder workers kept running"
+    assert len(E.list_episodes(out)) <= 2  # at most the episodes that were finishing when killed
+    r = cli(*args)
+    assert r.returncode == 0, r.stderr
+    assert [p.name for p in E.list_episodes(out)] == [E.episode_name(i) for i in range(6)]
+
+
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [
@@ -184,3 +218,48 @@ def test_exit_policy_ends_in_termination(tmp_path: Path) -> None:
 def test_exit_policy_needs_carracing(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="--policy exit drives CarRacing only"):
         record(RecordArgs(out=tmp_path, env="CartPole-v1", episodes=1, steps=5, policy="exit"))
+
+
+def test_hold_policy_starts_holds_on_the_road_and_leaves_it() -> None:
+    """TrackHold: open-loop holds of one action, each begun from the road; the holds run off the road."""
+    import gymnasium as gym
+
+    from world_model.actions import CARRACING_CONTROLS
+    from world_model.data.policy import TrackHold
+
+    env = gym.make("CarRacing-v3", continuous=True)
+    env.reset(seed=4)
+    car_env, policy = env.unwrapped, TrackHold(np.random.default_rng(4))
+    on_road, holding, actions = [], [], []
+    for _ in range(250):
+        on_road.append(any(len(w.tiles) > 0 for w in car_env.car.wheels))  # before the action
+        a = policy(car_env)
+        holding.append(policy._holding)
+        actions.append(a)
+        for _ in range(4):
+            *_, term, trunc, _ = env.step(CARRACING_CONTROLS[a])
+        if term or trunc:
+            break
+    env.close()
+    on_road, holding, actions = np.array(on_road), np.array(holding), np.array(actions)
+    starts = np.flatnonzero(holding & ~np.r_[False, holding[:-1]])  # first step of each hold
+    assert len(starts) >= 3 and len(policy.holds) == len(starts)
+    assert on_road[starts].all()  # each hold begins on the road
+    left_road = 0
+    for s, (action, length) in zip(starts, policy.holds, strict=True):
+        assert (actions[s : s + length] == action).all()  # one action, open loop, for the whole hold
+        left_road += int(not on_road[s : s + length + 1].all())
+    assert sum(a == 0 for a, _ in policy.holds) >= 1  # "D" is among them
+    # holds run off the road, and the car was back on it for the next hold (each starts on the road)
+    assert left_road >= 2
+
+
+def test_hold_policy_needs_carracing_and_checks_its_ranges(tmp_path: Path) -> None:
+    from world_model.data.policy import TrackHold
+
+    with pytest.raises(UsageError, match="--policy hold drives CarRacing only"):
+        record(RecordArgs(out=tmp_path, env="CartPole-v1", episodes=1, steps=5, policy="hold"))
+    with pytest.raises(ValueError, match=r"hold=\(5, 2\)"):
+        TrackHold(np.random.default_rng(0), hold=(5, 2))
+    with pytest.raises(ValueError, match="p_straight=1.5"):
+        TrackHold(np.random.default_rng(0), p_straight=1.5)

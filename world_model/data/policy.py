@@ -9,6 +9,11 @@ map centre and drives on until the car crosses the playfield edge, where CarRaci
 episode (-100).
 Its episodes are the only ones that end in ``terminated``, so they teach the termination head what
 the edge looks like (the black void beyond the grass).
+``TrackHold`` (CarRacing): the track follower, interrupted by long open-loop holds of one action
+(mostly "D", straight on the gas) that do not react to the road. The follower's own data pairs "D"
+with a straight road ahead (it only goes straight where the road does), so a world trained on it
+alone learns that "D" keeps the car on the road; the holds break that pairing: a held "D" at a curve
+runs the car off the road and onto the grass, as it would in the real game.
 ``RandomPolicy``: uniform random actions for any Discrete env (the generic recorder's default).
 """
 
@@ -140,3 +145,75 @@ class TrackExit:
         if abs(err) < 0.25:
             return action_id(0, 0)
         return action_id(1 if err > 0 else -1, 2)
+
+
+class TrackHold:
+    """The track follower with long open-loop holds: the data where ignoring the road has consequences.
+
+    Each episode alternates following phases with holds of one action for ``hold`` steps (sampled per
+    hold). A following phase lasts until the car has been on the road (a wheel on a track tile) for
+    ``follow`` steps, sampled per phase, or ``max_follow`` steps if it cannot get back; so every hold
+    starts from the road. A hold draws "D" with probability ``p_straight`` and otherwise any of the
+    nine actions uniformly; it ignores the road, so a hold that meets a curve leaves the road.
+    """
+
+    name = "track-hold"
+
+    def __init__(
+        self,
+        rng: np.random.Generator,
+        follow: tuple[int, int] = (5, 30),
+        hold: tuple[int, int] = (8, 30),
+        p_straight: float = 0.5,
+        max_follow: int = 120,
+    ) -> None:
+        if not (follow[0] >= 1 and follow[1] >= follow[0] and hold[0] >= 1 and hold[1] >= hold[0]):
+            raise ValueError(f"TrackHold: follow={follow}, hold={hold}; expected ranges (lo, hi) with 1 <= lo <= hi")
+        if not 0.0 <= p_straight <= 1.0:
+            raise ValueError(f"TrackHold: p_straight={p_straight}; expected a probability in [0, 1]")
+        self.rng, self.follow, self.hold = rng, follow, hold
+        self.p_straight, self.max_follow = p_straight, max_follow
+        self.follower = TrackFollower(rng)
+        self._action, self._holding = 0, False
+        self._left, self._waited = self._draw(follow), 0  # on-road steps still to follow, steps followed
+        self.holds: list[tuple[int, int]] = []  # (action, length) of every hold started so far
+
+    def _draw(self, lo_hi: tuple[int, int]) -> int:
+        return int(self.rng.integers(lo_hi[0], lo_hi[1] + 1))
+
+    def params(self) -> dict[str, float]:
+        """This episode's sampled parameters (stored in the episode's meta)."""
+        return {**self.follower.params(), "p_straight": self.p_straight}
+
+    def __call__(self, env) -> int:  # noqa: ANN001 - CarRacing (unwrapped)
+        if self._holding:
+            self._left -= 1
+            if self._left <= 0:
+                self._holding, self._left, self._waited = False, self._draw(self.follow), 0
+            return self._action
+        self._waited += 1
+        on_road = any(len(w.tiles) > 0 for w in env.car.wheels)
+        self._left -= int(on_road)  # count on-road steps only
+        if self._left <= 0 or self._waited >= self.max_follow:
+            straight = self.rng.random() < self.p_straight
+            self._action = action_id(0, 0) if straight else int(self.rng.integers(9))
+            self._holding, self._left = True, self._draw(self.hold)
+            self.holds.append((self._action, self._left))
+            self._left -= 1  # this step is the hold's first
+            return self._action
+        return self.follower.controller(env) if on_road else self.recover(env)
+
+    def recover(self, env) -> int:  # noqa: ANN001 - CarRacing (unwrapped)
+        """Off the road: head for the nearest track tile, slowly (the follower's far lookahead and
+        speed target overshoot from the grass)."""
+        hull = env.car.hull
+        pos = np.array(hull.position, dtype=np.float64)
+        track = np.array([(t[2], t[3]) for t in env.track], dtype=np.float64)  # (n, 2)
+        target = track[(int(np.argmin(((track - pos) ** 2).sum(1))) + 1) % len(track)]
+        forward, right = np.array(hull.GetWorldVector((0, 1))), np.array(hull.GetWorldVector((1, 0)))
+        d = target - pos
+        err = math.atan2(float(d @ right), float(d @ forward))  # > 0: the road is to the right
+        steer = 0 if abs(err) < 0.15 else (1 if err > 0 else -1)
+        speed = float(np.linalg.norm(np.array(hull.linearVelocity)))
+        throttle = 1 if speed > 30 else (0 if speed < 15 or abs(err) < 0.5 else 2)
+        return action_id(steer, throttle)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import multiprocessing as mp
+import os
 import re
 import shlex
 import sys
@@ -66,7 +67,9 @@ class RecordArgs:
     """Base seed: episode i resets the env with seed + i and seeds its policy likewise."""
     policy: str = "auto"
     """'auto' (track-follower with noise on CarRacing, random elsewhere), 'track', 'exit' (CarRacing:
-    follow the track, then drive off the playfield until the episode terminates), or 'random'."""
+    follow the track, then drive off the playfield until the episode terminates), 'hold' (CarRacing:
+    follow the track between long open-loop holds of one action, mostly straight on the gas), or
+    'random'."""
     env_kwargs: str = "{}"
     """Extra gym.make keyword arguments as JSON, e.g. '{\"lap_complete_percent\": 0.9}'."""
     sentences: Path | None = None
@@ -178,15 +181,15 @@ def resolve_source(args: RecordArgs) -> Source:
         raise UsageError(f"--env-kwargs {args.env_kwargs!r} is not JSON: {err}") from err
     if not isinstance(env_kwargs, dict):
         raise UsageError(f"--env-kwargs {args.env_kwargs!r}: expected a JSON object")
-    if args.policy not in ("auto", "track", "exit", "random"):
-        raise UsageError(f"--policy {args.policy!r}: expected one of auto, track, exit, random")
+    if args.policy not in ("auto", "track", "exit", "hold", "random"):
+        raise UsageError(f"--policy {args.policy!r}: expected one of auto, track, exit, hold, random")
     carracing = is_carracing(args.env)
     if args.env.split(":")[-1] not in gym.registry and ":" not in args.env:
         raise UsageError(f"--env {args.env!r} is not a registered Gymnasium env id")
     if carracing:
         env_kwargs.setdefault("domain_randomize", bool(args.unlabelled or args.domain_randomize))
         names, sentences = list(DRIVING_ACTIONS), list(DRIVING_SENTENCES)
-    if args.policy in ("track", "exit") and not carracing:
+    if args.policy in ("track", "exit", "hold") and not carracing:
         raise UsageError(
             f"--policy {args.policy} drives CarRacing only; --env {args.env!r} needs --policy random"
         )
@@ -244,13 +247,13 @@ def record_episode(
     import gymnasium as gym
     import imageio
 
-    from world_model.data.policy import RandomPolicy, TrackExit, TrackFollower
+    from world_model.data.policy import RandomPolicy, TrackExit, TrackFollower, TrackHold
 
     name = E.episode_name(index)
     env = make_env(src)
     rng = np.random.default_rng(seed)
     n_actions = len(src.action_names)
-    policies = {"track": TrackFollower, "exit": TrackExit}
+    policies = {"track": TrackFollower, "exit": TrackExit, "hold": TrackHold}
     policy = policies[src.policy](rng) if src.policy in policies else RandomPolicy(n_actions, rng)
     tmp = E.tmp_episode_dir(root, name)
     tmp.mkdir(parents=True, exist_ok=True)
@@ -339,15 +342,26 @@ def record_episode(
 
 
 _progress_queue: Any = None
+_parent_pid: int | None = None
 
 
-def _init_worker(queue: Any) -> None:
-    global _progress_queue
-    _progress_queue = queue
+def _init_worker(queue: Any, parent_pid: int) -> None:
+    global _progress_queue, _parent_pid
+    _progress_queue, _parent_pid = queue, parent_pid
+
+
+def _worker_step(n: int) -> None:
+    """Report progress; a worker whose recorder was killed (SIGKILL/SIGTERM reach only the parent)
+    stops at once instead of recording the episodes still queued: its half-written episode stays a
+    temporary directory that the next run removes."""
+    if os.getppid() != _parent_pid:
+        os._exit(1)
+    _progress_queue.put(n)
 
 
 def _worker(root: Path, index: int, seed: int, src: Source) -> dict[str, Any]:
-    return record_episode(root, index, seed, src, on_step=_progress_queue.put)
+    _worker_step(0)
+    return record_episode(root, index, seed, src, on_step=_worker_step)
 
 
 def record(args: RecordArgs) -> dict[str, Any]:
@@ -379,7 +393,8 @@ def record(args: RecordArgs) -> dict[str, Any]:
         else:
             ctx = mp.get_context("spawn")
             queue = ctx.Queue()
-            with ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=_init_worker, initargs=(queue,)) as pool:
+            init = {"initializer": _init_worker, "initargs": (queue, os.getpid())}
+            with ProcessPoolExecutor(args.workers, mp_context=ctx, **init) as pool:
                 futures = [pool.submit(_worker, root, i, args.seed + i, src) for i in todo]
                 pending = set(futures)
                 while pending:
