@@ -162,7 +162,7 @@ def test_encode_latents_shapes_and_resume(data, vae_dir, latents):
 
 
 # ----------------------------------------------------------------------------- DiT / world
-def test_dit_trainer_and_build_world(data, footage, vae_dir, latents, dit_run, tmp_path):
+def test_dit_trainer_and_build_world(data, footage, vae_dir, latents, dit_run, tmp_path, capsys):
     from world_model.checkpoint import load_world
     from world_model.train import build_world
 
@@ -181,6 +181,11 @@ def test_dit_trainer_and_build_world(data, footage, vae_dir, latents, dit_run, t
     ])  # fmt: skip
     world = load_world(out)
     assert world.start_latents.shape == (6, 4, 4, 9, 16)
+    build_world.main([
+        "--vae", str(vae_dir), "--dit", str(model), "--data", str(data), "--latents", str(latents[0]),
+        "--out", str(tmp_path / "world_subset"), "--starts", "2",
+    ])  # fmt: skip
+    assert "changed since the DiT was trained" not in capsys.readouterr().out  # a subset of its data
     assert world.heads.cfg.term_threshold == 0.0  # the default: the class-weighted loss's own decision
     again = tmp_path / "world_t"
     build_world.main([

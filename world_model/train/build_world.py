@@ -218,9 +218,11 @@ def build(args: Args, command: list[str] | None = None) -> Path:
         raise UsageError(
             f"latent caches {list(map(str, args.latents))} were made by another VAE than --vae {args.vae}"
         )
-    fingerprint = data_fingerprint(args.data)
-    if dit_summary.get("data_manifest_sha256") not in (None, fingerprint):
-        print("note: the data changed since the DiT was trained (manifest hashes differ)")
+    fingerprint = data_fingerprint(args.data)  # start contexts may come from a subset of the DiT's data
+    trained = dit_summary.get("data_manifest_sha256") or {}
+    changed = sorted(root for root, sha in fingerprint.items() if root in trained and trained[root] != sha)
+    if changed:
+        print(f"note: {changed} changed since the DiT was trained (manifest hashes differ)")
 
     vae = load_module(args.vae, "vae", FrameVAE, VAEConfig)
     dit = load_module(args.dit, "dit", VideoDiT, DiTConfig)
