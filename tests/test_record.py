@@ -234,7 +234,7 @@ def test_hold_policy_starts_holds_on_the_road_and_leaves_it() -> None:
     for _ in range(250):
         on_road.append(any(len(w.tiles) > 0 for w in car_env.car.wheels))  # before the action
         a = policy(car_env)
-        holding.append(policy._holding)
+        holding.append(policy.holding)
         actions.append(a)
         for _ in range(4):
             *_, term, trunc, _ = env.step(CARRACING_CONTROLS[a])

@@ -27,6 +27,17 @@ import numpy as np
 from world_model.actions import action_id
 
 
+def heading_error(hull, direction: np.ndarray) -> float:  # noqa: ANN001 - a Box2D body
+    """Angle (radians) from the car's heading to the world-frame ``direction``; > 0: to the right."""
+    forward, right = np.array(hull.GetWorldVector((0, 1))), np.array(hull.GetWorldVector((1, 0)))
+    return math.atan2(float(direction @ right), float(direction @ forward))
+
+
+def hull_speed(hull) -> float:  # noqa: ANN001 - a Box2D body
+    """The car's speed (Box2D units)."""
+    return float(np.linalg.norm(np.array(hull.linearVelocity)))
+
+
 class RandomPolicy:
     """Uniform random actions held for a random number of steps (1-4)."""
 
@@ -74,19 +85,21 @@ class TrackFollower:
         """This episode's sampled parameters (stored in the episode's meta)."""
         return {"lookahead": self.lookahead, "target_speed": self.target_speed, "epsilon": self.epsilon}
 
-    def controller(self, env) -> int:  # noqa: ANN001 - CarRacing (unwrapped)
-        """The noiseless action: steer towards a point ``lookahead`` tiles ahead, hold the target speed."""
+    def tile_ahead(self, env, tiles: int) -> np.ndarray:  # noqa: ANN001 - CarRacing (unwrapped)
+        """(2,) position of the track tile ``tiles`` after the one nearest to the car."""
         if self._track_xy is None:
             self._track_xy = np.array([(t[2], t[3]) for t in env.track], dtype=np.float64)  # (n, 2)
-        hull = env.car.hull
-        pos = np.array(hull.position, dtype=np.float64)
+        pos = np.array(env.car.hull.position, dtype=np.float64)
         nearest = int(np.argmin(((self._track_xy - pos) ** 2).sum(1)))
-        target = self._track_xy[(nearest + self.lookahead) % len(self._track_xy)]
-        forward, right = np.array(hull.GetWorldVector((0, 1))), np.array(hull.GetWorldVector((1, 0)))
-        d = target - pos
-        heading_err = math.atan2(float(d @ right), float(d @ forward))  # > 0: target is to the right
+        return self._track_xy[(nearest + tiles) % len(self._track_xy)]
+
+    def controller(self, env) -> int:  # noqa: ANN001 - CarRacing (unwrapped)
+        """The noiseless action: steer towards a point ``lookahead`` tiles ahead, hold the target speed."""
+        hull = env.car.hull
+        target = self.tile_ahead(env, self.lookahead)
+        heading_err = heading_error(hull, target - np.array(hull.position, dtype=np.float64))
         steer = 0 if abs(heading_err) < self.cfg.steer_deadzone else (1 if heading_err > 0 else -1)
-        speed = float(np.linalg.norm(np.array(hull.linearVelocity)))
+        speed = hull_speed(hull)
         # brake into sharp corners, drive below the target speed, coast above it
         if abs(heading_err) > 0.6 and speed > 0.6 * self.target_speed:
             throttle = 1
@@ -139,9 +152,7 @@ class TrackExit:
         hull = env.car.hull
         pos = np.array(hull.position, dtype=np.float64)
         angle = math.atan2(pos[1], pos[0]) + self.offset
-        forward, right = np.array(hull.GetWorldVector((0, 1))), np.array(hull.GetWorldVector((1, 0)))
-        d = np.array([math.cos(angle), math.sin(angle)])
-        err = math.atan2(float(d @ right), float(d @ forward))  # > 0: exit heading is to the right
+        err = heading_error(hull, np.array([math.cos(angle), math.sin(angle)]))  # > 0: exit is to the right
         if abs(err) < 0.25:
             return action_id(0, 0)
         return action_id(1 if err > 0 else -1, 2)
@@ -174,7 +185,7 @@ class TrackHold:
         self.rng, self.follow, self.hold = rng, follow, hold
         self.p_straight, self.max_follow = p_straight, max_follow
         self.follower = TrackFollower(rng)
-        self._action, self._holding = 0, False
+        self._action, self.holding = 0, False  # holding: this step's action is a hold's
         self._left, self._waited = self._draw(follow), 0  # on-road steps still to follow, steps followed
         self.holds: list[tuple[int, int]] = []  # (action, length) of every hold started so far
 
@@ -186,10 +197,10 @@ class TrackHold:
         return {**self.follower.params(), "p_straight": self.p_straight}
 
     def __call__(self, env) -> int:  # noqa: ANN001 - CarRacing (unwrapped)
-        if self._holding:
+        if self.holding:
             self._left -= 1
             if self._left <= 0:
-                self._holding, self._left, self._waited = False, self._draw(self.follow), 0
+                self.holding, self._left, self._waited = False, self._draw(self.follow), 0
             return self._action
         self._waited += 1
         on_road = any(len(w.tiles) > 0 for w in env.car.wheels)
@@ -197,7 +208,7 @@ class TrackHold:
         if self._left <= 0 or self._waited >= self.max_follow:
             straight = self.rng.random() < self.p_straight
             self._action = action_id(0, 0) if straight else int(self.rng.integers(9))
-            self._holding, self._left = True, self._draw(self.hold)
+            self.holding, self._left = True, self._draw(self.hold)
             self.holds.append((self._action, self._left))
             self._left -= 1  # this step is the hold's first
             return self._action
@@ -207,13 +218,9 @@ class TrackHold:
         """Off the road: head for the nearest track tile, slowly (the follower's far lookahead and
         speed target overshoot from the grass)."""
         hull = env.car.hull
-        pos = np.array(hull.position, dtype=np.float64)
-        track = np.array([(t[2], t[3]) for t in env.track], dtype=np.float64)  # (n, 2)
-        target = track[(int(np.argmin(((track - pos) ** 2).sum(1))) + 1) % len(track)]
-        forward, right = np.array(hull.GetWorldVector((0, 1))), np.array(hull.GetWorldVector((1, 0)))
-        d = target - pos
-        err = math.atan2(float(d @ right), float(d @ forward))  # > 0: the road is to the right
+        target = self.follower.tile_ahead(env, 1)
+        err = heading_error(hull, target - np.array(hull.position, dtype=np.float64))  # > 0: road to the right
         steer = 0 if abs(err) < 0.15 else (1 if err > 0 else -1)
-        speed = float(np.linalg.norm(np.array(hull.linearVelocity)))
+        speed = hull_speed(hull)
         throttle = 1 if speed > 30 else (0 if speed < 15 or abs(err) < 0.5 else 2)
         return action_id(steer, throttle)
