@@ -49,6 +49,8 @@ class BenchArgs:
     """Also measure the real CarRacing-v3."""
     compile_model: bool = False
     """torch.compile the DiT (each env compiles once, inside the warm-up steps)."""
+    compile_mode: str = "default"
+    """torch.compile mode with --compile-model; "reduce-overhead" replays CUDA graphs on a GPU."""
     backends: tuple[str, ...] = ("torch",)
     """Who runs the full-window DiT calls: torch, onnxruntime and/or tensorrt (world_model.export.onnx);
     several give adjacent rows per configuration, measured in the same run."""
@@ -61,6 +63,32 @@ class BenchArgs:
 def peak_rss_mib() -> float:
     """Peak resident set size of this process so far, MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def compiled(args: BenchArgs) -> bool | str:
+    """The env's ``compile_model`` setting: False, or the torch.compile mode."""
+    return args.compile_mode if args.compile_model else False
+
+
+def peak_gpu_mib(device: str) -> float | None:
+    """Peak CUDA memory allocated by torch since the last reset, MiB (None off CUDA)."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return None
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def reset_gpu_peak(device: str) -> None:
+    """Free what earlier rows left and restart the CUDA peak, so each row reports its own."""
+    import gc
+
+    import torch
+
+    if device.startswith("cuda"):
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
 
 def time_steps(step, steps: int) -> float:
@@ -105,7 +133,7 @@ def bench_single(args: BenchArgs, obs_size: tuple[int, int], steps: int, backend
         sampler=None if args.guidance is None else {"guidance": args.guidance},
         device=args.device,
         dtype=args.dtype,
-        compile_model=args.compile_model,
+        compile_model=compiled(args),
         backend=backend,
     )
     env.reset(seed=0)
@@ -134,7 +162,7 @@ def bench_vector(
         device=args.device,
         dtype=args.dtype,
         max_episode_steps=1000,
-        compile_model=args.compile_model,
+        compile_model=compiled(args),
         backend=backend,
     )
     envs.reset(seed=0)
@@ -206,6 +234,7 @@ def run(args: BenchArgs) -> list[dict[str, object]]:
             }
         )
     for (name, n, size), backend in itertools.product(configs, args.backends):
+        reset_gpu_peak(args.device)
         if n is None:
             rate = bench_single(args, size, steps, backend)
             batch = 1
@@ -221,6 +250,7 @@ def run(args: BenchArgs) -> list[dict[str, object]]:
                 "steps_s": rate,
                 "ms_step": 1000 * batch / rate,
                 "rss": peak_rss_mib(),
+                "gpu": peak_gpu_mib(args.device),
             }
         )
     for row in rows:
@@ -229,15 +259,18 @@ def run(args: BenchArgs) -> list[dict[str, object]]:
 
 
 def format_table(rows: list[dict[str, object]]) -> str:
-    """Markdown table of the rows."""
+    """Markdown table of the rows; a "peak GPU MiB" column (each row's own peak) on CUDA."""
+    gpu = any(r.get("gpu") is not None for r in rows)
     lines = [
-        "| env | backend | num_envs | obs | env steps/s | ms / step (batch) | x CarRacing | peak RSS MiB |",
-        "|---|---|---:|---|---:|---:|---:|---:|",
+        "| env | backend | num_envs | obs | env steps/s | ms / step (batch) | x CarRacing | peak RSS MiB |"
+        + (" peak GPU MiB |" if gpu else ""),
+        "|---|---|---:|---|---:|---:|---:|---:|" + ("---:|" if gpu else ""),
     ]
     for r in rows:
+        cell = "" if r.get("gpu") is None else f"{r['gpu']:.0f}"
         lines.append(
             f"| {r['env']} | {r['backend']} | {r['num_envs']} | {r['obs']} | {r['steps_s']:.1f} | {r['ms_step']:.1f} | "
-            f"{r['vs_carracing']:.2f} | {r['rss']:.0f} |"
+            f"{r['vs_carracing']:.2f} | {r['rss']:.0f} |" + (f" {cell} |" if gpu else "")
         )
     return "\n".join(lines)
 
@@ -257,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(args)
     print(
         f"# bench_env: world={args.world or 'default'} device={args.device} dtype={args.dtype} "
-        f"compile={args.compile_model} guidance={args.guidance} "
+        f"compile={compiled(args)} guidance={args.guidance} "
         f"threads={torch.get_num_threads()} cpu={platform.processor() or platform.machine()}"
     )
     print(format_table(rows))

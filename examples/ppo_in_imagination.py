@@ -36,9 +36,13 @@ parser.add_argument("--n-steps", type=int, default=128, help="PPO rollout length
 parser.add_argument("--world", type=Path, default=DEFAULT_WORLD, help="world directory (default: the shipped world)")
 parser.add_argument("--dtype", default="float32", help="world dtype: float32 or bfloat16")
 parser.add_argument("--compile", action="store_true", help="torch.compile the world's DiT")
+parser.add_argument("--device", default="cpu", help="torch device of the world and the policy: cpu or cuda")
+parser.add_argument("--sampler-mode", default=None, choices=("pipelined", "reconditioned", "immediate"),
+                    help="Swin-DPM action-latency mode of the world (default: the world's)")
+parser.add_argument("--ctx-noise", type=float, default=None, help="sampler ctx_noise (default: the world's)")
 parser.add_argument("--run-dir", type=Path, default=None, help="checkpoints and progress log; resumes from it")
 parser.add_argument("--save-every", type=int, default=16384, help="timesteps between checkpoints (with --run-dir)")
-parser.add_argument("--episodes", type=int, default=3, help="real CarRacing-v3 evaluation episodes")
+parser.add_argument("--episodes", type=int, default=3, help="real CarRacing-v3 evaluation episodes (0: none)")
 parser.add_argument("--eval-seed", type=int, default=1000, help="seed of the first real evaluation episode")
 parser.add_argument("--no-baselines", action="store_true", help="evaluate only the agent (no random/follower rows)")
 parser.add_argument("--seed", type=int, default=0)
@@ -46,6 +50,8 @@ args = parser.parse_args()
 for name in ("timesteps", "num_envs", "frame_stack", "n_steps", "save_every"):
     if getattr(args, name) < 1:
         parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+if args.episodes < 0:
+    parser.error(f"--episodes must be >= 0, got {args.episodes}")
 
 
 def stacked(venv: VecEnv) -> VecEnv:
@@ -55,19 +61,22 @@ def stacked(venv: VecEnv) -> VecEnv:
 
 imagined = MatrixWorldSB3VecEnv(
     world=args.world, num_envs=args.num_envs, obs_size=(84, 84), max_episode_steps=250, dtype=args.dtype,
-    compile_model=args.compile,
+    compile_model=args.compile, device=args.device, sampler_mode=args.sampler_mode,
+    sampler=None if args.ctx_noise is None else {"ctx_noise": args.ctx_noise},
 )
+cfg = imagined.venv.sim.cfg
+print(f"imagining {args.num_envs} envs on {args.device}: sampler {cfg.mode}, ctx_noise {cfg.ctx_noise}")
 imagined.seed(args.seed)
 imagined = stacked(VecMonitor(imagined))
 
 ckpt = args.run_dir / "ppo.zip" if args.run_dir else None
 if ckpt is not None and ckpt.exists():
-    model = PPO.load(ckpt, env=imagined, device="cpu")
+    model = PPO.load(ckpt, env=imagined, device=args.device)
     print(f"resumed {ckpt} at {model.num_timesteps} timesteps")
 else:
     model = PPO(
         "CnnPolicy", imagined, n_steps=args.n_steps, batch_size=256, n_epochs=4, learning_rate=2.5e-4,
-        ent_coef=0.01, clip_range=0.1, seed=args.seed, device="cpu", verbose=1,
+        ent_coef=0.01, clip_range=0.1, seed=args.seed, device=args.device, verbose=1,
     )  # fmt: skip
 
 while model.num_timesteps < args.timesteps:
@@ -85,6 +94,9 @@ while model.num_timesteps < args.timesteps:
         with open(args.run_dir / "progress.jsonl", "a") as f:
             f.write(json.dumps(line) + "\n")
 imagined.close()
+if args.episodes == 0:
+    print(f"{model.num_timesteps} imagined steps; no real evaluation (--episodes 0)")
+    raise SystemExit(0)
 
 
 def real_returns(act, vae=None) -> list[float]:

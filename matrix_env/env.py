@@ -192,7 +192,8 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
     * ``reward_fn``: replaces the reward head.
     * ``compile_model``: ``torch.compile`` the full-window DiT calls (a slow first step; see
       ``Simulator``). With ``dtype="bfloat16"`` it is the fastest torch setting on a CPU with
-      AVX512-BF16 (README, "Env speed").
+      AVX512-BF16 (README, "Env speed"). A torch.compile mode name instead of True, e.g.
+      ``"reduce-overhead"``, replays the DiT call as a CUDA graph on a GPU (README, "On a GPU").
     * ``backend``: "torch", or run the full-window DiT calls as an exported ONNX graph with
       "onnxruntime" (CPU or CUDA, float32, equal to torch to ~1e-5; the export is cached on disk
       and the first use pays it) or "tensorrt" (CUDA). See ``world_model.export.onnx``.
@@ -223,7 +224,7 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype = "float32",
         reward_fn: RewardFn | None = None,
-        compile_model: bool = False,
+        compile_model: bool | str = False,
         sampler: dict | None = None,
         backend: str = "torch",
     ) -> None:

@@ -75,7 +75,7 @@ class MatrixWorldVectorEnv(VectorEnv):
         dtype: str | torch.dtype = "float32",
         reward_fn: RewardFn | None = None,
         max_episode_steps: int | None = None,
-        compile_model: bool = False,
+        compile_model: bool | str = False,
         sampler: dict | None = None,
         backend: str = "torch",
     ) -> None:

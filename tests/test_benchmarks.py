@@ -17,6 +17,15 @@ def test_bench_env_prints_its_table(tiny_world_dir: Path, capsys: pytest.Capture
     assert "guidance=2.0" in out and "| MatrixWorldVectorEnv | torch | 2 | 84x84 |" in out
 
 
+def test_bench_env_table_has_a_gpu_column_only_on_cuda() -> None:
+    row = {"env": "MatrixWorldEnv", "backend": "torch", "num_envs": 1, "obs": "84x84", "steps_s": 50.0,
+           "ms_step": 20.0, "vs_carracing": 1.0, "rss": 900.0, "gpu": None}
+    cpu = bench_env.format_table([row])
+    assert "GPU" not in cpu and cpu.splitlines()[-1].endswith("| 900 |")
+    cuda = bench_env.format_table([{**row, "gpu": 123.4}])
+    assert "| peak GPU MiB |" in cuda.splitlines()[0] and cuda.splitlines()[-1].endswith("| 900 | 123 |")
+
+
 def test_bench_env_rejects_bad_steps(tiny_world_dir: Path) -> None:
     from world_model.errors import UsageError
 

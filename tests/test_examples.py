@@ -34,6 +34,19 @@ def test_vector_env_example(tmp_path: Path) -> None:
     assert "obs (16, 84, 84, 3) uint8" in out
 
 
+def test_ppo_in_imagination_trains_only_with_episodes_0(tmp_path: Path) -> None:
+    out = run_example("ppo_in_imagination.py", tmp_path, "--timesteps", "32", "--num-envs", "2", "--n-steps", "16",
+                      "--sampler-mode", "immediate", "--ctx-noise", "0.25", "--episodes", "0")
+    assert "sampler immediate, ctx_noise 0.25" in out
+    assert "32 imagined steps; no real evaluation (--episodes 0)" in out
+
+
+def test_ppo_in_imagination_rejects_negative_episodes(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "ppo_in_imagination.py"), "--episodes", "-1"],
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+    assert proc.returncode == 2 and "--episodes must be >= 0, got -1" in proc.stderr
+
+
 @pytest.mark.slow
 def test_ppo_in_imagination_example_resumes(tmp_path: Path) -> None:
     common = ("--num-envs", "4", "--n-steps", "64", "--frame-stack", "2", "--episodes", "1", "--run-dir", "run")

@@ -9,7 +9,7 @@ import torch
 
 from tests.conftest import TINY_SAMPLER, build_tiny_world
 from world_model.errors import UsageError
-from world_model.simulator import Simulator, sampler_config
+from world_model.simulator import Simulator, compile_mode, sampler_config
 from world_model.swin_dpm import SwinDPMConfig
 
 B = 3
@@ -103,6 +103,12 @@ def test_compiled_dit_matches_eager(world) -> None:
         want = eager.step(torch.full((B,), a))[0]
         got = compiled.step(torch.full((B,), a))[0]
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_compile_model_names_a_mode(world) -> None:
+    assert [compile_mode(v) for v in (False, True, "reduce-overhead")] == [None, "default", "reduce-overhead"]
+    with pytest.raises(UsageError, match="compile_model must be True, False or one of .*got 'fastest'"):
+        Simulator(world, 1, compile_model="fastest")
 
 
 def test_memory_flat_over_200_steps(world) -> None:
@@ -218,3 +224,15 @@ def test_cuda_matches_cpu(world) -> None:
     # same keys -> same noise on every device (integer hashing); the networks differ by rounding only
     torch.testing.assert_close(lat_gpu.cpu(), lat_cpu, atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(rew_gpu.cpu(), rew_cpu, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graphs_match_eager() -> None:
+    """compile_model="reduce-overhead" (CUDA-graph replays) gives the eager CUDA rollout, step after step."""
+    eager = started(build_tiny_world(), device="cuda")
+    graphed = started(build_tiny_world(), device="cuda", compile_model="reduce-overhead")
+    for a in [0, 4, 8, 2, 2, 6]:
+        want = eager.step(torch.full((B,), a))[0]
+        got = graphed.step(torch.full((B,), a))[0]
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)

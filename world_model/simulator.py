@@ -67,6 +67,20 @@ def sampler_config(world: WorldModel, mode: str | None = None, overrides: dict |
         raise UsageError(f"sampler settings {settings}: {e}") from e
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_mode(compile_model: bool | str) -> str | None:
+    """torch.compile mode of a ``compile_model`` setting: False -> None (eager), True -> "default"."""
+    if compile_model is False:
+        return None
+    if compile_model is True:
+        return "default"
+    if compile_model in COMPILE_MODES:
+        return compile_model
+    raise UsageError(f"compile_model must be True, False or one of {COMPILE_MODES}, got {compile_model!r}")
+
+
 class Simulator:
     """B world-model streams on one device.
 
@@ -86,7 +100,7 @@ class Simulator:
         sampler: SwinDPMConfig | None = None,
         dtype: torch.dtype = torch.float32,
         reward_fn: RewardFn | None = None,
-        compile_model: bool = False,
+        compile_model: bool | str = False,
         context_cache: bool = True,
         backend: str = "torch",
     ) -> None:
@@ -102,7 +116,10 @@ class Simulator:
             reward_fn: optional replacement of the reward head.
             compile_model: run the full-window DiT calls through ``torch.compile`` (inductor; fixed
                 shapes, since the batch never changes); the first step pays the compilation (about a
-                minute on a 2-core CPU). Calls that use the context cache stay eager, so it only
+                minute on a 2-core CPU). True is torch.compile's "default" mode; a mode name from
+                ``COMPILE_MODES`` picks another: "reduce-overhead" replays the call as a CUDA graph
+                on a GPU (one launch instead of hundreds: what small batches are bound by there).
+                Calls that use the context cache stay eager, so it only
                 matters for samplers with one evaluation per shift and no guidance (pipelined k=1,
                 the default; guidance runs through the cache with a block-causal DiT).
             context_cache: with a block-causal DiT and several model evaluations per shift
@@ -175,15 +192,28 @@ class Simulator:
         """(B, C, H, W) the newest clean frame of every stream (a view of the state)."""
         return self.state.latents[:, self.cfg.context - 1]
 
-    def _full_window_fn(self, backend: str, compile_model: bool) -> Callable[..., torch.Tensor]:
+    def _full_window_fn(self, backend: str, compile_model: bool | str) -> Callable[..., torch.Tensor]:
         """The callable of the full-window DiT calls: the module, compiled, or an exported graph."""
         from world_model.export.onnx import BACKENDS
 
         if backend not in BACKENDS:
             raise UsageError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        mode = compile_mode(compile_model)
         if backend == "torch":
-            return torch.compile(self.dit, dynamic=False) if compile_model else self.dit
-        if compile_model:
+            if mode is None:
+                return self.dit
+            compiled = torch.compile(self.dit, dynamic=False, mode=mode)
+            if self.device.type != "cuda" or mode not in ("reduce-overhead", "max-autotune"):
+                return compiled
+
+            def graphed(*args: torch.Tensor) -> torch.Tensor:
+                # CUDA-graph replays write into the same output buffer: mark each call a new step
+                # and copy the result out, so no caller holds a tensor the next replay overwrites.
+                torch.compiler.cudagraph_mark_step_begin()
+                return compiled(*args).clone()
+
+            return graphed
+        if mode is not None:
             raise UsageError(f"compile_model=True applies to backend='torch' only, got backend={backend!r}")
         if backend == "onnxruntime" and self.dtype != torch.float32:
             raise UsageError(f"backend='onnxruntime' runs float32 graphs; got dtype={self.dtype} (use float32)")

@@ -1,0 +1,67 @@
+#!/bin/bash
+# The CUDA checks and benchmarks, in one run on a CUDA machine (the project installed, or its
+# dependencies importable). Writes every log under OUT_DIR (default ./gpu_check) and prints them.
+#
+#     bash benchmarks/gpu_check.sh [OUT_DIR]
+#     STEPS="gpu_tests bench_graphs" bash benchmarks/gpu_check.sh   # only the named steps
+#
+# 1. the machine: GPU, torch, whether TensorRT / ONNX Runtime's GPU providers are importable;
+# 2. the GPU tests (`pytest -m gpu`: tiny world, CUDA against CPU);
+# 3. the shipped world on CUDA against CPU: per-step gap of the latents from one seed and actions;
+# 4. bench_env.py on CUDA: float32 eager (with CarRacing-v3 on this machine's CPU), bfloat16 eager,
+#    then (step 6) bfloat16 + torch.compile (84x84, large batches);
+# 5. PPO in imagination on CUDA (world and policy), SB3's own fps, one real episode;
+# 7. CUDA graphs: torch.compile mode "reduce-overhead" in float32 and bfloat16, beside eager.
+set -u
+OUT_DIR=${1:-gpu_check}
+mkdir -p "$OUT_DIR"
+export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD SDL_VIDEODRIVER=dummy
+PY=${PYTHON:-python3}
+NE="1 16 64 256 1024"
+
+step() {  # step NAME SECONDS CMD...: run with a time limit, log to OUT_DIR/NAME.txt, never stop the script
+    local name=$1 limit=$2; shift 2
+    if [ -n "${STEPS:-}" ] && [[ " $STEPS " != *" $name "* ]]; then return 0; fi
+    echo "=== $name: $*"
+    /usr/bin/time -f "[$name] wall %e s, peak RSS %M KiB, rc %x" timeout "$limit" "$@" 2>&1 | tee "$OUT_DIR/$name.txt"
+}
+
+step machine 60 bash -c "nvidia-smi -L; $PY - <<'EOF'
+import importlib.util, platform, torch
+print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', torch.version.cuda,
+      'device', torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+for mod in ('tensorrt', 'torch_tensorrt', 'onnxruntime'):
+    print(mod, 'importable' if importlib.util.find_spec(mod) else 'missing')
+if importlib.util.find_spec('onnxruntime'):
+    import onnxruntime as ort
+    print('onnxruntime', ort.__version__, ort.get_available_providers())
+EOF"
+step gpu_tests 120 $PY -m pytest -q -p no:cacheprovider -m gpu tests/
+step cuda_vs_cpu 120 $PY - <<'EOF'
+import numpy as np
+from matrix_env.env import MatrixWorldEnv
+actions = [3, 3, 3, 1, 1, 1, 2, 2, 0, 4, 4, 4] * 2  # 24 steps, several action meanings
+
+def latents(device: str) -> np.ndarray:
+    env = MatrixWorldEnv(obs_type="latent", device=device)
+    obs, _ = env.reset(seed=0)
+    out = [obs] + [env.step(a)[0] for a in actions]
+    return np.stack(out)  # (25, C, H, W)
+
+cpu, gpu = latents("cpu"), latents("cuda")
+gap = np.abs(cpu - gpu).reshape(len(cpu), -1)
+print("shipped world, seed 0, 24 steps: latent RMS", float(np.sqrt((cpu ** 2).mean())))
+print("step | max abs gap | mean abs gap")
+for t in (0, 1, 2, 4, 8, 12, 16, 20, 24):
+    print(f"{t} | {gap[t].max():.2e} | {gap[t].mean():.2e}")
+EOF
+step bench_f32 150 $PY benchmarks/bench_env.py --device cuda --steps 120 --num-envs $NE
+step bench_bf16 100 $PY benchmarks/bench_env.py --device cuda --dtype bfloat16 --steps 120 --num-envs $NE --no-carracing
+step ppo 150 $PY examples/ppo_in_imagination.py --device cuda --num-envs 64 --n-steps 128 --timesteps 16384 \
+    --frame-stack 2 --dtype bfloat16 --episodes 1 --no-baselines
+step bench_bf16_compile 150 $PY benchmarks/bench_env.py --device cuda --dtype bfloat16 --compile-model --steps 120 \
+    --num-envs 256 1024 --no-hd --no-carracing
+step bench_graphs 240 bash -c "$PY benchmarks/bench_env.py --device cuda --steps 120 --num-envs 16 256 --no-hd \
+    --no-carracing && $PY benchmarks/bench_env.py --device cuda --compile-model --compile-mode reduce-overhead \
+    --steps 120 --num-envs 16 256 --no-hd --no-carracing && $PY benchmarks/bench_env.py --device cuda --dtype bfloat16 \
+    --compile-model --compile-mode reduce-overhead --steps 120 --num-envs 16 256 1024 --no-hd --no-carracing"
