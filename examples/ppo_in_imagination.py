@@ -1,8 +1,10 @@
 """Train a PPO agent only in MatrixWorld, then evaluate it in the real CarRacing-v3.
 
-The agent sees 84x84 frames in both worlds: MatrixWorld decodes at 72x128 and resizes; the real env
-renders 1280x720, averages down to 72x128 (the recorder's pipeline) and resizes the same way. The
-imagined reward is the world's reward head; the real return is CarRacing's own.
+It trains in the shipped "hold" world by default (`--world`): the one whose agents transfer to the
+real game (README, "Data that punishes ignoring the road"). The agent sees 84x84 frames in both
+worlds: MatrixWorld decodes at 72x128 and resizes; the real env renders 1280x720, averages down to
+72x128 (the recorder's pipeline) and resizes the same way. The imagined reward is the world's
+reward head; the real return is CarRacing's own.
 
     python examples/ppo_in_imagination.py --timesteps 4096 --episodes 3
 
@@ -23,7 +25,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecFrameStack,
 
 from agents.real_env import RealCarRacingEnv
 from agents.vec_env import MatrixWorldSB3VecEnv
-from matrix_env import DEFAULT_WORLD
+from matrix_env import world_path
 from world_model.actions import DRIVING_ACTIONS
 from world_model.checkpoint import load_world
 from world_model.road_follower import RoadFollower
@@ -33,7 +35,8 @@ parser.add_argument("--timesteps", type=int, default=4096, help="PPO timesteps i
 parser.add_argument("--num-envs", type=int, default=8, help="imagined envs, one batched forward")
 parser.add_argument("--frame-stack", type=int, default=1, help="frames the agent sees per step (1 = no stack)")
 parser.add_argument("--n-steps", type=int, default=128, help="PPO rollout length per env")
-parser.add_argument("--world", type=Path, default=DEFAULT_WORLD, help="world directory (default: the shipped world)")
+parser.add_argument("--world", default="hold",
+                    help="a shipped world's name (default: hold, the one agents transfer from) or a world directory")
 parser.add_argument("--dtype", default="float32", help="world dtype: float32 or bfloat16")
 parser.add_argument("--compile", action="store_true", help="torch.compile the world's DiT")
 parser.add_argument("--device", default="cpu", help="torch device of the world and the policy: cpu or cuda")
@@ -119,7 +122,7 @@ def real_returns(act, vae=None) -> list[float]:
 
 rng = np.random.default_rng(args.seed)
 follower = RoadFollower(DRIVING_ACTIONS)
-vae = load_world(args.world).vae.eval()
+vae = load_world(world_path(args.world)).vae.eval()
 model.set_random_seed(args.seed)
 rows = {
     "PPO trained in imagination": real_returns(lambda obs: model.predict(obs, deterministic=False)[0]),

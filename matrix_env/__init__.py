@@ -13,16 +13,35 @@ import torch::
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from gymnasium.envs.registration import register, registry
 
 ENV_ID = "MatrixWorld-v0"
-# The shipped world model (a checkpoint directory written by world_model.checkpoint.save_world).
-DEFAULT_WORLD = Path(__file__).resolve().parent / "worlds" / "default"
+# The shipped world models (checkpoint directories written by world_model.checkpoint.save_world),
+# passed by name as ``world=``: "default" (loaded when no world is given) keeps the road over long
+# rollouts; "hold" is fine-tuned on open-loop holds, so ignoring a curve costs what it costs in the
+# real game, and agents trained in it transfer (README, "Data that punishes ignoring the road").
+WORLDS_DIR = Path(__file__).resolve().parent / "worlds"
+SHIPPED_WORLDS = ("default", "hold")
+DEFAULT_WORLD = WORLDS_DIR / "default"
 MAX_EPISODE_STEPS = 1000  # CarRacing-v3's episode length
 
-__all__ = ["DEFAULT_WORLD", "ENV_ID", "MAX_EPISODE_STEPS"]
+__all__ = ["DEFAULT_WORLD", "ENV_ID", "MAX_EPISODE_STEPS", "SHIPPED_WORLDS", "WORLDS_DIR", "world_path"]
+
+
+def world_path(world: str | os.PathLike | None) -> Path:
+    """The checkpoint directory of ``world``: None (the default world), a shipped world's name, or a path.
+
+    A name from ``SHIPPED_WORLDS`` wins over a relative directory of the same name; anything else is
+    taken as a path (whether it exists is the loader's check).
+    """
+    if world is None:
+        return DEFAULT_WORLD
+    if isinstance(world, str) and world in SHIPPED_WORLDS:
+        return WORLDS_DIR / world
+    return Path(world)
 
 if ENV_ID not in registry:  # re-importing (e.g. via "matrix_env:MatrixWorld-v0") must not warn
     register(

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-from matrix_env import DEFAULT_WORLD
+from matrix_env import SHIPPED_WORLDS, WORLDS_DIR, world_path
 from world_model.checkpoint import CheckpointError, WorldModel, load_world
 from world_model.errors import UsageError
 from world_model.simulator import RewardFn, Simulator, sampler_config
@@ -30,20 +30,22 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 # --------------------------------------------------------------------------------- shared helpers
 def resolve_world(world: str | os.PathLike | WorldModel | None, device: torch.device | str) -> WorldModel:
-    """Load a world model from a checkpoint directory (default: the shipped one), or pass one through.
+    """Load a world model: None (the shipped default), a shipped world's name (``SHIPPED_WORLDS``), a
+    checkpoint directory, or a loaded ``WorldModel`` (passed through).
 
     Raises:
         CheckpointError: the directory is missing or the checkpoint does not load.
     """
     if isinstance(world, WorldModel):
         return world
-    path = DEFAULT_WORLD if world is None else world
+    path = world_path(world)
     if not os.path.isdir(path):
         hint = (
             "the shipped default world is not installed; train one (matrix-world train-dit ...) "
             "and save it there, or pass world=<checkpoint directory>"
-            if world is None
-            else "pass world=<a checkpoint directory written by world_model.checkpoint.save_world>"
+            if world is None or path.parent == WORLDS_DIR
+            else f"pass world= one of the shipped worlds {SHIPPED_WORLDS} or a checkpoint directory "
+            "written by world_model.checkpoint.save_world"
         )
         raise CheckpointError(f"no world model at {os.fspath(path)!r}: {hint}")
     return load_world(path, device)
@@ -180,8 +182,9 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
              sampler_mode=None, device="cpu", dtype="float32", reward_fn=None, compile_model=False,
              sampler=None, backend="torch")
     ```
-    * ``world``: checkpoint directory (default: the shipped ``matrix_env/worlds/default``) or a
-      loaded :class:`~world_model.checkpoint.WorldModel`.
+    * ``world``: a shipped world's name, ``"default"`` (used when None) or ``"hold"`` (for agents
+      that must transfer to the real game; README), a checkpoint directory, or a loaded
+      :class:`~world_model.checkpoint.WorldModel`.
     * ``render_mode``: None, "rgb_array" (720p frames) or "human" (a pygame window).
     * ``obs_size`` / ``obs_type``: see Observation Space.
     * ``sampler_mode``: "pipelined", "reconditioned" or "immediate" (default: the checkpoint's).
