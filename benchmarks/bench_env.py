@@ -30,7 +30,7 @@ class BenchArgs:
     """Benchmark MatrixWorld env throughput against CarRacing-v3."""
 
     world: str | None = None
-    """World-model checkpoint directory (default: the shipped world)."""
+    """A shipped world's name ("default", "hold") or a checkpoint directory (default: "default")."""
     steps: int = 30
     """Timed steps per configuration (after warm-up)."""
     quick: bool = False
@@ -76,7 +76,7 @@ def peak_gpu_mib(device: str) -> float | None:
 
     if not device.startswith("cuda"):
         return None
-    return torch.cuda.max_memory_allocated() / 2**20
+    return torch.cuda.max_memory_allocated(device) / 2**20
 
 
 def reset_gpu_peak(device: str) -> None:
@@ -88,7 +88,7 @@ def reset_gpu_peak(device: str) -> None:
     if device.startswith("cuda"):
         gc.collect()
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def time_steps(step, steps: int) -> float:
@@ -180,7 +180,12 @@ def check_backends(args: BenchArgs) -> None:
 
     from world_model.errors import UsageError
     from world_model.export.onnx import BACKENDS, check_backend
+    from world_model.simulator import COMPILE_MODES
 
+    if args.compile_mode not in COMPILE_MODES:
+        raise UsageError(f"--compile-mode must be one of {COMPILE_MODES}, got {args.compile_mode!r}")
+    if args.compile_mode != "default" and not args.compile_model:
+        raise UsageError(f"--compile-mode {args.compile_mode} needs --compile-model")
     for backend in args.backends:
         if backend not in BACKENDS:
             raise UsageError(f"--backends: each must be one of {BACKENDS}, got {backend!r}")

@@ -57,7 +57,7 @@ for t in (0, 1, 2, 4, 8, 12, 16, 20, 24):
 EOF
 step bench_f32 150 $PY benchmarks/bench_env.py --device cuda --steps 120 --num-envs $NE
 step bench_bf16 100 $PY benchmarks/bench_env.py --device cuda --dtype bfloat16 --steps 120 --num-envs $NE --no-carracing
-step ppo 150 $PY examples/ppo_in_imagination.py --device cuda --num-envs 64 --n-steps 128 --timesteps 16384 \
+step ppo 150 $PY examples/ppo_in_imagination.py --world default --device cuda --num-envs 64 --n-steps 128 --timesteps 16384 \
     --frame-stack 2 --dtype bfloat16 --episodes 1 --no-baselines
 step bench_bf16_compile 150 $PY benchmarks/bench_env.py --device cuda --dtype bfloat16 --compile-model --steps 120 \
     --num-envs 256 1024 --no-hd --no-carracing

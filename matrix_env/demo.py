@@ -48,7 +48,7 @@ class DemoArgs:
     out: Path = Path("demo.mp4")
     """Output .mp4 path."""
     world: str | None = None
-    """World-model checkpoint directory (default: the shipped world)."""
+    """A shipped world's name ("default", "hold") or a checkpoint directory (default: "default")."""
     seed: int = 0
     """Seed of the episode."""
     fps: int = 15

@@ -41,7 +41,7 @@ def resolve_world(world: str | os.PathLike | WorldModel | None, device: torch.de
     path = world_path(world)
     if not os.path.isdir(path):
         hint = (
-            "the shipped default world is not installed; train one (matrix-world train-dit ...) "
+            f"the shipped world {path.name!r} is not installed; train one (matrix-world train-dit ...) "
             "and save it there, or pass world=<checkpoint directory>"
             if world is None or path.parent == WORLDS_DIR
             else f"pass world= one of the shipped worlds {SHIPPED_WORLDS} or a checkpoint directory "

@@ -25,7 +25,7 @@ class PlayArgs:
     """Play MatrixWorld with the keyboard."""
 
     world: str | None = None
-    """World-model checkpoint directory (default: the shipped world)."""
+    """A shipped world's name ("default", "hold") or a checkpoint directory (default: "default")."""
     seed: int = 0
     """Seed of the first episode."""
     fps: int = 15

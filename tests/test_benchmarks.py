@@ -33,6 +33,10 @@ def test_bench_env_rejects_bad_steps(tiny_world_dir: Path) -> None:
         bench_env.main(["--world", str(tiny_world_dir), "--steps", "0"])
     with pytest.raises(UsageError, match="each must be one of .*, got 'tvm'"):
         bench_env.main(["--world", str(tiny_world_dir), "--backends", "torch", "tvm", "--no-carracing"])
+    with pytest.raises(UsageError, match="--compile-mode must be one of .*got 'fast'"):
+        bench_env.main(["--world", str(tiny_world_dir), "--compile-model", "--compile-mode", "fast"])
+    with pytest.raises(UsageError, match="--compile-mode reduce-overhead needs --compile-model"):
+        bench_env.main(["--world", str(tiny_world_dir), "--compile-mode", "reduce-overhead"])
     with pytest.raises(UsageError, match="runs float32 graphs without torch.compile; got --dtype bfloat16"):
         bench_env.main(["--world", str(tiny_world_dir), "--backends", "onnxruntime", "--dtype", "bfloat16"])
 

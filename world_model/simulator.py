@@ -71,11 +71,9 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 
 def compile_mode(compile_model: bool | str) -> str | None:
-    """torch.compile mode of a ``compile_model`` setting: False -> None (eager), True -> "default"."""
-    if compile_model is False:
-        return None
-    if compile_model is True:
-        return "default"
+    """torch.compile mode of a ``compile_model`` setting: falsy -> None (eager), truthy -> "default"."""
+    if not isinstance(compile_model, str):
+        return "default" if compile_model else None
     if compile_model in COMPILE_MODES:
         return compile_model
     raise UsageError(f"compile_model must be True, False or one of {COMPILE_MODES}, got {compile_model!r}")
@@ -214,7 +212,9 @@ class Simulator:
 
             return graphed
         if mode is not None:
-            raise UsageError(f"compile_model=True applies to backend='torch' only, got backend={backend!r}")
+            raise UsageError(
+                f"compile_model={compile_model!r} applies to backend='torch' only, got backend={backend!r}"
+            )
         if backend == "onnxruntime" and self.dtype != torch.float32:
             raise UsageError(f"backend='onnxruntime' runs float32 graphs; got dtype={self.dtype} (use float32)")
         from world_model.export.onnx import OnnxDiT, check_backend
