@@ -5,13 +5,15 @@
 #     bash benchmarks/gpu_check.sh [OUT_DIR]
 #     STEPS="gpu_tests bench_graphs" bash benchmarks/gpu_check.sh   # only the named steps
 #
-# 1. the machine: GPU, torch, whether TensorRT / ONNX Runtime's GPU providers are importable;
-# 2. the GPU tests (`pytest -m gpu`: tiny world, CUDA against CPU);
-# 3. the shipped world on CUDA against CPU: per-step gap of the latents from one seed and actions;
-# 4. bench_env.py on CUDA: float32 eager (with CarRacing-v3 on this machine's CPU), bfloat16 eager,
-#    then (step 6) bfloat16 + torch.compile (84x84, large batches);
-# 5. PPO in imagination on CUDA (world and policy), SB3's own fps, one real episode;
-# 7. CUDA graphs: torch.compile mode "reduce-overhead" in float32 and bfloat16, beside eager.
+# In order (step names in brackets):
+# [machine] GPU, torch, whether TensorRT / ONNX Runtime's GPU providers are importable;
+# [gpu_tests] `pytest -m gpu` (tiny world: CUDA against CPU, CUDA graphs against eager);
+# [cuda_vs_cpu] the default world on CUDA against CPU: per-step latent gap, one seed and actions;
+# [bench_f32] [bench_bf16] bench_env.py on CUDA, float32 eager (with CarRacing-v3 on this machine's
+#   CPU) and bfloat16 eager;
+# [ppo] PPO in imagination on CUDA (world and policy), SB3's own fps, one real episode;
+# [bench_bf16_compile] bfloat16 + torch.compile (84x84, large batches);
+# [bench_graphs] CUDA graphs: torch.compile mode "reduce-overhead" in float32 and bfloat16, beside eager.
 set -u
 OUT_DIR=${1:-gpu_check}
 mkdir -p "$OUT_DIR"
@@ -50,7 +52,7 @@ def latents(device: str) -> np.ndarray:
 
 cpu, gpu = latents("cpu"), latents("cuda")
 gap = np.abs(cpu - gpu).reshape(len(cpu), -1)
-print("shipped world, seed 0, 24 steps: latent RMS", float(np.sqrt((cpu ** 2).mean())))
+print("default world, seed 0, 24 steps: latent RMS", float(np.sqrt((cpu ** 2).mean())))
 print("step | max abs gap | mean abs gap")
 for t in (0, 1, 2, 4, 8, 12, 16, 20, 24):
     print(f"{t} | {gap[t].max():.2e} | {gap[t].mean():.2e}")
