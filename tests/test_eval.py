@@ -500,6 +500,8 @@ def test_closed_loop_compares_the_world_with_the_real_game() -> None:
     for side in ("world", "real"):
         assert 0.0 <= out[side]["on_road"] <= 1.0
         assert [q["start"] for q in out[side]["on_road_by_quarter"]] == [0, 2, 4, 6]
+        quarters = [q["mean"] for q in out[side]["detail_by_quarter"]]
+        assert len(quarters) == 4 and np.isclose(np.mean(quarters), out[side]["detail"])
     assert out["real"]["on_road"] > 0.5  # the real game starts on the road and the follower keeps to it
     # the tiny untrained world emits noise, which also has "detail": the metric is a match-the-real one
     assert out["real"]["detail"] > 0.0 and out["world"]["detail"] > 0.0

@@ -830,7 +830,8 @@ def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int,
     out: dict = {"mode": mode, "envs": envs, "steps": steps, "policy": hold or "road follower",
                  "world": {"on_road": float(on_w.mean()), "on_road_by_quarter": bucket_means(on_w),
                            "reward_per_step": float(rew_w.mean()), "terminations": ends,
-                           "detail": float(np.mean(detail))}}
+                           "detail": float(np.mean(detail)),
+                           "detail_by_quarter": bucket_means(np.array(detail))}}  # blur or drift lowers it
     if kerbs:
         out["world"]["kerb_pixels"] = float(np.mean(kerbs))
     if off:
@@ -858,7 +859,8 @@ def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int,
     env.close()
     out["real"] = {"on_road": float(on_r.mean()), "on_road_by_quarter": bucket_means(on_r),
                    "reward_per_step": float(rew_r.mean()), "terminations": ends_r,
-                   "detail": float(detail_r.mean()), "kerb_pixels": float(kerb_r.mean())}
+                   "detail": float(detail_r.mean()), "detail_by_quarter": bucket_means(detail_r),
+                   "kerb_pixels": float(kerb_r.mean())}
     if palette is not None:
         out["real"]["off_palette"] = float(off_r.mean())
     return out
@@ -1088,8 +1090,10 @@ def summary_markdown(results: dict) -> str:
                      f"{ref} |")
         if "detail" in loop["world"]:
             ref = f"real game {_fmt(real['detail'], 2)}" if "detail" in real else ""
+            by_q = loop["world"].get("detail_by_quarter")  # absent in results written before it existed
+            by_q = f" ({' / '.join(_fmt(q['mean'], 2) for q in by_q)} by quarter)" if by_q else ""
             lines.append(f"| detail (RMS luma gradient), closed-loop frames | "
-                         f"{_fmt(loop['world']['detail'], 2)} | {ref} |")
+                         f"{_fmt(loop['world']['detail'], 2)}{by_q} | {ref} |")
         if "kerb_pixels" in loop["world"]:
             ref = f"real game {_fmt(real['kerb_pixels'], 2)}" if "kerb_pixels" in real else ""
             lines.append(f"| kerb pixels per frame, closed-loop frames | "
