@@ -8,6 +8,11 @@ reward head; the real return is CarRacing's own.
 
     python examples/ppo_in_imagination.py --timesteps 4096 --episodes 3
 
+The bar it is measured against: the same PPO trained on the real game with the same number of
+samples (`--train-in real`: 16 real CarRacing-v3 envs, no world involved):
+
+    python examples/ppo_in_imagination.py --train-in real --timesteps 65536 --num-envs 16 --frame-stack 2
+
 A long run, resumable (rerun the same command after a kill: it continues from the newest checkpoint
 in --run-dir, saved atomically every --save-every timesteps):
 
@@ -31,8 +36,10 @@ from world_model.checkpoint import load_world
 from world_model.road_follower import RoadFollower
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--timesteps", type=int, default=4096, help="PPO timesteps in imagination (in all, with resume)")
-parser.add_argument("--num-envs", type=int, default=8, help="imagined envs, one batched forward")
+parser.add_argument("--timesteps", type=int, default=4096, help="PPO training timesteps (in all, with resume)")
+parser.add_argument("--train-in", default="world", choices=("world", "real"),
+                    help="train in the world (default) or, as the baseline, in the real CarRacing-v3")
+parser.add_argument("--num-envs", type=int, default=8, help="training envs (imagined: one batched forward)")
 parser.add_argument("--frame-stack", type=int, default=1, help="frames the agent sees per step (1 = no stack)")
 parser.add_argument("--n-steps", type=int, default=128, help="PPO rollout length per env")
 parser.add_argument("--world", default="hold",
@@ -62,23 +69,27 @@ def stacked(venv: VecEnv) -> VecEnv:
     return VecFrameStack(venv, args.frame_stack) if args.frame_stack > 1 else venv
 
 
-imagined = MatrixWorldSB3VecEnv(
-    world=args.world, num_envs=args.num_envs, obs_size=(84, 84), max_episode_steps=250, dtype=args.dtype,
-    compile_model=args.compile, device=args.device, sampler_mode=args.sampler_mode,
-    sampler=None if args.ctx_noise is None else {"ctx_noise": args.ctx_noise},
-)
-cfg = imagined.venv.sim.cfg
-print(f"imagining {args.num_envs} envs on {args.device}: sampler {cfg.mode}, ctx_noise {cfg.ctx_noise}")
-imagined.seed(args.seed)
-imagined = stacked(VecMonitor(imagined))
+if args.train_in == "world":
+    train_env: VecEnv = MatrixWorldSB3VecEnv(
+        world=args.world, num_envs=args.num_envs, obs_size=(84, 84), max_episode_steps=250, dtype=args.dtype,
+        compile_model=args.compile, device=args.device, sampler_mode=args.sampler_mode,
+        sampler=None if args.ctx_noise is None else {"ctx_noise": args.ctx_noise},
+    )
+    cfg = train_env.venv.sim.cfg
+    print(f"imagining {args.num_envs} envs on {args.device}: sampler {cfg.mode}, ctx_noise {cfg.ctx_noise}")
+else:  # the baseline: the same agent and samples, from the real game (250-step episodes too)
+    train_env = DummyVecEnv([lambda: RealCarRacingEnv(obs_size=(84, 84))] * args.num_envs)
+    print(f"training in {args.num_envs} real CarRacing-v3 envs (no world)")
+train_env.seed(args.seed)
+train_env = stacked(VecMonitor(train_env))
 
 ckpt = args.run_dir / "ppo.zip" if args.run_dir else None
 if ckpt is not None and ckpt.exists():
-    model = PPO.load(ckpt, env=imagined, device=args.device)
+    model = PPO.load(ckpt, env=train_env, device=args.device)
     print(f"resumed {ckpt} at {model.num_timesteps} timesteps")
 else:
     model = PPO(
-        "CnnPolicy", imagined, n_steps=args.n_steps, batch_size=256, n_epochs=4, learning_rate=2.5e-4,
+        "CnnPolicy", train_env, n_steps=args.n_steps, batch_size=256, n_epochs=4, learning_rate=2.5e-4,
         ent_coef=0.01, clip_range=0.1, seed=args.seed, device=args.device, verbose=1,
     )  # fmt: skip
 
@@ -93,12 +104,14 @@ while model.num_timesteps < args.timesteps:
         model.save(tmp)
         os.replace(tmp, ckpt)  # atomic: a kill never leaves a half-written checkpoint
         returns = [ep["r"] for ep in model.ep_info_buffer]
-        line = {"timesteps": model.num_timesteps, "imagined_return": float(np.mean(returns)) if returns else None}
+        key = "imagined_return" if args.train_in == "world" else "real_return"
+        line = {"timesteps": model.num_timesteps, key: float(np.mean(returns)) if returns else None}
         with open(args.run_dir / "progress.jsonl", "a") as f:
             f.write(json.dumps(line) + "\n")
-imagined.close()
+train_env.close()
+steps = f"{model.num_timesteps} {'imagined' if args.train_in == 'world' else 'real'} steps"
 if args.episodes == 0:
-    print(f"{model.num_timesteps} imagined steps; no real evaluation (--episodes 0)")
+    print(f"{steps}; no real evaluation (--episodes 0)")
     raise SystemExit(0)
 
 
@@ -122,18 +135,20 @@ def real_returns(act, vae=None) -> list[float]:
 
 rng = np.random.default_rng(args.seed)
 follower = RoadFollower(DRIVING_ACTIONS)
-vae = load_world(world_path(args.world)).vae.eval()
 model.set_random_seed(args.seed)
+trained = "PPO trained in imagination" if args.train_in == "world" else "PPO trained in the real game"
 rows = {
-    "PPO trained in imagination": real_returns(lambda obs: model.predict(obs, deterministic=False)[0]),
+    trained: real_returns(lambda obs: model.predict(obs, deterministic=False)[0]),
     "the same, greedy": real_returns(lambda obs: model.predict(obs, deterministic=True)[0]),
-    "the same, real frames through the world's VAE": real_returns(
-        lambda obs: model.predict(obs, deterministic=False)[0], vae
-    ),
 }
+if args.train_in == "world":
+    vae = load_world(world_path(args.world)).vae.eval()
+    rows["the same, real frames through the world's VAE"] = real_returns(
+        lambda obs: model.predict(obs, deterministic=False)[0], vae
+    )
 if not args.no_baselines:
     rows["random policy"] = real_returns(lambda obs: rng.integers(9, size=1))
     rows["pixel road follower (scripted reference)"] = real_returns(lambda obs: follower(obs[..., -3:]))
-print(f"real CarRacing-v3, {args.episodes} episodes (seeds {args.eval_seed}+), {model.num_timesteps} imagined steps:")
+print(f"real CarRacing-v3, {args.episodes} episodes (seeds {args.eval_seed}+), {steps}:")
 for name, rets in rows.items():
     print(f"  {name}: return {np.mean(rets):.1f} +- {np.std(rets):.1f}  {[round(r, 1) for r in rets]}")

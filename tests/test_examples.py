@@ -41,6 +41,15 @@ def test_ppo_in_imagination_trains_only_with_episodes_0(tmp_path: Path) -> None:
     assert "32 imagined steps; no real evaluation (--episodes 0)" in out
 
 
+def test_ppo_in_imagination_real_baseline_trains_in_the_real_game(tmp_path: Path) -> None:
+    """``--train-in real``: the same PPO on real CarRacing-v3 envs, the sample-matched baseline."""
+    out = run_example("ppo_in_imagination.py", tmp_path, "--train-in", "real", "--timesteps", "32", "--num-envs",
+                      "2", "--n-steps", "16", "--episodes", "0", "--run-dir", "run", "--save-every", "32")
+    assert "training in 2 real CarRacing-v3 envs (no world)" in out and "imagining" not in out
+    assert "32 real steps; no real evaluation (--episodes 0)" in out
+    assert set(json.loads((tmp_path / "run" / "progress.jsonl").read_text())) == {"timesteps", "real_return"}
+
+
 def test_ppo_in_imagination_rejects_negative_episodes(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / "ppo_in_imagination.py"), "--episodes", "-1"],
                           cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
