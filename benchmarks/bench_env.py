@@ -259,7 +259,7 @@ def run(args: BenchArgs) -> list[dict[str, object]]:
             }
         )
     for row in rows:
-        row["vs_carracing"] = row["steps_s"] / base if base else float("nan")
+        row["vs_carracing"] = row["steps_s"] / base if base else None  # None: CarRacing not measured
     return rows
 
 
@@ -273,9 +273,10 @@ def format_table(rows: list[dict[str, object]]) -> str:
     ]
     for r in rows:
         cell = "" if r.get("gpu") is None else f"{r['gpu']:.0f}"
+        ratio = "-" if r.get("vs_carracing") is None else f"{r['vs_carracing']:.2f}"
         lines.append(
             f"| {r['env']} | {r['backend']} | {r['num_envs']} | {r['obs']} | {r['steps_s']:.1f} | {r['ms_step']:.1f} | "
-            f"{r['vs_carracing']:.2f} | {r['rss']:.0f} |" + (f" {cell} |" if gpu else "")
+            f"{ratio} | {r['rss']:.0f} |" + (f" {cell} |" if gpu else "")
         )
     return "\n".join(lines)
 

@@ -24,6 +24,9 @@ def test_bench_env_table_has_a_gpu_column_only_on_cuda() -> None:
     assert "GPU" not in cpu and cpu.splitlines()[-1].endswith("| 900 |")
     cuda = bench_env.format_table([{**row, "gpu": 123.4}])
     assert "| peak GPU MiB |" in cuda.splitlines()[0] and cuda.splitlines()[-1].endswith("| 900 | 123 |")
+    assert cpu.splitlines()[-1].endswith("| 1.00 | 900 |")
+    unmeasured = bench_env.format_table([{**row, "vs_carracing": None}])  # --no-carracing: no ratio, no "nan"
+    assert unmeasured.splitlines()[-1].endswith("| 20.0 | - | 900 |")
 
 
 def test_bench_env_rejects_bad_steps(tiny_world_dir: Path) -> None:
