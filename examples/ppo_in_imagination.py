@@ -1,4 +1,5 @@
-"""Train a PPO agent only in MatrixWorld, then evaluate it in the real CarRacing-v3.
+"""Train a PPO agent only in MatrixWorld (or, as the baseline, in the real game), then evaluate it in
+the real CarRacing-v3.
 
 It trains in the shipped "hold" world by default (`--world`): the one whose agents transfer to the
 real game (README, "Data that punishes ignoring the road"). The agent sees 84x84 frames in both
@@ -8,8 +9,8 @@ reward head; the real return is CarRacing's own.
 
     python examples/ppo_in_imagination.py --timesteps 4096 --episodes 3
 
-The bar it is measured against: the same PPO trained on the real game with the same number of
-samples (`--train-in real`: 16 real CarRacing-v3 envs, no world involved):
+A step-matched baseline: the same PPO trained on the real game for the same number of agent steps
+(`--train-in real`: real CarRacing-v3 envs, no world; the world flags do not apply):
 
     python examples/ppo_in_imagination.py --train-in real --timesteps 65536 --num-envs 16 --frame-stack 2
 
@@ -62,6 +63,16 @@ for name in ("timesteps", "num_envs", "frame_stack", "n_steps", "save_every"):
         parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
 if args.episodes < 0:
     parser.error(f"--episodes must be >= 0, got {args.episodes}")
+if args.train_in == "real":
+    world_flags = {
+        "--sampler-mode": args.sampler_mode,
+        "--ctx-noise": args.ctx_noise,
+        "--compile": args.compile or None,
+        "--dtype": None if args.dtype == "float32" else args.dtype,
+    }
+    given = [flag for flag, value in world_flags.items() if value is not None]
+    if given:
+        parser.error(f"--train-in real trains without a world; {', '.join(given)} would be ignored")
 
 
 def stacked(venv: VecEnv) -> VecEnv:
@@ -135,14 +146,14 @@ def real_returns(act, vae=None) -> list[float]:
 
 rng = np.random.default_rng(args.seed)
 follower = RoadFollower(DRIVING_ACTIONS)
-model.set_random_seed(args.seed)
+vae = load_world(world_path(args.world)).vae.eval() if args.train_in == "world" else None
+model.set_random_seed(args.seed)  # after the VAE's construction, which draws from torch's RNG
 trained = "PPO trained in imagination" if args.train_in == "world" else "PPO trained in the real game"
 rows = {
     trained: real_returns(lambda obs: model.predict(obs, deterministic=False)[0]),
     "the same, greedy": real_returns(lambda obs: model.predict(obs, deterministic=True)[0]),
 }
-if args.train_in == "world":
-    vae = load_world(world_path(args.world)).vae.eval()
+if vae is not None:
     rows["the same, real frames through the world's VAE"] = real_returns(
         lambda obs: model.predict(obs, deterministic=False)[0], vae
     )

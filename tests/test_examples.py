@@ -54,6 +54,10 @@ def test_ppo_in_imagination_rejects_negative_episodes(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / "ppo_in_imagination.py"), "--episodes", "-1"],
                           cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
     assert proc.returncode == 2 and "--episodes must be >= 0, got -1" in proc.stderr
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "ppo_in_imagination.py"), "--train-in", "real",
+                           "--sampler-mode", "immediate", "--compile"],
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+    assert proc.returncode == 2 and "--sampler-mode, --compile would be ignored" in proc.stderr
 
 
 @pytest.mark.slow
