@@ -46,7 +46,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "world_model.eval.probe:main",
         "drive a world with the road follower under sampler variants: road keeping and detail, side by side",
     ),
-    "demo": ("matrix_env.demo:main", "run a world with a scripted driving sequence and write a 720p video"),
+    "demo": ("matrix_env.demo:main", "drive a world (the road follower, or --policy script) and write a 720p video"),
     "play": ("matrix_env.play:main", "drive a world with the keyboard (arrows / WASD) in a window, in real time"),
 }
 

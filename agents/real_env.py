@@ -18,6 +18,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 from gymnasium import spaces
+from gymnasium.envs.box2d.car_racing import FPS as CARRACING_FPS
 
 from world_model.actions import CARRACING_CONTROLS, DRIVING_ACTIONS
 from world_model.data.record import carracing_canvas, resize_frame, to_train_res
@@ -41,7 +42,7 @@ class RealCarRacingEnv(gym.Env):
     CarRacing's own time limit (1000 physics steps = 250 env steps at frame_skip 4) truncates episodes.
     """
 
-    metadata = {"render_modes": ["rgb_array"], "render_fps": 50 // 4}
+    metadata = {"render_modes": ["rgb_array"], "render_fps": CARRACING_FPS // 4}
 
     def __init__(
         self,
@@ -51,10 +52,13 @@ class RealCarRacingEnv(gym.Env):
         render_mode: str | None = None,
         vae: torch.nn.Module | None = None,
     ) -> None:
-        if frame_skip < 1:
-            raise ValueError(f"frame_skip must be >= 1, got {frame_skip}")
+        if not isinstance(frame_skip, int | np.integer) or frame_skip < 1:
+            raise ValueError(f"frame_skip must be an int >= 1, got {frame_skip!r}")
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode must be None or one of {self.metadata['render_modes']}, got {render_mode!r}")
         self.obs_size = (int(obs_size[0]), int(obs_size[1]))
-        self.frame_skip = frame_skip
+        self.frame_skip = int(frame_skip)
+        self.metadata = {**self.metadata, "render_fps": max(1, round(CARRACING_FPS / self.frame_skip))}
         self.render_mode = render_mode
         self.env = gym.make("CarRacing-v3", continuous=True, domain_randomize=domain_randomize, render_mode="rgb_array")
         self.action_space = spaces.Discrete(len(DRIVING_ACTIONS))
@@ -75,22 +79,22 @@ class RealCarRacingEnv(gym.Env):
         return resize_frame(small, self.obs_size[1], self.obs_size[0])
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
-        """Reset CarRacing (seeded) and return the first observation."""
+        """Reset CarRacing (seeded) and return the first observation and CarRacing's info."""
         super().reset(seed=seed)
-        self.env.reset(seed=seed, options=options)
-        return self._observe(), {}
+        _, info = self.env.reset(seed=seed, options=options)
+        return self._observe(), info
 
     def step(self, action: int):
-        """Hold driving action ``action`` for ``frame_skip`` physics steps."""
-        if not self.action_space.contains(int(action)):
-            raise ValueError(f"action {action!r} is not a driving action id in [0, {self.action_space.n})")
-        reward, terminated, truncated = 0.0, False, False
+        """Hold driving action ``action`` for ``frame_skip`` physics steps (info: CarRacing's last)."""
+        if not self.action_space.contains(action):
+            raise ValueError(f"action {action!r} is not a driving action id (an int in [0, {self.action_space.n}))")
+        reward, terminated, truncated, info = 0.0, False, False, {}
         for _ in range(self.frame_skip):
-            _, r, terminated, truncated, _ = self.env.step(CARRACING_CONTROLS[int(action)])
+            _, r, terminated, truncated, info = self.env.step(CARRACING_CONTROLS[int(action)])
             reward += float(r)
             if terminated or truncated:
                 break
-        return self._observe(), reward, terminated, truncated, {}
+        return self._observe(), reward, terminated, truncated, info
 
     def render(self) -> np.ndarray | None:
         """The last 1280x720 frame ("rgb_array")."""

@@ -9,6 +9,9 @@ this adapter keeps the one batched forward pass and only converts the API:
   ``infos[i]["terminal_observation"]`` and ``infos[i]["TimeLimit.truncated"]``.
 * observations stay ``(N, H, W, 3)`` uint8; SB3 wraps image envs in ``VecTransposeImage`` for
   ``CnnPolicy`` by itself.
+* the sub-envs are streams of one simulator, not objects: ``get_attr`` gives the single-env spaces
+  and each sub-env's ``np_random``; ``env_method("reset", indices=...)`` is a masked reset;
+  anything else that would touch only some sub-envs is an error rather than a silent change to all.
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ from stable_baselines3.common.vec_env import VecEnv
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices, VecEnvObs, VecEnvStepReturn
 
 from matrix_env.vector import MatrixWorldVectorEnv
+from world_model.errors import UsageError
+
+# vector-env methods that only read shared state: callable for any subset of sub-envs
+SHARED_METHODS = ("get_action_meanings",)
 
 
 class MatrixWorldSB3VecEnv(VecEnv):
@@ -46,12 +53,39 @@ class MatrixWorldSB3VecEnv(VecEnv):
     def reset(self) -> VecEnvObs:
         """Reset every sub-env (with the seeds / options set by ``seed`` / ``set_options``)."""
         seeds = self._seeds if any(s is not None for s in self._seeds) else None
-        options = self._options[0] if self._options[0] else None
-        obs, info = self.venv.reset(seed=seeds, options=options)
+        obs, info = self.venv.reset(seed=seeds, options=self._merged_options())
         self.reset_infos = [{"start_index": int(s)} for s in info["start_index"]]
         self._reset_seeds()
         self._reset_options()
         return obs
+
+    def _merged_options(self) -> dict[str, Any] | None:
+        """The per-env dicts of ``set_options`` as one vector-env ``options`` (start_index per env)."""
+        if not any(self._options):
+            return None
+        keys = set().union(*self._options)
+        merged: dict[str, Any] = {}
+        for key in sorted(keys):
+            values = [opts.get(key) for opts in self._options]
+            if key == "start_index" and any(v is not None for v in values):
+                if any(v is None for v in values):
+                    raise UsageError(f"set_options: give start_index for every sub-env or none, got {values}")
+                merged[key] = np.asarray(values)
+            elif all(v is values[0] for v in values):
+                merged[key] = values[0]
+            else:
+                raise UsageError(f"set_options: option {key!r} must be the same for every sub-env, got {values}")
+        return merged
+
+    def _subset(self, indices: VecEnvIndices, what: str) -> list[int]:
+        """The requested indices; an error if ``what`` cannot apply to a subset of the sub-envs."""
+        idx = list(self._get_indices(indices))
+        if sorted(idx) != list(range(self.num_envs)):
+            raise UsageError(
+                f"{what} for indices={indices!r}: the sub-envs are streams of one simulator and share its "
+                f"attributes; call it for all of them (indices=None)"
+            )
+        return idx
 
     def step_async(self, actions: np.ndarray) -> None:
         """Store the actions; the batched step runs in :meth:`step_wait`."""
@@ -81,22 +115,47 @@ class MatrixWorldSB3VecEnv(VecEnv):
         frames = self.venv.render()
         return [None] * self.num_envs if frames is None else list(frames)
 
-    # The sub-envs share one simulator: attributes are the vector env's, the same for every index.
+    # The sub-envs share one simulator: attributes are the vector env's, the same for every index,
+    # except the spaces (the single env's) and ``np_random`` (each sub-env's own).
     def get_attr(self, attr_name: str, indices: VecEnvIndices = None) -> list[Any]:
-        """The vector env's attribute, once per requested index."""
+        """A sub-env's attribute, once per requested index."""
+        idx = self._get_indices(indices)
+        if attr_name == "np_random":
+            return [self.venv.np_randoms[i] for i in idx]
+        if attr_name in ("action_space", "observation_space"):
+            attr_name = f"single_{attr_name}"
         value = getattr(self.venv, attr_name)
-        return [value for _ in self._get_indices(indices)]
+        return [value for _ in idx]
 
     def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
-        """Set an attribute of the vector env (shared by all sub-envs)."""
+        """Set an attribute of the vector env, shared by all sub-envs (so ``indices`` must be all)."""
+        self._subset(indices, f"set_attr({attr_name!r})")
         setattr(self.venv, attr_name, value)
 
     def env_method(
         self, method_name: str, *method_args: Any, indices: VecEnvIndices = None, **method_kwargs: Any
     ) -> list[Any]:
-        """Call a method of the vector env once, returning its result for each requested index."""
+        """Call a sub-env method: ``reset`` resets just ``indices`` (a masked reset, returning
+        ``(obs, info)`` per index); ``get_action_meanings`` for any indices; others for all."""
+        idx = list(self._get_indices(indices))
+        if method_name == "reset":
+            if method_args or set(method_kwargs) - {"seed", "options"}:
+                raise UsageError(
+                    f"env_method('reset') takes seed= and options= only, got {method_args}, {method_kwargs}"
+                )
+            mask = np.zeros(self.num_envs, dtype=np.bool_)
+            mask[idx] = True
+            seed = method_kwargs.get("seed")  # as DummyVecEnv: each reset sub-env gets this seed
+            seeds = None if seed is None else [seed if mask[i] else None for i in range(self.num_envs)]
+            options = {**(method_kwargs.get("options") or {}), "reset_mask": mask}
+            obs, info = self.venv.reset(seed=seeds, options=options)
+            for i in idx:
+                self.reset_infos[i] = {"start_index": int(info["start_index"][i])}
+            return [(obs[i], dict(self.reset_infos[i])) for i in idx]
+        if method_name not in SHARED_METHODS:
+            self._subset(indices, f"env_method({method_name!r})")
         result = getattr(self.venv, method_name)(*method_args, **method_kwargs)
-        return [result for _ in self._get_indices(indices)]
+        return [result for _ in idx]
 
     def env_is_wrapped(self, wrapper_class: type[gym.Wrapper], indices: VecEnvIndices = None) -> list[bool]:
         """Sub-envs are streams of one vector env, never wrapped."""

@@ -71,8 +71,12 @@ def check_obs(obs_type: str, obs_size: tuple[int, int] | list[int] | None) -> tu
     if obs_size is None:
         return HD_SIZE
     size = tuple(obs_size)
-    if len(size) != 2 or not all(isinstance(s, int | np.integer) and s > 0 for s in size):
-        raise UsageError(f"obs_size must be (height, width) with positive ints, got {obs_size!r}")
+    ints = len(size) == 2 and all(isinstance(s, int | np.integer) for s in size)
+    if not ints or not (0 < size[0] <= HD_SIZE[0] and 0 < size[1] <= HD_SIZE[1]):
+        raise UsageError(
+            f"obs_size must be (height, width) ints in [1, {HD_SIZE[0]}] x [1, {HD_SIZE[1]}] "
+            f"(the 720p frame or smaller), got {obs_size!r}"
+        )
     return int(size[0]), int(size[1])
 
 
@@ -97,6 +101,9 @@ def draw_episode(rng: np.random.Generator, num_starts: int) -> tuple[int, int]:
 
 def start_index_option(options: dict[str, Any] | None, num_starts: int) -> int | None:
     """``options["start_index"]`` (a recorded start context to begin from), validated."""
+    unknown = sorted(set(options or {}) - {"start_index"})
+    if unknown:
+        raise UsageError(f"unknown reset option(s) {unknown}; the env takes ['start_index']")
     if not options or options.get("start_index") is None:
         return None
     idx = options["start_index"]

@@ -1,8 +1,10 @@
 """``MatrixWorldVectorEnv``: N world-model streams stepped by ONE batched forward pass.
 
 Gymnasium 1.x ``NEXT_STEP`` autoreset: the step after an episode ends resets that sub-env
-(returning its first observation, reward 0, not done) instead of stepping it; the other sub-envs
-step as usual. Resets are masked tensor writes in the simulator.
+(returning its first observation, reward 0, not done, and its ``start_index`` in ``info``); the
+other sub-envs step as usual. The batched forward still runs over every stream (no Python loop,
+no gather); the finished streams' outputs are then overwritten by their reset, a masked tensor
+write in the simulator.
 
 Seeding: every sub-env i has its own ``np_random`` (seeded with ``seed + i``, as
 ``SyncVectorEnv`` seeds its sub-envs) from which it draws exactly what a single
@@ -27,6 +29,7 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
+from matrix_env import MAX_EPISODE_STEPS
 from matrix_env.env import (
     DEFAULT_FPS,
     ObsType,
@@ -41,12 +44,22 @@ from world_model.checkpoint import WorldModel
 from world_model.errors import UsageError
 from world_model.simulator import RewardFn, Simulator, sampler_config
 
+RESET_OPTIONS = ("reset_mask", "start_index")
+
+
+def as_int(value: Any) -> int | None:
+    """``value`` as a Python int if it is an integer (int or numpy integer, not bool), else None."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
+        return None
+    return int(value)
+
 
 class MatrixWorldVectorEnv(VectorEnv):
     """N independent MatrixWorld episodes in one batched simulator (see the module docstring).
 
     Arguments are those of :class:`~matrix_env.env.MatrixWorldEnv` plus ``num_envs`` and
-    ``max_episode_steps`` (truncation; ``gym.make_vec`` passes the registered 1000).
+    ``max_episode_steps`` (truncation after that many steps, 1000 as registered, as CarRacing-v3;
+    None: no time limit, episodes end only when the termination head fires).
 
     Example::
 
@@ -54,7 +67,8 @@ class MatrixWorldVectorEnv(VectorEnv):
         obs, info = envs.reset(seed=0)                        # (16, 84, 84, 3)
         obs, reward, terminated, truncated, info = envs.step(envs.action_space.sample())
 
-    ``reset(options={"reset_mask": mask})`` resets only the masked sub-envs (Gymnasium 1.1+).
+    ``reset(options={"reset_mask": mask})`` resets only the masked sub-envs (Gymnasium 1.1+);
+    ``options={"start_index": i}`` (an int, or one per sub-env) picks the recorded start contexts.
     """
 
     metadata = {
@@ -74,7 +88,7 @@ class MatrixWorldVectorEnv(VectorEnv):
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype = "float32",
         reward_fn: RewardFn | None = None,
-        max_episode_steps: int | None = None,
+        max_episode_steps: int | None = MAX_EPISODE_STEPS,
         compile_model: bool | str = False,
         sampler: dict | None = None,
         backend: str = "torch",
@@ -84,11 +98,14 @@ class MatrixWorldVectorEnv(VectorEnv):
             raise UsageError(
                 f"render_mode must be None or one of {self.metadata['render_modes']}, got {render_mode!r}"
             )
-        if max_episode_steps is not None and max_episode_steps < 1:
-            raise UsageError(f"max_episode_steps must be >= 1 or None, got {max_episode_steps}")
+        if max_episode_steps is not None and not (as_int(max_episode_steps) or 0) >= 1:
+            raise UsageError(f"max_episode_steps must be an int >= 1 or None, got {max_episode_steps!r}")
+        if not (as_int(num_envs) or 0) >= 1:
+            raise UsageError(f"num_envs must be an int >= 1, got {num_envs!r}")
+        num_envs = int(num_envs)
         self.num_envs = num_envs
         self.render_mode = render_mode
-        self.max_episode_steps = max_episode_steps
+        self.max_episode_steps = None if max_episode_steps is None else int(max_episode_steps)
         self.obs_type = obs_type
         self.obs_hw = check_obs(obs_type, obs_size)
         self.world = resolve_world(world, device)
@@ -119,12 +136,62 @@ class MatrixWorldVectorEnv(VectorEnv):
         """Names of the actions, indexed by action id."""
         return list(self.action_meanings)
 
+    @property
+    def np_randoms(self) -> tuple[np.random.Generator | None, ...]:
+        """Each sub-env's ``np_random`` (None before its first reset)."""
+        return tuple(self._rngs)
+
     # ------------------------------------------------------------------------------ helpers
     def _observe(self, latents: torch.Tensor) -> np.ndarray:
         """(B, C, H, W) latents -> observations, one batched decode and one host copy."""
         if self.obs_hw is None:
             return latents.cpu().numpy()  # (B, C, H, W) float32
         return self.sim.decode(latents, self.obs_hw).cpu().numpy()  # (B, H, W, 3) uint8
+
+    def _seeds(self, seed: Any) -> list[int | None]:
+        """Per-sub-env seeds of ``reset(seed=...)``: s -> s, s+1, ...; a list as given; None -> None."""
+        n = self.num_envs
+        if seed is None or as_int(seed) is not None:
+            return [None if seed is None else int(seed) + i for i in range(n)]
+        if not isinstance(seed, list | tuple | np.ndarray) or len(seed) != n:
+            raise UsageError(f"seed must be an int, None or a list of num_envs={n} ints/None, got {seed!r}")
+        seeds = [None if s is None else as_int(s) for s in seed]
+        bad = [s for s, parsed in zip(seed, seeds, strict=True) if s is not None and parsed is None]
+        if bad:
+            raise UsageError(f"each per-env seed must be an int or None, got {bad[0]!r} in {list(seed)!r}")
+        return seeds
+
+    def _reset_options(self, options: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(reset_mask, start_index or None)`` of ``reset(options=...)``, validated."""
+        n, options = self.num_envs, options or {}
+        unknown = sorted(set(options) - set(RESET_OPTIONS))
+        if unknown:
+            raise UsageError(f"unknown reset option(s) {unknown}; the vector env takes {list(RESET_OPTIONS)}")
+        mask = options.get("reset_mask")
+        if mask is None:
+            mask = np.ones(n, dtype=np.bool_)
+        elif not (isinstance(mask, np.ndarray) and mask.dtype == np.bool_ and mask.shape == (n,)):
+            got = type(mask).__name__
+            if isinstance(mask, np.ndarray):
+                got += f" of dtype {mask.dtype}, shape {mask.shape}"
+            raise UsageError(f"options['reset_mask'] must be a bool numpy array of shape ({n},), got {got}")
+        chosen = options.get("start_index")
+        if chosen is None:
+            return mask, None
+        chosen = np.asarray(chosen)
+        if chosen.ndim == 0:
+            chosen = np.full(n, chosen)
+        num_starts = self.sim.num_starts
+        if (
+            chosen.shape != (n,)
+            or not np.issubdtype(chosen.dtype, np.integer)
+            or not ((chosen >= 0) & (chosen < num_starts)).all()
+        ):
+            raise UsageError(
+                f"options['start_index'] must be an int or {n} ints in [0, {num_starts}), "
+                f"got {options['start_index']!r}"
+            )
+        return mask, chosen.astype(np.int64)
 
     def _draw(self, mask: np.ndarray, seeds: list[int | None] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Per-episode draws of the masked sub-envs from their own ``np_random`` (host only)."""
@@ -152,29 +219,23 @@ class MatrixWorldVectorEnv(VectorEnv):
         Args:
             seed: int s (sub-env i gets s + i), a list of per-env seeds, or None (continue each
                 sub-env's ``np_random``).
-            options: ``{"reset_mask": (N,) bool array}`` for a partial reset.
+            options: ``{"reset_mask": (N,) bool array}`` for a partial reset;
+                ``{"start_index": i}`` (int or (N,) ints) to begin from given recorded start
+                contexts instead of drawn ones (the draw still happens, as in the single env).
 
         Returns:
             ``(obs, info)``; info has ``start_index`` (with its ``_start_index`` mask).
         """
-        super().reset(seed=seed if isinstance(seed, int) else None)
-        n = self.num_envs
-        if seed is None or isinstance(seed, int):
-            seeds = [None if seed is None else seed + i for i in range(n)]
-        else:
-            seeds = list(seed)
-            if len(seeds) != n:
-                raise UsageError(f"a list of seeds must have num_envs={n} entries, got {len(seeds)}")
-        mask = np.ones(n, dtype=np.bool_)
-        if options is not None and options.get("reset_mask") is not None:
-            mask = options["reset_mask"]
-            if not (isinstance(mask, np.ndarray) and mask.dtype == np.bool_ and mask.shape == (n,)):
-                raise UsageError(f"options['reset_mask'] must be a bool numpy array of shape ({n},)")
+        seeds = self._seeds(seed)
+        super().reset(seed=None if as_int(seed) is None else int(seed))
+        mask, chosen = self._reset_options(options)
         partial = not mask.all()
         if partial and self._obs is None:
             raise UsageError("the first reset must reset every sub-env (no reset_mask)")
 
         start, key = self._draw(mask, seeds)
+        if chosen is not None:
+            start = np.where(mask, chosen, start)
         latents = self._restart(mask, start, key)
         if partial:  # decode only the restarted sub-envs
             idx = np.flatnonzero(mask)
@@ -203,12 +264,22 @@ class MatrixWorldVectorEnv(VectorEnv):
         if self._obs is None:
             raise gym.error.ResetNeeded("call reset() before step()")
         actions = np.asarray(actions)
-        if actions.shape != (self.num_envs,) or not self.action_space.contains(actions.astype(np.int64)):
-            raise UsageError(f"actions must be {self.num_envs} ints in [0, {self.single_action_space.n})")
+        n, num_actions = self.num_envs, self.single_action_space.n
+        if (
+            actions.shape != (n,)
+            or not np.issubdtype(actions.dtype, np.integer)
+            or not ((actions >= 0) & (actions < num_actions)).all()
+        ):
+            raise UsageError(
+                f"actions must be an int array of shape ({n},) with values in [0, {num_actions}), got "
+                f"shape {actions.shape}, dtype {actions.dtype}: {np.array2string(actions, threshold=16)}"
+            )
         latents, reward, terminated = self.sim.step(torch.as_tensor(actions, dtype=torch.long))
         done = self._prev_done  # host array: known without a device sync
+        info: dict[str, Any] = {}
         if done.any():
             start, key = self._draw(done)
+            info = {"start_index": np.where(done, start, 0), "_start_index": done.copy()}
             latents = self._restart(done, start, key)
             done_t = torch.from_numpy(done).to(reward.device)
             reward = torch.where(done_t, torch.zeros_like(reward), reward)
@@ -226,7 +297,7 @@ class MatrixWorldVectorEnv(VectorEnv):
         self._obs = obs
         if self.render_mode == "human":
             self.render()
-        return obs, reward_np, terminated_np, truncated, {}
+        return obs, reward_np, terminated_np, truncated, info
 
     def render(self) -> tuple[np.ndarray, ...] | None:
         """720p frames of every sub-env ("rgb_array"), or sub-env 0 in a window ("human")."""

@@ -157,10 +157,14 @@ def test_bad_arguments(tiny_world_dir: Path) -> None:
         MatrixWorldEnv(world=tiny_world_dir, obs_type="depth")
     with pytest.raises(UsageError, match="mode"):
         MatrixWorldEnv(world=tiny_world_dir, sampler_mode="warp")
+    with pytest.raises(UsageError, match=r"720p frame or smaller\), got \(800, 1400\)"):
+        MatrixWorldEnv(world=tiny_world_dir, obs_size=(800, 1400))  # no silent upsampling
     env = MatrixWorldEnv(world=tiny_world_dir, obs_size=SMALL)
     env.reset(seed=0)
     with pytest.raises(UsageError, match="action"):
         env.step(9)
+    with pytest.raises(UsageError, match=r"unknown reset option\(s\) \['start_idx'\]"):
+        env.reset(options={"start_idx": 1})  # a typo is an error, not a random start
 
 
 @pytest.mark.parametrize("mode", ["reconditioned", "immediate"])

@@ -42,7 +42,7 @@ def test_ppo_in_imagination_trains_only_with_episodes_0(tmp_path: Path) -> None:
 
 
 def test_ppo_in_imagination_real_baseline_trains_in_the_real_game(tmp_path: Path) -> None:
-    """``--train-in real``: the same PPO on real CarRacing-v3 envs, the sample-matched baseline."""
+    """``--train-in real``: the same PPO on real CarRacing-v3 envs, the step-matched baseline."""
     out = run_example("ppo_in_imagination.py", tmp_path, "--train-in", "real", "--timesteps", "32", "--num-envs",
                       "2", "--n-steps", "16", "--episodes", "0", "--run-dir", "run", "--save-every", "32")
     assert "training in 2 real CarRacing-v3 envs (no world)" in out and "imagining" not in out

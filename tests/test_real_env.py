@@ -20,7 +20,13 @@ def test_real_env_observations_actions_and_determinism() -> None:
     assert all(np.array_equal(o, env.step(a)[0]) for o, a in zip(rollout, (0, 0, 1, 2), strict=True))
     with pytest.raises(ValueError, match="driving action"):
         env.step(9)
+    with pytest.raises(ValueError, match=r"action 1.7 is not a driving action"):
+        env.step(1.7)  # not silently action 1
     env.close()
+    with pytest.raises(ValueError, match=r"render_mode.*got 'human'"):
+        RealCarRacingEnv(render_mode="human")
+    assert RealCarRacingEnv(frame_skip=2).metadata["render_fps"] == 25  # CarRacing's 50 physics steps/s
+    assert RealCarRacingEnv.metadata["render_fps"] == 12
 
 
 def test_real_env_through_a_world_vae_shows_its_decoded_frames() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import gymnasium as gym
 import numpy as np
 import pytest
 from stable_baselines3 import PPO
@@ -14,6 +15,7 @@ from agents.features import LatentCNN
 from agents.vec_env import MatrixWorldSB3VecEnv
 from matrix_env.env import MatrixWorldEnv
 from matrix_env.vector import MatrixWorldVectorEnv
+from world_model.errors import UsageError
 
 SMALL = (64, 64)
 
@@ -44,6 +46,38 @@ def test_adapter_same_step_autoreset(tiny_world_dir: Path) -> None:
     assert not dones.any()
     assert venv.get_attr("render_mode") == [None, None] and venv.env_is_wrapped(object) == [False, False]
     venv.close()
+
+
+def test_adapter_sub_env_attributes_methods_and_options(tiny_world_dir: Path) -> None:
+    """get_attr / set_attr / env_method / set_options act per sub-env or refuse, never silently on all."""
+    venv = MatrixWorldSB3VecEnv(num_envs=3, world=tiny_world_dir, obs_type="latent", max_episode_steps=50)
+    assert venv.get_attr("action_space") == [gym.spaces.Discrete(9)] * 3
+    assert venv.get_attr("observation_space", indices=[2])[0] == venv.observation_space
+    venv.set_options([{"start_index": 0}, {"start_index": 2}, {"start_index": 1}])
+    venv.seed(7)
+    obs = venv.reset()
+    assert [info["start_index"] for info in venv.reset_infos] == [0, 2, 1]
+    rngs = venv.get_attr("np_random")
+    assert len({id(r) for r in rngs}) == 3 and rngs[0] is not None  # each sub-env its own generator
+    stepped, *_ = venv.step(np.zeros(3, dtype=np.int64))
+    [(obs1, info1)] = venv.env_method("reset", indices=[1], options={"start_index": 0})
+    assert info1 == {"start_index": 0} and venv.reset_infos[1] == {"start_index": 0}
+    single = MatrixWorldEnv(world=tiny_world_dir, obs_type="latent")
+    single.reset(seed=8, options={"start_index": 2})  # sub-env 1's first episode (seed 7 + 1) ...
+    expected, _ = single.reset(options={"start_index": 0})  # ... and its second
+    np.testing.assert_allclose(obs1, expected, atol=1e-5)
+    after, *_ = venv.step(np.zeros(3, dtype=np.int64))
+    assert not np.allclose(after[0], stepped[0])  # sub-env 0 stepped on, was not reset
+    assert venv.env_method("get_action_meanings", indices=[0])[0][:3] == ["D", "DL", "DR"]
+    with pytest.raises(UsageError, match=r"set_attr\('render_mode'\) for indices=\[0\]"):
+        venv.set_attr("render_mode", "rgb_array", indices=[0])
+    with pytest.raises(UsageError, match=r"env_method\('close'\) for indices=\[1\]"):
+        venv.env_method("close", indices=[1])
+    venv.set_options([{"start_index": 0}, {}, {}])
+    with pytest.raises(UsageError, match="start_index for every sub-env or none"):
+        venv.reset()
+    venv.close()
+    assert obs.shape == (3, *venv.observation_space.shape)
 
 
 def test_ppo_cnn_learns_a_few_steps(tiny_world_dir: Path) -> None:

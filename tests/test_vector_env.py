@@ -85,10 +85,11 @@ def test_terminations_autoreset_next_step() -> None:
     _, reward, terminated, truncated, _ = envs.step(np.array([0, 1]))
     _, single_reward, single_term, *_ = single.step(1)
     assert terminated.all() and not truncated.any() and single_term
-    obs, reward, terminated, truncated, _ = envs.step(np.array([0, 1]))  # the autoreset step
+    obs, reward, terminated, truncated, info = envs.step(np.array([0, 1]))  # the autoreset step
     assert (reward == 0).all() and not terminated.any() and not truncated.any()
-    single_obs, _ = single.reset()
+    single_obs, single_info = single.reset()
     assert np.abs(obs[1].astype(int) - single_obs).max() <= 1
+    assert info["_start_index"].all() and info["start_index"][1] == single_info["start_index"]
     _, _, terminated, *_ = envs.step(np.array([0, 1]))
     assert terminated.all()
 
@@ -107,6 +108,40 @@ def test_partial_reset_and_seed_list(tiny_world_dir: Path) -> None:
     np.testing.assert_allclose(obs[1], single_obs, atol=1e-5)
     with pytest.raises(UsageError):
         envs.reset(options={"reset_mask": np.array([True, False])})
+
+
+def test_reset_options_seeds_and_time_limit(tiny_world_dir: Path) -> None:
+    envs = MatrixWorldVectorEnv(num_envs=N, world=tiny_world_dir, obs_type="latent")
+    assert envs.max_episode_steps == matrix_env.MAX_EPISODE_STEPS  # built directly, as by make_vec
+    assert MatrixWorldVectorEnv(num_envs=1, world=tiny_world_dir, max_episode_steps=None).max_episode_steps is None
+    obs, info = envs.reset(seed=np.int64(4), options={"start_index": 2})  # numpy ints are ints
+    assert info["start_index"].tolist() == [2] * N
+    single = MatrixWorldEnv(world=tiny_world_dir, obs_type="latent")
+    single_obs, _ = single.reset(seed=5, options={"start_index": 2})  # sub-env 1: seed 4 + 1
+    np.testing.assert_allclose(obs[1], single_obs, atol=1e-5)
+    _, info = envs.reset(options={"start_index": np.array([0, 1, 2])})
+    assert info["start_index"].tolist() == [0, 1, 2]
+    with pytest.raises(UsageError, match=r"unknown reset option\(s\) \['start_idx'\]"):
+        envs.reset(options={"start_idx": 1})
+    with pytest.raises(UsageError, match=r"start_index.*\[0, 3\), got 7"):
+        envs.reset(options={"start_index": 7})
+    with pytest.raises(UsageError, match="got list"):
+        envs.reset(options={"reset_mask": [True, False, True]})
+    with pytest.raises(UsageError, match=r"got 2.5"):
+        MatrixWorldVectorEnv(num_envs=1, world=tiny_world_dir, max_episode_steps=2.5)
+    with pytest.raises(UsageError, match=r"per-env seed must be an int or None, got 1.5"):
+        envs.reset(seed=[0, 1.5, None])
+
+
+def test_bad_actions_name_what_was_given(tiny_world_dir: Path) -> None:
+    envs = MatrixWorldVectorEnv(num_envs=2, world=tiny_world_dir, obs_type="latent")
+    envs.reset(seed=0)
+    with pytest.raises(UsageError, match=r"dtype float64: \[0.7 8.9\]"):
+        envs.step(np.array([0.7, 8.9]))  # not truncated to [0, 8]
+    with pytest.raises(UsageError, match=r"shape \(2,\).*got shape \(1,\)"):
+        envs.step([0])
+    with pytest.raises(UsageError, match=r"\[0, 9\), got shape \(2,\), dtype int64: \[0 9\]"):
+        envs.step(np.array([0, 9]))
 
 
 def test_render_rgb_array(tiny_world_dir: Path) -> None:
