@@ -71,7 +71,7 @@ class MatrixWorldSB3VecEnv(VecEnv):
                 if any(v is None for v in values):
                     raise UsageError(f"set_options: give start_index for every sub-env or none, got {values}")
                 merged[key] = np.asarray(values)
-            elif all(v is values[0] for v in values):
+            elif all(v is values[0] or np.array_equal(v, values[0]) for v in values):
                 merged[key] = values[0]
             else:
                 raise UsageError(f"set_options: option {key!r} must be the same for every sub-env, got {values}")

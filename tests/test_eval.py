@@ -546,9 +546,11 @@ def test_probe_compares_sampler_variants_on_the_same_starts(tmp_path: Path, tiny
     assert all(r["off_palette"] is None for r in rows)  # no --palette-data
     table = capsys.readouterr().out
     assert "| level_shift=2 | mean of 2 |" in table and table.count("| default | 0 |") == 2
-    assert table.splitlines()[1].endswith("| detail | kerb pixels | off-palette pixels | real game on road |") and all(
+    assert table.splitlines()[1].endswith("| off-palette pixels | real game on road (by quarter) |") and all(
         line.endswith(" | - | - | - |") for line in table.splitlines()[3:])  # "not applicable" cells
-    assert all(r["real_on_road"] is None for r in rows)  # no --real
+    assert all(r["real_on_road"] is None and r["real_on_road_by_quarter"] is None for r in rows)  # no --real
+    with_real = {**rows[0], "real_on_road": 0.5, "real_on_road_by_quarter": [0.625, 0.5, 0.375, 0.5]}
+    assert P.format_row(with_real).endswith("| 0.500 (0.62 / 0.50 / 0.38 / 0.50) |")  # --real: its quarters too
     # --palette-data: the real colours of a recording; the untrained world invents others
     toy = make_synthetic_dataset(tmp_path / "toy", episodes=2, steps=6)
     argv = ["--checkpoint", str(tiny_world_dir), "--envs", "2", "--steps", "2", "--threads", "1",

@@ -135,12 +135,14 @@ def probe(args: Args) -> list[dict]:
                               args.envs, args.steps, seed, "cpu", real_env, palette, args.hold)
             if "skipped" in out:
                 raise UsageError(f"{args.checkpoint}: {out['skipped']}")
-            w = out["world"]
+            w, r = out["world"], out.get("real")
             row = {"variant": text, "seed": seed, "sampler": sampler, "on_road": w["on_road"],
                    "on_road_by_quarter": [q["mean"] for q in w["on_road_by_quarter"]],
                    "reward_per_step": w["reward_per_step"], "terminations": w["terminations"],
                    "detail": w["detail"], "kerb_pixels": w.get("kerb_pixels"), "off_palette": w.get("off_palette"),
-                   "real_on_road": out["real"]["on_road"] if args.real else None, "wall_s": time.perf_counter() - t0}
+                   "real_on_road": r["on_road"] if args.real else None,
+                   "real_on_road_by_quarter": [q["mean"] for q in r["on_road_by_quarter"]] if args.real else None,
+                   "wall_s": time.perf_counter() - t0}
             rows.append(row)
             print(format_row(row), flush=True)
             if args.out is not None:
@@ -159,10 +161,12 @@ def _opt(value: float | None, scale: float = 1.0, unit: str = "", digits: int = 
 def format_row(row: dict) -> str:
     """One markdown table row."""
     quarters = " / ".join(f"{q:.2f}" for q in row["on_road_by_quarter"])
+    real = _opt(row["real_on_road"], digits=3)
+    if row.get("real_on_road_by_quarter"):
+        real += " (" + " / ".join(f"{q:.2f}" for q in row["real_on_road_by_quarter"]) + ")"
     return (f"| {row['variant']} | {row['seed']} | {quarters} | {row['on_road']:.3f} | "
             f"{row['reward_per_step']:.3f} | {row['terminations']} | {row['detail']:.2f} | "
-            f"{_opt(row['kerb_pixels'])} | {_opt(row['off_palette'], 100, '%')} | "
-            f"{_opt(row['real_on_road'], digits=3)} |")
+            f"{_opt(row['kerb_pixels'])} | {_opt(row['off_palette'], 100, '%')} | {real} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     driver = "road follower" if args.hold is None else f"action {args.hold} held"
     print(f"{args.envs} streams x {args.steps} steps of {args.checkpoint}, {driver}")
     print("| sampler variant | seed | on road, by quarter | on road, mean | predicted reward / step "
-          "| terminated streams | detail | kerb pixels | off-palette pixels | real game on road |")
+          "| terminated streams | detail | kerb pixels | off-palette pixels | real game on road (by quarter) |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     rows = probe(args)
     if len(args.seeds) > 1:
