@@ -26,7 +26,9 @@ ENV_ID = "MatrixWorld-v0"
 WORLDS_DIR = Path(__file__).resolve().parent / "worlds"
 SHIPPED_WORLDS = ("default", "hold")
 DEFAULT_WORLD = WORLDS_DIR / "default"
-MAX_EPISODE_STEPS = 1000  # CarRacing-v3's episode length
+# CarRacing-v3's step limit; a world step is one frame-skip-4 recorded step, so an episode lasts 4x a
+# real one (250 such steps). Long imagined episodes are the point of an infinite-horizon world.
+MAX_EPISODE_STEPS = 1000
 
 __all__ = ["DEFAULT_WORLD", "ENV_ID", "MAX_EPISODE_STEPS", "SHIPPED_WORLDS", "WORLDS_DIR", "world_path"]
 
