@@ -54,6 +54,15 @@ def as_int(value: Any) -> int | None:
     return int(value)
 
 
+def is_id_vector(values: np.ndarray, n: int, high: int) -> bool:
+    """Whether ``values`` is an (n,) integer array of ids in [0, high)."""
+    return (
+        values.shape == (n,)
+        and np.issubdtype(values.dtype, np.integer)
+        and bool(((values >= 0) & (values < high)).all())
+    )
+
+
 class MatrixWorldVectorEnv(VectorEnv):
     """N independent MatrixWorld episodes in one batched simulator (see the module docstring).
 
@@ -182,11 +191,7 @@ class MatrixWorldVectorEnv(VectorEnv):
         if chosen.ndim == 0:
             chosen = np.full(n, chosen)
         num_starts = self.sim.num_starts
-        if (
-            chosen.shape != (n,)
-            or not np.issubdtype(chosen.dtype, np.integer)
-            or not ((chosen >= 0) & (chosen < num_starts)).all()
-        ):
+        if not is_id_vector(chosen, n, num_starts):
             raise UsageError(
                 f"options['start_index'] must be an int or {n} ints in [0, {num_starts}), "
                 f"got {options['start_index']!r}"
@@ -265,11 +270,7 @@ class MatrixWorldVectorEnv(VectorEnv):
             raise gym.error.ResetNeeded("call reset() before step()")
         actions = np.asarray(actions)
         n, num_actions = self.num_envs, self.single_action_space.n
-        if (
-            actions.shape != (n,)
-            or not np.issubdtype(actions.dtype, np.integer)
-            or not ((actions >= 0) & (actions < num_actions)).all()
-        ):
+        if not is_id_vector(actions, n, num_actions):
             raise UsageError(
                 f"actions must be an int array of shape ({n},) with values in [0, {num_actions}), got "
                 f"shape {actions.shape}, dtype {actions.dtype}: {np.array2string(actions, threshold=16)}"
