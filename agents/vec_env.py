@@ -64,6 +64,9 @@ class MatrixWorldSB3VecEnv(VecEnv):
         if not any(self._options):
             return None
         keys = set().union(*self._options)
+        if "reset_mask" in keys:
+            raise UsageError("set_options: reset_mask is not an option of reset() (it resets every sub-env); "
+                             "use env_method('reset', indices=...) for some")
         merged: dict[str, Any] = {}
         for key in sorted(keys):
             values = [opts.get(key) for opts in self._options]

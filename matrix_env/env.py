@@ -287,9 +287,9 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
         Returns:
             ``(obs, info)``; info has ``start_index`` and ``action_meanings``.
         """
+        chosen = start_index_option(options, self.sim.num_starts)  # before any state changes
         super().reset(seed=seed)
         start, key = draw_episode(self.np_random, self.sim.num_starts)
-        chosen = start_index_option(options, self.sim.num_starts)
         start = start if chosen is None else chosen
         self._latent = self.sim.reset(
             self._all,

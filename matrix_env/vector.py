@@ -234,6 +234,8 @@ class MatrixWorldVectorEnv(VectorEnv):
         seeds = self._seeds(seed)
         super().reset(seed=None if as_int(seed) is None else int(seed))
         mask, chosen = self._reset_options(options)
+        if not mask.any():
+            raise UsageError(f"options['reset_mask'] selects no sub-env (all False: {mask.tolist()})")
         partial = not mask.all()
         if partial and self._obs is None:
             raise UsageError("the first reset must reset every sub-env (no reset_mask)")

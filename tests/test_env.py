@@ -163,8 +163,10 @@ def test_bad_arguments(tiny_world_dir: Path) -> None:
     env.reset(seed=0)
     with pytest.raises(UsageError, match="action"):
         env.step(9)
+    state = env.np_random.bit_generator.state
     with pytest.raises(UsageError, match=r"unknown reset option\(s\) \['start_idx'\]"):
-        env.reset(options={"start_idx": 1})  # a typo is an error, not a random start
+        env.reset(seed=3, options={"start_idx": 1})  # a typo is an error, not a random start
+    assert env.np_random.bit_generator.state == state  # ... and the failed reset changed nothing
 
 
 @pytest.mark.parametrize("mode", ["reconditioned", "immediate"])

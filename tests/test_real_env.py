@@ -22,6 +22,8 @@ def test_real_env_observations_actions_and_determinism() -> None:
         env.step(9)
     with pytest.raises(ValueError, match=r"action 1.7 is not a driving action"):
         env.step(1.7)  # not silently action 1
+    with pytest.raises(ValueError, match=r"action True is not a driving action"):
+        env.step(True)
     env.close()
     with pytest.raises(ValueError, match=r"render_mode.*got 'human'"):
         RealCarRacingEnv(render_mode="human")

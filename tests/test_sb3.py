@@ -76,6 +76,9 @@ def test_adapter_sub_env_attributes_methods_and_options(tiny_world_dir: Path) ->
     venv.set_options([{"start_index": 0}, {}, {}])
     with pytest.raises(UsageError, match="start_index for every sub-env or none"):
         venv.reset()
+    venv.set_options({"reset_mask": np.array([True, False, True])})
+    with pytest.raises(UsageError, match="reset_mask is not an option of reset"):
+        venv.reset()
     venv.close()
     assert obs.shape == (3, *venv.observation_space.shape)
 

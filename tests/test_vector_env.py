@@ -127,6 +127,8 @@ def test_reset_options_seeds_and_time_limit(tiny_world_dir: Path) -> None:
         envs.reset(options={"start_index": 7})
     with pytest.raises(UsageError, match="got list"):
         envs.reset(options={"reset_mask": [True, False, True]})
+    with pytest.raises(UsageError, match=r"selects no sub-env"):
+        envs.reset(options={"reset_mask": np.zeros(N, dtype=bool)})
     with pytest.raises(UsageError, match=r"got 2.5"):
         MatrixWorldVectorEnv(num_envs=1, world=tiny_world_dir, max_episode_steps=2.5)
     with pytest.raises(UsageError, match=r"per-env seed must be an int or None, got 1.5"):
