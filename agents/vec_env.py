@@ -80,15 +80,13 @@ class MatrixWorldSB3VecEnv(VecEnv):
                 raise UsageError(f"set_options: option {key!r} must be the same for every sub-env, got {values}")
         return merged
 
-    def _subset(self, indices: VecEnvIndices, what: str) -> list[int]:
-        """The requested indices; an error if ``what`` cannot apply to a subset of the sub-envs."""
-        idx = list(self._get_indices(indices))
-        if sorted(idx) != list(range(self.num_envs)):
+    def _require_all(self, indices: VecEnvIndices, what: str) -> None:
+        """An error if ``indices`` is a subset of the sub-envs: ``what`` changes the shared simulator."""
+        if sorted(self._get_indices(indices)) != list(range(self.num_envs)):
             raise UsageError(
                 f"{what} for indices={indices!r}: the sub-envs are streams of one simulator and share its "
                 f"attributes; call it for all of them (indices=None)"
             )
-        return idx
 
     def step_async(self, actions: np.ndarray) -> None:
         """Store the actions; the batched step runs in :meth:`step_wait`."""
@@ -132,7 +130,7 @@ class MatrixWorldSB3VecEnv(VecEnv):
 
     def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
         """Set an attribute of the vector env, shared by all sub-envs (so ``indices`` must be all)."""
-        self._subset(indices, f"set_attr({attr_name!r})")
+        self._require_all(indices, f"set_attr({attr_name!r})")
         setattr(self.venv, attr_name, value)
 
     def env_method(
@@ -156,7 +154,7 @@ class MatrixWorldSB3VecEnv(VecEnv):
                 self.reset_infos[i] = {"start_index": int(info["start_index"][i])}
             return [(obs[i], dict(self.reset_infos[i])) for i in idx]
         if method_name not in SHARED_METHODS:
-            self._subset(indices, f"env_method({method_name!r})")
+            self._require_all(indices, f"env_method({method_name!r})")
         result = getattr(self.venv, method_name)(*method_args, **method_kwargs)
         return [result for _ in idx]
 

@@ -60,6 +60,20 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def as_int(value: Any) -> int | None:
+    """``value`` as a Python int if it is an integer (int or numpy integer, not bool), else None."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
+        return None
+    return int(value)
+
+
+def reject_unknown_options(options: dict[str, Any] | None, known: tuple[str, ...], env: str) -> None:
+    """A clear error for reset options ``env`` does not take (a typo must not pass silently)."""
+    unknown = sorted(set(options or {}) - set(known))
+    if unknown:
+        raise UsageError(f"unknown reset option(s) {unknown}; the {env} takes {list(known)}")
+
+
 def check_obs(obs_type: str, obs_size: tuple[int, int] | list[int] | None) -> tuple[int, int] | None:
     """Validate the observation settings; returns the (H, W) of rgb observations (None for latents)."""
     if obs_type not in OBS_TYPES:
@@ -71,7 +85,7 @@ def check_obs(obs_type: str, obs_size: tuple[int, int] | list[int] | None) -> tu
     if obs_size is None:
         return HD_SIZE
     size = tuple(obs_size)
-    ints = len(size) == 2 and all(isinstance(s, int | np.integer) for s in size)
+    ints = len(size) == 2 and all(as_int(s) is not None for s in size)
     if not ints or not (0 < size[0] <= HD_SIZE[0] and 0 < size[1] <= HD_SIZE[1]):
         raise UsageError(
             f"obs_size must be (height, width) ints in [1, {HD_SIZE[0]}] x [1, {HD_SIZE[1]}] "
@@ -101,13 +115,11 @@ def draw_episode(rng: np.random.Generator, num_starts: int) -> tuple[int, int]:
 
 def start_index_option(options: dict[str, Any] | None, num_starts: int) -> int | None:
     """``options["start_index"]`` (a recorded start context to begin from), validated."""
-    unknown = sorted(set(options or {}) - {"start_index"})
-    if unknown:
-        raise UsageError(f"unknown reset option(s) {unknown}; the env takes ['start_index']")
+    reject_unknown_options(options, ("start_index",), "env")
     if not options or options.get("start_index") is None:
         return None
     idx = options["start_index"]
-    if not isinstance(idx, int | np.integer) or not 0 <= idx < num_starts:
+    if as_int(idx) is None or not 0 <= idx < num_starts:
         raise UsageError(f"options['start_index'] must be an int in [0, {num_starts}), got {idx!r}")
     return int(idx)
 

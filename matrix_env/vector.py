@@ -34,10 +34,12 @@ from matrix_env.env import (
     DEFAULT_FPS,
     ObsType,
     PygameViewer,
+    as_int,
     check_obs,
     draw_episode,
     make_observation_space,
     parse_dtype,
+    reject_unknown_options,
     resolve_world,
 )
 from world_model.checkpoint import WorldModel
@@ -45,13 +47,6 @@ from world_model.errors import UsageError
 from world_model.simulator import RewardFn, Simulator, sampler_config
 
 RESET_OPTIONS = ("reset_mask", "start_index")
-
-
-def as_int(value: Any) -> int | None:
-    """``value`` as a Python int if it is an integer (int or numpy integer, not bool), else None."""
-    if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
-        return None
-    return int(value)
 
 
 def is_id_vector(values: np.ndarray, n: int, high: int) -> bool:
@@ -173,9 +168,7 @@ class MatrixWorldVectorEnv(VectorEnv):
     def _reset_options(self, options: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarray | None]:
         """``(reset_mask, start_index or None)`` of ``reset(options=...)``, validated."""
         n, options = self.num_envs, options or {}
-        unknown = sorted(set(options) - set(RESET_OPTIONS))
-        if unknown:
-            raise UsageError(f"unknown reset option(s) {unknown}; the vector env takes {list(RESET_OPTIONS)}")
+        reject_unknown_options(options, RESET_OPTIONS, "vector env")
         mask = options.get("reset_mask")
         if mask is None:
             mask = np.ones(n, dtype=np.bool_)
