@@ -141,9 +141,13 @@ class MatrixWorldVectorEnv(VectorEnv):
         return list(self.action_meanings)
 
     @property
-    def np_randoms(self) -> tuple[np.random.Generator | None, ...]:
-        """Each sub-env's ``np_random`` (None before its first reset)."""
-        return tuple(self._rngs)
+    def np_randoms(self) -> tuple[np.random.Generator, ...]:
+        """Each sub-env's ``np_random``; like ``gym.Env.np_random``, one not yet seeded by a reset
+        is created (from OS entropy) on first access."""
+        for i, rng in enumerate(self._rngs):
+            if rng is None:
+                self._rngs[i], _ = seeding.np_random()
+        return tuple(self._rngs)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------------------ helpers
     def _observe(self, latents: torch.Tensor) -> np.ndarray:

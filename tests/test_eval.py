@@ -551,6 +551,13 @@ def test_probe_compares_sampler_variants_on_the_same_starts(tmp_path: Path, tiny
     assert all(r["real_on_road"] is None and r["real_on_road_by_quarter"] is None for r in rows)  # no --real
     with_real = {**rows[0], "real_on_road": 0.5, "real_on_road_by_quarter": [0.625, 0.5, 0.375, 0.5]}
     assert P.format_row(with_real).endswith("| 0.500 (0.62 / 0.50 / 0.38 / 0.50) |")  # --real: its quarters too
+    other = {**rows[1], "real_on_road": 0.25, "real_on_road_by_quarter": [0.125, 0.25, 0.375, 0.25]}
+    mean = P.mean_row([with_real, other])  # the mean-of-seeds row keeps both sets of quarters
+    assert mean["seed"] == "mean of 2" and mean["real_on_road_by_quarter"] == [0.375, 0.375, 0.375, 0.375]
+    assert mean["on_road_by_quarter"] == pytest.approx(np.mean([rows[0]["on_road_by_quarter"],
+                                                                rows[1]["on_road_by_quarter"]], axis=0).tolist())
+    assert P.format_row(mean).endswith("| 0.375 (0.38 / 0.38 / 0.38 / 0.38) |")
+    assert P.mean_row([rows[0], with_real])["real_on_road"] is None  # missing from one seed: not averaged
     # --palette-data: the real colours of a recording; the untrained world invents others
     toy = make_synthetic_dataset(tmp_path / "toy", episodes=2, steps=6)
     argv = ["--checkpoint", str(tiny_world_dir), "--envs", "2", "--steps", "2", "--threads", "1",

@@ -53,6 +53,10 @@ def test_adapter_sub_env_attributes_methods_and_options(tiny_world_dir: Path) ->
     venv = MatrixWorldSB3VecEnv(num_envs=3, world=tiny_world_dir, obs_type="latent", max_episode_steps=50)
     assert venv.get_attr("action_space") == [gym.spaces.Discrete(9)] * 3
     assert venv.get_attr("observation_space", indices=[2])[0] == venv.observation_space
+    early = venv.get_attr("np_random")  # before any reset: created on access, as gym.Env.np_random
+    assert all(isinstance(r, np.random.Generator) for r in early) and len({id(r) for r in early}) == 3
+    venv.reset()  # no seed: each sub-env draws from the generator it already has
+    assert all(a is b for a, b in zip(early, venv.get_attr("np_random"), strict=True))
     venv.set_options([{"start_index": 0}, {"start_index": 2}, {"start_index": 1}])
     venv.seed(7)
     obs = venv.reset()

@@ -158,6 +158,20 @@ def _opt(value: float | None, scale: float = 1.0, unit: str = "", digits: int = 
     return "-" if value is None else f"{scale * value:.{digits}f}{unit}"
 
 
+def mean_row(rows: list[dict]) -> dict:
+    """The mean over seeds of one variant's rows (terminations summed; a metric missing from any row
+    is None)."""
+
+    def mean(key: str) -> float | list[float] | None:
+        vals = [r.get(key) for r in rows]
+        return None if any(v is None for v in vals) else np.mean(vals, axis=0).tolist()
+
+    keys = ("on_road", "on_road_by_quarter", "reward_per_step", "detail", "kerb_pixels", "off_palette",
+            "real_on_road", "real_on_road_by_quarter")
+    return {"variant": rows[0]["variant"], "seed": f"mean of {len(rows)}",
+            "terminations": sum(r["terminations"] for r in rows), **{k: mean(k) for k in keys}}
+
+
 def format_row(row: dict) -> str:
     """One markdown table row."""
     quarters = " / ".join(f"{q:.2f}" for q in row["on_road_by_quarter"])
@@ -182,14 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = probe(args)
     if len(args.seeds) > 1:
         for text in dict.fromkeys(args.variants):  # each variant once, in order
-            mine = [r for r in rows if r["variant"] == text]
-            mean = {k: float(np.mean([r[k] for r in mine])) for k in ("on_road", "reward_per_step", "detail")}
-            for key in ("kerb_pixels", "off_palette", "real_on_road"):
-                vals = [r[key] for r in mine]
-                mean[key] = None if None in vals else float(np.mean(vals))
-            print(f"| {text} | mean of {len(mine)} | | {mean['on_road']:.3f} | {mean['reward_per_step']:.3f} | | "
-                  f"{mean['detail']:.2f} | {_opt(mean['kerb_pixels'])} | {_opt(mean['off_palette'], 100, '%')} | "
-                  f"{_opt(mean['real_on_road'], digits=3)} |")
+            print(format_row(mean_row([r for r in rows if r["variant"] == text])))
     return 0
 
 
