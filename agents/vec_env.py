@@ -49,6 +49,7 @@ class MatrixWorldSB3VecEnv(VecEnv):
         self.venv = venv
         self._actions: np.ndarray | None = None
         super().__init__(venv.num_envs, venv.single_observation_space, venv.single_action_space)
+        self.metadata["render_fps"] = venv.metadata["render_fps"]  # VecVideoRecorder's frame rate
 
     def reset(self) -> VecEnvObs:
         """Reset every sub-env (with the seeds / options set by ``seed`` / ``set_options``)."""
@@ -116,17 +117,12 @@ class MatrixWorldSB3VecEnv(VecEnv):
         frames = self.venv.render()
         return [None] * self.num_envs if frames is None else list(frames)
 
-    # The sub-envs share one simulator: attributes are the vector env's, the same for every index,
-    # except the spaces (the single env's) and ``np_random`` (each sub-env's own).
+    # The sub-envs share one simulator: attributes are the vector env's (its get_attr), the same
+    # for every index, except the spaces (the single env's) and ``np_random`` (each sub-env's own).
     def get_attr(self, attr_name: str, indices: VecEnvIndices = None) -> list[Any]:
         """A sub-env's attribute, once per requested index."""
-        idx = self._get_indices(indices)
-        if attr_name == "np_random":
-            return [self.venv.np_randoms[i] for i in idx]
-        if attr_name in ("action_space", "observation_space"):
-            attr_name = f"single_{attr_name}"
-        value = getattr(self.venv, attr_name)
-        return [value for _ in idx]
+        values = self.venv.get_attr(attr_name)
+        return [values[i] for i in self._get_indices(indices)]
 
     def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
         """Set an attribute of the vector env, shared by all sub-envs (so ``indices`` must be all)."""

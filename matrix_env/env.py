@@ -34,8 +34,13 @@ def resolve_world(world: str | os.PathLike | WorldModel | None, device: torch.de
     checkpoint directory, or a loaded ``WorldModel`` (passed through).
 
     Raises:
+        UsageError: ``device`` is not a torch device.
         CheckpointError: the directory is missing or the checkpoint does not load.
     """
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise UsageError(f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}") from err
     if isinstance(world, WorldModel):
         return world
     path = world_path(world)
@@ -84,7 +89,7 @@ def check_obs(obs_type: str, obs_size: tuple[int, int] | list[int] | None) -> tu
         return None
     if obs_size is None:
         return HD_SIZE
-    size = tuple(obs_size)
+    size = (obs_size, obs_size) if as_int(obs_size) is not None else tuple(np.atleast_1d(obs_size))
     ints = len(size) == 2 and all(as_int(s) is not None for s in size)
     if not ints or not (0 < size[0] <= HD_SIZE[0] and 0 < size[1] <= HD_SIZE[1]):
         raise UsageError(
@@ -175,15 +180,16 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
     ``info["action_meanings"]`` of ``reset`` give the names.
 
     ## Observation Space
-    ``obs_type="rgb"``: ``Box(0, 255, (H, W, 3), uint8)``, (H, W) = ``obs_size`` (default
-    (720, 1280); sizes up to twice the model's native 72x128 per side, e.g. 84x84, skip the 720p
+    ``obs_type="rgb"``: ``Box(0, 255, (H, W, 3), uint8)``, (H, W) = ``obs_size`` (an int n is
+    (n, n); default (720, 1280); sizes up to twice the model's native 72x128 per side, e.g. 84x84, skip the 720p
     decoder).
     ``obs_type="latent"``: ``Box(-inf, inf, (C, h, w), float32)``, the model's normalised latent.
 
     ## Rewards
     Predicted by the checkpoint's reward head from (previous frame, new frame, action), trained on
-    CarRacing's rewards (-0.1 per frame, +1000/N per new track tile); or ``reward_fn(latents_prev,
-    latents, actions) -> (B,)`` if given.
+    CarRacing's rewards (-0.1 per frame, +1000/N per new track tile); or, if given,
+    ``reward_fn(latents_prev, latents, actions)``: (B, C, h, w), (B, C, h, w) latents and (B,) long
+    actions on the device -> a (B,) tensor (B = 1 here, num_envs in the vector env).
 
     ## Starting State
     A real recorded context (a few encoded frames shipped with the checkpoint), chosen with the
@@ -193,7 +199,8 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
     ## Episode End
     Terminated when the termination head's logit exceeds its ``term_threshold`` (0 in the shipped
     world), i.e. when the model sees the car cross the playfield edge into the void;
-    truncated after ``max_episode_steps`` (1000 when made with ``gym.make``).
+    truncated after ``max_episode_steps`` (1000 when made with ``gym.make``;
+    ``gym.make(..., max_episode_steps=-1)`` for no limit).
 
     ## Arguments
     ```python
@@ -321,9 +328,11 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
         """
         if self._latent is None:
             raise gym.error.ResetNeeded("call reset() before step()")
-        if not self.action_space.contains(action):
+        if isinstance(action, np.ndarray | torch.Tensor) and action.ndim == 0:
+            action = action.item()  # a 0-d array or tensor: its Python scalar
+        a = as_int(action)
+        if a is None or not 0 <= a < self.action_space.n:
             raise UsageError(f"action must be an int in [0, {self.action_space.n}), got {action!r}")
-        a = int(action)
         latent, reward, terminated = self.sim.step(torch.tensor([a], dtype=torch.long))
         self._latent = latent
         self._obs = self._observe(latent)

@@ -63,7 +63,9 @@ class MatrixWorldVectorEnv(VectorEnv):
 
     Arguments are those of :class:`~matrix_env.env.MatrixWorldEnv` plus ``num_envs`` and
     ``max_episode_steps`` (truncation after that many steps, 1000 as registered, as CarRacing-v3;
-    None: no time limit, episodes end only when the termination head fires).
+    None or -1 (``gym.make``'s spelling): no time limit, episodes end only when the termination head
+    fires). ``get_attr`` / ``set_attr`` / ``call`` work as in ``SyncVectorEnv``, on state shared by
+    all sub-envs (except each sub-env's ``np_random``).
 
     Example::
 
@@ -102,8 +104,12 @@ class MatrixWorldVectorEnv(VectorEnv):
             raise UsageError(
                 f"render_mode must be None or one of {self.metadata['render_modes']}, got {render_mode!r}"
             )
+        if as_int(max_episode_steps) == -1:  # gym.make's spelling of "no time limit"
+            max_episode_steps = None
         if max_episode_steps is not None and not (as_int(max_episode_steps) or 0) >= 1:
-            raise UsageError(f"max_episode_steps must be an int >= 1 or None, got {max_episode_steps!r}")
+            raise UsageError(
+                f"max_episode_steps must be an int >= 1, or None / -1 for no limit, got {max_episode_steps!r}"
+            )
         if not (as_int(num_envs) or 0) >= 1:
             raise UsageError(f"num_envs must be an int >= 1, got {num_envs!r}")
         num_envs = int(num_envs)
@@ -139,6 +145,36 @@ class MatrixWorldVectorEnv(VectorEnv):
     def get_action_meanings(self) -> list[str]:
         """Names of the actions, indexed by action id."""
         return list(self.action_meanings)
+
+    # Gymnasium's SyncVectorEnv/AsyncVectorEnv API. The sub-envs share one simulator, so an attribute
+    # is the vector env's, the same for every sub-env, except the spaces (the single env's) and
+    # ``np_random`` (each sub-env's own).
+    def get_attr(self, name: str) -> tuple[Any, ...]:
+        """A sub-env attribute, once per sub-env."""
+        if name == "np_random":
+            return self.np_randoms
+        if name in ("action_space", "observation_space"):
+            name = f"single_{name}"
+        return (getattr(self, name),) * self.num_envs
+
+    def set_attr(self, name: str, values: Any) -> None:
+        """Set an attribute shared by all sub-envs: one value, or a list with the same value for each."""
+        if isinstance(values, list | tuple):
+            if len(values) != self.num_envs or any(v != values[0] for v in values):
+                raise UsageError(
+                    f"set_attr({name!r}): the sub-envs share one simulator, so values must be one value or "
+                    f"{self.num_envs} equal ones, got {values!r}"
+                )
+            values = values[0]
+        setattr(self, name, values)
+
+    def call(self, name: str, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
+        """Call a method of the vector env (shared by all sub-envs; an attribute is read) once,
+        returning its result once per sub-env."""
+        if name in ("reset", "step", "close", "render"):
+            raise UsageError(f"call({name!r}): use the vector env's own {name}()")
+        attr = getattr(self, name)
+        return (attr(*args, **kwargs) if callable(attr) else attr,) * self.num_envs
 
     @property
     def np_randoms(self) -> tuple[np.random.Generator, ...]:

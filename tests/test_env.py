@@ -10,6 +10,7 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import pytest
+import torch
 from gymnasium.utils.env_checker import check_env
 
 import matrix_env
@@ -159,10 +160,16 @@ def test_bad_arguments(tiny_world_dir: Path) -> None:
         MatrixWorldEnv(world=tiny_world_dir, sampler_mode="warp")
     with pytest.raises(UsageError, match=r"720p frame or smaller\), got \(800, 1400\)"):
         MatrixWorldEnv(world=tiny_world_dir, obs_size=(800, 1400))  # no silent upsampling
+    with pytest.raises(UsageError, match=r"device must be a torch device .* got 'gpu'"):
+        MatrixWorldEnv(world=tiny_world_dir, device="gpu")
+    assert MatrixWorldEnv(world=tiny_world_dir, obs_size=48).observation_space.shape == (48, 48, 3)  # int: square
     env = MatrixWorldEnv(world=tiny_world_dir, obs_size=SMALL)
     env.reset(seed=0)
-    with pytest.raises(UsageError, match="action"):
-        env.step(9)
+    for bad in (9, True, 1.0, np.array([1]), torch.tensor(1.0)):  # bools are not actions (as in the vector env)
+        with pytest.raises(UsageError, match=r"action must be an int in \[0, 9\), got"):
+            env.step(bad)
+    for ok in (np.int64(1), np.array(1), torch.tensor(1)):  # integer scalars of any kind are
+        assert env.step(ok)[4]["action_meaning"] == "DL"
     state = env.np_random.bit_generator.state
     with pytest.raises(UsageError, match=r"unknown reset option\(s\) \['start_idx'\]"):
         env.reset(seed=3, options={"start_idx": 1})  # a typo is an error, not a random start

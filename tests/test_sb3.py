@@ -52,6 +52,7 @@ def test_adapter_sub_env_attributes_methods_and_options(tiny_world_dir: Path) ->
     """get_attr / set_attr / env_method / set_options act per sub-env or refuse, never silently on all."""
     venv = MatrixWorldSB3VecEnv(num_envs=3, world=tiny_world_dir, obs_type="latent", max_episode_steps=50)
     assert venv.get_attr("action_space") == [gym.spaces.Discrete(9)] * 3
+    assert venv.metadata["render_fps"] == venv.venv.metadata["render_fps"]  # VecVideoRecorder's rate (SB3: 30)
     assert venv.get_attr("observation_space", indices=[2])[0] == venv.observation_space
     early = venv.get_attr("np_random")  # before any reset: created on access, as gym.Env.np_random
     assert all(isinstance(r, np.random.Generator) for r in early) and len({id(r) for r in early}) == 3

@@ -140,6 +140,20 @@ def test_reward_fn_override_and_bf16(world) -> None:
 
 
 @pytest.mark.parametrize(
+    ("returned", "got"),
+    [(lambda a: a.float()[:, None], r"got a tensor of shape \(3, 1\)"),  # would broadcast on an autoreset
+     (lambda a: torch.ones(2), r"got a tensor of shape \(2,\)"),
+     (lambda a: 1.0, "got 1.0")],
+)
+def test_reward_fn_must_return_one_reward_per_stream(world, returned, got) -> None:
+    sim = started(world, reward_fn=lambda prev, new, actions: returned(actions))
+    with pytest.raises(UsageError, match=r"reward_fn must return a \(3,\) tensor.*" + got):
+        sim.step(torch.tensor([1, 2, 3]))
+    with pytest.raises(UsageError, match="reward_fn must be a callable.*got 3"):
+        started(world, reward_fn=3)
+
+
+@pytest.mark.parametrize(
     "sampler",
     [
         SwinDPMConfig(context=2, groups=2, steps_per_shift=3, mode="pipelined", ctx_noise=0.2),

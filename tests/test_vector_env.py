@@ -131,6 +131,9 @@ def test_reset_options_seeds_and_time_limit(tiny_world_dir: Path) -> None:
         envs.reset(options={"reset_mask": np.zeros(N, dtype=bool)})
     with pytest.raises(UsageError, match=r"got 2.5"):
         MatrixWorldVectorEnv(num_envs=1, world=tiny_world_dir, max_episode_steps=2.5)
+    assert MatrixWorldVectorEnv(num_envs=1, world=tiny_world_dir, max_episode_steps=-1).max_episode_steps is None
+    unlimited = gym.make_vec("MatrixWorld-v0", num_envs=1, world=tiny_world_dir, max_episode_steps=-1)
+    assert unlimited.max_episode_steps is None  # gym.make's spelling of "no limit" works for make_vec too
     with pytest.raises(UsageError, match=r"per-env seed must be an int or None, got 1.5"):
         envs.reset(seed=[0, 1.5, None])
 
@@ -174,3 +177,21 @@ def test_memory_flat_over_2000_steps(tiny_world_dir: Path) -> None:
     assert envs.sim.state is state
     assert [t.data_ptr() for t in (state.latents, state.ctrl_idx, state.noise_key, state.noise_step)] == ptrs
     assert np.isfinite(obs).all()
+
+
+def test_sync_vector_env_api(tiny_world_dir: Path) -> None:
+    """get_attr / set_attr / call as in SyncVectorEnv, so code can switch vectorization_mode."""
+    envs = gym.make_vec("MatrixWorld-v0", num_envs=N, world=tiny_world_dir, obs_type="latent")
+    sync = gym.make_vec("MatrixWorld-v0", num_envs=N, world=tiny_world_dir, obs_type="latent",
+                        vectorization_mode="sync")
+    for venv in (envs, sync):
+        assert venv.call("get_action_meanings") == (venv.call("get_action_meanings")[0],) * N
+        assert venv.get_attr("action_space") == (gym.spaces.Discrete(9),) * N
+        rngs = venv.get_attr("np_random")
+        assert len(rngs) == N and len({id(r) for r in rngs}) == N
+    envs.set_attr("render_mode", ["rgb_array"] * N)
+    assert envs.get_attr("render_mode") == ("rgb_array",) * N and envs.render_mode == "rgb_array"
+    with pytest.raises(UsageError, match=r"share one simulator.*got \[None, 'rgb_array', None\]"):
+        envs.set_attr("render_mode", [None, "rgb_array", None])
+    with pytest.raises(UsageError, match=r"call\('step'\)"):
+        envs.call("step", np.zeros(N))

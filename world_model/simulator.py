@@ -138,6 +138,10 @@ class Simulator:
         self.num_envs = num_envs
         self.device = torch.device(device)
         self.dtype = dtype
+        if reward_fn is not None and not callable(reward_fn):
+            raise UsageError(
+                f"reward_fn must be a callable (z_prev, z_next, actions) -> (B,) rewards, got {reward_fn!r}"
+            )
         self.reward_fn = reward_fn
         self.cfg = sampler if sampler is not None else sampler_config(world)
         self.sampler = SwinDPM(self.cfg, self.device)
@@ -314,6 +318,10 @@ class Simulator:
             reward, term_logit = self.heads(z_prev, z_next, self.ctrl_pooled[actions])  # (B,), (B,)
         if self.reward_fn is not None:
             reward = self.reward_fn(z_prev, z_next, actions)
+            if not isinstance(reward, torch.Tensor) or reward.shape != (self.num_envs,):
+                got = f"a tensor of shape {tuple(reward.shape)}" if isinstance(reward, torch.Tensor) else repr(reward)
+                raise UsageError(f"reward_fn must return a ({self.num_envs},) tensor, one reward per stream, got {got}")
+            reward = reward.to(self.device)
         return z_next, reward.float(), term_logit.float() > self.heads.cfg.term_threshold
 
     @torch.inference_mode()
