@@ -125,9 +125,10 @@ class MatrixWorldSB3VecEnv(VecEnv):
         return [values[i] for i in self._get_indices(indices)]
 
     def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
-        """Set an attribute of the vector env, shared by all sub-envs (so ``indices`` must be all)."""
+        """Set an attribute of the vector env (its ``set_attr``), shared by all sub-envs (so ``indices``
+        must be all)."""
         self._require_all(indices, f"set_attr({attr_name!r})")
-        setattr(self.venv, attr_name, value)
+        self.venv.set_attr(attr_name, value)
 
     def env_method(
         self, method_name: str, *method_args: Any, indices: VecEnvIndices = None, **method_kwargs: Any

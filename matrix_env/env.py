@@ -40,7 +40,9 @@ def resolve_world(world: str | os.PathLike | WorldModel | None, device: torch.de
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as err:
-        raise UsageError(f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}") from err
+        raise UsageError(
+            f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got {device!r} ({err})"
+        ) from err
     if isinstance(world, WorldModel):
         return world
     path = world_path(world)
@@ -79,7 +81,7 @@ def reject_unknown_options(options: dict[str, Any] | None, known: tuple[str, ...
         raise UsageError(f"unknown reset option(s) {unknown}; the {env} takes {list(known)}")
 
 
-def check_obs(obs_type: str, obs_size: tuple[int, int] | list[int] | None) -> tuple[int, int] | None:
+def check_obs(obs_type: str, obs_size: int | tuple[int, int] | list[int] | None) -> tuple[int, int] | None:
     """Validate the observation settings; returns the (H, W) of rgb observations (None for latents)."""
     if obs_type not in OBS_TYPES:
         raise UsageError(f"obs_type must be one of {OBS_TYPES}, got {obs_type!r}")
@@ -89,7 +91,10 @@ def check_obs(obs_type: str, obs_size: tuple[int, int] | list[int] | None) -> tu
         return None
     if obs_size is None:
         return HD_SIZE
-    size = (obs_size, obs_size) if as_int(obs_size) is not None else tuple(np.atleast_1d(obs_size))
+    if as_int(obs_size) is not None:
+        size: tuple = (obs_size, obs_size)  # an int n: (n, n)
+    else:
+        size = tuple(obs_size) if isinstance(obs_size, list | tuple | np.ndarray) else (obs_size,)
     ints = len(size) == 2 and all(as_int(s) is not None for s in size)
     if not ints or not (0 < size[0] <= HD_SIZE[0] and 0 < size[1] <= HD_SIZE[1]):
         raise UsageError(
@@ -247,7 +252,7 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
         self,
         world: str | os.PathLike | WorldModel | None = None,
         render_mode: str | None = None,
-        obs_size: tuple[int, int] | None = None,
+        obs_size: int | tuple[int, int] | None = None,
         obs_type: ObsType = "rgb",
         sampler_mode: str | None = None,
         device: str | torch.device = "cpu",
@@ -328,9 +333,8 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
         """
         if self._latent is None:
             raise gym.error.ResetNeeded("call reset() before step()")
-        if isinstance(action, np.ndarray | torch.Tensor) and action.ndim == 0:
-            action = action.item()  # a 0-d array or tensor: its Python scalar
-        a = as_int(action)
+        scalar = action.item() if isinstance(action, np.ndarray | torch.Tensor) and action.ndim == 0 else action
+        a = as_int(scalar)  # a 0-d array or tensor: its Python scalar
         if a is None or not 0 <= a < self.action_space.n:
             raise UsageError(f"action must be an int in [0, {self.action_space.n}), got {action!r}")
         latent, reward, terminated = self.sim.step(torch.tensor([a], dtype=torch.long))

@@ -47,6 +47,7 @@ from world_model.errors import UsageError
 from world_model.simulator import RewardFn, Simulator, sampler_config
 
 RESET_OPTIONS = ("reset_mask", "start_index")
+SETTABLE = ("render_mode", "max_episode_steps")  # what set_attr may change on a running vector env
 
 
 def is_id_vector(values: np.ndarray, n: int, high: int) -> bool:
@@ -64,8 +65,8 @@ class MatrixWorldVectorEnv(VectorEnv):
     Arguments are those of :class:`~matrix_env.env.MatrixWorldEnv` plus ``num_envs`` and
     ``max_episode_steps`` (truncation after that many steps, 1000 as registered, as CarRacing-v3;
     None or -1 (``gym.make``'s spelling): no time limit, episodes end only when the termination head
-    fires). ``get_attr`` / ``set_attr`` / ``call`` work as in ``SyncVectorEnv``, on state shared by
-    all sub-envs (except each sub-env's ``np_random``).
+    fires). ``get_attr`` / ``set_attr`` / ``call`` are the subset of ``SyncVectorEnv``'s that fits
+    one shared simulator (see their docstrings).
 
     Example::
 
@@ -88,7 +89,7 @@ class MatrixWorldVectorEnv(VectorEnv):
         num_envs: int = 1,
         world: str | os.PathLike | WorldModel | None = None,
         render_mode: str | None = None,
-        obs_size: tuple[int, int] | None = None,
+        obs_size: int | tuple[int, int] | None = None,
         obs_type: ObsType = "rgb",
         sampler_mode: str | None = None,
         device: str | torch.device = "cpu",
@@ -100,22 +101,12 @@ class MatrixWorldVectorEnv(VectorEnv):
         backend: str = "torch",
     ) -> None:
         """Load the world model and allocate ``num_envs`` streams."""
-        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise UsageError(
-                f"render_mode must be None or one of {self.metadata['render_modes']}, got {render_mode!r}"
-            )
-        if as_int(max_episode_steps) == -1:  # gym.make's spelling of "no time limit"
-            max_episode_steps = None
-        if max_episode_steps is not None and not (as_int(max_episode_steps) or 0) >= 1:
-            raise UsageError(
-                f"max_episode_steps must be an int >= 1, or None / -1 for no limit, got {max_episode_steps!r}"
-            )
         if not (as_int(num_envs) or 0) >= 1:
             raise UsageError(f"num_envs must be an int >= 1, got {num_envs!r}")
         num_envs = int(num_envs)
         self.num_envs = num_envs
-        self.render_mode = render_mode
-        self.max_episode_steps = None if max_episode_steps is None else int(max_episode_steps)
+        self.render_mode = self._check_render_mode(render_mode)
+        self.max_episode_steps = self._check_max_episode_steps(max_episode_steps)
         self.obs_type = obs_type
         self.obs_hw = check_obs(obs_type, obs_size)
         self.world = resolve_world(world, device)
@@ -137,6 +128,7 @@ class MatrixWorldVectorEnv(VectorEnv):
         self.observation_space = batch_space(self.single_observation_space, num_envs)
 
         self._rngs: list[np.random.Generator | None] = [None] * num_envs  # per sub-env np_random
+        self._rng_seeds: list[int | None] = [None] * num_envs  # ... and the seed it was made from
         self._prev_done = np.zeros(num_envs, dtype=np.bool_)
         self._steps = np.zeros(num_envs, dtype=np.int64)
         self._obs: np.ndarray | None = None  # last observations (filled by reset)
@@ -146,35 +138,69 @@ class MatrixWorldVectorEnv(VectorEnv):
         """Names of the actions, indexed by action id."""
         return list(self.action_meanings)
 
-    # Gymnasium's SyncVectorEnv/AsyncVectorEnv API. The sub-envs share one simulator, so an attribute
-    # is the vector env's, the same for every sub-env, except the spaces (the single env's) and
-    # ``np_random`` (each sub-env's own).
+    def _check_render_mode(self, render_mode: str | None) -> str | None:
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise UsageError(
+                f"render_mode must be None or one of {self.metadata['render_modes']}, got {render_mode!r}"
+            )
+        return render_mode
+
+    @staticmethod
+    def _check_max_episode_steps(value: int | None) -> int | None:
+        if value is None or as_int(value) == -1:  # -1: gym.make's spelling of "no time limit"
+            return None
+        if not (as_int(value) or 0) >= 1:
+            raise UsageError(f"max_episode_steps must be an int >= 1, or None / -1 for no limit, got {value!r}")
+        return int(value)
+
+    # A subset of SyncVectorEnv's get_attr / set_attr / call. The sub-envs share one simulator, so an
+    # attribute is the vector env's, the same for every sub-env, except the spaces (the single
+    # env's) and ``np_random`` / ``np_random_seed`` (each sub-env's own).
     def get_attr(self, name: str) -> tuple[Any, ...]:
         """A sub-env attribute, once per sub-env."""
         if name == "np_random":
             return self.np_randoms
+        if name == "np_random_seed":
+            self.np_randoms  # noqa: B018  (creates the generators not yet made, as gym.Env does)
+            return tuple(self._rng_seeds)
         if name in ("action_space", "observation_space"):
             name = f"single_{name}"
         return (getattr(self, name),) * self.num_envs
 
     def set_attr(self, name: str, values: Any) -> None:
-        """Set an attribute shared by all sub-envs: one value, or a list with the same value for each."""
+        """Set ``render_mode`` or ``max_episode_steps`` (shared by all sub-envs: one value, or a list
+        of equal ones), or ``np_random`` (a list of one generator per sub-env)."""
+        n = self.num_envs
+        if name == "np_random":
+            if not (isinstance(values, list | tuple) and len(values) == n
+                    and all(isinstance(g, np.random.Generator) for g in values)):
+                raise UsageError(f"set_attr('np_random'): values must be {n} numpy Generators, got {values!r}")
+            self._rngs, self._rng_seeds = list(values), [-1] * n  # -1: unknown seed, as gym.Env
+            return
+        if name not in SETTABLE:
+            raise UsageError(
+                f"set_attr({name!r}): only {list(SETTABLE)} and 'np_random' can be set on the running vector "
+                "env; build a new one for other settings"
+            )
         if isinstance(values, list | tuple):
-            if len(values) != self.num_envs or any(v != values[0] for v in values):
+            if len(values) != n or not all(np.array_equal(v, values[0]) for v in values):
                 raise UsageError(
                     f"set_attr({name!r}): the sub-envs share one simulator, so values must be one value or "
-                    f"{self.num_envs} equal ones, got {values!r}"
+                    f"{n} equal ones, got {values!r}"
                 )
             values = values[0]
-        setattr(self, name, values)
+        check = self._check_render_mode if name == "render_mode" else self._check_max_episode_steps
+        setattr(self, name, check(values))
 
     def call(self, name: str, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
-        """Call a method of the vector env (shared by all sub-envs; an attribute is read) once,
-        returning its result once per sub-env."""
+        """Call a method of the vector env (shared by all sub-envs) once, returning its result once
+        per sub-env; a name that is not a method is read as ``get_attr`` reads it."""
         if name in ("reset", "step", "close", "render"):
             raise UsageError(f"call({name!r}): use the vector env's own {name}()")
         attr = getattr(self, name)
-        return (attr(*args, **kwargs) if callable(attr) else attr,) * self.num_envs
+        if not callable(attr):
+            return self.get_attr(name)
+        return (attr(*args, **kwargs),) * self.num_envs
 
     @property
     def np_randoms(self) -> tuple[np.random.Generator, ...]:
@@ -182,7 +208,7 @@ class MatrixWorldVectorEnv(VectorEnv):
         is created (from OS entropy) on first access."""
         for i, rng in enumerate(self._rngs):
             if rng is None:
-                self._rngs[i], _ = seeding.np_random()
+                self._rngs[i], self._rng_seeds[i] = seeding.np_random()
         return tuple(self._rngs)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------------------ helpers
@@ -238,7 +264,7 @@ class MatrixWorldVectorEnv(VectorEnv):
         for i in np.flatnonzero(mask):  # only the sub-envs that reset: two integers each
             seed = None if seeds is None else seeds[i]
             if seed is not None or self._rngs[i] is None:
-                self._rngs[i], _ = seeding.np_random(seed)
+                self._rngs[i], self._rng_seeds[i] = seeding.np_random(seed)
             start[i], key[i] = draw_episode(self._rngs[i], self.sim.num_starts)
         return start, key
 

@@ -163,11 +163,15 @@ def test_bad_arguments(tiny_world_dir: Path) -> None:
     with pytest.raises(UsageError, match=r"device must be a torch device .* got 'gpu'"):
         MatrixWorldEnv(world=tiny_world_dir, device="gpu")
     assert MatrixWorldEnv(world=tiny_world_dir, obs_size=48).observation_space.shape == (48, 48, 3)  # int: square
+    with pytest.raises(UsageError, match=r"obs_size must be \(height, width\) ints .* got \(True, 48\)"):
+        MatrixWorldEnv(world=tiny_world_dir, obs_size=(True, 48))
     env = MatrixWorldEnv(world=tiny_world_dir, obs_size=SMALL)
     env.reset(seed=0)
     for bad in (9, True, 1.0, np.array([1]), torch.tensor(1.0)):  # bools are not actions (as in the vector env)
         with pytest.raises(UsageError, match=r"action must be an int in \[0, 9\), got"):
             env.step(bad)
+    with pytest.raises(UsageError, match=r"got tensor\(True\)"):  # the message shows what was passed
+        env.step(torch.tensor(True))
     for ok in (np.int64(1), np.array(1), torch.tensor(1)):  # integer scalars of any kind are
         assert env.step(ok)[4]["action_meaning"] == "DL"
     state = env.np_random.bit_generator.state

@@ -180,18 +180,30 @@ def test_memory_flat_over_2000_steps(tiny_world_dir: Path) -> None:
 
 
 def test_sync_vector_env_api(tiny_world_dir: Path) -> None:
-    """get_attr / set_attr / call as in SyncVectorEnv, so code can switch vectorization_mode."""
+    """get_attr / set_attr / call as in SyncVectorEnv where one shared simulator allows it."""
     envs = gym.make_vec("MatrixWorld-v0", num_envs=N, world=tiny_world_dir, obs_type="latent")
     sync = gym.make_vec("MatrixWorld-v0", num_envs=N, world=tiny_world_dir, obs_type="latent",
                         vectorization_mode="sync")
+    meanings = ["D", "DL", "DR", "B", "BL", "BR", "N", "NL", "NR"]
     for venv in (envs, sync):
-        assert venv.call("get_action_meanings") == (venv.call("get_action_meanings")[0],) * N
-        assert venv.get_attr("action_space") == (gym.spaces.Discrete(9),) * N
+        assert venv.call("get_action_meanings") == (meanings,) * N
+        assert venv.get_attr("action_space") == venv.call("action_space") == (gym.spaces.Discrete(9),) * N
+        venv.reset(seed=5)
+        assert venv.get_attr("np_random_seed") == (5, 6, 7)
         rngs = venv.get_attr("np_random")
-        assert len(rngs) == N and len({id(r) for r in rngs}) == N
+        assert len({id(r) for r in rngs}) == N and venv.call("np_random") == rngs
     envs.set_attr("render_mode", ["rgb_array"] * N)
     assert envs.get_attr("render_mode") == ("rgb_array",) * N and envs.render_mode == "rgb_array"
+    envs.set_attr("max_episode_steps", -1)  # checked as the constructor checks it
+    assert envs.max_episode_steps is None
+    generators = [np.random.default_rng(i) for i in range(N)]
+    envs.set_attr("np_random", generators)
+    assert list(envs.get_attr("np_random")) == generators
     with pytest.raises(UsageError, match=r"share one simulator.*got \[None, 'rgb_array', None\]"):
         envs.set_attr("render_mode", [None, "rgb_array", None])
+    with pytest.raises(UsageError, match=r"render_mode must be None or one of"):
+        envs.set_attr("render_mode", "rgb")
+    with pytest.raises(UsageError, match=r"set_attr\('reward_fn'\): only \['render_mode', 'max_episode_steps'\]"):
+        envs.set_attr("reward_fn", lambda *a: None)  # would be silently ignored by the simulator
     with pytest.raises(UsageError, match=r"call\('step'\)"):
         envs.call("step", np.zeros(N))

@@ -159,17 +159,16 @@ def _opt(value: float | None, scale: float = 1.0, unit: str = "", digits: int = 
 
 
 def mean_row(rows: list[dict]) -> dict:
-    """The mean over seeds of one variant's rows (terminations summed; a metric missing from any row
-    is None)."""
+    """The mean over seeds of one variant's rows, every cell a mean (a metric missing from any row is
+    None)."""
 
     def mean(key: str) -> float | list[float] | None:
         vals = [r.get(key) for r in rows]
         return None if any(v is None for v in vals) else np.mean(vals, axis=0).tolist()
 
-    keys = ("on_road", "on_road_by_quarter", "reward_per_step", "detail", "kerb_pixels", "off_palette",
-            "real_on_road", "real_on_road_by_quarter")
-    return {"variant": rows[0]["variant"], "seed": f"mean of {len(rows)}",
-            "terminations": sum(r["terminations"] for r in rows), **{k: mean(k) for k in keys}}
+    keys = ("on_road", "on_road_by_quarter", "reward_per_step", "terminations", "detail", "kerb_pixels",
+            "off_palette", "real_on_road", "real_on_road_by_quarter")
+    return {"variant": rows[0]["variant"], "seed": f"mean of {len(rows)}", **{k: mean(k) for k in keys}}
 
 
 def format_row(row: dict) -> str:
@@ -179,7 +178,7 @@ def format_row(row: dict) -> str:
     if row.get("real_on_road_by_quarter"):
         real += " (" + " / ".join(f"{q:.2f}" for q in row["real_on_road_by_quarter"]) + ")"
     return (f"| {row['variant']} | {row['seed']} | {quarters} | {row['on_road']:.3f} | "
-            f"{row['reward_per_step']:.3f} | {row['terminations']} | {row['detail']:.2f} | "
+            f"{row['reward_per_step']:.3f} | {row['terminations']:g} | {row['detail']:.2f} | "
             f"{_opt(row['kerb_pixels'])} | {_opt(row['off_palette'], 100, '%')} | {real} |")
 
 
