@@ -542,6 +542,7 @@ def test_probe_compares_sampler_variants_on_the_same_starts(tmp_path: Path, tiny
     assert rows[0] == {**rows[2], "wall_s": rows[0]["wall_s"]}  # same variant and seed: the same rollout
     assert rows[4]["sampler"]["level_shift"] == 2.0 and rows[0]["sampler"]["level_shift"] == 1.0
     assert all(0.0 <= r["on_road"] <= 1.0 and len(r["on_road_by_quarter"]) == 4 and r["detail"] > 0 for r in rows)
+    assert all(np.mean(r["detail_by_quarter"]) == pytest.approx(r["detail"]) for r in rows)  # blur over time
     assert all(r["kerb_pixels"] is None for r in rows)  # the tiny world is not CarRacing: no kerb count
     assert all(r["off_palette"] is None for r in rows)  # no --palette-data
     table = capsys.readouterr().out

@@ -139,7 +139,8 @@ def probe(args: Args) -> list[dict]:
             row = {"variant": text, "seed": seed, "sampler": sampler, "on_road": w["on_road"],
                    "on_road_by_quarter": [q["mean"] for q in w["on_road_by_quarter"]],
                    "reward_per_step": w["reward_per_step"], "terminations": w["terminations"],
-                   "detail": w["detail"], "kerb_pixels": w.get("kerb_pixels"), "off_palette": w.get("off_palette"),
+                   "detail": w["detail"], "detail_by_quarter": [q["mean"] for q in w["detail_by_quarter"]],
+                   "kerb_pixels": w.get("kerb_pixels"), "off_palette": w.get("off_palette"),
                    "real_on_road": r["on_road"] if args.real else None,
                    "real_on_road_by_quarter": [q["mean"] for q in r["on_road_by_quarter"]] if args.real else None,
                    "wall_s": time.perf_counter() - t0}
