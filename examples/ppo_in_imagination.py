@@ -51,6 +51,8 @@ parser.add_argument("--device", default="cpu", help="torch device of the world a
 parser.add_argument("--sampler-mode", default=None, choices=("pipelined", "reconditioned", "immediate"),
                     help="Swin-DPM action-latency mode of the world (default: the world's)")
 parser.add_argument("--ctx-noise", type=float, default=None, help="sampler ctx_noise (default: the world's)")
+parser.add_argument("--groups", type=int, default=None,
+                    help="sampler noise groups G, frames in flight (default: the world's; pipelined latency G-1)")
 parser.add_argument("--run-dir", type=Path, default=None, help="checkpoints and progress log; resumes from it")
 parser.add_argument("--save-every", type=int, default=16384, help="timesteps between checkpoints (with --run-dir)")
 parser.add_argument("--episodes", type=int, default=3, help="real CarRacing-v3 evaluation episodes (0: none)")
@@ -67,6 +69,7 @@ if args.train_in == "real":
     world_flags = {
         "--sampler-mode": args.sampler_mode,
         "--ctx-noise": args.ctx_noise,
+        "--groups": args.groups,
         "--compile": args.compile or None,
         "--dtype": None if args.dtype == "float32" else args.dtype,
     }
@@ -84,10 +87,11 @@ if args.train_in == "world":
     train_env: VecEnv = MatrixWorldSB3VecEnv(
         world=args.world, num_envs=args.num_envs, obs_size=(84, 84), max_episode_steps=250, dtype=args.dtype,
         compile_model=args.compile, device=args.device, sampler_mode=args.sampler_mode,
-        sampler=None if args.ctx_noise is None else {"ctx_noise": args.ctx_noise},
+        sampler={k: v for k, v in (("ctx_noise", args.ctx_noise), ("groups", args.groups)) if v is not None},
     )
     cfg = train_env.venv.sim.cfg
-    print(f"imagining {args.num_envs} envs on {args.device}: sampler {cfg.mode}, ctx_noise {cfg.ctx_noise}")
+    print(f"imagining {args.num_envs} envs on {args.device}: sampler {cfg.mode}, ctx_noise {cfg.ctx_noise}, "
+          f"groups {cfg.groups}")
 else:  # the baseline: the same agent and samples, from the real game (250-step episodes too)
     train_env = DummyVecEnv([lambda: RealCarRacingEnv(obs_size=(84, 84))] * args.num_envs)
     print(f"training in {args.num_envs} real CarRacing-v3 envs (no world)")
