@@ -43,6 +43,8 @@ class BenchArgs:
     """Swin-DPM mode (default: the checkpoint's)."""
     guidance: float | None = None
     """Classifier-free guidance scale on the actions (default: the checkpoint's; 1 = off)."""
+    groups: int | None = None
+    """Swin-DPM noise groups G, the frames in flight (default: the checkpoint's)."""
     threads: int = 0
     """torch.set_num_threads (0: torch's default)."""
     carracing: bool = True
@@ -58,6 +60,11 @@ class BenchArgs:
     """Batch sizes of the 84x84 vector-env rows."""
     hd: bool = True
     """Also measure the 720p rows."""
+
+
+def sampler_overrides(args: BenchArgs) -> dict[str, float | int]:
+    """The Swin-DPM fields the command line changes."""
+    return {k: v for k, v in (("guidance", args.guidance), ("groups", args.groups)) if v is not None}
 
 
 def peak_rss_mib() -> float:
@@ -130,7 +137,7 @@ def bench_single(args: BenchArgs, obs_size: tuple[int, int], steps: int, backend
         world=args.world,
         obs_size=obs_size,
         sampler_mode=args.sampler_mode,
-        sampler=None if args.guidance is None else {"guidance": args.guidance},
+        sampler=sampler_overrides(args),
         device=args.device,
         dtype=args.dtype,
         compile_model=compiled(args),
@@ -158,7 +165,7 @@ def bench_vector(
         world=args.world,
         obs_size=obs_size,
         sampler_mode=args.sampler_mode,
-        sampler=None if args.guidance is None else {"guidance": args.guidance},
+        sampler=sampler_overrides(args),
         device=args.device,
         dtype=args.dtype,
         max_episode_steps=1000,
@@ -296,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(args)
     print(
         f"# bench_env: world={args.world or 'default'} device={args.device} dtype={args.dtype} "
-        f"compile={compiled(args)} guidance={args.guidance} "
+        f"compile={compiled(args)} sampler={args.sampler_mode or 'default'} {sampler_overrides(args) or ''} "
         f"threads={torch.get_num_threads()} cpu={platform.processor() or platform.machine()}"
     )
     print(format_table(rows))

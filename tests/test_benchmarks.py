@@ -11,10 +11,11 @@ from benchmarks import bench_env
 
 def test_bench_env_prints_its_table(tiny_world_dir: Path, capsys: pytest.CaptureFixture) -> None:
     argv = ["--world", str(tiny_world_dir), "--steps", "1", "--no-carracing", "--no-hd",
-            "--num-envs", "2", "--guidance", "2.0", "--threads", "1"]
+            "--num-envs", "2", "--guidance", "2.0", "--groups", "1", "--threads", "1"]
     assert bench_env.main(argv) == 0
     out = capsys.readouterr().out
-    assert "guidance=2.0" in out and "| MatrixWorldVectorEnv | torch | 2 | 84x84 |" in out
+    assert "sampler=default {'guidance': 2.0, 'groups': 1}" in out
+    assert "| MatrixWorldVectorEnv | torch | 2 | 84x84 |" in out
 
 
 def test_bench_env_table_has_a_gpu_column_only_on_cuda() -> None:
