@@ -20,6 +20,7 @@ import torch
 from gymnasium import spaces
 from gymnasium.envs.box2d.car_racing import FPS as CARRACING_FPS
 
+from matrix_env.env import as_int
 from world_model.actions import CARRACING_CONTROLS, DRIVING_ACTIONS
 from world_model.data.record import carracing_canvas, resize_frame, to_train_res
 from world_model.eval.suite import decode_latents, encode_frames
@@ -52,7 +53,7 @@ class RealCarRacingEnv(gym.Env):
         render_mode: str | None = None,
         vae: torch.nn.Module | None = None,
     ) -> None:
-        if isinstance(frame_skip, bool) or not isinstance(frame_skip, int | np.integer) or frame_skip < 1:
+        if (as_int(frame_skip) or 0) < 1:
             raise ValueError(f"frame_skip must be an int >= 1, got {frame_skip!r}")
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be None or one of {self.metadata['render_modes']}, got {render_mode!r}")
@@ -86,7 +87,7 @@ class RealCarRacingEnv(gym.Env):
 
     def step(self, action: int):
         """Hold driving action ``action`` for ``frame_skip`` physics steps (info: CarRacing's last)."""
-        if isinstance(action, bool | np.bool_) or not self.action_space.contains(action):
+        if as_int(action) is None or not self.action_space.contains(action):
             raise ValueError(f"action {action!r} is not a driving action id (an int in [0, {self.action_space.n}))")
         reward, terminated, truncated, info = 0.0, False, False, {}
         for _ in range(self.frame_skip):

@@ -161,7 +161,7 @@ class MatrixWorldVectorEnv(VectorEnv):
         if name == "np_random":
             return self.np_randoms
         if name == "np_random_seed":
-            self.np_randoms  # noqa: B018  (creates the generators not yet made, as gym.Env does)
+            self._make_missing_rngs()  # as gym.Env.np_random_seed, which creates its generator
             return tuple(self._rng_seeds)
         if name in ("action_space", "observation_space"):
             name = f"single_{name}"
@@ -206,10 +206,13 @@ class MatrixWorldVectorEnv(VectorEnv):
     def np_randoms(self) -> tuple[np.random.Generator, ...]:
         """Each sub-env's ``np_random``; like ``gym.Env.np_random``, one not yet seeded by a reset
         is created (from OS entropy) on first access."""
+        self._make_missing_rngs()
+        return tuple(self._rngs)  # type: ignore[arg-type]
+
+    def _make_missing_rngs(self) -> None:
         for i, rng in enumerate(self._rngs):
             if rng is None:
                 self._rngs[i], self._rng_seeds[i] = seeding.np_random()
-        return tuple(self._rngs)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------------------ helpers
     def _observe(self, latents: torch.Tensor) -> np.ndarray:
