@@ -38,6 +38,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "world_model.train.build_world:main",
         "assemble a world-model directory from VAE/DiT runs and data",
     ),
+    "set-sampler": (
+        "world_model.train.build_world:set_sampler_main",
+        "copy a world with other default sampler settings (e.g. --groups 2); no data needed",
+    ),
     "eval": (
         "world_model.eval.suite:main",
         "evaluate a world: IDM control accuracy, PSNR/Frechet fidelity, drift, reward heads, speed",

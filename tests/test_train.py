@@ -29,6 +29,7 @@ CLI_LINES = {
     "encode-latents": ("world_model.data.latents:main", "encode episodes into a latent cache"),
     "train-dit": ("world_model.train.dit:main", "train the video DiT and reward/termination heads"),
     "build-world": ("world_model.train.build_world:main", "assemble a world-model directory"),
+    "set-sampler": ("world_model.train.build_world:set_sampler_main", "copy a world with other sampler settings"),
 }
 
 
@@ -591,8 +592,69 @@ def test_a_world_is_a_parent_for_encode_train_and_build(data, footage, vae_dir, 
     assert (again.sampler["steps_per_shift"], again.sampler["ctx_noise"]) == (1, 0.3)  # the others inherited
     assert again.heads.cfg.term_threshold == 2.0
     assert torch.equal(again.control_tokens, load_world(world).control_tokens)
+    assert again.sampler["groups"] == 4  # the DiT's training window (8) minus its context (4)
     cmds = json.loads((rebuilt / "manifest.json").read_text())["recipe"]["commands"]
     assert cmds[: len(world_cmds)] == world_cmds and [c[1] for c in cmds[len(world_cmds) :]] == ["build-world"]
+
+    fewer = tmp_path / "world4"  # --groups: fewer frames in flight; a world built from it inherits them
+    build_world.main([
+        "--vae", str(world), "--dit", str(rebuilt), "--data", str(data), str(footage),
+        "--latents", str(latents[0]), str(latents[1]), "--out", str(fewer), "--starts", "2", "--groups", "2",
+    ])  # fmt: skip
+    assert load_world(fewer).sampler["groups"] == 2
+    build_world.main([
+        "--vae", str(world), "--dit", str(fewer), "--data", str(data), str(footage),
+        "--latents", str(latents[0]), str(latents[1]), "--out", str(tmp_path / "world5"), "--starts", "2",
+    ])  # fmt: skip
+    inherited = load_world(tmp_path / "world5").sampler
+    assert (inherited["groups"], inherited["level_shift"]) == (2, 2.0)
+
+
+def test_set_sampler_changes_only_the_sampler_and_extends_the_recipe(tiny_world_dir, tmp_path, cli, capsys):
+    """set-sampler: a world with other default sampler settings, same weights and starts, one more command."""
+    import dataclasses
+    import shutil
+
+    from world_model.checkpoint import load_world
+    from world_model.simulator import Simulator
+    from world_model.swin_dpm import SwinDPMConfig
+    from world_model.train.build_world import set_sampler_main
+
+    world = tmp_path / "world"
+    shutil.copytree(tiny_world_dir, world)
+    before = load_world(world)
+    assert before.sampler["groups"] == 2
+    old_cmds = json.loads((world / "manifest.json").read_text())["recipe"].get("commands", [])
+    out = tmp_path / "g1"
+    set_sampler_main(["--world", str(world), "--out", str(out), "--groups", "1", "--ctx-noise", "0.2"])
+    after = load_world(out)
+    full = dataclasses.asdict(SwinDPMConfig(**before.sampler))  # the tiny world stores only some fields
+    changed = {k for k in full if full[k] != after.sampler[k]}
+    assert changed == {"groups", "ctx_noise"} and (after.sampler["groups"], after.sampler["ctx_noise"]) == (1, 0.2)
+    assert torch.equal(after.start_latents, before.start_latents)
+    sd0, sd1 = before.dit.state_dict(), after.dit.state_dict()
+    assert all(torch.equal(sd0[k], sd1[k]) for k in sd0)
+    cmds = json.loads((out / "manifest.json").read_text())["recipe"]["commands"]
+    assert cmds[:-1] == old_cmds and cmds[-1][1] == "set-sampler" and "--groups" in cmds[-1]
+    sim = Simulator(after, 2, "cpu")
+    assert sim.sampler.window_len == before.sampler["context"] + 1
+    sim.reset(torch.ones(2, dtype=torch.bool), torch.tensor([0, 1]), torch.Generator().manual_seed(0))
+    latents, _, _ = sim.step(torch.zeros(2, dtype=torch.long))
+    assert latents.shape[0] == 2 and torch.isfinite(latents).all()
+
+    set_sampler_main(["--world", str(out), "--out", str(out), "--mode", "immediate"])  # in place
+    assert load_world(out).sampler["mode"] == "immediate"
+    for argv, needle in [
+        ([], "nothing to change"),
+        (["--groups", "0"], "groups must be >= 1"),
+        (["--groups", "20"], "max_frames=8"),
+        (["--ctx-noise", "1.5"], "ctx_noise must be in [0, 1)"),
+    ]:
+        assert cli(["set-sampler", "--world", str(world), "--out", str(tmp_path / "bad"), *argv]) == 2
+        assert needle in capsys.readouterr().err
+    assert cli(["set-sampler", "--world", str(tmp_path), "--out", str(tmp_path / "bad"), "--groups", "1"]) == 2
+    assert "not a world directory" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_decoder_finetune_keeps_the_latent_space(data, footage, vae_dir, latents, dit_run, tmp_path):

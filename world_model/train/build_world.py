@@ -21,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import sys
 from dataclasses import dataclass
@@ -59,6 +60,9 @@ class Args:
     """Seed of the start-context choice."""
     mode: Literal["pipelined", "reconditioned", "immediate"] | None = None
     """Default Swin-DPM mode of the world (see world_model.swin_dpm; default pipelined)."""
+    groups: int | None = None
+    """Default G, frames in flight (default: the DiT's training window minus its context, or the
+    --dit world's own G). Fewer than trained shorten the window: measured on the shipped worlds in README.md."""
     steps_per_shift: int | None = None
     """Default Euler evaluations per shift (default 8: a non-distilled teacher needs several)."""
     ctx_noise: float | None = None
@@ -82,6 +86,14 @@ def _summary(model_dir: Path, summary_file: str, what: str) -> dict:
     if summary is None:
         raise UsageError(f"{model_dir / summary_file} is missing; is it a {what} output directory or a world?")
     return summary
+
+
+def _check_window(cfg, max_frames: int) -> None:
+    """UsageError unless the sampler's window (context + G frames) fits the DiT's positions."""
+    window = cfg.context + (1 if cfg.mode == "immediate" else cfg.groups)
+    if window > max_frames:
+        raise UsageError(f"sampler window context {cfg.context} + groups {cfg.groups} = {window} frames "
+                         f"exceeds the DiT's max_frames={max_frames}")
 
 
 def _unique(commands: list[list[str]]) -> list[list[str]]:
@@ -187,24 +199,24 @@ def build(args: Args, command: list[str] | None = None) -> Path:
     dit_summary = _summary(Path(args.dit), "train_dit.json", "train-dit")
     dit_args = dit_summary.get("args", {})
     context = args.context or int(dit_summary["context"])
-    groups = int(dit_summary["window"]) - int(dit_summary["context"])
+    trained_groups = max(1, int(dit_summary["window"]) - int(dit_summary["context"]))
     # defaults: a world's own settings when --dit is a world, else the teacher's
     inherited = dit_summary.get("world_sampler") or {
         "mode": "pipelined", "steps_per_shift": 8, "level_shift": 1.0,
         "ctx_noise": float(dit_args.get("ctx_noise", 0.0)) / 2,
     }  # fmt: skip
-    given = {"mode": args.mode, "steps_per_shift": args.steps_per_shift, "ctx_noise": args.ctx_noise,
-             "level_shift": args.level_shift}
-    settings = {k: v for k, v in inherited.items() if k not in ("context", "groups")}
+    given = {"mode": args.mode, "groups": args.groups, "steps_per_shift": args.steps_per_shift,
+             "ctx_noise": args.ctx_noise, "level_shift": args.level_shift}
+    settings = {"groups": trained_groups, **{k: v for k, v in inherited.items() if k != "context"}}
     settings.update({k: v for k, v in given.items() if v is not None})
     term_threshold = args.term_threshold
     if term_threshold is None:
         term_threshold = dit_summary.get("world_term_threshold") or 0.0
     try:  # the sampler settings are checked before anything heavy is loaded
-        sampler_cfg = SwinDPMConfig(context=context, groups=max(1, groups), **settings)
+        sampler_cfg = SwinDPMConfig(context=context, **settings)
     except ValueError as err:
-        raise UsageError(f"build-world sampler settings (--context/--steps-per-shift/--mode/--ctx-noise/"
-                         f"--level-shift): {err}") from err
+        raise UsageError(f"build-world sampler settings (--context/--groups/--steps-per-shift/--mode/"
+                         f"--ctx-noise/--level-shift): {err}") from err
     sampler = dataclasses.asdict(sampler_cfg)
     caches, lat_infos = resolve_caches(args.data, args.latents)
     lat_info = lat_infos[0]
@@ -226,6 +238,7 @@ def build(args: Args, command: list[str] | None = None) -> Path:
 
     vae = load_module(args.vae, "vae", FrameVAE, VAEConfig)
     dit = load_module(args.dit, "dit", VideoDiT, DiTConfig)
+    _check_window(sampler_cfg, dit.cfg.max_frames)
     heads = load_module(args.dit, "heads", RewardTerminationHeads, HeadsConfig)
     table, sentences = load_control_table(Path(args.dit) / CONTROL_TABLE_FILE)
     if not math.isfinite(term_threshold):
@@ -292,6 +305,66 @@ def build(args: Args, command: list[str] | None = None) -> Path:
     out = save_world(args.out, world, recipe)
     print(f"saved world model to {out}: {len(picks)} start contexts of {context} frames, sampler {sampler}")
     return out
+
+
+@dataclass
+class SamplerArgs:
+    """Write a copy of a world with other default sampler settings (weights, starts and data untouched)."""
+
+    world: Path
+    """World directory to start from."""
+    out: Path
+    """World directory to write (may be --world itself: it is replaced atomically)."""
+    mode: Literal["pipelined", "reconditioned", "immediate"] | None = None
+    """Swin-DPM mode (see world_model.swin_dpm)."""
+    groups: int | None = None
+    """G, frames in flight."""
+    steps_per_shift: int | None = None
+    """k, Euler evaluations of the window per shift."""
+    immediate_steps: int | None = None
+    """Euler steps per frame in immediate mode."""
+    ctx_noise: float | None = None
+    """Flow time of the noise on the context frames, in [0, 1)."""
+    level_shift: float | None = None
+    """Warp of the noise levels (1 = evenly spaced)."""
+    guidance: float | None = None
+    """Classifier-free guidance scale on the actions (1 = off)."""
+
+
+def set_sampler(args: SamplerArgs, command: list[str] | None = None) -> Path:
+    """Save ``args.world`` with the given sampler settings changed; its recipe gains ``command``."""
+    from world_model.checkpoint import MANIFEST_FILE, load_world, save_world
+    from world_model.swin_dpm import SwinDPMConfig
+
+    names = ("mode", "groups", "steps_per_shift", "immediate_steps", "ctx_noise", "level_shift", "guidance")
+    given = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    if not given:
+        raise UsageError(f"set-sampler: nothing to change; give at least one of "
+                         f"{', '.join('--' + k.replace('_', '-') for k in names)}")
+    if not (Path(args.world) / MANIFEST_FILE).is_file():
+        raise UsageError(f"--world {str(args.world)!r} is not a world directory (no {MANIFEST_FILE})")
+    world = load_world(args.world)
+    try:
+        cfg = SwinDPMConfig(**{**world.sampler, **given})
+    except (TypeError, ValueError) as err:
+        raise UsageError(f"set-sampler settings {given} on {args.world}'s sampler {world.sampler}: {err}") from err
+    _check_window(cfg, world.dit.cfg.max_frames)
+    world.sampler = dataclasses.asdict(cfg)
+    recipe = json.loads((Path(args.world) / MANIFEST_FILE).read_text()).get("recipe", {})
+    recipe["commands"] = [*recipe.get("commands", []), command or []]
+    out = save_world(args.out, world, recipe)
+    print(f"saved world model to {out}: sampler {world.sampler}")
+    return out
+
+
+def set_sampler_main(argv: list[str] | None = None) -> int:
+    """``matrix-world set-sampler``: parse SamplerArgs and write the world."""
+    import tyro
+
+    args = tyro.cli(SamplerArgs, args=argv, prog="matrix-world set-sampler",
+                    description=SamplerArgs.__doc__)
+    set_sampler(args, command=["matrix-world", "set-sampler", *(sys.argv[1:] if argv is None else argv)])
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
