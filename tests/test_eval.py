@@ -515,6 +515,9 @@ def test_closed_loop_compares_the_world_with_the_real_game() -> None:
     # an action held open loop: the real game drives the same action in every step
     held = S.closed_loop(world, world.start_latents, "pipelined", 2, 4, 0, "cpu", "CarRacing-v3", hold="D")
     assert held["policy"] == "D" and 0.0 <= held["real"]["on_road"] <= 1.0
+    assert held["world"]["steer_share"] == held["real"]["steer_share"] == 0.0  # D never turns
+    turning = S.closed_loop(world, world.start_latents, "pipelined", 2, 4, 0, "cpu", "CarRacing-v3", hold="NR")
+    assert turning["world"]["steer_share"] == turning["real"]["steer_share"] == 1.0
     world.meta["env_id"] = "gymnasium.envs.box2d:CarRacing-v3"  # the recorder's spelling with a module
     assert "kerb_pixels" in S.closed_loop(world, world.start_latents, "pipelined", 2, 2, 0, "cpu", None)["world"]
     world.action_names[:] = [f"a{i}" for i in range(len(world.action_names))]
@@ -547,8 +550,12 @@ def test_probe_compares_sampler_variants_on_the_same_starts(tmp_path: Path, tiny
     assert all(r["off_palette"] is None for r in rows)  # no --palette-data
     table = capsys.readouterr().out
     assert "| level_shift=2 | mean of 2 |" in table and table.count("| default | 0 |") == 2
-    assert table.splitlines()[1].endswith("| off-palette pixels | real game on road (by quarter) |") and all(
-        line.endswith(" | - | - | - |") for line in table.splitlines()[3:])  # "not applicable" cells
+    assert table.splitlines()[1].endswith("| off-palette pixels | steering share | real game on road (by quarter) |")
+    for line, row in zip(table.splitlines()[3:], rows, strict=False):  # "not applicable" cells, then the share
+        assert line.endswith(f" | - | - | {row['steer_share']:.2f} | - |") and 0.0 <= row["steer_share"] <= 1.0
+    assert all(r["real_steer_share"] is None for r in rows)
+    assert P.format_row({**rows[0], "steer_share": 0.25, "real_steer_share": 0.5}).endswith(
+        "| 0.25 (real 0.50) | - |")
     assert all(r["real_on_road"] is None and r["real_on_road_by_quarter"] is None for r in rows)  # no --real
     with_real = {**rows[0], "real_on_road": 0.5, "real_on_road_by_quarter": [0.625, 0.5, 0.375, 0.5]}
     assert P.format_row(with_real).endswith("| 0.500 (0.62 / 0.50 / 0.38 / 0.50) |")  # --real: its quarters too
@@ -566,7 +573,8 @@ def test_probe_compares_sampler_variants_on_the_same_starts(tmp_path: Path, tiny
     assert P.main(argv) == 0
     (row,) = json.loads(out.read_text())
     assert 0.0 < row["off_palette"] <= 1.0
-    assert capsys.readouterr().out.splitlines()[-1].endswith(f"| {100 * row['off_palette']:.2f}% | - |")
+    assert capsys.readouterr().out.splitlines()[-1].endswith(
+        f"| {100 * row['off_palette']:.2f}% | {row['steer_share']:.2f} | - |")
     with pytest.raises(UsageError, match="--palette-data: data directory .*empty' holds no recorded episodes"):
         P.main([*argv[:-4], "--palette-data", str(tmp_path / "empty"), "--out", str(out)])
     with pytest.raises(UsageError, match="--palette-episodes 0: must be >= 1"):

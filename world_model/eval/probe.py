@@ -7,7 +7,8 @@ on the road, per quarter of the run, the predicted reward per step, the streams 
 head ended, the detail of the frames (RMS luma gradient above the dashboard), for CarRacing
 worlds the kerb pixels per frame (:func:`world_model.eval.metrics.kerb_pixels`) and, with
 ``--palette-data``, the share of pixels whose colour no recorded frame has
-(:func:`world_model.eval.metrics.off_palette`: invented colours, blobs). ``--hold D`` replaces the
+(:func:`world_model.eval.metrics.off_palette`: invented colours, blobs), and the share of steps the
+follower steered (a world whose road stops curving asks for less steering). ``--hold D`` replaces the
 follower by one action held open loop (does the world keep the road under a car that drives
 straight, as an agent trained in it would learn to?), and ``--real`` drives the real CarRacing-v3
 with the same policy beside it (seeds ``seed .. seed + envs - 1``). A seed fixes the
@@ -141,6 +142,7 @@ def probe(args: Args) -> list[dict]:
                    "reward_per_step": w["reward_per_step"], "terminations": w["terminations"],
                    "detail": w["detail"], "detail_by_quarter": [q["mean"] for q in w["detail_by_quarter"]],
                    "kerb_pixels": w.get("kerb_pixels"), "off_palette": w.get("off_palette"),
+                   "steer_share": w["steer_share"], "real_steer_share": r["steer_share"] if args.real else None,
                    "real_on_road": r["on_road"] if args.real else None,
                    "real_on_road_by_quarter": [q["mean"] for q in r["on_road_by_quarter"]] if args.real else None,
                    "wall_s": time.perf_counter() - t0}
@@ -168,7 +170,7 @@ def mean_row(rows: list[dict]) -> dict:
         return None if any(v is None for v in vals) else np.mean(vals, axis=0).tolist()
 
     keys = ("on_road", "on_road_by_quarter", "reward_per_step", "terminations", "detail", "kerb_pixels",
-            "off_palette", "real_on_road", "real_on_road_by_quarter")
+            "off_palette", "steer_share", "real_on_road", "real_on_road_by_quarter", "real_steer_share")
     return {"variant": rows[0]["variant"], "seed": f"mean of {len(rows)}", **{k: mean(k) for k in keys}}
 
 
@@ -178,9 +180,12 @@ def format_row(row: dict) -> str:
     real = _opt(row["real_on_road"], digits=3)
     if row.get("real_on_road_by_quarter"):
         real += " (" + " / ".join(f"{q:.2f}" for q in row["real_on_road_by_quarter"]) + ")"
+    steer = _opt(row.get("steer_share"))
+    if row.get("real_steer_share") is not None:
+        steer += f" (real {row['real_steer_share']:.2f})"
     return (f"| {row['variant']} | {row['seed']} | {quarters} | {row['on_road']:.3f} | "
             f"{row['reward_per_step']:.3f} | {row['terminations']:g} | {row['detail']:.2f} | "
-            f"{_opt(row['kerb_pixels'])} | {_opt(row['off_palette'], 100, '%')} | {real} |")
+            f"{_opt(row['kerb_pixels'])} | {_opt(row['off_palette'], 100, '%')} | {steer} | {real} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,8 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     driver = "road follower" if args.hold is None else f"action {args.hold} held"
     print(f"{args.envs} streams x {args.steps} steps of {args.checkpoint}, {driver}")
     print("| sampler variant | seed | on road, by quarter | on road, mean | predicted reward / step "
-          "| terminated streams | detail | kerb pixels | off-palette pixels | real game on road (by quarter) |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+          "| terminated streams | detail | kerb pixels | off-palette pixels | steering share "
+          "| real game on road (by quarter) |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = probe(args)
     if len(args.seeds) > 1:
         for text in dict.fromkeys(args.variants):  # each variant once, in order

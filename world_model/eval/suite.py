@@ -790,7 +790,9 @@ def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int,
     (:func:`real_palette`), the share of off-palette pixels (:func:`metrics.off_palette`) is reported
     for both. ``hold`` (an action name, e.g. "D") replaces the follower by that action, held open
     loop: a world that keeps the road under a car driving straight is easier than the real game
-    (a policy trained in it learns to drive straight).
+    (a policy trained in it learns to drive straight). ``steer_share`` is the fraction of steps the
+    policy turned (an action whose name ends in L or R): a world whose road stops curving asks the
+    follower to steer less than the real game does, however well it keeps the road.
 
     Raises:
         UsageError: ``hold`` is not one of the world's action names.
@@ -812,10 +814,14 @@ def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int,
     start = torch.from_numpy(perm[np.arange(envs) % len(perm)])  # (envs,) wraps when there are fewer starts
     sim.reset(torch.ones(envs, dtype=torch.bool), start, generator=torch.Generator().manual_seed(seed))
     frame = decode_latents(sim.vae, contexts[start, -1].float())  # (B, H, W, 3)
-    on, rew, detail, kerbs, off, ended = [], [], [], [], [], torch.zeros(envs, dtype=torch.bool)
+    turns = np.array([name.endswith(("L", "R")) for name in world.action_names])  # (A,) bool
+    on, rew, detail, kerbs, off, steer = [], [], [], [], [], []
+    ended = torch.zeros(envs, dtype=torch.bool)
     rows, carracing, ignore = detail_rows(world), is_carracing(world), palette_ignore(world)
     for _ in range(steps):  # a stream the termination head ends is counted once and driven on
-        latents, reward, terminated = sim.step(torch.from_numpy(policy(frame)))
+        actions = policy(frame)  # (B,) int64
+        steer.append(turns[actions])
+        latents, reward, terminated = sim.step(torch.from_numpy(actions))
         frame = sim.decode(latents, E.TRAIN_HW).cpu().numpy()  # (B, 72, 128, 3)
         on.append(on_road(frame))
         detail.append(M.rms_gradient(frame, rows))
@@ -831,7 +837,8 @@ def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int,
                  "world": {"on_road": float(on_w.mean()), "on_road_by_quarter": bucket_means(on_w),
                            "reward_per_step": float(rew_w.mean()), "terminations": ends,
                            "detail": float(np.mean(detail)),
-                           "detail_by_quarter": bucket_means(np.array(detail))}}  # blur or drift lowers it
+                           "detail_by_quarter": bucket_means(np.array(detail)),  # blur or drift lowers it
+                           "steer_share": float(np.mean(steer))}}
     if kerbs:
         out["world"]["kerb_pixels"] = float(np.mean(kerbs))
     if off:
@@ -843,11 +850,13 @@ def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int,
 
     env = RealCarRacingEnv()
     on_r, rew_r, ends_r, detail_r = np.zeros((steps, envs)), np.zeros((steps, envs)), 0, np.zeros((steps, envs))
-    kerb_r, off_r = np.zeros((steps, envs)), np.zeros((steps, envs))
+    kerb_r, off_r, steer_r = np.zeros((steps, envs)), np.zeros((steps, envs)), np.zeros((steps, envs))
     for i in range(envs):
         obs, _ = env.reset(seed=seed + i)
         for t in range(steps):
-            obs, r, term, trunc, _ = env.step(int(policy(obs[None])[0]))
+            action = int(policy(obs[None])[0])
+            steer_r[t, i] = turns[action]
+            obs, r, term, trunc, _ = env.step(action)
             on_r[t, i], rew_r[t, i] = on_road(obs[None])[0], r
             detail_r[t, i] = M.rms_gradient(obs[None], VIEW_ROWS)  # the real game is CarRacing: its view
             kerb_r[t, i] = M.kerb_pixels(obs[None], VIEW_ROWS)
@@ -860,7 +869,7 @@ def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int,
     out["real"] = {"on_road": float(on_r.mean()), "on_road_by_quarter": bucket_means(on_r),
                    "reward_per_step": float(rew_r.mean()), "terminations": ends_r,
                    "detail": float(detail_r.mean()), "detail_by_quarter": bucket_means(detail_r),
-                   "kerb_pixels": float(kerb_r.mean())}
+                   "kerb_pixels": float(kerb_r.mean()), "steer_share": float(steer_r.mean())}
     if palette is not None:
         out["real"]["off_palette"] = float(off_r.mean())
     return out
