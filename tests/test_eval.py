@@ -178,6 +178,18 @@ def test_kerb_pixels_counts_red_and_white_in_the_view_but_not_the_car_or_pink_bl
         M.kerb_pixels(frames, rows=0)
 
 
+def test_car_pixels_count_the_red_car_in_its_box_only() -> None:
+    frames = np.full((3, 72, 128, 3), 105, np.uint8)  # grey road
+    frames[:, 50:58, 62:66] = (204, 0, 0)  # the car: 32 red pixels in its box
+    frames[1, 50:58, 62:66] = (150, 110, 110)  # frame 1: the car faded into the road
+    frames[2, 20, 10:16] = (255, 0, 0)  # a kerb outside the box is not the car
+    counts = M.car_pixels(frames)
+    assert counts.dtype == np.int64 and counts.tolist() == [32, 0, 32]
+    assert (counts < M.CAR_FADED_BELOW).tolist() == [False, True, False]
+    with pytest.raises(ValueError, match=r"car_pixels needs uint8 \(N, 72, 128, 3\).*got float32"):
+        M.car_pixels(frames.astype(np.float32))
+
+
 def test_off_palette_counts_invented_colours_but_not_real_ones_blur_the_car_or_the_dashboard() -> None:
     real = np.zeros((2, 72, 128, 3), np.uint8)
     real[..., :] = (102, 204, 102)  # grass
@@ -507,6 +519,8 @@ def test_closed_loop_compares_the_world_with_the_real_game() -> None:
     assert out["real"]["detail"] > 0.0 and out["world"]["detail"] > 0.0
     # kerbs are a CarRacing statistic: measured on the real game, and on a world recorded from CarRacing
     assert "kerb_pixels" in out["real"] and "kerb_pixels" not in out["world"]
+    # the real car is always drawn, but small while the game zooms in over its first ~12 steps
+    assert 0.0 <= out["real"]["car_faded"] <= 1.0 and "car_faded" not in out["world"]
     # a two-colour palette (grass, road): the untrained world's noise leaves it more than the real game does
     palette = M.color_palette(np.stack([np.full((72, 128, 3), c, np.uint8) for c in ((102, 204, 102),
                                                                                    (102, 102, 102))]))
@@ -519,7 +533,8 @@ def test_closed_loop_compares_the_world_with_the_real_game() -> None:
     turning = S.closed_loop(world, world.start_latents, "pipelined", 2, 4, 0, "cpu", "CarRacing-v3", hold="NR")
     assert turning["world"]["steer_share"] == turning["real"]["steer_share"] == 1.0
     world.meta["env_id"] = "gymnasium.envs.box2d:CarRacing-v3"  # the recorder's spelling with a module
-    assert "kerb_pixels" in S.closed_loop(world, world.start_latents, "pipelined", 2, 2, 0, "cpu", None)["world"]
+    as_carracing = S.closed_loop(world, world.start_latents, "pipelined", 2, 2, 0, "cpu", None)["world"]
+    assert "kerb_pixels" in as_carracing and 0.0 <= as_carracing["car_faded"] <= 1.0
     world.action_names[:] = [f"a{i}" for i in range(len(world.action_names))]
     assert "driving actions" in S.closed_loop(world, world.start_latents, "pipelined", 1, 2, 0, "cpu", None)["skipped"]
 
@@ -550,9 +565,10 @@ def test_probe_compares_sampler_variants_on_the_same_starts(tmp_path: Path, tiny
     assert all(r["off_palette"] is None for r in rows)  # no --palette-data
     table = capsys.readouterr().out
     assert "| level_shift=2 | mean of 2 |" in table and table.count("| default | 0 |") == 2
-    assert table.splitlines()[1].endswith("| off-palette pixels | steering share | real game on road (by quarter) |")
+    assert table.splitlines()[1].endswith(
+        "| car faded | off-palette pixels | steering share | real game on road (by quarter) |")
     for line, row in zip(table.splitlines()[3:], rows, strict=False):  # "not applicable" cells, then the share
-        assert line.endswith(f" | - | - | {row['steer_share']:.2f} | - |") and 0.0 <= row["steer_share"] <= 1.0
+        assert line.endswith(f" | - | - | - | {row['steer_share']:.2f} | - |") and 0.0 <= row["steer_share"] <= 1.0
     assert all(r["real_steer_share"] is None for r in rows)
     assert P.format_row({**rows[0], "steer_share": 0.25, "real_steer_share": 0.5}).endswith(
         "| 0.25 (real 0.50) | - |")

@@ -5,7 +5,8 @@ The pixel road follower (:mod:`world_model.road_follower`) drives ``--envs`` str
 (:func:`world_model.eval.suite.closed_loop`); for each it reports the fraction of steps with the car
 on the road, per quarter of the run, the predicted reward per step, the streams the termination
 head ended, the detail of the frames (RMS luma gradient above the dashboard), for CarRacing
-worlds the kerb pixels per frame (:func:`world_model.eval.metrics.kerb_pixels`) and, with
+worlds the kerb pixels per frame (:func:`world_model.eval.metrics.kerb_pixels`) and the share of
+frames whose car is half gone (:func:`world_model.eval.metrics.car_pixels`) and, with
 ``--palette-data``, the share of pixels whose colour no recorded frame has
 (:func:`world_model.eval.metrics.off_palette`: invented colours, blobs), and the share of steps the
 follower steered (a world whose road stops curving asks for less steering). ``--hold D`` replaces the
@@ -141,7 +142,8 @@ def probe(args: Args) -> list[dict]:
                    "on_road_by_quarter": [q["mean"] for q in w["on_road_by_quarter"]],
                    "reward_per_step": w["reward_per_step"], "terminations": w["terminations"],
                    "detail": w["detail"], "detail_by_quarter": [q["mean"] for q in w["detail_by_quarter"]],
-                   "kerb_pixels": w.get("kerb_pixels"), "off_palette": w.get("off_palette"),
+                   "kerb_pixels": w.get("kerb_pixels"), "car_faded": w.get("car_faded"),
+                   "off_palette": w.get("off_palette"),
                    "steer_share": w["steer_share"], "real_steer_share": r["steer_share"] if args.real else None,
                    "real_on_road": r["on_road"] if args.real else None,
                    "real_on_road_by_quarter": [q["mean"] for q in r["on_road_by_quarter"]] if args.real else None,
@@ -170,7 +172,7 @@ def mean_row(rows: list[dict]) -> dict:
         return None if any(v is None for v in vals) else np.mean(vals, axis=0).tolist()
 
     keys = ("on_road", "on_road_by_quarter", "reward_per_step", "terminations", "detail", "kerb_pixels",
-            "off_palette", "steer_share", "real_on_road", "real_on_road_by_quarter", "real_steer_share")
+            "car_faded", "off_palette", "steer_share", "real_on_road", "real_on_road_by_quarter", "real_steer_share")
     return {"variant": rows[0]["variant"], "seed": f"mean of {len(rows)}", **{k: mean(k) for k in keys}}
 
 
@@ -185,7 +187,8 @@ def format_row(row: dict) -> str:
         steer += f" (real {row['real_steer_share']:.2f})"
     return (f"| {row['variant']} | {row['seed']} | {quarters} | {row['on_road']:.3f} | "
             f"{row['reward_per_step']:.3f} | {row['terminations']:g} | {row['detail']:.2f} | "
-            f"{_opt(row['kerb_pixels'])} | {_opt(row['off_palette'], 100, '%')} | {steer} | {real} |")
+            f"{_opt(row['kerb_pixels'])} | {_opt(row.get('car_faded'), 100, '%')} | "
+            f"{_opt(row['off_palette'], 100, '%')} | {steer} | {real} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,9 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     driver = "road follower" if args.hold is None else f"action {args.hold} held"
     print(f"{args.envs} streams x {args.steps} steps of {args.checkpoint}, {driver}")
     print("| sampler variant | seed | on road, by quarter | on road, mean | predicted reward / step "
-          "| terminated streams | detail | kerb pixels | off-palette pixels | steering share "
+          "| terminated streams | detail | kerb pixels | car faded | off-palette pixels | steering share "
           "| real game on road (by quarter) |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = probe(args)
     if len(args.seeds) > 1:
         for text in dict.fromkeys(args.variants):  # each variant once, in order

@@ -792,7 +792,8 @@ def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int,
     loop: a world that keeps the road under a car driving straight is easier than the real game
     (a policy trained in it learns to drive straight). ``steer_share`` is the fraction of steps the
     policy turned (an action whose name ends in L or R): a world whose road stops curving asks the
-    follower to steer less than the real game does, however well it keeps the road.
+    follower to steer less than the real game does, however well it keeps the road. CarRacing worlds
+    also report ``car_faded``, the share of frames whose car is half gone (:func:`metrics.car_pixels`).
 
     Raises:
         UsageError: ``hold`` is not one of the world's action names.
@@ -815,7 +816,7 @@ def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int,
     sim.reset(torch.ones(envs, dtype=torch.bool), start, generator=torch.Generator().manual_seed(seed))
     frame = decode_latents(sim.vae, contexts[start, -1].float())  # (B, H, W, 3)
     turns = np.array([name.endswith(("L", "R")) for name in world.action_names])  # (A,) bool
-    on, rew, detail, kerbs, off, steer = [], [], [], [], [], []
+    on, rew, detail, kerbs, cars, off, steer = [], [], [], [], [], [], []
     ended = torch.zeros(envs, dtype=torch.bool)
     rows, carracing, ignore = detail_rows(world), is_carracing(world), palette_ignore(world)
     for _ in range(steps):  # a stream the termination head ends is counted once and driven on
@@ -827,6 +828,7 @@ def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int,
         detail.append(M.rms_gradient(frame, rows))
         if carracing:
             kerbs.append(M.kerb_pixels(frame, rows))
+            cars.append(M.car_pixels(frame))
         if palette is not None:
             off.append(M.off_palette(frame, palette, rows, ignore))
         rew.append(reward.float().cpu().numpy())
@@ -841,6 +843,7 @@ def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int,
                            "steer_share": float(np.mean(steer))}}
     if kerbs:
         out["world"]["kerb_pixels"] = float(np.mean(kerbs))
+        out["world"]["car_faded"] = float((np.array(cars) < M.CAR_FADED_BELOW).mean())
     if off:
         out["world"]["off_palette"] = float(np.mean(off))
     if real_env_id is None or not env_is_carracing(real_env_id):
@@ -850,7 +853,7 @@ def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int,
 
     env = RealCarRacingEnv()
     on_r, rew_r, ends_r, detail_r = np.zeros((steps, envs)), np.zeros((steps, envs)), 0, np.zeros((steps, envs))
-    kerb_r, off_r, steer_r = np.zeros((steps, envs)), np.zeros((steps, envs)), np.zeros((steps, envs))
+    kerb_r, off_r, steer_r, car_r = (np.zeros((steps, envs)) for _ in range(4))
     for i in range(envs):
         obs, _ = env.reset(seed=seed + i)
         for t in range(steps):
@@ -860,6 +863,7 @@ def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int,
             on_r[t, i], rew_r[t, i] = on_road(obs[None])[0], r
             detail_r[t, i] = M.rms_gradient(obs[None], VIEW_ROWS)  # the real game is CarRacing: its view
             kerb_r[t, i] = M.kerb_pixels(obs[None], VIEW_ROWS)
+            car_r[t, i] = M.car_pixels(obs[None])[0]
             if palette is not None:
                 off_r[t, i] = M.off_palette(obs[None], palette, VIEW_ROWS, M.KERB_CAR_BOX)
             ends_r += int(term)
@@ -869,7 +873,8 @@ def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int,
     out["real"] = {"on_road": float(on_r.mean()), "on_road_by_quarter": bucket_means(on_r),
                    "reward_per_step": float(rew_r.mean()), "terminations": ends_r,
                    "detail": float(detail_r.mean()), "detail_by_quarter": bucket_means(detail_r),
-                   "kerb_pixels": float(kerb_r.mean()), "steer_share": float(steer_r.mean())}
+                   "kerb_pixels": float(kerb_r.mean()), "steer_share": float(steer_r.mean()),
+                   "car_faded": float((car_r < M.CAR_FADED_BELOW).mean())}
     if palette is not None:
         out["real"]["off_palette"] = float(off_r.mean())
     return out
