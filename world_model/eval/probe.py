@@ -145,6 +145,7 @@ def probe(args: Args) -> list[dict]:
                    "kerb_pixels": w.get("kerb_pixels"), "car_faded": w.get("car_faded"),
                    "off_palette": w.get("off_palette"),
                    "steer_share": w["steer_share"], "real_steer_share": r["steer_share"] if args.real else None,
+                   "real_car_faded": r["car_faded"] if args.real else None,
                    "real_on_road": r["on_road"] if args.real else None,
                    "real_on_road_by_quarter": [q["mean"] for q in r["on_road_by_quarter"]] if args.real else None,
                    "wall_s": time.perf_counter() - t0}
@@ -172,7 +173,8 @@ def mean_row(rows: list[dict]) -> dict:
         return None if any(v is None for v in vals) else np.mean(vals, axis=0).tolist()
 
     keys = ("on_road", "on_road_by_quarter", "reward_per_step", "terminations", "detail", "kerb_pixels",
-            "car_faded", "off_palette", "steer_share", "real_on_road", "real_on_road_by_quarter", "real_steer_share")
+            "car_faded", "off_palette", "steer_share", "real_on_road", "real_on_road_by_quarter", "real_steer_share",
+            "real_car_faded")
     return {"variant": rows[0]["variant"], "seed": f"mean of {len(rows)}", **{k: mean(k) for k in keys}}
 
 
@@ -182,12 +184,14 @@ def format_row(row: dict) -> str:
     real = _opt(row["real_on_road"], digits=3)
     if row.get("real_on_road_by_quarter"):
         real += " (" + " / ".join(f"{q:.2f}" for q in row["real_on_road_by_quarter"]) + ")"
-    steer = _opt(row.get("steer_share"))
+    steer, car = _opt(row.get("steer_share")), _opt(row.get("car_faded"), 100, "%")
     if row.get("real_steer_share") is not None:
         steer += f" (real {row['real_steer_share']:.2f})"
+    if row.get("real_car_faded") is not None:
+        car += f" (real {100 * row['real_car_faded']:.2f}%)"
     return (f"| {row['variant']} | {row['seed']} | {quarters} | {row['on_road']:.3f} | "
             f"{row['reward_per_step']:.3f} | {row['terminations']:g} | {row['detail']:.2f} | "
-            f"{_opt(row['kerb_pixels'])} | {_opt(row.get('car_faded'), 100, '%')} | "
+            f"{_opt(row['kerb_pixels'])} | {car} | "
             f"{_opt(row['off_palette'], 100, '%')} | {steer} | {real} |")
 
 

@@ -765,6 +765,12 @@ def bucket_means(x: np.ndarray, buckets: int = 4) -> list[dict]:
             for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
 
 
+def _share(flags: list | np.ndarray) -> float | None:
+    """Mean of 0/1 values, nan = not counted; None when nothing was counted."""
+    x = np.asarray(flags, np.float64)
+    return None if np.isnan(x).all() else float(np.nanmean(x))
+
+
 def held_action(action_names: list[str], name: str) -> Callable[[np.ndarray], np.ndarray]:
     """An open-loop policy that always takes action ``name``: frames (B, H, W, 3) -> (B,) int64 ids.
 
@@ -790,10 +796,12 @@ def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int,
     (:func:`real_palette`), the share of off-palette pixels (:func:`metrics.off_palette`) is reported
     for both. ``hold`` (an action name, e.g. "D") replaces the follower by that action, held open
     loop: a world that keeps the road under a car driving straight is easier than the real game
-    (a policy trained in it learns to drive straight). ``steer_share`` is the fraction of steps the
-    policy turned (an action whose name ends in L or R): a world whose road stops curving asks the
-    follower to steer less than the real game does, however well it keeps the road. CarRacing worlds
-    also report ``car_faded``, the share of frames whose car is half gone (:func:`metrics.car_pixels`).
+    (a policy trained in it learns to drive straight). ``steer_share`` is the fraction of the
+    follower's steps with the car on the road in which it turned (an action whose name ends in L or
+    R; off the road it turns to search, which is not counted): a world whose road stops curving asks
+    for less steering than the real game does, however well it keeps the road (None for a held
+    action). CarRacing worlds also report ``car_faded``, the share of frames whose car is half gone
+    (:func:`metrics.car_pixels`; the real game's opening zoom-in, ``metrics.ZOOM_STEPS``, is left out).
 
     Raises:
         UsageError: ``hold`` is not one of the world's action names.
@@ -819,12 +827,14 @@ def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int,
     on, rew, detail, kerbs, cars, off, steer = [], [], [], [], [], [], []
     ended = torch.zeros(envs, dtype=torch.bool)
     rows, carracing, ignore = detail_rows(world), is_carracing(world), palette_ignore(world)
+    seen = on_road(frame)  # (B,) bool, the car on the road in the frame the policy reads
     for _ in range(steps):  # a stream the termination head ends is counted once and driven on
         actions = policy(frame)  # (B,) int64
-        steer.append(turns[actions])
+        steer.append(np.where(seen, turns[actions], np.nan))  # (B,) nan: off the road, not counted
         latents, reward, terminated = sim.step(torch.from_numpy(actions))
         frame = sim.decode(latents, E.TRAIN_HW).cpu().numpy()  # (B, 72, 128, 3)
-        on.append(on_road(frame))
+        seen = on_road(frame)  # (B,) bool
+        on.append(seen)
         detail.append(M.rms_gradient(frame, rows))
         if carracing:
             kerbs.append(M.kerb_pixels(frame, rows))
@@ -840,7 +850,7 @@ def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int,
                            "reward_per_step": float(rew_w.mean()), "terminations": ends,
                            "detail": float(np.mean(detail)),
                            "detail_by_quarter": bucket_means(np.array(detail)),  # blur or drift lowers it
-                           "steer_share": float(np.mean(steer))}}
+                           "steer_share": _share(steer) if hold is None else None}}
     if kerbs:
         out["world"]["kerb_pixels"] = float(np.mean(kerbs))
         out["world"]["car_faded"] = float((np.array(cars) < M.CAR_FADED_BELOW).mean())
@@ -853,28 +863,34 @@ def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int,
 
     env = RealCarRacingEnv()
     on_r, rew_r, ends_r, detail_r = np.zeros((steps, envs)), np.zeros((steps, envs)), 0, np.zeros((steps, envs))
-    kerb_r, off_r, steer_r, car_r = (np.zeros((steps, envs)) for _ in range(4))
+    kerb_r, off_r = np.zeros((steps, envs)), np.zeros((steps, envs))
+    steer_r, car_r = np.full((steps, envs), np.nan), np.full((steps, envs), np.nan)  # nan: not counted
     for i in range(envs):
         obs, _ = env.reset(seed=seed + i)
+        since_reset = 0  # steps into the current episode (its first ones zoom in)
         for t in range(steps):
             action = int(policy(obs[None])[0])
-            steer_r[t, i] = turns[action]
+            if on_road(obs[None])[0]:
+                steer_r[t, i] = turns[action]
             obs, r, term, trunc, _ = env.step(action)
+            since_reset += 1
             on_r[t, i], rew_r[t, i] = on_road(obs[None])[0], r
             detail_r[t, i] = M.rms_gradient(obs[None], VIEW_ROWS)  # the real game is CarRacing: its view
             kerb_r[t, i] = M.kerb_pixels(obs[None], VIEW_ROWS)
-            car_r[t, i] = M.car_pixels(obs[None])[0]
+            if since_reset > M.ZOOM_STEPS:
+                car_r[t, i] = M.car_pixels(obs[None])[0] < M.CAR_FADED_BELOW
             if palette is not None:
                 off_r[t, i] = M.off_palette(obs[None], palette, VIEW_ROWS, M.KERB_CAR_BOX)
             ends_r += int(term)
             if term or trunc:
                 obs, _ = env.reset()
+                since_reset = 0
     env.close()
     out["real"] = {"on_road": float(on_r.mean()), "on_road_by_quarter": bucket_means(on_r),
                    "reward_per_step": float(rew_r.mean()), "terminations": ends_r,
                    "detail": float(detail_r.mean()), "detail_by_quarter": bucket_means(detail_r),
-                   "kerb_pixels": float(kerb_r.mean()), "steer_share": float(steer_r.mean()),
-                   "car_faded": float((car_r < M.CAR_FADED_BELOW).mean())}
+                   "kerb_pixels": float(kerb_r.mean()), "steer_share": _share(steer_r) if hold is None else None,
+                   "car_faded": _share(car_r)}
     if palette is not None:
         out["real"]["off_palette"] = float(off_r.mean())
     return out

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from world_model.errors import UsageError
+from world_model.swin_dpm import SwinDPMConfig
 from world_model.train import common
 
 
@@ -88,12 +89,15 @@ def _summary(model_dir: Path, summary_file: str, what: str) -> dict:
     return summary
 
 
-def _check_window(cfg, max_frames: int) -> None:
-    """UsageError unless the sampler's window (context + G frames) fits the DiT's positions."""
-    window = cfg.context + (1 if cfg.mode == "immediate" else cfg.groups)
+def _check_window(cfg: SwinDPMConfig, max_frames: int) -> None:
+    """UsageError unless the windowed modes' window (context + G frames) fits the DiT's positions.
+
+    Checked in every mode: an env may switch a world's default mode to a windowed one.
+    """
+    window = cfg.context + cfg.groups
     if window > max_frames:
-        raise UsageError(f"sampler window context {cfg.context} + groups {cfg.groups} = {window} frames "
-                         f"exceeds the DiT's max_frames={max_frames}")
+        raise UsageError(f"--groups {cfg.groups}: context {cfg.context} + {cfg.groups} = {window} frames exceeds "
+                         f"the DiT's max_frames={max_frames}; expected --groups <= {max_frames - cfg.context}")
 
 
 def _unique(commands: list[list[str]]) -> list[list[str]]:
@@ -187,7 +191,6 @@ def build(args: Args, command: list[str] | None = None) -> Path:
     from world_model.data.latents import latent_space_sha256, resolve_caches
     from world_model.dit import DiTConfig, VideoDiT
     from world_model.heads import HeadsConfig, RewardTerminationHeads
-    from world_model.swin_dpm import SwinDPMConfig
     from world_model.train.common import data_fingerprint, resolve_episodes
     from world_model.train.dit import CONTROL_TABLE_FILE, load_control_table
     from world_model.vae import FrameVAE, VAEConfig
@@ -217,6 +220,9 @@ def build(args: Args, command: list[str] | None = None) -> Path:
     except ValueError as err:
         raise UsageError(f"build-world sampler settings (--context/--groups/--steps-per-shift/--mode/"
                          f"--ctx-noise/--level-shift): {err}") from err
+    dit_config = Path(args.dit) / "dit_config.json"
+    if dit_config.is_file():
+        _check_window(sampler_cfg, int(json.loads(dit_config.read_text())["max_frames"]))
     sampler = dataclasses.asdict(sampler_cfg)
     caches, lat_infos = resolve_caches(args.data, args.latents)
     lat_info = lat_infos[0]
@@ -238,7 +244,7 @@ def build(args: Args, command: list[str] | None = None) -> Path:
 
     vae = load_module(args.vae, "vae", FrameVAE, VAEConfig)
     dit = load_module(args.dit, "dit", VideoDiT, DiTConfig)
-    _check_window(sampler_cfg, dit.cfg.max_frames)
+    _check_window(sampler_cfg, dit.cfg.max_frames)  # again, in case the DiT dir had no config JSON to read
     heads = load_module(args.dit, "heads", RewardTerminationHeads, HeadsConfig)
     table, sentences = load_control_table(Path(args.dit) / CONTROL_TABLE_FILE)
     if not math.isfinite(term_threshold):
@@ -334,7 +340,7 @@ class SamplerArgs:
 def set_sampler(args: SamplerArgs, command: list[str] | None = None) -> Path:
     """Save ``args.world`` with the given sampler settings changed; its recipe gains ``command``."""
     from world_model.checkpoint import MANIFEST_FILE, load_world, save_world
-    from world_model.swin_dpm import SwinDPMConfig
+    from world_model.simulator import sampler_config
 
     names = ("mode", "groups", "steps_per_shift", "immediate_steps", "ctx_noise", "level_shift", "guidance")
     given = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
@@ -343,15 +349,15 @@ def set_sampler(args: SamplerArgs, command: list[str] | None = None) -> Path:
                          f"{', '.join('--' + k.replace('_', '-') for k in names)}")
     if not (Path(args.world) / MANIFEST_FILE).is_file():
         raise UsageError(f"--world {str(args.world)!r} is not a world directory (no {MANIFEST_FILE})")
+    out = Path(args.out)
+    if out.exists() and not (out / MANIFEST_FILE).is_file():  # save_world replaces what is there
+        raise UsageError(f"--out {str(out)!r} exists and is not a world directory; refusing to replace it")
     world = load_world(args.world)
-    try:
-        cfg = SwinDPMConfig(**{**world.sampler, **given})
-    except (TypeError, ValueError) as err:
-        raise UsageError(f"set-sampler settings {given} on {args.world}'s sampler {world.sampler}: {err}") from err
+    cfg = sampler_config(world, None, given)  # UsageError naming a bad value
     _check_window(cfg, world.dit.cfg.max_frames)
     world.sampler = dataclasses.asdict(cfg)
     recipe = json.loads((Path(args.world) / MANIFEST_FILE).read_text()).get("recipe", {})
-    recipe["commands"] = [*recipe.get("commands", []), command or []]
+    recipe["commands"] = [*recipe.get("commands", []), *([command] if command else [])]
     out = save_world(args.out, world, recipe)
     print(f"saved world model to {out}: sampler {world.sampler}")
     return out
