@@ -443,8 +443,12 @@ def test_eval_suite_end_to_end(tmp_path: Path, tiny_world_dir: Path, toy_data: P
     assert "detail (RMS luma gradient" in summary
     assert "kerb pixels" not in summary  # synthetic data is not CarRacing
     metrics["fidelity"]["kerb_pixels"] = {"real": 6.28, "vae_recon": 3.23}
-    loop["world"]["kerb_pixels"], loop["real"] = 1.5, {**loop["world"], "kerb_pixels": 6.0}
+    loop["world"]["kerb_pixels"], loop["world"]["car_faded"] = 1.5, 0.05
+    loop["real"] = {**loop["world"], "kerb_pixels": 6.0, "car_faded": 0.0, "steer_share": 0.55}
+    loop["world"]["steer_share"] = 0.09
     rendered = S.summary_markdown(metrics)
+    assert "| car half gone, share of closed-loop frames | 5.00% | real game 0.00% (after its zoom-in) |" in rendered
+    assert "| steering share: follower steps that turned, of those on the road | 0.09 | real game 0.55" in rendered
     assert "| kerb pixels per frame (red/white, above the dashboard), VAE-reconstructed held-out | 3.23 | " \
            "real frames 6.28 |" in rendered
     assert "| kerb pixels per frame, closed-loop frames | 1.50 | real game 6.00 |" in rendered

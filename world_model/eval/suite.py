@@ -1128,9 +1128,15 @@ def summary_markdown(results: dict) -> str:
             ref = f"real game {_fmt(real['kerb_pixels'], 2)}" if "kerb_pixels" in real else ""
             lines.append(f"| kerb pixels per frame, closed-loop frames | "
                          f"{_fmt(loop['world']['kerb_pixels'], 2)} | {ref} |")
+        if "car_faded" in loop["world"]:
+            ref = f"real game {_pct(real['car_faded'])} (after its zoom-in)" if "car_faded" in real else ""
+            lines.append(f"| car half gone, share of closed-loop frames | {_pct(loop['world']['car_faded'])} | {ref} |")
         if "off_palette" in loop["world"]:
             ref = f"real game {_pct(real['off_palette'])}" if "off_palette" in real else ""
             lines.append(f"| off-palette pixels, closed-loop frames | {_pct(loop['world']['off_palette'])} | {ref} |")
+        ref = f"real game {_fmt(real['steer_share'], 2)}" if "steer_share" in real else ""
+        lines.append(f"| steering share: follower steps that turned, of those on the road | "
+                     f"{_fmt(loop['world']['steer_share'], 2)} | {ref} (a straighter road asks for less) |")
     for mode, row in results.get("speed", {}).items():
         batched = [k for k in row if k.startswith("steps_per_s_b") and k != "steps_per_s_b1"]
         extra = f", batch {batched[0][13:]}: {_fmt(row[batched[0]], 1)}" if batched else ""
