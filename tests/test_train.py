@@ -281,6 +281,14 @@ def test_road_weights_favour_on_road_windows(data, latents, tmp_path):
     assert (weights == np.where(on | holds_term, 5.0, 1.0)).all()
     assert on.sum() == 9 and (~on & ~holds_term).sum() > 0 and holds_term.any()
 
+    # --curve-weight: frames 0-5 show the road ahead bending right (the upper look-ahead band's road
+    # only on the right), so windows ending there weigh road_weight x curve_weight
+    frames[:6, 20:38, :70] = (102, 204, 102)
+    np.save(grass, frames)
+    weights = road_window_weights(dataset, 4, 5.0, 2.0)
+    curve = np.arange(len(weights)) + 3 < 6
+    assert (weights == np.where(on | holds_term, 5.0, 1.0) * np.where(curve, 2.0, 1.0)).all() and curve.sum() == 3
+
 
 def test_dit_warm_start_loads_parent_weights_and_records_lineage(data, footage, latents, dit_run, tmp_path):
     """--init-from: lr 0 keeps the parent's weights exactly; the recipe chains both commands."""
@@ -835,6 +843,8 @@ def test_missing_latents_and_mismatched_resume_config(cli, data, footage, latent
     assert "no-latents" in capsys.readouterr().err
     assert cli(["train-dit", *dit_args((data, footage), latents, tmp_path / "r2"), "--road-weight", "0"]) == 2
     assert "--road-weight 0.0: expected a finite number > 0" in capsys.readouterr().err
+    assert cli(["train-dit", *dit_args((data, footage), latents, tmp_path / "r3"), "--curve-weight", "nan"]) == 2
+    assert "--curve-weight nan: expected a finite number > 0" in capsys.readouterr().err
     assert cli(["train-dit", *args, "--lr", "0.5", "--window", "6"]) == 2
     err = capsys.readouterr().err
     assert "lr" in err and "window" in err and "0.5" in err

@@ -131,6 +131,11 @@ class Args:
     under the car, see ``world_model.road_follower.on_road``) or that hold a termination; other
     windows weigh 1. Above 1 it shifts training towards driving on the road (the recording policy
     spends 10-80% of an episode on grass). 1 = every window equally likely (a plain permutation)."""
+    curve_weight: float = 1.0
+    """Extra sampling weight (multiplying ``road_weight``) of windows whose last frame shows the car on
+    the road and the road ahead off-centre by more than the road follower's deadband (a curve, or the
+    car beside the middle: ``RoadFollower.heading_error``). 1 = off. Generated roads are straighter than
+    recorded ones (README, "Steering share"); this shifts training towards the frames with bends."""
     heads_hidden: int = 128
     """Width of the heads (HeadsConfig.hidden)."""
     bf16: bool = False
@@ -320,12 +325,16 @@ def termination_pos_weight(dataset: object, window: int) -> tuple[float, int, in
     return float(weight), pos, neg
 
 
-def road_window_weights(dataset: object, window: int, road_weight: float) -> np.ndarray:
+def road_window_weights(dataset: object, window: int, road_weight: float, curve_weight: float = 1.0) -> np.ndarray:
     """Sampling weight per training window: ``road_weight`` where the window's last frame is on the
-    road or the window holds a termination, 1 elsewhere. Returns (len(dataset),) float64 in the
-    dataset's window order (ConcatDataset parts in order, episodes in order, windows by start)."""
+    road or the window holds a termination, 1 elsewhere, times ``curve_weight`` where that last frame
+    is on the road with the road ahead off-centre (``|heading error| > DEADBAND``). Returns
+    (len(dataset),) float64 in the dataset's window order (ConcatDataset parts in order, episodes in
+    order, windows by start)."""
     from world_model.data.episodes import open_episode, read_meta
-    from world_model.road_follower import on_road
+    from world_model.road_follower import DEADBAND, RoadFollower, on_road
+
+    follower = RoadFollower(["D", "DL", "DR", "N", "NL", "NR"])  # only its heading error is used
 
     out, others = [], set()
     parts = dataset.datasets if isinstance(dataset, ConcatDataset) else [dataset]
@@ -336,9 +345,12 @@ def road_window_weights(dataset: object, window: int, road_weight: float) -> np.
         a = open_episode(ep)
         frames = np.asarray(a["frames"])  # (S+1, 72, 128, 3) uint8
         n = len(frames)
-        road = on_road(frames[window - 1 :])  # (n-T+1,) bool: last frame of each window
+        last = frames[window - 1 :]  # (n-T+1, 72, 128, 3) the last frame of each window
+        road = on_road(last)  # (n-T+1,) bool
         term = np.convolve(np.asarray(a["terminated"], dtype=float), np.ones(window))[window - 1 : n] > 0
-        out.append(np.where(road | term, road_weight, 1.0))
+        err, frac = follower.heading_error(last)  # (n-T+1,) each
+        curve = road & (frac >= 0.02) & (np.abs(err) > DEADBAND)
+        out.append(np.where(road | term, road_weight, 1.0) * np.where(curve, curve_weight, 1.0))
     if others:
         print(f"warning: --road-weight reads CarRacing's grey road, but some episodes come from {sorted(others)}")
     weights = np.concatenate(out)
@@ -528,6 +540,8 @@ def train(args: Args, command: list[str] | None = None) -> dict:
         raise UsageError(f"--stop-at {args.stop_at}: expected a step count >= 1 (or leave it out)")
     if not (math.isfinite(args.road_weight) and args.road_weight > 0):
         raise UsageError(f"--road-weight {args.road_weight}: expected a finite number > 0 (1 = uniform sampling)")
+    if not (math.isfinite(args.curve_weight) and args.curve_weight > 0):
+        raise UsageError(f"--curve-weight {args.curve_weight}: expected a finite number > 0 (1 = off)")
     info = common.setup_distributed(args.device)
     run_dir = Path(args.run_dir).expanduser()
     out_dir = Path(args.out).expanduser() if args.out else run_dir / "model"
@@ -596,11 +610,11 @@ def train(args: Args, command: list[str] | None = None) -> dict:
     dataset = common.window_dataset(train_eps, args.window, source="latents", latents=caches)
     pos_weight, n_pos, n_neg = termination_pos_weight(dataset, args.window)
     weights = None
-    if args.road_weight != 1.0:
-        weights = road_window_weights(dataset, args.window, args.road_weight)
-        on = float((weights == args.road_weight).mean())
+    if args.road_weight != 1.0 or args.curve_weight != 1.0:
+        weights = road_window_weights(dataset, args.window, args.road_weight, args.curve_weight)
         if info.rank == 0:
-            print(f"road weighting: {on:.2f} of the windows weigh {args.road_weight:g}", flush=True)
+            kinds = ", ".join(f"{float((weights == w).mean()):.2f} weigh {w:g}" for w in np.unique(weights))
+            print(f"window weighting: {kinds}", flush=True)
     sampler = common.ResumableBatchSampler(
         len(dataset), args.batch_size, info.rank, info.world_size, args.seed, start, weights=weights
     )
