@@ -26,6 +26,8 @@ CAR_BOX = ((0.55, 0.72), (0.42, 0.58))
 """Rows and columns just around the car, for :func:`on_road`."""
 DEADBAND = 0.1
 """Heading errors (fraction of the half-width) below this drive straight."""
+SEARCH_BELOW = 0.02
+"""Road fraction of the look-ahead band below which no road is in view (the follower searches)."""
 
 
 def road_mask(frames: np.ndarray) -> np.ndarray:
@@ -50,6 +52,17 @@ def on_road(frames: np.ndarray, threshold: float = 0.3) -> np.ndarray:
     return box.mean(axis=(-2, -1)) >= threshold
 
 
+def heading_error(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Road centroid offset in the look-ahead band: (B, H, W, 3) -> (error (B,) in [-1, 1], road fraction (B,))."""
+    h, w = frames.shape[-3:-1]
+    band = road_mask(frames[:, int(BAND[0] * h) : int(BAND[1] * h)])  # (B, rows, W)
+    cols = band.sum(axis=1).astype(np.float64)  # (B, W) road pixels per column
+    total = cols.sum(axis=1)  # (B,)
+    x = (np.arange(w) + 0.5 - w / 2) / (w / 2)  # (W,) column position in [-1, 1]
+    err = (cols * x).sum(axis=1) / np.maximum(total, 1.0)
+    return err, total / band[0].size
+
+
 class RoadFollower:
     """Steer towards the grey road seen in the frame.
 
@@ -70,14 +83,8 @@ class RoadFollower:
         self.deadband = deadband
 
     def heading_error(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Road centroid offset in the look-ahead band: (B, H, W, 3) -> (error (B,) in [-1, 1], road fraction (B,))."""
-        h, w = frames.shape[-3:-1]
-        band = road_mask(frames[:, int(BAND[0] * h) : int(BAND[1] * h)])  # (B, rows, W)
-        cols = band.sum(axis=1).astype(np.float64)  # (B, W) road pixels per column
-        total = cols.sum(axis=1)  # (B,)
-        x = (np.arange(w) + 0.5 - w / 2) / (w / 2)  # (W,) column position in [-1, 1]
-        err = (cols * x).sum(axis=1) / np.maximum(total, 1.0)
-        return err, total / band[0].size
+        """:func:`heading_error` of ``frames``."""
+        return heading_error(frames)
 
     def __call__(self, frames: np.ndarray) -> np.ndarray:
         """Actions (B,) int64 for uint8 frames (B, H, W, 3)."""
@@ -85,6 +92,6 @@ class RoadFollower:
             raise ValueError(f"RoadFollower expects uint8 frames (B, H, W, 3), got {frames.dtype} {frames.shape}")
         err, frac = self.heading_error(frames)
         row = np.where(err < -self.deadband, 1, np.where(err > self.deadband, 3, 2))  # left / straight / right
-        row = np.where(frac < 0.02, 0, row)  # no road in view: search
+        row = np.where(frac < SEARCH_BELOW, 0, row)  # no road in view: search
         drive = (np.abs(err) < 2.5 * self.deadband).astype(np.int64)  # accelerate only when nearly centred
         return self.table[row, drive]

@@ -129,6 +129,20 @@ CARRACING_VIEW_ROWS = 62
 """Rows of a 72x128 CarRacing frame above the dashboard (the view)."""
 
 
+def _carracing_frames(frames: np.ndarray, what: str) -> np.ndarray:
+    """``frames`` as uint8 (N >= 1, 72, 128, 3), or a ValueError naming ``what`` and the shape given."""
+    f = np.asarray(frames)
+    if f.dtype != np.uint8 or f.ndim != 4 or len(f) == 0 or f.shape[1:] != (*KERB_FRAME_HW, 3):
+        raise ValueError(f"{what} needs uint8 (N, {KERB_FRAME_HW[0]}, {KERB_FRAME_HW[1]}, 3) frames with "
+                         f"N >= 1, got {f.dtype} {f.shape}")
+    return f
+
+
+def _red(f: np.ndarray) -> np.ndarray:
+    """CarRacing's saturated red (kerbs, the car): uint8 (..., 3) -> bool (...)."""
+    return (f[..., 0] > 150) & (f[..., 1] < 100) & (f[..., 2] < 100)
+
+
 def kerb_pixels(frames: np.ndarray, rows: int | None = None) -> float:
     """Kerbs drawn: mean over frames of the kerb-coloured pixels of a 72x128 CarRacing view.
 
@@ -141,15 +155,11 @@ def kerb_pixels(frames: np.ndarray, rows: int | None = None) -> float:
     Raises:
         ValueError: the frames are not uint8 (N >= 1, 72, 128, 3), or ``rows`` is not in [1, 72].
     """
-    f = np.asarray(frames)
-    if f.dtype != np.uint8 or f.ndim != 4 or len(f) == 0 or f.shape[1:] != (*KERB_FRAME_HW, 3):
-        raise ValueError(f"kerb_pixels needs uint8 (N, {KERB_FRAME_HW[0]}, {KERB_FRAME_HW[1]}, 3) frames with "
-                         f"N >= 1, got {f.dtype} {f.shape}")
+    f = _carracing_frames(frames, "kerb_pixels")
     if rows is not None and not 1 <= rows <= KERB_FRAME_HW[0]:
         raise ValueError(f"kerb_pixels rows must be in [1, {KERB_FRAME_HW[0]}], got {rows}")
     f = f[:, :rows]  # (N, H', 128, 3)
-    r, g, b = f[..., 0], f[..., 1], f[..., 2]
-    kerb = ((r > 150) & (g < 100) & (b < 100)) | (f.min(-1) > 200)  # (N, H', 128)
+    kerb = _red(f) | (f.min(-1) > 200)  # (N, H', 128)
     kerb[:, KERB_CAR_BOX[0], KERB_CAR_BOX[1]] = False
     return float(kerb.sum(axis=(1, 2)).mean())
 
@@ -175,13 +185,8 @@ def car_pixels(frames: np.ndarray) -> np.ndarray:
     Raises:
         ValueError: the frames are not uint8 (N >= 1, 72, 128, 3).
     """
-    f = np.asarray(frames)
-    if f.dtype != np.uint8 or f.ndim != 4 or len(f) == 0 or f.shape[1:] != (*KERB_FRAME_HW, 3):
-        raise ValueError(f"car_pixels needs uint8 (N, {KERB_FRAME_HW[0]}, {KERB_FRAME_HW[1]}, 3) frames with "
-                         f"N >= 1, got {f.dtype} {f.shape}")
-    box = f[:, KERB_CAR_BOX[0], KERB_CAR_BOX[1]]  # (N, 14, 12, 3)
-    r, g, b = box[..., 0], box[..., 1], box[..., 2]
-    return ((r > 150) & (g < 100) & (b < 100)).sum(axis=(1, 2)).astype(np.int64)
+    f = _carracing_frames(frames, "car_pixels")
+    return _red(f[:, KERB_CAR_BOX[0], KERB_CAR_BOX[1]]).sum(axis=(1, 2)).astype(np.int64)  # (N,)
 
 
 def view_mask(hw: tuple[int, int], rows: int | None, ignore: tuple[slice, slice] | None) -> np.ndarray:

@@ -220,9 +220,6 @@ def build(args: Args, command: list[str] | None = None) -> Path:
     except ValueError as err:
         raise UsageError(f"build-world sampler settings (--context/--groups/--steps-per-shift/--mode/"
                          f"--ctx-noise/--level-shift): {err}") from err
-    dit_config = Path(args.dit) / "dit_config.json"
-    if dit_config.is_file():
-        _check_window(sampler_cfg, int(json.loads(dit_config.read_text())["max_frames"]))
     sampler = dataclasses.asdict(sampler_cfg)
     caches, lat_infos = resolve_caches(args.data, args.latents)
     lat_info = lat_infos[0]
@@ -244,7 +241,7 @@ def build(args: Args, command: list[str] | None = None) -> Path:
 
     vae = load_module(args.vae, "vae", FrameVAE, VAEConfig)
     dit = load_module(args.dit, "dit", VideoDiT, DiTConfig)
-    _check_window(sampler_cfg, dit.cfg.max_frames)  # again, in case the DiT dir had no config JSON to read
+    _check_window(sampler_cfg, dit.cfg.max_frames)
     heads = load_module(args.dit, "heads", RewardTerminationHeads, HeadsConfig)
     table, sentences = load_control_table(Path(args.dit) / CONTROL_TABLE_FILE)
     if not math.isfinite(term_threshold):

@@ -134,7 +134,7 @@ class Args:
     curve_weight: float = 1.0
     """Extra sampling weight (multiplying ``road_weight``) of windows whose last frame shows the car on
     the road and the road ahead off-centre by more than the road follower's deadband (a curve, or the
-    car beside the middle: ``RoadFollower.heading_error``). 1 = off. Generated roads are straighter than
+    car beside the middle: ``road_follower.heading_error``). 1 = off. Generated roads are straighter than
     recorded ones (README, "Steering share"); this shifts training towards the frames with bends."""
     heads_hidden: int = 128
     """Width of the heads (HeadsConfig.hidden)."""
@@ -332,9 +332,7 @@ def road_window_weights(dataset: object, window: int, road_weight: float, curve_
     (len(dataset),) float64 in the dataset's window order (ConcatDataset parts in order, episodes in
     order, windows by start)."""
     from world_model.data.episodes import open_episode, read_meta
-    from world_model.road_follower import DEADBAND, RoadFollower, on_road
-
-    follower = RoadFollower(["D", "DL", "DR", "N", "NL", "NR"])  # only its heading error is used
+    from world_model.road_follower import DEADBAND, SEARCH_BELOW, heading_error, on_road
 
     out, others = [], set()
     parts = dataset.datasets if isinstance(dataset, ConcatDataset) else [dataset]
@@ -348,8 +346,8 @@ def road_window_weights(dataset: object, window: int, road_weight: float, curve_
         last = frames[window - 1 :]  # (n-T+1, 72, 128, 3) the last frame of each window
         road = on_road(last)  # (n-T+1,) bool
         term = np.convolve(np.asarray(a["terminated"], dtype=float), np.ones(window))[window - 1 : n] > 0
-        err, frac = follower.heading_error(last)  # (n-T+1,) each
-        curve = road & (frac >= 0.02) & (np.abs(err) > DEADBAND)
+        err, frac = heading_error(last)  # (n-T+1,) each
+        curve = road & (frac >= SEARCH_BELOW) & (np.abs(err) > DEADBAND)
         out.append(np.where(road | term, road_weight, 1.0) * np.where(curve, curve_weight, 1.0))
     if others:
         print(f"warning: --road-weight reads CarRacing's grey road, but some episodes come from {sorted(others)}")
