@@ -135,7 +135,7 @@ class Args:
     """Extra sampling weight (multiplying ``road_weight``) of windows whose last frame shows the car on
     the road and the road ahead off-centre by more than the road follower's deadband (a curve, or the
     car beside the middle: ``road_follower.heading_error``). 1 = off. Generated roads are straighter than
-    recorded ones (README, "Steering share"); this shifts training towards the frames with bends."""
+    recorded ones (docs/EXPERIMENTS.md, "Steering share"); this shifts training towards the frames with bends."""
     heads_hidden: int = 128
     """Width of the heads (HeadsConfig.hidden)."""
     bf16: bool = False
