@@ -567,6 +567,7 @@ def test_probe_compares_sampler_variants_on_the_same_starts(tmp_path: Path, tiny
     assert all(np.mean(r["detail_by_quarter"]) == pytest.approx(r["detail"]) for r in rows)  # blur over time
     assert all(r["kerb_pixels"] is None for r in rows)  # the tiny world is not CarRacing: no kerb count
     assert all(r["off_palette"] is None for r in rows)  # no --palette-data
+    assert all(r["dtype"] == "float32" for r in rows)
     table = capsys.readouterr().out
     assert "| level_shift=2 | mean of 2 |" in table and table.count("| default | 0 |") == 2
     assert table.splitlines()[1].endswith(
@@ -586,6 +587,13 @@ def test_probe_compares_sampler_variants_on_the_same_starts(tmp_path: Path, tiny
                                                                 rows[1]["on_road_by_quarter"]], axis=0).tolist())
     assert P.format_row(mean).endswith("| 0.375 (0.38 / 0.38 / 0.38 / 0.38) |")
     assert P.mean_row([rows[0], with_real])["real_on_road"] is None  # missing from one seed: not averaged
+    # --dtype bfloat16: the same starts and noise through autocast networks: close to, not equal to, float32
+    assert P.main([*argv[:argv.index("--variants")], "--variants", "default", *argv[argv.index("--envs"):],
+                   "--dtype", "bfloat16"]) == 0
+    bf16 = json.loads(out.read_text())
+    assert [(r["variant"], r["seed"], r["dtype"]) for r in bf16] == [("default", s, "bfloat16") for s in (0, 1)]
+    assert bf16[0]["detail"] != rows[0]["detail"] and bf16[0]["detail"] == pytest.approx(rows[0]["detail"], rel=0.2)
+    capsys.readouterr()
     # --palette-data: the real colours of a recording; the untrained world invents others
     toy = make_synthetic_dataset(tmp_path / "toy", episodes=2, steps=6)
     argv = ["--checkpoint", str(tiny_world_dir), "--envs", "2", "--steps", "2", "--threads", "1",

@@ -69,6 +69,8 @@ class Args:
     """Hold this action (e.g. D) open loop instead of driving with the road follower."""
     real: bool = False
     """Drive the real game too (CarRacing worlds), with the same policy: its on-road fraction as a column."""
+    dtype: typing.Literal["float32", "bfloat16"] = "float32"
+    """The world's compute dtype: bfloat16 runs the networks under autocast, as agents on a CPU use it."""
 
 
 def parse_variant(text: str) -> dict:
@@ -119,6 +121,9 @@ def probe(args: Args) -> list[dict]:
 
     if args.envs < 1 or args.steps < 1:
         raise UsageError(f"--envs {args.envs} and --steps {args.steps} must be >= 1")
+    if args.dtype not in ("float32", "bfloat16"):
+        raise UsageError(f"--dtype must be 'float32' or 'bfloat16', got {args.dtype!r}")
+    dtype = getattr(torch, args.dtype)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     world = load_world(args.checkpoint)
@@ -134,11 +139,11 @@ def probe(args: Args) -> list[dict]:
         for seed in args.seeds:
             t0 = time.perf_counter()
             out = closed_loop(dataclasses.replace(world, sampler=sampler), world.start_latents, cfg.mode,
-                              args.envs, args.steps, seed, "cpu", real_env, palette, args.hold)
+                              args.envs, args.steps, seed, "cpu", real_env, palette, args.hold, dtype)
             if "skipped" in out:
                 raise UsageError(f"{args.checkpoint}: {out['skipped']}")
             w, r = out["world"], out.get("real")
-            row = {"variant": text, "seed": seed, "sampler": sampler, "on_road": w["on_road"],
+            row = {"variant": text, "seed": seed, "dtype": args.dtype, "sampler": sampler, "on_road": w["on_road"],
                    "on_road_by_quarter": [q["mean"] for q in w["on_road_by_quarter"]],
                    "reward_per_step": w["reward_per_step"], "terminations": w["terminations"],
                    "detail": w["detail"], "detail_by_quarter": [q["mean"] for q in w["detail_by_quarter"]],

@@ -785,7 +785,7 @@ def held_action(action_names: list[str], name: str) -> Callable[[np.ndarray], np
 
 def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int, steps: int, seed: int,
                 device: str, real_env_id: str | None, palette: np.ndarray | None = None,
-                hold: str | None = None) -> dict:
+                hold: str | None = None, dtype: torch.dtype = torch.float32) -> dict:
     """Drive the world (and the real CarRacing-v3) with the pixel road follower; compare road keeping.
 
     In the world, ``envs`` streams start from real held-out contexts whose last frame shows the car on
@@ -802,6 +802,7 @@ def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int,
     for less steering than the real game does, however well it keeps the road (None for a held
     action). CarRacing worlds also report ``car_faded``, the share of frames whose car is half gone
     (:func:`metrics.car_pixels`; the real game's opening zoom-in, ``metrics.ZOOM_STEPS``, is left out).
+    ``dtype`` is the world's compute dtype (``torch.bfloat16``: autocast, as agents on a CPU run it).
 
     Raises:
         UsageError: ``hold`` is not one of the world's action names.
@@ -818,7 +819,7 @@ def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int,
     if on.any():
         contexts = contexts[torch.from_numpy(np.nonzero(on)[0])]
     sim = Simulator(dataclasses.replace(world, start_latents=contexts.float()), envs, device,
-                    sampler=sampler_config(world, mode))
+                    sampler=sampler_config(world, mode), dtype=dtype)
     perm = np.random.default_rng(seed).permutation(len(contexts))
     start = torch.from_numpy(perm[np.arange(envs) % len(perm)])  # (envs,) wraps when there are fewer starts
     sim.reset(torch.ones(envs, dtype=torch.bool), start, generator=torch.Generator().manual_seed(seed))
