@@ -13,7 +13,11 @@
 #   CPU) and bfloat16 eager;
 # [ppo] PPO in imagination on CUDA (world and policy), SB3's own fps, one real episode;
 # [bench_bf16_compile] bfloat16 + torch.compile (84x84, large batches);
-# [bench_graphs] CUDA graphs: torch.compile mode "reduce-overhead" in float32 and bfloat16, beside eager.
+# [bench_graphs] CUDA graphs: torch.compile mode "reduce-overhead" in float32 and bfloat16, beside eager;
+# [ppo_seeds] only when STEPS names it: PPO agents trained in imagination on CUDA, every world x seed at
+#   once on the one GPU (65,536 steps each, `--episodes 0`; evaluate them on a CPU afterwards, the
+#   command in docs/EXPERIMENTS.md). PPO_WORLDS (default "hold"): shipped names or world directories
+#   (carry one under runs/); PPO_SEEDS (default "0 1 2"). Writes OUT_DIR/ppo/<world>_s<seed>/ppo.zip.
 set -u
 OUT_DIR=${1:-gpu_check}
 mkdir -p "$OUT_DIR"
@@ -67,3 +71,13 @@ step bench_graphs 240 bash -c "$PY benchmarks/bench_env.py --device cuda --steps
     --no-carracing && $PY benchmarks/bench_env.py --device cuda --compile-model --compile-mode reduce-overhead \
     --steps 120 --num-envs 16 256 --no-hd --no-carracing && $PY benchmarks/bench_env.py --device cuda --dtype bfloat16 \
     --compile-model --compile-mode reduce-overhead --steps 120 --num-envs 16 256 1024 --no-hd --no-carracing"
+if [[ " ${STEPS:-} " == *" ppo_seeds "* ]]; then
+    export OUT_DIR PY PPO_WORLDS=${PPO_WORLDS:-hold} PPO_SEEDS=${PPO_SEEDS:-0 1 2}
+    step ppo_seeds 540 bash -c 'for w in $PPO_WORLDS; do for s in $PPO_SEEDS; do
+        name=$(basename "$w")_s$s
+        $PY examples/ppo_in_imagination.py --world "$w" --seed "$s" --device cuda --num-envs 16 --n-steps 128 \
+            --frame-stack 2 --timesteps 65536 --save-every 16384 --run-dir "$OUT_DIR/ppo/$name" --episodes 0 \
+            > "$OUT_DIR/ppo_$name.log" 2>&1 &
+    done; done; wait
+    for f in "$OUT_DIR"/ppo_*.log; do echo "== $f"; tail -n 2 "$f"; done; ls -l "$OUT_DIR"/ppo/*/ppo.zip'
+fi

@@ -238,3 +238,16 @@ def test_demo_writes_720p_mp4(tiny_world_dir: Path, tmp_path: Path, capsys: pyte
     assert len([f for f in imageio.get_reader(out2)]) == 3
     with pytest.raises(UsageError):
         main(["--world", str(tiny_world_dir), "--steps", "0"])
+
+
+def test_a_cuda_device_torch_cannot_see_is_a_clear_error(tiny_world_dir: Path, monkeypatch) -> None:
+    """device="cuda" without a usable GPU names the device and what to do, before any weights move."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UsageError, match=r"device='cuda', but this torch .* sees no CUDA device; use device='cpu'"):
+        MatrixWorldEnv(world=tiny_world_dir, device="cuda")
+    with pytest.raises(UsageError, match=r"device='cuda', but this torch"):  # the vector env loads the same way
+        gym.make_vec("MatrixWorld-v0", num_envs=2, world=tiny_world_dir, device="cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UsageError, match=r"device='cuda:3', but torch sees 1 CUDA device\(s\): cuda:0 .. cuda:0"):
+        MatrixWorldEnv(world=tiny_world_dir, device="cuda:3")
