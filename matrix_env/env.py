@@ -17,6 +17,7 @@ from gymnasium import spaces
 
 from matrix_env import SHIPPED_WORLDS, WORLDS_DIR, world_path
 from world_model.checkpoint import CheckpointError, WorldModel, load_world
+from world_model.device import check_device
 from world_model.errors import UsageError
 from world_model.simulator import RewardFn, Simulator, sampler_config
 from world_model.swin_dpm import KEY_HIGH
@@ -37,24 +38,7 @@ def resolve_world(world: str | os.PathLike | WorldModel | None, device: torch.de
         UsageError: ``device`` is not a torch device, or a CUDA device this torch cannot see.
         CheckpointError: the directory is missing or the checkpoint does not load.
     """
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise UsageError(
-            f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got {device!r} ({err})"
-        ) from err
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
-            raise UsageError(
-                f"device={str(device)!r}, but this torch {torch.__version__} ({build}) sees no CUDA device; "
-                "use device='cpu', or install a CUDA build of torch on a machine with a GPU"
-            )
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(
-                f"device={str(device)!r}, but torch sees {torch.cuda.device_count()} CUDA device(s): "
-                f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}"
-            )
+    device = check_device(device)
     if isinstance(world, WorldModel):
         return world
     path = world_path(world)

@@ -17,7 +17,9 @@ import matrix_env
 from matrix_env import DEFAULT_WORLD, SHIPPED_WORLDS, WORLDS_DIR, world_path
 from matrix_env.env import MatrixWorldEnv
 from tests.conftest import TINY_SAMPLER
+from world_model.checkpoint import load_world
 from world_model.errors import UsageError
+from world_model.simulator import Simulator
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = (64, 64)
@@ -247,6 +249,11 @@ def test_a_cuda_device_torch_cannot_see_is_a_clear_error(tiny_world_dir: Path, m
         MatrixWorldEnv(world=tiny_world_dir, device="cuda")
     with pytest.raises(UsageError, match=r"device='cuda', but this torch"):  # the vector env loads the same way
         gym.make_vec("MatrixWorld-v0", num_envs=2, world=tiny_world_dir, device="cuda")
+    with pytest.raises(UsageError, match=r"device='cuda', but this torch"):  # so does every loader (eval, probe)
+        load_world(tiny_world_dir, "cuda")
+    world = load_world(tiny_world_dir)
+    with pytest.raises(UsageError, match=r"device='cuda', but this torch"):  # and a simulator of a loaded world
+        Simulator(world, 1, "cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(UsageError, match=r"device='cuda:3', but torch sees 1 CUDA device\(s\): cuda:0 .. cuda:0"):

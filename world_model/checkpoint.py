@@ -33,6 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from world_model.device import check_device
 from world_model.dit import DiTConfig, VideoDiT
 from world_model.errors import UsageError
 from world_model.heads import HeadsConfig, RewardTerminationHeads
@@ -400,7 +401,9 @@ def load_world(directory: str | os.PathLike, device: torch.device | str = "cpu")
 
     Raises:
         CheckpointError: naming the file, field or parameter that does not match.
+        UsageError: ``device`` is not one this torch can use (:func:`world_model.device.check_device`).
     """
+    device = check_device(device)
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory missing: {directory}")

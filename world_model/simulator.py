@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from world_model.checkpoint import WorldModel
+from world_model.device import check_device
 from world_model.dit import ContextCache
 from world_model.errors import UsageError
 from world_model.swin_dpm import SwinDPM, SwinDPMConfig
@@ -136,7 +137,7 @@ class Simulator:
             raise UsageError(f"num_envs must be >= 1, got {num_envs}")
         self.world = world
         self.num_envs = num_envs
-        self.device = torch.device(device)
+        self.device = check_device(device)
         self.dtype = dtype
         if reward_fn is not None and not callable(reward_fn):
             raise UsageError(
