@@ -87,11 +87,12 @@ class RealCarRacingEnv(gym.Env):
 
     def step(self, action: int):
         """Hold driving action ``action`` for ``frame_skip`` physics steps (info: CarRacing's last)."""
-        if as_int(action) is None or not self.action_space.contains(action):
+        a = as_int(action)
+        if a is None or not 0 <= a < self.action_space.n:
             raise ValueError(f"action {action!r} is not a driving action id (an int in [0, {self.action_space.n}))")
         reward, terminated, truncated, info = 0.0, False, False, {}
         for _ in range(self.frame_skip):
-            _, r, terminated, truncated, info = self.env.step(CARRACING_CONTROLS[int(action)])
+            _, r, terminated, truncated, info = self.env.step(CARRACING_CONTROLS[a])
             reward += float(r)
             if terminated or truncated:
                 break

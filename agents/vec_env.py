@@ -7,6 +7,11 @@ this adapter keeps the one batched forward pass and only converts the API:
   the adapter resets just those sub-envs at once (``reset(options={"reset_mask": done})``,
   a masked write) and returns their first observation, with the last one in
   ``infos[i]["terminal_observation"]`` and ``infos[i]["TimeLimit.truncated"]``.
+* episode statistics as SB3's ``Monitor`` records them: ``infos[i]["episode"] = {"r": return,
+  "l": length, "t": seconds since the adapter was built}`` when sub-env i's episode ends, so
+  ``PPO`` logs ``rollout/ep_rew_mean`` and ``evaluate_policy`` counts whole episodes without a
+  ``VecMonitor`` (``env_is_wrapped(Monitor)`` is True for that reason; a ``VecMonitor`` on top
+  overwrites the same figures).
 * observations stay ``(N, H, W, 3)`` uint8; SB3 wraps image envs in ``VecTransposeImage`` for
   ``CnnPolicy`` by itself.
 * the sub-envs are streams of one simulator, not objects: ``get_attr`` gives the single-env spaces
@@ -16,11 +21,13 @@ this adapter keeps the one batched forward pass and only converts the API:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
+from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import VecEnv
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices, VecEnvObs, VecEnvStepReturn
 
@@ -48,6 +55,9 @@ class MatrixWorldSB3VecEnv(VecEnv):
             raise TypeError("pass either a venv or the kwargs to build one, not both")
         self.venv = venv
         self._actions: np.ndarray | None = None
+        self._ep_return = np.zeros(venv.num_envs, dtype=np.float64)  # (N,) running episode returns
+        self._ep_length = np.zeros(venv.num_envs, dtype=np.int64)  # (N,) running episode lengths
+        self._t_start = time.time()
         super().__init__(venv.num_envs, venv.single_observation_space, venv.single_action_space)
         self.metadata["render_fps"] = venv.metadata["render_fps"]  # VecVideoRecorder's frame rate
 
@@ -56,6 +66,8 @@ class MatrixWorldSB3VecEnv(VecEnv):
         seeds = self._seeds if any(s is not None for s in self._seeds) else None
         obs, info = self.venv.reset(seed=seeds, options=self._merged_options())
         self.reset_infos = [{"start_index": int(s)} for s in info["start_index"]]
+        self._ep_return[:] = 0.0
+        self._ep_length[:] = 0
         self._reset_seeds()
         self._reset_options()
         return obs
@@ -100,9 +112,15 @@ class MatrixWorldSB3VecEnv(VecEnv):
         infos: list[dict[str, Any]] = [
             {"TimeLimit.truncated": bool(tr and not te)} for te, tr in zip(terminated, truncated, strict=True)
         ]
+        self._ep_return += reward
+        self._ep_length += 1
         if done.any():
+            t = round(time.time() - self._t_start, 6)
             for i in np.flatnonzero(done):
                 infos[i]["terminal_observation"] = obs[i].copy()
+                infos[i]["episode"] = {"r": round(float(self._ep_return[i]), 6), "l": int(self._ep_length[i]), "t": t}
+            self._ep_return[done] = 0.0
+            self._ep_length[done] = 0
             obs, info = self.venv.reset(options={"reset_mask": done})
             for i in np.flatnonzero(done):
                 self.reset_infos[i] = {"start_index": int(info["start_index"][i])}
@@ -147,6 +165,8 @@ class MatrixWorldSB3VecEnv(VecEnv):
             seeds = None if seed is None else [seed if mask[i] else None for i in range(self.num_envs)]
             options = {**(method_kwargs.get("options") or {}), "reset_mask": mask}
             obs, info = self.venv.reset(seed=seeds, options=options)
+            self._ep_return[mask] = 0.0
+            self._ep_length[mask] = 0
             for i in idx:
                 self.reset_infos[i] = {"start_index": int(info["start_index"][i])}
             return [(obs[i], dict(self.reset_infos[i])) for i in idx]
@@ -156,5 +176,8 @@ class MatrixWorldSB3VecEnv(VecEnv):
         return [result for _ in idx]
 
     def env_is_wrapped(self, wrapper_class: type[gym.Wrapper], indices: VecEnvIndices = None) -> list[bool]:
-        """Sub-envs are streams of one vector env, never wrapped."""
-        return [False for _ in self._get_indices(indices)]
+        """Sub-envs are streams of one vector env, never wrapped; the adapter records ``Monitor``'s
+        episode statistics itself, so it answers True for ``Monitor`` (what SB3 asks before it
+        trusts ``infos[i]["episode"]``)."""
+        wrapped = wrapper_class is Monitor
+        return [wrapped for _ in self._get_indices(indices)]

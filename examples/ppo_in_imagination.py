@@ -93,10 +93,10 @@ if args.train_in == "world":
     print(f"imagining {args.num_envs} envs on {args.device}: sampler {cfg.mode}, ctx_noise {cfg.ctx_noise}, "
           f"groups {cfg.groups}")
 else:  # the baseline: the same agent and samples, from the real game (250-step episodes too)
-    train_env = DummyVecEnv([lambda: RealCarRacingEnv(obs_size=(84, 84))] * args.num_envs)
+    train_env = VecMonitor(DummyVecEnv([lambda: RealCarRacingEnv(obs_size=(84, 84))] * args.num_envs))
     print(f"training in {args.num_envs} real CarRacing-v3 envs (no world)")
 train_env.seed(args.seed)
-train_env = stacked(VecMonitor(train_env))
+train_env = stacked(train_env)  # episode returns: the adapter's or VecMonitor's
 
 ckpt = args.run_dir / "ppo.zip" if args.run_dir else None
 if ckpt is not None and ckpt.exists():

@@ -64,7 +64,10 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def as_int(value: Any) -> int | None:
-    """``value`` as a Python int if it is an integer (int or numpy integer, not bool), else None."""
+    """``value`` as a Python int if it is an integer (int, numpy integer, or a 0-d integer array or
+    tensor such as SB3's ``predict`` returns for one observation; not bool), else None."""
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        value = value.item()  # a 0-d array or tensor: its Python scalar
     if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
         return None
     return int(value)
@@ -329,8 +332,7 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
         """
         if self._latent is None:
             raise gym.error.ResetNeeded("call reset() before step()")
-        scalar = action.item() if isinstance(action, np.ndarray | torch.Tensor) and action.ndim == 0 else action
-        a = as_int(scalar)  # a 0-d array or tensor: its Python scalar
+        a = as_int(action)
         if a is None or not 0 <= a < self.action_space.n:
             raise UsageError(f"action must be an int in [0, {self.action_space.n}), got {action!r}")
         latent, reward, terminated = self.sim.step(torch.tensor([a], dtype=torch.long))

@@ -64,8 +64,8 @@ class MatrixWorldVectorEnv(VectorEnv):
 
     Arguments are those of :class:`~matrix_env.env.MatrixWorldEnv` plus ``num_envs`` and
     ``max_episode_steps`` (truncation after that many steps, 1000 as registered, as CarRacing-v3;
-    None or -1 (``gym.make``'s spelling): no time limit, episodes end only when the termination head
-    fires). ``get_attr`` / ``set_attr`` / ``call`` are the subset of ``SyncVectorEnv``'s that fits
+    -1: no time limit, episodes end only when the termination head fires; None: the registered 1000,
+    both as in ``gym.make``). ``get_attr`` / ``set_attr`` / ``call`` are the subset of ``SyncVectorEnv``'s that fits
     one shared simulator (see their docstrings).
 
     Example::
@@ -147,10 +147,15 @@ class MatrixWorldVectorEnv(VectorEnv):
 
     @staticmethod
     def _check_max_episode_steps(value: int | None) -> int | None:
-        if value is None or as_int(value) == -1:  # -1: gym.make's spelling of "no time limit"
+        if value is None:  # as gym.make: None is the registered limit, -1 turns it off
+            return MAX_EPISODE_STEPS
+        if as_int(value) == -1:
             return None
         if not (as_int(value) or 0) >= 1:
-            raise UsageError(f"max_episode_steps must be an int >= 1, or None / -1 for no limit, got {value!r}")
+            raise UsageError(
+                f"max_episode_steps must be an int >= 1, -1 for no limit or None for the registered "
+                f"{MAX_EPISODE_STEPS}, got {value!r}"
+            )
         return int(value)
 
     # A subset of SyncVectorEnv's get_attr / set_attr / call. The sub-envs share one simulator, so an
@@ -246,6 +251,7 @@ class MatrixWorldVectorEnv(VectorEnv):
             if isinstance(mask, np.ndarray):
                 got += f" of dtype {mask.dtype}, shape {mask.shape}"
             raise UsageError(f"options['reset_mask'] must be a bool numpy array of shape ({n},), got {got}")
+        mask = np.ascontiguousarray(mask)  # torch.from_numpy refuses negative strides (mask[::-1])
         chosen = options.get("start_index")
         if chosen is None:
             return mask, None
@@ -339,7 +345,7 @@ class MatrixWorldVectorEnv(VectorEnv):
                 f"actions must be an int array of shape ({n},) with values in [0, {num_actions}), got "
                 f"shape {actions.shape}, dtype {actions.dtype}: {np.array2string(actions, threshold=16)}"
             )
-        latents, reward, terminated = self.sim.step(torch.as_tensor(actions, dtype=torch.long))
+        latents, reward, terminated = self.sim.step(torch.as_tensor(np.ascontiguousarray(actions), dtype=torch.long))
         done = self._prev_done  # host array: known without a device sync
         info: dict[str, Any] = {}
         if done.any():

@@ -70,6 +70,7 @@ def test_default_is_720p_and_render(tiny_world_dir: Path) -> None:
     obs, _ = env.reset(seed=0)
     assert obs.shape == (720, 1280, 3) and obs.dtype == np.uint8
     np.testing.assert_array_equal(env.render(), obs)
+    assert obs.flags.c_contiguous  # HWC in memory too, not a view of CHW planes (OpenCV draws on it)
     small = MatrixWorldEnv(world=tiny_world_dir, obs_size=SMALL, render_mode="rgb_array")
     small.reset(seed=0)
     assert small.render().shape == (720, 1280, 3)

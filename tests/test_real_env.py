@@ -18,6 +18,7 @@ def test_real_env_observations_actions_and_determinism() -> None:
     obs2, _ = env.reset(seed=3)
     assert np.array_equal(obs, obs2)
     assert all(np.array_equal(o, env.step(a)[0]) for o, a in zip(rollout, (0, 0, 1, 2), strict=True))
+    env.step(np.array(3))  # a 0-d array, as SB3's predict returns for one observation
     with pytest.raises(ValueError, match="driving action"):
         env.step(9)
     with pytest.raises(ValueError, match=r"action 1.7 is not a driving action"):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from stable_baselines3 import PPO
 from stable_baselines3.common.env_checker import check_env
+from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import VecTransposeImage
 
 from agents.features import LatentCNN
@@ -35,16 +36,22 @@ def test_adapter_same_step_autoreset(tiny_world_dir: Path) -> None:
         MatrixWorldEnv(world=tiny_world_dir, obs_size=SMALL).reset(seed=3 + k)[1]["start_index"]
         for k in range(2)
     ]
-    obs1, _, dones, infos = venv.step(np.array([0, 1]))
-    assert not dones.any() and "terminal_observation" not in infos[0]
+    obs1, rew1, dones, infos = venv.step(np.array([0, 1]))
+    assert not dones.any() and "terminal_observation" not in infos[0] and "episode" not in infos[0]
     obs2, rewards, dones, infos = venv.step(np.array([0, 1]))
     assert dones.all() and rewards.dtype == np.float32
+    # Monitor's episode statistics, so PPO logs ep_rew_mean without a VecMonitor
+    assert [info["episode"]["l"] for info in infos] == [2, 2]
+    np.testing.assert_allclose([info["episode"]["r"] for info in infos], rew1 + rewards, atol=1e-5)
     assert all(info["TimeLimit.truncated"] for info in infos)
     assert infos[0]["terminal_observation"].shape == (*SMALL, 3)
     assert not np.array_equal(obs2[0], infos[0]["terminal_observation"])  # obs is the next episode's first
     obs3, _, dones, _ = venv.step(np.array([0, 1]))  # the new episode steps normally (no NEXT_STEP gap)
     assert not dones.any()
     assert venv.get_attr("render_mode") == [None, None] and venv.env_is_wrapped(object) == [False, False]
+    assert venv.env_is_wrapped(Monitor) == [True, True]  # what evaluate_policy asks before trusting "episode"
+    obs4, _, dones, infos = venv.step(np.array([0, 1]))
+    assert dones.all() and [info["episode"]["l"] for info in infos] == [2, 2]  # counted from the reset
     venv.close()
 
 
@@ -94,6 +101,7 @@ def test_ppo_cnn_learns_a_few_steps(tiny_world_dir: Path) -> None:
     assert isinstance(model.get_env(), VecTransposeImage)  # SB3 transposes HWC images itself
     model.learn(32)
     assert model.num_timesteps >= 32
+    assert [ep["l"] for ep in model.ep_info_buffer] == [10, 10]  # ep_rew_mean is logged (2 envs x 16 steps)
 
 
 @pytest.mark.filterwarnings("ignore:.*infinity.*")

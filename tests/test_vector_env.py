@@ -98,7 +98,7 @@ def test_partial_reset_and_seed_list(tiny_world_dir: Path) -> None:
     envs = MatrixWorldVectorEnv(num_envs=N, world=tiny_world_dir, obs_type="latent")
     envs.reset(seed=[1, 2, 3])
     before, *_ = envs.step(np.zeros(N, dtype=np.int64))
-    mask = np.array([False, True, False])
+    mask = np.array([False, True, False, False])[::-1][1:]  # a negative-stride view: [False, True, False]
     obs, info = envs.reset(options={"reset_mask": mask})
     np.testing.assert_array_equal(obs[~mask], before[~mask])
     assert info["_start_index"].tolist() == mask.tolist()
@@ -113,7 +113,9 @@ def test_partial_reset_and_seed_list(tiny_world_dir: Path) -> None:
 def test_reset_options_seeds_and_time_limit(tiny_world_dir: Path) -> None:
     envs = MatrixWorldVectorEnv(num_envs=N, world=tiny_world_dir, obs_type="latent")
     assert envs.max_episode_steps == matrix_env.MAX_EPISODE_STEPS  # built directly, as by make_vec
-    assert MatrixWorldVectorEnv(num_envs=1, world=tiny_world_dir, max_episode_steps=None).max_episode_steps is None
+    # as gym.make: None is the registered limit, -1 turns it off
+    assert MatrixWorldVectorEnv(num_envs=1, world=tiny_world_dir, max_episode_steps=None).max_episode_steps == 1000
+    assert MatrixWorldVectorEnv(num_envs=1, world=tiny_world_dir, max_episode_steps=-1).max_episode_steps is None
     obs, info = envs.reset(seed=np.int64(4), options={"start_index": 2})  # numpy ints are ints
     assert info["start_index"].tolist() == [2] * N
     single = MatrixWorldEnv(world=tiny_world_dir, obs_type="latent")
@@ -147,6 +149,7 @@ def test_bad_actions_name_what_was_given(tiny_world_dir: Path) -> None:
         envs.step([0])
     with pytest.raises(UsageError, match=r"\[0, 9\), got shape \(2,\), dtype int64: \[0 9\]"):
         envs.step(np.array([0, 9]))
+    envs.step(np.array([5, 0, 3])[::-2])  # a valid negative-stride view steps like any array
 
 
 def test_render_rgb_array(tiny_world_dir: Path) -> None:
@@ -154,6 +157,8 @@ def test_render_rgb_array(tiny_world_dir: Path) -> None:
     envs.reset(seed=0)
     frames = envs.render()
     assert len(frames) == 2 and frames[0].shape == (720, 1280, 3)
+    obs, *_ = envs.step(np.array([0, 1]))
+    assert obs.flags.c_contiguous and frames[0].flags.c_contiguous  # OpenCV draws on them in place
 
 
 def _rss_bytes() -> int:

@@ -357,4 +357,4 @@ def tensor_to_frames(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     if not inplace and y.data_ptr() == x.data_ptr():  # .float() made no copy: do not touch the caller's x
         y = y.clone()
     u8 = y.clamp_(-1.0, 1.0).add_(1.0).mul_(127.5).round_().to(torch.uint8)
-    return u8.movedim(-3, -1)  # (..., H, W, 3)
+    return u8.movedim(-3, -1).contiguous()  # (..., H, W, 3), C-contiguous (OpenCV draws on it in place)
