@@ -147,6 +147,8 @@ class MatrixWorldSB3VecEnv(VecEnv):
         must be all)."""
         self._require_all(indices, f"set_attr({attr_name!r})")
         self.venv.set_attr(attr_name, value)
+        if attr_name == "render_mode":  # SB3's VecEnv keeps its own copy (VecVideoRecorder reads it)
+            self.render_mode = self.venv.render_mode
 
     def env_method(
         self, method_name: str, *method_args: Any, indices: VecEnvIndices = None, **method_kwargs: Any

@@ -83,6 +83,8 @@ def test_adapter_sub_env_attributes_methods_and_options(tiny_world_dir: Path) ->
     assert venv.env_method("get_action_meanings", indices=[0])[0][:3] == ["D", "DL", "DR"]
     with pytest.raises(UsageError, match=r"set_attr\('render_mode'\) for indices=\[0\]"):
         venv.set_attr("render_mode", "rgb_array", indices=[0])
+    venv.set_attr("render_mode", "rgb_array")  # all sub-envs: allowed, and seen by SB3's wrappers
+    assert venv.render_mode == "rgb_array" and venv.get_attr("render_mode") == ["rgb_array"] * 3
     with pytest.raises(UsageError, match=r"env_method\('close'\) for indices=\[1\]"):
         venv.env_method("close", indices=[1])
     venv.set_options([{"start_index": 0}, {}, {}])
