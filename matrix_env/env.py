@@ -341,7 +341,8 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
         if self.render_mode == "human":
             self.render()
         info = {"action_meaning": self.action_meanings[a]}
-        return self._obs, float(reward[0]), bool(terminated[0]), False, info
+        reward_term = torch.stack([reward[0].float(), terminated[0].float()]).tolist()  # one small copy
+        return self._obs, reward_term[0], reward_term[1] > 0.5, False, info
 
     def render(self) -> np.ndarray | None:
         """A 720p uint8 frame ("rgb_array"), or draw it in a window ("human")."""

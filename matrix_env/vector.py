@@ -356,8 +356,8 @@ class MatrixWorldVectorEnv(VectorEnv):
             reward = torch.where(done_t, torch.zeros_like(reward), reward)
             terminated = terminated & ~done_t
         obs = self._observe(latents)
-        reward_np = reward.cpu().numpy().astype(np.float64)
-        terminated_np = terminated.cpu().numpy()
+        reward_term = torch.stack([reward.float(), terminated.float()]).cpu().numpy()  # (2, N): one small copy
+        reward_np, terminated_np = reward_term[0].astype(np.float64), reward_term[1] > 0.5
 
         self._steps = np.where(done, 0, self._steps + 1)
         if self.max_episode_steps is None:

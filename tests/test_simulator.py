@@ -63,8 +63,10 @@ def test_decode_sizes_and_small_obs_skip_720p(world, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(sim.vae, "decode_hr", boom)
     frames = sim.decode(latents, (84, 84))
     assert frames.shape == (B, 84, 84, 3) and frames.dtype == torch.uint8
-    with pytest.raises(UsageError):
-        sim.decode(latents, (0, 5))
+    assert sim.decode(latents, 84).shape == (B, 84, 84, 3)  # an int n: (n, n)
+    for bad in ((0, 5), "ab", (84,), 84.0):
+        with pytest.raises(UsageError, match=r"frame size must be '720p', 'native', an int n or \(h, w\)"):
+            sim.decode(latents, bad)
 
 
 def test_masked_reset_touches_only_masked_streams(world) -> None:
@@ -78,6 +80,12 @@ def test_masked_reset_touches_only_masked_streams(world) -> None:
     torch.testing.assert_close(sim.state.latents[[0, 2]], before[[0, 2]], rtol=0, atol=0)
     torch.testing.assert_close(new[1], sim.start_latents[2, -1])
     assert not torch.allclose(sim.state.latents[1], before[1])
+    state = sim.state.latents.clone()  # wrong shapes are errors before any state changes
+    with pytest.raises(UsageError, match=r"mask must have shape \(3,\), one per stream, got \(1,\)"):
+        sim.reset(torch.tensor([True]), torch.tensor([0, 0, 0]))
+    with pytest.raises(UsageError, match=r"actions must have shape \(3,\), one per stream, got \(1,\)"):
+        sim.step(torch.tensor([3]))  # would broadcast action 3 to every stream
+    torch.testing.assert_close(sim.state.latents, state, rtol=0, atol=0)
 
 
 def test_same_keys_same_rollout_and_actions_matter(world) -> None:
@@ -224,6 +232,9 @@ def test_bad_sampler_settings(world) -> None:
         Simulator(world, 1, sampler=SwinDPMConfig(context=4, groups=8))
     with pytest.raises(UsageError, match="mode"):
         sampler_config(world, "warp")
+    for name, value in (("steps_per_shift", 2.0), ("context", "2"), ("groups", True)):
+        with pytest.raises(UsageError, match=f"{name} must be an int >= 1, got {value!r}"):
+            sampler_config(world, None, {name: value})
     assert sampler_config(world).context == TINY_SAMPLER["context"]
 
 

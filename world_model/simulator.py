@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import operator
 from collections.abc import Callable
 from typing import Literal
 
@@ -28,7 +29,7 @@ from world_model.vae import tensor_to_frames
 
 # reward_fn(latents_prev (B, C, H, W), latents (B, C, H, W), actions (B,) long) -> reward (B,)
 RewardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-FrameSize = Literal["720p", "native"] | tuple[int, int]
+FrameSize = Literal["720p", "native"] | int | tuple[int, int]
 # Requested frames up to this many times the VAE's native size per side are upsampled from the
 # native decode (bilinear); larger ones come from the 720p decoder, resized down.
 HR_THRESHOLD = 2
@@ -293,6 +294,9 @@ class Simulator:
         Returns:
             (B, C, H, W) the newest clean frame of every stream (restarted ones: their start frame).
         """
+        for name, t in (("mask", mask), ("start_idx", start_idx)):  # shapes only: no device sync
+            if tuple(t.shape) != (self.num_envs,):
+                raise UsageError(f"{name} must have shape ({self.num_envs},), one per stream, got {tuple(t.shape)}")
         mask = mask.to(self.device, torch.bool)
         start_idx = start_idx.to(self.device, torch.long)
         ctx = self.start_latents[start_idx]  # (B, C_ctx, C, H, W)
@@ -304,12 +308,15 @@ class Simulator:
         """Advance every stream by one frame.
 
         Args:
-            actions: (B,) long action ids in [0, A).
+            actions: (B,) long action ids in [0, A). The shape is checked here; the range is the
+                caller's to check (the envs do), as reading the values back would sync the device.
 
         Returns:
             ``(latents, reward, terminated)``: (B, C, H, W) float32 new clean latents, (B,) float32
             rewards and (B,) bool terminations, all on the device.
         """
+        if tuple(actions.shape) != (self.num_envs,):
+            raise UsageError(f"actions must have shape ({self.num_envs},), one per stream, got {tuple(actions.shape)}")
         actions = actions.to(self.device, torch.long)
         z_prev = self.latest.clone()  # (B, C, H, W)
         _, z_next = self.sampler.step(
@@ -343,9 +350,20 @@ class Simulator:
             (B, h, w, 3) uint8.
         """
         native, hr = self.native_hw, self.hr_hw
-        hw = hr if size == "720p" else native if size == "native" else tuple(size)
-        if len(hw) != 2 or min(hw) < 1:
-            raise UsageError(f"frame size must be '720p', 'native' or (h, w) with h, w >= 1, got {size!r}")
+        if size == "720p":
+            hw = hr
+        elif size == "native":
+            hw = native
+        else:  # (h, w), or an int n for (n, n)
+            try:
+                pair = isinstance(size, tuple | list)
+                hw = tuple(map(operator.index, size)) if pair else (operator.index(size),) * 2
+            except TypeError:  # not an int, nor a pair of ints (numpy ints count as ints)
+                hw = ()
+            if len(hw) != 2 or min(hw) < 1:
+                raise UsageError(
+                    f"frame size must be '720p', 'native', an int n or (h, w) with h, w >= 1, got {size!r}"
+                )
         latents = latents.to(self.device, torch.float32)
         with self._autocast():
             if hw == hr:

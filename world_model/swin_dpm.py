@@ -102,8 +102,9 @@ class SwinDPMConfig:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         for name in ("context", "groups", "steps_per_shift", "immediate_steps"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if not 0.0 <= self.ctx_noise < 1.0:
             raise ValueError(f"ctx_noise must be in [0, 1), got {self.ctx_noise}")
         if not (math.isfinite(self.level_shift) and self.level_shift > 0.0):
@@ -148,7 +149,11 @@ def stream_normal(noise_key: torch.Tensor, noise_step: torch.Tensor, shape: tupl
     """Standard normal samples of one draw from each row's counter-based stream.
 
     Row b's samples are a pure function of ``(noise_key[b], noise_step[b], shape)``, computed with
-    integer hashing (exact on every device) and a Box-Muller transform.
+    integer hashing (exact on every device) and a Box-Muller transform. The key is folded to a
+    32-bit stream seed and each draw to a 32-bit value: two episodes share a noise stream with
+    probability 2**-32 per pair (about E / 2**32 of E episodes share one with some other), which is
+    harmless for training; widening the hash would change every frame the shipped numbers were
+    measured with.
 
     Args:
         noise_key: (B,) long, non-negative stream keys.
