@@ -654,7 +654,7 @@ def test_set_sampler_changes_only_the_sampler_and_extends_the_recipe(tiny_world_
     assert load_world(out).sampler["mode"] == "immediate"
     for argv, needle in [
         ([], "nothing to change"),
-        (["--groups", "0"], "groups must be >= 1"),
+        (["--groups", "0"], "groups must be an int >= 1, got 0"),
         (["--groups", "20"], "max_frames=8"),
         (["--ctx-noise", "1.5"], "ctx_noise must be in [0, 1)"),
     ]:
