@@ -311,6 +311,8 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
             ``(obs, info)``; info has ``start_index`` and ``action_meanings``.
         """
         chosen = start_index_option(options, self.sim.num_starts)  # before any state changes
+        if as_int(seed) is not None:
+            seed = as_int(seed)  # numpy ints are ints (as in the vector env); gym.Env's check names others
         super().reset(seed=seed)
         start, key = draw_episode(self.np_random, self.sim.num_starts)
         start = start if chosen is None else chosen

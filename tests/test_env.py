@@ -91,6 +91,7 @@ def test_same_seed_same_frames_and_actions_matter(tiny_world_dir: Path) -> None:
     again = rollout(env, 3, [0] * 5)
     for a, b in zip(drive, again, strict=True):
         np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(env.reset(seed=np.int64(3))[0], drive[0])  # a numpy int seeds alike
     other_seed = rollout(env, 4, [0] * 5)
     assert any(not np.array_equal(a, b) for a, b in zip(drive[1:], other_seed[1:], strict=True))
     turn = rollout(env, 3, [2] * 5)
