@@ -4,8 +4,8 @@ the real CarRacing-v3.
 It trains in the shipped "hold" world by default (`--world`): the one whose agents transfer to the
 real game (docs/EXPERIMENTS.md, "Data that punishes ignoring the road" and "Steering share").
 The agent sees 84x84 frames in both worlds: MatrixWorld decodes at 72x128 and resizes; the real
-env renders 1280x720, averages down to 72x128 (the recorder's pipeline) and resizes the same way. The imagined reward is the world's
-reward head; the real return is CarRacing's own.
+env renders 1280x720, averages down to 72x128 (the recorder's pipeline) and resizes the same way.
+The imagined reward is the world's reward head; the real return is CarRacing's own.
 
     python examples/ppo_in_imagination.py --timesteps 4096 --episodes 3
 
