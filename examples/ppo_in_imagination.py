@@ -1,8 +1,8 @@
 """Train a PPO agent only in MatrixWorld (or, as the baseline, in the real game), then evaluate it in
 the real CarRacing-v3.
 
-It trains in the shipped "hold" world by default (`--world`): the one whose agents transfer to the
-real game (docs/EXPERIMENTS.md, "Data that punishes ignoring the road" and "Steering share").
+It trains in the shipped "hold" world by default (`--world`): the world for training agents that go
+to the real game (docs/EXPERIMENTS.md, "Data that punishes ignoring the road" and "Steering share").
 The agent sees 84x84 frames in both worlds: MatrixWorld decodes at 72x128 and resizes; the real
 env renders 1280x720, averages down to 72x128 (the recorder's pipeline) and resizes the same way.
 The imagined reward is the world's reward head; the real return is CarRacing's own.
@@ -44,7 +44,7 @@ parser.add_argument("--num-envs", type=int, default=8, help="training envs (imag
 parser.add_argument("--frame-stack", type=int, default=1, help="frames the agent sees per step (1 = no stack)")
 parser.add_argument("--n-steps", type=int, default=128, help="PPO rollout length per env")
 parser.add_argument("--world", default="hold",
-                    help="a shipped world's name (default: hold, the one agents transfer from) or a world directory")
+                    help="a shipped world's name (default: hold, the world for training agents) or a world directory")
 parser.add_argument("--dtype", default="float32", help="world dtype: float32 or bfloat16")
 parser.add_argument("--compile", action="store_true", help="torch.compile the world's DiT")
 parser.add_argument("--device", default="cpu", help="torch device of the world and the policy: cpu or cuda")
