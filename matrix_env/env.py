@@ -17,7 +17,6 @@ from gymnasium import spaces
 
 from matrix_env import SHIPPED_WORLDS, WORLDS_DIR, world_path
 from world_model.checkpoint import CheckpointError, WorldModel, load_world
-from world_model.device import check_device
 from world_model.errors import UsageError
 from world_model.simulator import RewardFn, Simulator, sampler_config
 from world_model.swin_dpm import KEY_HIGH
@@ -35,10 +34,10 @@ def resolve_world(world: str | os.PathLike | WorldModel | None, device: torch.de
     checkpoint directory, or a loaded ``WorldModel`` (passed through).
 
     Raises:
-        UsageError: ``device`` is not a torch device, or a CUDA device this torch cannot see.
+        UsageError: ``device`` is not a torch device, or a CUDA device this torch cannot see
+            (``load_world``'s check; a passed-through ``WorldModel`` meets it in ``Simulator``).
         CheckpointError: the directory is missing or the checkpoint does not load.
     """
-    device = check_device(device)
     if isinstance(world, WorldModel):
         return world
     path = world_path(world)
@@ -311,8 +310,8 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
             ``(obs, info)``; info has ``start_index`` and ``action_meanings``.
         """
         chosen = start_index_option(options, self.sim.num_starts)  # before any state changes
-        if as_int(seed) is not None:
-            seed = as_int(seed)  # numpy ints are ints (as in the vector env); gym.Env's check names others
+        seed_int = as_int(seed)  # numpy ints are ints (as in the vector env); gym.Env's check names others
+        seed = seed if seed_int is None else seed_int
         super().reset(seed=seed)
         start, key = draw_episode(self.np_random, self.sim.num_starts)
         start = start if chosen is None else chosen
