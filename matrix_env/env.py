@@ -16,6 +16,7 @@ import torch
 from gymnasium import spaces
 
 from matrix_env import SHIPPED_WORLDS, WORLDS_DIR, world_path
+from matrix_env.state import EnvState
 from world_model.checkpoint import CheckpointError, WorldModel, load_world
 from world_model.errors import UsageError
 from world_model.simulator import RewardFn, Simulator, sampler_config
@@ -25,6 +26,7 @@ ObsType = Literal["rgb", "latent"]
 OBS_TYPES: tuple[str, ...] = ("rgb", "latent")
 HD_SIZE = (720, 1280)  # default observation / render size (H, W)
 DEFAULT_FPS = 15
+RESET_OPTIONS = ("start_index", "context_frames")  # what reset(options=...) of the single env takes
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -121,9 +123,32 @@ def draw_episode(rng: np.random.Generator, num_starts: int) -> tuple[int, int]:
     return start, key
 
 
+def context_frames_option(options: dict[str, Any] | None, sim: Simulator, lead: tuple[int, ...]) -> np.ndarray | None:
+    """``options["context_frames"]``, validated: uint8 RGB frames (*lead, T, H, W, 3), T >= the sampler's context.
+
+    ``lead`` is () for the single env, (N,) for the vector env. Frames of any size are accepted (they
+    are area-averaged to the model's 72x128, as recorded frames are).
+    """
+    frames = (options or {}).get("context_frames")
+    if frames is None:
+        return None
+    if options.get("start_index") is not None:
+        raise UsageError("options 'start_index' and 'context_frames' exclude each other: give one start")
+    arr = np.asarray(frames)
+    n_ctx = sim.cfg.context
+    ok = arr.dtype == np.uint8 and arr.ndim == len(lead) + 4 and arr.shape[: len(lead)] == lead
+    if not ok or arr.shape[-1] != 3 or arr.shape[len(lead)] < n_ctx or min(arr.shape[-3:-1]) < 1:
+        want = ", ".join([*map(str, lead), f"T>={n_ctx}", "H", "W", "3"])
+        raise UsageError(
+            f"options['context_frames'] must be uint8 RGB frames of shape ({want}), the newest last, "
+            f"got {getattr(frames, 'shape', type(frames).__name__)} {getattr(arr, 'dtype', '')}"
+        )
+    return np.ascontiguousarray(arr[..., -n_ctx:, :, :, :])
+
+
 def start_index_option(options: dict[str, Any] | None, num_starts: int) -> int | None:
     """``options["start_index"]`` (a recorded start context to begin from), validated."""
-    reject_unknown_options(options, ("start_index",), "env")
+    reject_unknown_options(options, RESET_OPTIONS, "env")
     if not options or options.get("start_index") is None:
         return None
     idx = options["start_index"]
@@ -197,7 +222,10 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
     ## Starting State
     A real recorded context (a few encoded frames shipped with the checkpoint), chosen with the
     env's ``np_random``; ``reset(options={"start_index": i})`` picks one. The first observation is
-    the newest recorded frame.
+    the newest recorded frame. ``reset(options={"context_frames": frames})`` starts from your own
+    frames instead ((T, H, W, 3) uint8 RGB, T >= the sampler's context of 4, the newest last; any
+    size, area-averaged to 72x128 and encoded by the world's VAE): e.g. the last frames an agent saw
+    in the real game, to imagine onwards from there (``info["start_index"]`` is then -1).
 
     ## Episode End
     Terminated when the termination head's logit exceeds its ``term_threshold`` (0 in the shipped
@@ -285,6 +313,8 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
         self.observation_space = make_observation_space(self.sim, self.obs_hw)
         self._all = torch.ones(1, dtype=torch.bool)
         self._latent: torch.Tensor | None = None  # (1, C, H, W) newest frame
+        self._elapsed = 0  # steps of the current episode
+        self._ended = False  # the last step terminated the episode
         self._obs: np.ndarray | None = None
         self._viewer: PygameViewer | None = None
 
@@ -304,23 +334,30 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
 
         Args:
             seed: reseeds ``np_random`` (and so every later random choice).
-            options: ``{"start_index": i}`` picks recorded start context i.
+            options: ``{"start_index": i}`` picks recorded start context i;
+                ``{"context_frames": frames}`` starts from (T, H, W, 3) uint8 frames instead.
 
         Returns:
             ``(obs, info)``; info has ``start_index`` and ``action_meanings``.
         """
         chosen = start_index_option(options, self.sim.num_starts)  # before any state changes
+        frames = context_frames_option(options, self.sim, ())  # (C_ctx, H, W, 3) or None
         seed_int = as_int(seed)  # numpy ints are ints (as in the vector env); gym.Env's check names others
         seed = seed if seed_int is None else seed_int
         super().reset(seed=seed)
         start, key = draw_episode(self.np_random, self.sim.num_starts)
         start = start if chosen is None else chosen
+        context = None
+        if frames is not None:  # the episode starts from the given frames, not a recorded start
+            context, start = self.sim.encode(frames)[None], -1  # (1, C_ctx, C, h, w)
         self._latent = self.sim.reset(
             self._all,
-            torch.tensor([start], dtype=torch.long),
+            torch.tensor([max(start, 0)], dtype=torch.long),
             noise_key=torch.tensor([key], dtype=torch.long),
+            context=context,
         )
         self._obs = self._observe(self._latent)
+        self._elapsed, self._ended = 0, False
         if self.render_mode == "human":
             self.render()
         return self._obs, {"start_index": start, "action_meanings": self.get_action_meanings()}
@@ -343,7 +380,29 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
             self.render()
         info = {"action_meaning": self.action_meanings[a]}
         reward_term = torch.stack([reward[0].float(), terminated[0].float()]).tolist()  # one small copy
-        return self._obs, reward_term[0], reward_term[1] > 0.5, False, info
+        self._elapsed, self._ended = self._elapsed + 1, reward_term[1] > 0.5
+        return self._obs, reward_term[0], self._ended, False, info
+
+    def clone_state(self) -> EnvState:
+        """A snapshot of this episode, to rewind it or to branch it in a vector env (``matrix_env.state``).
+
+        Call it on ``env.unwrapped``: wrappers' counters (``gym.make``'s time limit) are not in it.
+        """
+        if self._latent is None:
+            raise gym.error.ResetNeeded("call reset() before clone_state()")
+        return EnvState(self.sim.get_state(), np.array([self._elapsed]), np.array([self._ended]))
+
+    def restore_state(self, state: EnvState) -> np.ndarray:
+        """Put a one-episode snapshot back (from this env, another of the same world and sampler, or
+        ``state[i]`` of a vector env's); the next ``step`` continues it exactly. Returns the observation."""
+        if not isinstance(state, EnvState):
+            raise UsageError(f"restore_state needs an EnvState (from clone_state), got {type(state).__name__}")
+        if len(state) != 1:
+            raise UsageError(f"restore_state: this env runs one episode, the state holds {len(state)}; pass state[i]")
+        self._latent = self.sim.set_state(state.stream)
+        self._obs = self._observe(self._latent)
+        self._elapsed, self._ended = int(state.elapsed[0]), bool(state.ended[0])
+        return self._obs
 
     def render(self) -> np.ndarray | None:
         """A 720p uint8 frame ("rgb_array"), or draw it in a window ("human")."""

@@ -36,17 +36,19 @@ from matrix_env.env import (
     PygameViewer,
     as_int,
     check_obs,
+    context_frames_option,
     draw_episode,
     make_observation_space,
     parse_dtype,
     reject_unknown_options,
     resolve_world,
 )
+from matrix_env.state import EnvState
 from world_model.checkpoint import WorldModel
 from world_model.errors import UsageError
 from world_model.simulator import RewardFn, Simulator, sampler_config
 
-RESET_OPTIONS = ("reset_mask", "start_index")
+RESET_OPTIONS = ("reset_mask", "start_index", "context_frames")
 SETTABLE = ("render_mode", "max_episode_steps")  # what set_attr may change on a running vector env
 
 
@@ -277,10 +279,19 @@ class MatrixWorldVectorEnv(VectorEnv):
             start[i], key[i] = draw_episode(self._rngs[i], self.sim.num_starts)
         return start, key
 
-    def _restart(self, mask: np.ndarray, start: np.ndarray, key: np.ndarray) -> torch.Tensor:
-        """Masked restart of the streams; returns (B, C, H, W) newest frames of all streams."""
+    def _restart(
+        self, mask: np.ndarray, start: np.ndarray, key: np.ndarray, frames: np.ndarray | None = None
+    ) -> torch.Tensor:
+        """Masked restart of the streams (from recorded starts, or from ``frames`` (N, C_ctx, H, W, 3)
+        where given); returns (B, C, H, W) newest frames of all streams."""
+        context = None
+        if frames is not None:
+            idx = np.flatnonzero(mask)  # encode only the restarted sub-envs' frames
+            z = self.sim.encode(frames[idx].reshape(-1, *frames.shape[2:]))  # (R * C_ctx, C, h, w)
+            context = torch.zeros(self.num_envs, frames.shape[1], *self.sim.latent_shape, device=z.device)
+            context[torch.from_numpy(idx).to(z.device)] = z.reshape(len(idx), frames.shape[1], *z.shape[1:])
         return self.sim.reset(
-            torch.from_numpy(mask), torch.from_numpy(start), noise_key=torch.from_numpy(key)
+            torch.from_numpy(mask), torch.from_numpy(start), noise_key=torch.from_numpy(key), context=context
         )
 
     # --------------------------------------------------------------------------------- API
@@ -294,7 +305,9 @@ class MatrixWorldVectorEnv(VectorEnv):
                 sub-env's ``np_random``).
             options: ``{"reset_mask": (N,) bool array}`` for a partial reset;
                 ``{"start_index": i}`` (int or (N,) ints) to begin from given recorded start
-                contexts instead of drawn ones (the draw still happens, as in the single env).
+                contexts instead of drawn ones (the draw still happens, as in the single env);
+                ``{"context_frames": frames}`` ((N, T, H, W, 3) uint8; rows outside the reset mask
+                are ignored) to begin from given frames, as in the single env (start_index -1).
 
         Returns:
             ``(obs, info)``; info has ``start_index`` (with its ``_start_index`` mask).
@@ -302,6 +315,7 @@ class MatrixWorldVectorEnv(VectorEnv):
         seeds = self._seeds(seed)
         super().reset(seed=None if as_int(seed) is None else int(seed))
         mask, chosen = self._reset_options(options)
+        frames = context_frames_option(options, self.sim, (self.num_envs,))  # (N, C_ctx, H, W, 3) or None
         if not mask.any():
             raise UsageError(f"options['reset_mask'] selects no sub-env (all False: {mask.tolist()})")
         partial = not mask.all()
@@ -311,7 +325,9 @@ class MatrixWorldVectorEnv(VectorEnv):
         start, key = self._draw(mask, seeds)
         if chosen is not None:
             start = np.where(mask, chosen, start)
-        latents = self._restart(mask, start, key)
+        if frames is not None:
+            start = np.where(mask, -1, start)  # -1: started from given frames
+        latents = self._restart(mask, np.maximum(start, 0), key, frames)
         if partial:  # decode only the restarted sub-envs
             idx = np.flatnonzero(mask)
             obs = self._obs.copy()
@@ -369,6 +385,58 @@ class MatrixWorldVectorEnv(VectorEnv):
         if self.render_mode == "human":
             self.render()
         return obs, reward_np, terminated_np, truncated, info
+
+    # ----------------------------------------------------------------------------- snapshots
+    def _env_indices(self, indices: Any, what: str) -> np.ndarray:
+        """(R,) int64 distinct sub-env indices (None: all), validated."""
+        n = self.num_envs
+        if indices is None:
+            return np.arange(n)
+        idx = np.atleast_1d(np.asarray(indices))
+        if not (idx.ndim == 1 and len(idx) >= 1 and np.issubdtype(idx.dtype, np.integer)
+                and ((idx >= 0) & (idx < n)).all() and len(np.unique(idx)) == len(idx)):
+            raise UsageError(f"{what}: indices must be distinct sub-env indices in [0, {n}), got {indices!r}")
+        return idx.astype(np.int64)
+
+    def clone_state(self, indices: Any = None) -> EnvState:
+        """A snapshot of the episodes of all sub-envs, or of ``indices`` (see ``matrix_env.state``)."""
+        if self._obs is None:
+            raise gym.error.ResetNeeded("call reset() before clone_state()")
+        idx = self._env_indices(indices, "clone_state")
+        stream = self.sim.get_state(torch.from_numpy(idx))
+        return EnvState(stream, self._steps[idx].copy(), self._prev_done[idx].copy())
+
+    def restore_state(self, state: EnvState, indices: Any = None) -> np.ndarray:
+        """Put the episodes of ``state`` back into all sub-envs, or into ``indices``.
+
+        ``state`` has one episode per restored sub-env, or one for them all (each then replays it:
+        their futures differ only through their actions, as they share its noise). The other
+        sub-envs are untouched. A state cloned from a single ``MatrixWorldEnv`` or another vector env
+        of the same world and sampler restores here too.
+
+        Returns:
+            The observations of all sub-envs, as ``reset`` returns them.
+        """
+        if not isinstance(state, EnvState):
+            raise UsageError(f"restore_state needs an EnvState (from clone_state), got {type(state).__name__}")
+        idx = self._env_indices(indices, "restore_state")
+        if len(state) not in (1, len(idx)):
+            raise UsageError(
+                f"restore_state: a state of {len(state)} episodes cannot fill {len(idx)} sub-envs "
+                f"(it needs 1 or {len(idx)})"
+            )
+        if self._obs is None and len(idx) < self.num_envs:
+            raise gym.error.ResetNeeded("call reset() before restoring only some sub-envs")
+        latents = self.sim.set_state(state.stream, torch.from_numpy(idx))
+        obs = self._observe(latents[torch.from_numpy(idx)])
+        if self._obs is None:  # a full restore of a never-reset env (idx may be in any order)
+            self._obs = np.empty((self.num_envs, *obs.shape[1:]), dtype=obs.dtype)
+        else:
+            self._obs = self._obs.copy()
+        self._obs[idx] = obs
+        self._steps[idx] = state.elapsed
+        self._prev_done[idx] = state.ended
+        return self._obs
 
     def render(self) -> tuple[np.ndarray, ...] | None:
         """720p frames of every sub-env ("rgb_array"), or sub-env 0 in a window ("human")."""

@@ -71,3 +71,13 @@ def test_ppo_in_imagination_example_resumes(tmp_path: Path) -> None:
     assert "resumed run/ppo.zip at 256 timesteps" in out and "512 imagined steps" in out
     progress = (tmp_path / "run" / "progress.jsonl").read_text().splitlines()
     assert [json.loads(line)["timesteps"] for line in progress] == [256, 512]
+
+
+@pytest.mark.parametrize("act_in", ["world", "real"])
+def test_plan_in_imagination_runs_mpc(tmp_path: Path, act_in: str) -> None:
+    """MPC by branching states: in the world (clone/restore), and in the real game (context frames)."""
+    out = run_example("plan_in_imagination.py", tmp_path, "--act-in", act_in, "--steps", "2", "--candidates", "9",
+                      "--horizon", "2")
+    assert f"acting in the {act_in} (default world plans)" in out
+    rows = [line for line in out.splitlines() if line.startswith("| MPC, 9 x 2 steps |")]
+    assert len(rows) == 1 and rows[0].split("|")[4].strip() == "2"  # two steps acted

@@ -17,6 +17,7 @@ import operator
 from collections.abc import Callable
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -24,8 +25,8 @@ from world_model.checkpoint import WorldModel
 from world_model.device import check_device
 from world_model.dit import ContextCache
 from world_model.errors import UsageError
-from world_model.swin_dpm import SwinDPM, SwinDPMConfig
-from world_model.vae import tensor_to_frames
+from world_model.swin_dpm import SwinDPM, SwinDPMConfig, SwinDPMState
+from world_model.vae import frames_to_tensor, tensor_to_frames
 
 # reward_fn(latents_prev (B, C, H, W), latents (B, C, H, W), actions (B,) long) -> reward (B,)
 RewardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -279,27 +280,45 @@ class Simulator:
     def reset(
         self,
         mask: torch.Tensor,
-        start_idx: torch.Tensor,
+        start_idx: torch.Tensor | None,
         generator: torch.Generator | None = None,
         noise_key: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Restart the streams where ``mask`` is True from recorded start contexts.
+        """Restart the streams where ``mask`` is True from recorded start contexts (or given ones).
 
         Args:
             mask: (B,) bool streams to restart (others are untouched).
-            start_idx: (B,) long index into the start contexts (ignored where ``mask`` is False).
+            start_idx: (B,) long index into the start contexts (ignored where ``mask`` is False);
+                None with ``context``.
             generator: draws the restarted streams' noise keys when ``noise_key`` is None.
             noise_key: (B,) long noise keys in [0, 2**63 - 1).
+            context: (B, T, C, H, W) clean latents, T >= the sampler's context (the last ones are
+                used), to start from instead of the recorded starts: e.g. :meth:`encode` of real
+                frames, to imagine onwards from what an agent sees in the real game.
 
         Returns:
             (B, C, H, W) the newest clean frame of every stream (restarted ones: their start frame).
         """
+        if context is not None:
+            want = (self.num_envs, self.cfg.context, *self.latent_shape)
+            if context.dim() != 5 or context.shape[0] != want[0] or context.shape[1] < want[1] \
+                    or tuple(context.shape[2:]) != want[2:]:
+                raise UsageError(
+                    f"context must be (B, T, C, H, W) latents with B={want[0]}, T >= {want[1]} and "
+                    f"(C, H, W)={want[2:]}, got {tuple(context.shape)}"
+                )
+            start_idx = torch.zeros(self.num_envs, dtype=torch.long) if start_idx is None else start_idx
+        elif start_idx is None:
+            raise UsageError("reset needs start_idx (recorded starts) or context (given latents)")
         for name, t in (("mask", mask), ("start_idx", start_idx)):  # shapes only: no device sync
             if tuple(t.shape) != (self.num_envs,):
                 raise UsageError(f"{name} must have shape ({self.num_envs},), one per stream, got {tuple(t.shape)}")
         mask = mask.to(self.device, torch.bool)
-        start_idx = start_idx.to(self.device, torch.long)
-        ctx = self.start_latents[start_idx]  # (B, C_ctx, C, H, W)
+        if context is None:
+            ctx = self.start_latents[start_idx.to(self.device, torch.long)]  # (B, C_ctx, C, H, W)
+        else:
+            ctx = context[:, -self.cfg.context :].to(self.device, torch.float32)  # (B, C_ctx, C, H, W)
         self.sampler.reset_where(self.state, mask, ctx, self._unknown, generator, noise_key)
         return self.latest.clone()
 
@@ -331,6 +350,93 @@ class Simulator:
                 raise UsageError(f"reward_fn must return a ({self.num_envs},) tensor, one reward per stream, got {got}")
             reward = reward.to(self.device)
         return z_next, reward.float(), term_logit.float() > self.heads.cfg.term_threshold
+
+    @torch.inference_mode()
+    def encode(self, frames: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """uint8 RGB frames (B, H, W, 3) -> (B, C, h, w) float32 normalised latents (posterior mean).
+
+        Frames of another size than the VAE's native one (72x128) are area-averaged to it first, as
+        the recorder makes its training frames (a 720p frame: 10x10 block means).
+        """
+        x = torch.as_tensor(frames)
+        if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[-1] != 3 or min(x.shape[1:3]) < 1:
+            raise UsageError(
+                f"frames must be uint8 RGB of shape (B, H, W, 3), got {tuple(x.shape)} {x.dtype}"
+            )
+        x = frames_to_tensor(x, self.device)  # (B, 3, H, W) in [-1, 1]
+        if tuple(x.shape[-2:]) != self.native_hw:
+            x = F.interpolate(x, size=self.native_hw, mode="area")  # (B, 3, 72, 128)
+        with self._autocast():
+            return self.vae.encode(x).float()  # (B, C, h, w)
+
+    # ------------------------------------------------------------------------ snapshots
+    def _rows(self, rows: torch.Tensor | None, what: str) -> torch.Tensor:
+        """(R,) long indices of distinct streams in [0, B) (None: all B), validated on the host."""
+        if rows is None:
+            return torch.arange(self.num_envs, device=self.device)
+        r = torch.as_tensor(rows).cpu()
+        ok = r.dim() == 1 and len(r) >= 1 and not r.dtype.is_floating_point and r.dtype != torch.bool
+        if not ok or not bool(((r >= 0) & (r < self.num_envs)).all()) or len(r.unique()) != len(r):
+            raise UsageError(
+                f"{what}: rows must be a 1-d tensor of distinct stream indices in [0, {self.num_envs}), "
+                f"got {rows!r}"
+            )
+        return r.to(self.device, torch.long)
+
+    @torch.inference_mode()
+    def get_state(self, rows: torch.Tensor | None = None) -> SwinDPMState:
+        """A copy of the streams' state (all B, or the (R,) indices ``rows``), for :meth:`set_state`.
+
+        The window latents, their control rows and each stream's noise key and counter: all a
+        stream's future depends on besides the actions. A copy, so later steps do not change it.
+        """
+        return self.state.select(self._rows(rows, "get_state"))
+
+    @torch.inference_mode()
+    def set_state(
+        self, state: SwinDPMState, rows: torch.Tensor | None = None, noise_key: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Write a state from :meth:`get_state` into streams ``rows`` (default: all), in place.
+
+        Restored streams replay exactly: the same actions give the same frames, rewards and
+        terminations as after the snapshot (up to batched-matmul rounding when the rows move to
+        another batch size). One snapshot row fills any number of streams (branching one state into
+        R futures, e.g. a planner's candidate action sequences); they then share its noise stream, so
+        their futures differ only through their actions, unless ``noise_key`` gives them new ones.
+
+        Args:
+            state: R or 1 rows, from a simulator whose sampler window and latent shape match.
+            rows: (R,) distinct stream indices, default all B.
+            noise_key: optional (R,) long new noise keys in [0, 2**63 - 1) for the written rows
+                (their draw counters are kept).
+
+        Returns:
+            (B, C, H, W) the newest clean frame of every stream.
+        """
+        if not isinstance(state, SwinDPMState):
+            raise UsageError(f"set_state needs a SwinDPMState (from get_state), got {type(state).__name__}")
+        want = tuple(self.state.latents.shape[1:])
+        if tuple(state.latents.shape[1:]) != want:
+            raise UsageError(
+                f"set_state: the state's window is {tuple(state.latents.shape[1:])} (L, C, H, W) but this "
+                f"simulator's is {want}: it comes from another sampler window or latent space"
+            )
+        idx = self._rows(rows, "set_state")
+        if state.batch_size not in (1, len(idx)):
+            raise UsageError(
+                f"set_state: a state of {state.batch_size} rows cannot fill {len(idx)} streams (needs 1 or {len(idx)})"
+            )
+        if state.batch_size != len(idx):  # one row broadcast to every written stream
+            state = state.select(torch.zeros(len(idx), dtype=torch.long))
+        if noise_key is not None:
+            key = torch.as_tensor(noise_key)
+            if tuple(key.shape) != (len(idx),) or key.dtype.is_floating_point or key.dtype == torch.bool:
+                raise UsageError(
+                    f"set_state: noise_key must be {len(idx)} integer keys, one per written row, got {noise_key!r}"
+                )
+            state = SwinDPMState(state.latents, state.ctrl_idx, key.to(torch.long), state.noise_step)
+        self.state.write(idx, state)
+        return self.latest.clone()
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor, size: FrameSize = "720p") -> torch.Tensor:

@@ -131,6 +131,19 @@ class SwinDPMState:
         """B, number of streams."""
         return self.latents.shape[0]
 
+    def fields(self) -> tuple[torch.Tensor, ...]:
+        """The four buffers, in declaration order."""
+        return (self.latents, self.ctrl_idx, self.noise_key, self.noise_step)
+
+    def select(self, rows: torch.Tensor) -> SwinDPMState:
+        """A copy of the rows ``rows`` ((R,) long indices): R streams, sharing no memory with this state."""
+        return SwinDPMState(*(f.index_select(0, rows.to(f.device)) for f in self.fields()))
+
+    def write(self, rows: torch.Tensor, src: SwinDPMState) -> None:
+        """Overwrite rows ``rows`` ((R,) long, distinct) with ``src``'s R rows, in place (fixed addresses)."""
+        for dst, val in zip(self.fields(), src.fields(), strict=True):
+            dst.index_copy_(0, rows.to(dst.device), val.to(dst.device, dst.dtype))
+
 
 # ---------------------------------------------------------------------------------------- noise
 def _hash32(x: torch.Tensor) -> torch.Tensor:
