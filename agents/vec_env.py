@@ -17,6 +17,9 @@ this adapter keeps the one batched forward pass and only converts the API:
 * the sub-envs are streams of one simulator, not objects: ``get_attr`` gives the single-env spaces
   and each sub-env's ``np_random``; ``env_method("reset", indices=...)`` is a masked reset;
   anything else that would touch only some sub-envs is an error rather than a silent change to all.
+  Snapshots (``clone_state`` / ``restore_state``) and ``context_frames`` starts are the native
+  vector env's (``adapter.venv``): through the adapter they are an error, since its episode
+  bookkeeping could not follow them.
 """
 
 from __future__ import annotations
@@ -36,6 +39,17 @@ from world_model.errors import UsageError
 
 # vector-env methods that only read shared state: callable for any subset of sub-envs
 SHARED_METHODS = ("get_action_meanings",)
+# vector-env features the adapter's episode bookkeeping (returns, lengths, same-step autoreset) cannot
+# follow: use the native vector env (``adapter.venv``) for them
+NATIVE_ONLY = ("clone_state", "restore_state")
+
+
+def native_only(what: str) -> None:
+    """The error for a vector-env feature the adapter does not pass through."""
+    raise UsageError(
+        f"{what} is not supported through the SB3 adapter (its episode returns, lengths and same-step "
+        "autoreset would not follow); use the native vector env, adapter.venv"
+    )
 
 
 class MatrixWorldSB3VecEnv(VecEnv):
@@ -77,6 +91,8 @@ class MatrixWorldSB3VecEnv(VecEnv):
         if not any(self._options):
             return None
         keys = set().union(*self._options)
+        if "context_frames" in keys:
+            native_only("set_options({'context_frames': ...})")
         if "reset_mask" in keys:
             raise UsageError("set_options: reset_mask is not an option of reset() (it resets every sub-env); "
                              "use env_method('reset', indices=...) for some")
@@ -156,6 +172,10 @@ class MatrixWorldSB3VecEnv(VecEnv):
         """Call a sub-env method: ``reset`` resets just ``indices`` (a masked reset, returning
         ``(obs, info)`` per index); ``get_action_meanings`` for any indices; others for all."""
         idx = list(self._get_indices(indices))
+        if method_name in NATIVE_ONLY:
+            native_only(f"env_method({method_name!r})")
+        if method_name == "reset" and "context_frames" in (method_kwargs.get("options") or {}):
+            native_only("env_method('reset', options={'context_frames': ...})")
         if method_name == "reset":
             if method_args or set(method_kwargs) - {"seed", "options"}:
                 raise UsageError(

@@ -3,20 +3,29 @@
 Every step, the episode being acted is put into all N sub-envs of a planning vector env, which rolls
 N action sequences H steps ahead in one batched forward per step; the first action of the sequence
 with the highest predicted return (the world's reward and termination heads) is taken: random
-shooting. Half of the sequences hold their first action for the whole horizon, the other half
-continue at random. All N share the episode's noise stream, so their futures differ only through
-their actions.
+shooting. Every first action is tried (N >= 9); half of the sequences hold their first action for
+the whole horizon, the other half continue at random. All N share the episode's noise stream, so
+their futures differ only through their actions.
+
+The world's sampler decides when an action shows: pipelined (the shipped default) draws it from
+the 4th frame on (3 frames in flight were conditioned on earlier actions), so H must exceed 3 and
+only H - 3 steps of each sequence see its first action; ``--sampler-mode immediate`` shows it in
+the next frame (4 model calls per step instead of 1, sharing the context pass). The heads'
+termination costs a candidate CarRacing's -100 for leaving the playfield.
 
 - ``--act-in world``: the acted episode is a ``MatrixWorldEnv``'s; ``clone_state`` / ``restore_state``
   copy it into the planner. Returns are the world's predictions.
 - ``--act-in real``: the acted episode is the real game's. Each step the last 4 real frames start an
-  imagined episode (``reset(options={"context_frames": ...})``), which the planner branches. Returns
-  are the real game's: the world's use as a model for control, with no training at all.
+  imagined episode (``reset(options={"context_frames": ...})``), which the planner branches (a
+  restart: the actions already taken are not in it, and with the pipelined sampler its first 3
+  frames lean on the last real one). Returns are the real game's: the world's use as a model for
+  control, with no training at all.
 
 Beside MPC, a random policy and the pixel road follower drive the same episodes.
 
 python examples/plan_in_imagination.py --act-in world --steps 40
 python examples/plan_in_imagination.py --act-in real --episodes 3 --dtype bfloat16 --compile
+python examples/plan_in_imagination.py --act-in real --sampler-mode immediate --horizon 4
 """
 
 import argparse
@@ -59,6 +68,8 @@ def main() -> None:
     p.add_argument("--candidates", type=int, default=18, help="N, action sequences tried per step")
     p.add_argument("--horizon", type=int, default=8, help="H, steps each sequence looks ahead")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampler-mode", choices=("pipelined", "reconditioned", "immediate"), default=None,
+                   help="the world's sampler (default: the checkpoint's, pipelined for the shipped worlds)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--compile", action="store_true", help="torch.compile the planner's DiT calls")
     args = p.parse_args()
@@ -66,7 +77,7 @@ def main() -> None:
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
 
-    kw = {"dtype": args.dtype}
+    kw = {"dtype": args.dtype, "sampler_mode": args.sampler_mode}
     if args.act_in == "world":
         env = MatrixWorldEnv(world=args.world, obs_size=NATIVE, **kw)
         anchor = env
@@ -77,6 +88,10 @@ def main() -> None:
         anchor = MatrixWorldEnv(world=args.world, obs_type="latent", **kw)  # starts from real frames
     envs = MatrixWorldVectorEnv(args.candidates, world=anchor.world, obs_type="latent", max_episode_steps=-1,
                                 compile_model=args.compile, **kw)  # fmt: skip
+    latency = envs.sim.sampler.action_latency
+    if args.horizon <= latency:
+        p.error(f"--horizon {args.horizon} cannot see a first action: the {envs.sim.cfg.mode} sampler shows it "
+                f"{latency} steps later; use --horizon > {latency} or --sampler-mode immediate")  # fmt: skip
     context = anchor.sim.cfg.context
     rng = np.random.default_rng(args.seed)
     recent: deque = deque(maxlen=context)  # the real game's last frames
@@ -97,8 +112,9 @@ def main() -> None:
         f"MPC, {args.candidates} x {args.horizon} steps": mpc,
     }
     what = "predicted by the world" if args.act_in == "world" else "real CarRacing-v3"
-    print(f"acting in the {args.act_in} ({args.world} world plans), {args.episodes} episode(s) of up to "
-          f"{args.steps} steps from seeds {args.seed}..{args.seed + args.episodes - 1}; returns {what}")  # fmt: skip
+    print(f"acting in the {args.act_in} ({args.world} world plans, {envs.sim.cfg.mode} sampler), {args.episodes} "
+          f"episode(s) of up to {args.steps} steps from seeds {args.seed}..{args.seed + args.episodes - 1}; "
+          f"returns {what}")  # fmt: skip
     print("| policy | return (mean +- sd) | on road | steps | s / step |\n|---|---:|---:|---:|---:|")
     for name, policy in policies.items():
         returns, road, steps, t0 = [], 0, 0, time.perf_counter()

@@ -126,24 +126,31 @@ def draw_episode(rng: np.random.Generator, num_starts: int) -> tuple[int, int]:
 def context_frames_option(options: dict[str, Any] | None, sim: Simulator, lead: tuple[int, ...]) -> np.ndarray | None:
     """``options["context_frames"]``, validated: uint8 RGB frames (*lead, T, H, W, 3), T >= the sampler's context.
 
-    ``lead`` is () for the single env, (N,) for the vector env. Frames of any size are accepted (they
-    are area-averaged to the model's 72x128, as recorded frames are).
+    ``lead`` is () for the single env, (N,) for the vector env. (H, W) is the model's 72x128 or an
+    integer multiple, e.g. a 720x1280 render (see ``Simulator.encode``). Returns the last T = context
+    frames.
     """
     frames = (options or {}).get("context_frames")
     if frames is None:
         return None
     if options.get("start_index") is not None:
         raise UsageError("options 'start_index' and 'context_frames' exclude each other: give one start")
-    arr = np.asarray(frames)
-    n_ctx = sim.cfg.context
+    try:
+        arr = np.asarray(frames)
+    except ValueError:  # a ragged list
+        arr = np.zeros(0)
+    n_ctx, (th, tw) = sim.cfg.context, sim.native_hw
+    hw = arr.shape[-3:-1] if arr.ndim >= 3 else (0, 0)
+    k = hw[0] // th
     ok = arr.dtype == np.uint8 and arr.ndim == len(lead) + 4 and arr.shape[: len(lead)] == lead
-    if not ok or arr.shape[-1] != 3 or arr.shape[len(lead)] < n_ctx or min(arr.shape[-3:-1]) < 1:
+    if not ok or arr.shape[-1] != 3 or arr.shape[len(lead)] < n_ctx or k < 1 or hw != (k * th, k * tw):
         want = ", ".join([*map(str, lead), f"T>={n_ctx}", "H", "W", "3"])
+        got = f"{arr.shape} {arr.dtype}" if arr.size else repr(frames)[:200]
         raise UsageError(
-            f"options['context_frames'] must be uint8 RGB frames of shape ({want}), the newest last, "
-            f"got {getattr(frames, 'shape', type(frames).__name__)} {getattr(arr, 'dtype', '')}"
+            f"options['context_frames'] must be uint8 RGB frames of shape ({want}), the newest last, with "
+            f"(H, W) = k * {sim.native_hw} (72x128 training frames or a 720x1280 render), got {got}"
         )
-    return np.ascontiguousarray(arr[..., -n_ctx:, :, :, :])
+    return arr[..., -n_ctx:, :, :, :]
 
 
 def start_index_option(options: dict[str, Any] | None, num_starts: int) -> int | None:
@@ -402,6 +409,8 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
         self._latent = self.sim.set_state(state.stream)
         self._obs = self._observe(self._latent)
         self._elapsed, self._ended = int(state.elapsed[0]), bool(state.ended[0])
+        if self.render_mode == "human":
+            self.render()
         return self._obs
 
     def render(self) -> np.ndarray | None:

@@ -16,8 +16,9 @@ window (the clean context frames and the frames in flight, with their control ro
 and draw counter, the episode's step count (the vector env's time limit) and whether the episode
 ended at the last step. Restored episodes replay exactly: the same actions give the same frames,
 rewards and terminations. Not in it: the envs' ``np_random`` (which only draws the start context and
-noise key of *later* episodes), and wrappers' own counters (``gym.make``'s ``TimeLimit``:
-restore the unwrapped env, or use the vector env, which counts steps itself).
+noise key of *later* episodes: after a rewind, the episode that follows a replayed ending is drawn
+afresh, not repeated), and wrappers' own counters (``gym.make``'s ``TimeLimit``: restore the
+unwrapped env, or use the vector env, which counts steps itself).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ class EnvState:
     elapsed: np.ndarray
     """(N,) int64 steps since each episode's reset."""
     ended: np.ndarray
-    """(N,) bool: the episode ended (terminated or truncated) at its last step."""
+    """(N,) bool: the episode ended at its last step (vector env: terminated or truncated, so the next
+    step resets it; single env: terminated, as its time limit is ``gym.make``'s wrapper's)."""
 
     def __len__(self) -> int:
         return len(self.elapsed)

@@ -436,6 +436,8 @@ class MatrixWorldVectorEnv(VectorEnv):
         self._obs[idx] = obs
         self._steps[idx] = state.elapsed
         self._prev_done[idx] = state.ended
+        if self.render_mode == "human":
+            self.render()
         return self._obs
 
     def render(self) -> tuple[np.ndarray, ...] | None:

@@ -42,14 +42,17 @@ def test_single_env_starts_from_given_frames(tiny_world_dir: Path) -> None:
     assert np.abs(obs_other - obs).mean() > 1e-3  # other frames, another start
 
 
-def test_frames_of_any_size_are_area_averaged_to_the_native_size(tiny_world_dir: Path) -> None:
+def test_720p_frames_are_reduced_as_the_recorder_reduces_them(tiny_world_dir: Path) -> None:
+    from world_model.data.record import to_train_res
+
     env = MatrixWorldEnv(world=tiny_world_dir, obs_type="latent")
-    frames = recorded_frames(tiny_world_dir, seed=3)[:4]
-    hd = frames.repeat(10, axis=1).repeat(10, axis=2)  # (4, 720, 1280, 3): 10x10 blocks of one colour
-    torch.testing.assert_close(env.sim.encode(hd), env.sim.encode(frames), rtol=0, atol=1e-5)
+    hd = np.random.default_rng(0).integers(0, 256, (3, 720, 1280, 3), dtype=np.uint8)  # no flat blocks
+    small = np.stack([to_train_res(f) for f in hd])  # the recorder's 10x10 rounded block means
+    torch.testing.assert_close(env.sim.encode(hd), env.sim.encode(small), rtol=0, atol=0)
+    hd.setflags(write=False)  # read-only input (e.g. a memory-mapped recording) is fine
     obs_hd, _ = env.reset(seed=0, options={"context_frames": hd})
-    obs, _ = env.reset(seed=0, options={"context_frames": frames})
-    np.testing.assert_allclose(obs_hd, obs, atol=1e-5)
+    obs, _ = env.reset(seed=0, options={"context_frames": small})
+    np.testing.assert_array_equal(obs_hd, obs)
 
 
 def test_vector_env_context_frames_match_single_envs_and_respect_the_mask(tiny_world_dir: Path) -> None:
@@ -77,7 +80,11 @@ def test_bad_context_frames_are_named(tiny_world_dir: Path) -> None:
     frames = recorded_frames(tiny_world_dir, seed=0)
     with pytest.raises(UsageError, match=r"must be uint8 RGB frames of shape \(T>=2, H, W, 3\).*float32"):
         env.reset(options={"context_frames": frames.astype(np.float32)})
-    with pytest.raises(UsageError, match=r"\(T>=2, H, W, 3\), the newest last, got \(1, 72, 128, 3\)"):
+    with pytest.raises(UsageError, match=r"\(H, W\) = k \* \(72, 128\).*got \(4, 96, 96, 3\) uint8"):
+        env.reset(options={"context_frames": np.zeros((4, 96, 96, 3), np.uint8)})  # CarRacing's own 96x96 view
+    with pytest.raises(UsageError, match="got \\[array"):
+        env.reset(options={"context_frames": [frames[0], frames[1, :10]]})  # ragged
+    with pytest.raises(UsageError, match=r"\(T>=2, H, W, 3\), the newest last, .* got \(1, 72, 128, 3\)"):
         env.reset(options={"context_frames": frames[:1]})
     with pytest.raises(UsageError, match="exclude each other"):
         env.reset(options={"context_frames": frames, "start_index": 0})
@@ -86,5 +93,5 @@ def test_bad_context_frames_are_named(tiny_world_dir: Path) -> None:
     envs = MatrixWorldVectorEnv(num_envs=2, world=tiny_world_dir, obs_type="latent")
     with pytest.raises(UsageError, match=r"shape \(2, T>=2, H, W, 3\).*got \(6, 72, 128, 3\)"):
         envs.reset(options={"context_frames": frames})
-    with pytest.raises(UsageError, match=r"frames must be uint8 RGB of shape \(B, H, W, 3\), got \(72, 128, 3\)"):
+    with pytest.raises(UsageError, match=r"frames must be uint8 RGB of shape \(B, H, W, 3\) .*got \(72, 128, 3\)"):
         env.sim.encode(frames[0])

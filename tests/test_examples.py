@@ -73,11 +73,39 @@ def test_ppo_in_imagination_example_resumes(tmp_path: Path) -> None:
     assert [json.loads(line)["timesteps"] for line in progress] == [256, 512]
 
 
-@pytest.mark.parametrize("act_in", ["world", "real"])
-def test_plan_in_imagination_runs_mpc(tmp_path: Path, act_in: str) -> None:
+@pytest.mark.parametrize(("act_in", "mode", "horizon"), [("world", "pipelined", "4"), ("real", "immediate", "1")])
+def test_plan_in_imagination_runs_mpc(tmp_path: Path, act_in: str, mode: str, horizon: str) -> None:
     """MPC by branching states: in the world (clone/restore), and in the real game (context frames)."""
     out = run_example("plan_in_imagination.py", tmp_path, "--act-in", act_in, "--steps", "2", "--candidates", "9",
-                      "--horizon", "2")
-    assert f"acting in the {act_in} (default world plans)" in out
-    rows = [line for line in out.splitlines() if line.startswith("| MPC, 9 x 2 steps |")]
+                      "--horizon", horizon, "--sampler-mode", mode)
+    assert f"acting in the {act_in} (default world plans, {mode} sampler)" in out
+    rows = [line for line in out.splitlines() if line.startswith(f"| MPC, 9 x {horizon} steps |")]
     assert len(rows) == 1 and rows[0].split("|")[4].strip() == "2"  # two steps acted
+
+
+def test_plan_in_imagination_rejects_a_horizon_inside_the_latency(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "plan_in_imagination.py"), "--horizon", "3"],
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "--horizon 3 cannot see a first action: the pipelined sampler shows it 3 steps later" in proc.stderr
+
+
+def test_plan_picks_the_first_action_of_the_best_sequence(tiny_world_dir: Path) -> None:
+    """plan() on a world whose reward is 1 for action 5 (and 0.5 for 2): the best sequence holds 5."""
+    import importlib.util
+
+    import numpy as np
+    import torch
+
+    from matrix_env.vector import MatrixWorldVectorEnv
+
+    spec = importlib.util.spec_from_file_location("plan_example", ROOT / "examples" / "plan_in_imagination.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    reward = lambda z0, z1, a: (a == 5).float() + 0.5 * (a == 2).float()  # noqa: E731
+    envs = MatrixWorldVectorEnv(18, world=tiny_world_dir, obs_type="latent", max_episode_steps=-1, reward_fn=reward)
+    envs.reset(seed=0)
+    envs.restore_state(envs.clone_state(0))
+    assert example.plan(envs, np.random.default_rng(0), horizon=3) == 5
+    envs.sim.reward_fn = lambda z0, z1, a: torch.where(a == 7, 1.0, 0.0)  # another reward, another plan
+    assert example.plan(envs, np.random.default_rng(0), horizon=3) == 7

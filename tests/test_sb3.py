@@ -97,6 +97,23 @@ def test_adapter_sub_env_attributes_methods_and_options(tiny_world_dir: Path) ->
     assert obs.shape == (3, *venv.observation_space.shape)
 
 
+def test_adapter_refuses_snapshots_and_context_frames(tiny_world_dir: Path) -> None:
+    """Its episode returns and lengths could not follow them: an error that points at adapter.venv."""
+    venv = MatrixWorldSB3VecEnv(num_envs=2, world=tiny_world_dir, obs_type="latent")
+    venv.reset()
+    frames = np.zeros((2, 4, 72, 128, 3), np.uint8)
+    for call in (lambda: venv.env_method("clone_state"),
+                 lambda: venv.env_method("restore_state", None),
+                 lambda: venv.env_method("reset", indices=[0], options={"context_frames": frames[0]})):
+        with pytest.raises(UsageError, match="not supported through the SB3 adapter .* adapter.venv"):
+            call()
+    venv.set_options([{"context_frames": frames[0]}, {"context_frames": frames[1]}])
+    with pytest.raises(UsageError, match=r"set_options\(\{'context_frames': ...\}\) is not supported"):
+        venv.reset()
+    snap = venv.venv.clone_state()  # the native vector env has them
+    assert len(snap) == 2
+
+
 def test_ppo_cnn_learns_a_few_steps(tiny_world_dir: Path) -> None:
     venv = MatrixWorldSB3VecEnv(num_envs=2, world=tiny_world_dir, obs_size=SMALL, max_episode_steps=10)
     model = PPO("CnnPolicy", venv, n_steps=16, batch_size=16, n_epochs=1, seed=0, device="cpu")

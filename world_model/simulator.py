@@ -26,7 +26,7 @@ from world_model.device import check_device
 from world_model.dit import ContextCache
 from world_model.errors import UsageError
 from world_model.swin_dpm import SwinDPM, SwinDPMConfig, SwinDPMState
-from world_model.vae import frames_to_tensor, tensor_to_frames
+from world_model.vae import tensor_to_frames
 
 # reward_fn(latents_prev (B, C, H, W), latents (B, C, H, W), actions (B,) long) -> reward (B,)
 RewardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -301,6 +301,7 @@ class Simulator:
             (B, C, H, W) the newest clean frame of every stream (restarted ones: their start frame).
         """
         if context is not None:
+            context = torch.as_tensor(context)
             want = (self.num_envs, self.cfg.context, *self.latent_shape)
             if context.dim() != 5 or context.shape[0] != want[0] or context.shape[1] < want[1] \
                     or tuple(context.shape[2:]) != want[2:]:
@@ -352,29 +353,42 @@ class Simulator:
         return z_next, reward.float(), term_logit.float() > self.heads.cfg.term_threshold
 
     @torch.inference_mode()
-    def encode(self, frames: torch.Tensor | np.ndarray) -> torch.Tensor:
+    def encode(self, frames: torch.Tensor | np.ndarray, chunk: int = 8) -> torch.Tensor:
         """uint8 RGB frames (B, H, W, 3) -> (B, C, h, w) float32 normalised latents (posterior mean).
 
-        Frames of another size than the VAE's native one (72x128) are area-averaged to it first, as
-        the recorder makes its training frames (a 720p frame: 10x10 block means).
+        (H, W) must be the VAE's native (72, 128) or an integer multiple of it, e.g. the 720x1280
+        render: such frames are block-averaged and rounded to the native size exactly as the recorder
+        makes its training frames (``world_model.data.record.to_train_res``), ``chunk`` frames at a
+        time. Other sizes (CarRacing's own 96x96 observation is another view) are an error.
         """
-        x = torch.as_tensor(frames)
-        if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[-1] != 3 or min(x.shape[1:3]) < 1:
+        x = frames.cpu().numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
+        (th, tw), shape = self.native_hw, tuple(x.shape)
+        ok = x.dtype == np.uint8 and x.ndim == 4 and shape[-1] == 3 and shape[0] >= 1
+        if not ok or shape[1] % th or shape[2] % tw or shape[1] // th != shape[2] // tw or shape[1] < th:
             raise UsageError(
-                f"frames must be uint8 RGB of shape (B, H, W, 3), got {tuple(x.shape)} {x.dtype}"
+                f"frames must be uint8 RGB of shape (B, H, W, 3) with (H, W) = k * {self.native_hw} for an "
+                f"integer k >= 1 (the 72x128 training frames, or a 720x1280 render), got {shape} {x.dtype}"
             )
-        x = frames_to_tensor(x, self.device)  # (B, 3, H, W) in [-1, 1]
-        if tuple(x.shape[-2:]) != self.native_hw:
-            x = F.interpolate(x, size=self.native_hw, mode="area")  # (B, 3, 72, 128)
-        with self._autocast():
-            return self.vae.encode(x).float()  # (B, C, h, w)
+        kh, kw = shape[1] // th, shape[2] // tw
+        out = []
+        for i in range(0, shape[0], chunk):  # float copies of a few frames at a time
+            part = x[i : i + chunk]
+            if kh > 1:  # the recorder's block mean, rounded to uint8 values
+                blocks = part.reshape(len(part), th, kh, tw, kw, 3).astype(np.float32)
+                part = np.round(blocks.mean(axis=(2, 4)))
+            t = torch.tensor(part, dtype=torch.float32, device=self.device)  # (b, 72, 128, 3), a copy
+            t = t.movedim(-1, -3).div_(127.5).sub_(1.0)  # (b, 3, 72, 128) in [-1, 1]
+            with self._autocast():
+                out.append(self.vae.encode(t).float())  # (b, C, h, w)
+        return torch.cat(out)
 
     # ------------------------------------------------------------------------ snapshots
     def _rows(self, rows: torch.Tensor | None, what: str) -> torch.Tensor:
         """(R,) long indices of distinct streams in [0, B) (None: all B), validated on the host."""
         if rows is None:
             return torch.arange(self.num_envs, device=self.device)
-        r = torch.as_tensor(rows).cpu()
+        r = torch.as_tensor(rows.astype(np.int64) if isinstance(rows, np.ndarray) and rows.dtype.kind == "u" else rows)
+        r = r.cpu()
         ok = r.dim() == 1 and len(r) >= 1 and not r.dtype.is_floating_point and r.dtype != torch.bool
         if not ok or not bool(((r >= 0) & (r < self.num_envs)).all()) or len(r.unique()) != len(r):
             raise UsageError(
@@ -421,6 +435,12 @@ class Simulator:
                 f"set_state: the state's window is {tuple(state.latents.shape[1:])} (L, C, H, W) but this "
                 f"simulator's is {want}: it comes from another sampler window or latent space"
             )
+        num_rows = self.num_actions + 1  # the control table: A actions and the "unknown" row
+        if not bool(((state.ctrl_idx >= 0) & (state.ctrl_idx < num_rows)).all()):
+            raise UsageError(
+                f"set_state: the state's control rows are outside this world's table of {num_rows} rows "
+                "(a state from a world with another action table)"
+            )
         idx = self._rows(rows, "set_state")
         if state.batch_size not in (1, len(idx)):
             raise UsageError(
@@ -430,9 +450,10 @@ class Simulator:
             state = state.select(torch.zeros(len(idx), dtype=torch.long))
         if noise_key is not None:
             key = torch.as_tensor(noise_key)
-            if tuple(key.shape) != (len(idx),) or key.dtype.is_floating_point or key.dtype == torch.bool:
+            if tuple(key.shape) != (len(idx),) or key.dtype.is_floating_point or key.dtype == torch.bool \
+                    or bool((key < 0).any()):
                 raise UsageError(
-                    f"set_state: noise_key must be {len(idx)} integer keys, one per written row, got {noise_key!r}"
+                    f"set_state: noise_key must be {len(idx)} integer keys >= 0, one per written row, got {noise_key!r}"
                 )
             state = SwinDPMState(state.latents, state.ctrl_idx, key.to(torch.long), state.noise_step)
         self.state.write(idx, state)
