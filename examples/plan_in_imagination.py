@@ -25,7 +25,7 @@ Beside MPC, a random policy and the pixel road follower drive the same episodes.
 
 python examples/plan_in_imagination.py --act-in world --steps 40
 python examples/plan_in_imagination.py --act-in real --episodes 3 --dtype bfloat16 --compile
-python examples/plan_in_imagination.py --act-in real --sampler-mode immediate --horizon 4
+python examples/plan_in_imagination.py --act-in real --sampler-mode immediate --ctx-noise 0.25 --horizon 4
 """
 
 import argparse
@@ -70,6 +70,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sampler-mode", choices=("pipelined", "reconditioned", "immediate"), default=None,
                    help="the world's sampler (default: the checkpoint's, pipelined for the shipped worlds)")
+    p.add_argument("--ctx-noise", type=float, default=None,
+                   help="the sampler's context noise (default: the checkpoint's; immediate mode was measured at 0.25)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--compile", action="store_true", help="torch.compile the planner's DiT calls")
     args = p.parse_args()
@@ -77,7 +79,8 @@ def main() -> None:
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
 
-    kw = {"dtype": args.dtype, "sampler_mode": args.sampler_mode}
+    kw = {"dtype": args.dtype, "sampler_mode": args.sampler_mode,
+          "sampler": None if args.ctx_noise is None else {"ctx_noise": args.ctx_noise}}
     if args.act_in == "world":
         env = MatrixWorldEnv(world=args.world, obs_size=NATIVE, **kw)
         anchor = env
