@@ -124,14 +124,15 @@ def main() -> None:
         for ep in range(args.episodes):
             obs, _ = env.reset(seed=args.seed + ep)
             recent.clear()
-            ret = 0.0
-            for _ in range(args.steps):
+            ret, ep_steps = 0.0, 0
+            while ep_steps < args.steps:
                 obs, reward, terminated, truncated, _ = env.step(policy(obs))
-                ret, steps, road = ret + reward, steps + 1, road + int(on_road(obs[None])[0])
+                ret, road, ep_steps = ret + reward, road + int(on_road(obs[None])[0]), ep_steps + 1
                 if terminated or truncated:
                     break
             returns.append(ret)
-            print(f"  {name}, seed {args.seed + ep}: return {ret:.1f}", file=sys.stderr, flush=True)
+            steps += ep_steps
+            print(f"  {name}, seed {args.seed + ep}: return {ret:.1f} in {ep_steps} steps", file=sys.stderr, flush=True)
         sec = (time.perf_counter() - t0) / steps
         mean, sd = np.mean(returns), np.std(returns)
         print(f"| {name} | {mean:.1f} +- {sd:.1f} | {road / steps:.2f} | {steps} | {sec:.2f} |", flush=True)

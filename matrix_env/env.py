@@ -230,8 +230,9 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
     A real recorded context (a few encoded frames shipped with the checkpoint), chosen with the
     env's ``np_random``; ``reset(options={"start_index": i})`` picks one. The first observation is
     the newest recorded frame. ``reset(options={"context_frames": frames})`` starts from your own
-    frames instead ((T, H, W, 3) uint8 RGB, T >= the sampler's context of 4, the newest last; any
-    size, area-averaged to 72x128 and encoded by the world's VAE): e.g. the last frames an agent saw
+    frames instead ((T, H, W, 3) uint8 RGB, T >= the sampler's context of 4, the newest last;
+    72x128 or an integer multiple such as a 720x1280 render, reduced as the recorder reduces them
+    and encoded by the world's VAE): e.g. the last frames an agent saw
     in the real game, to imagine onwards from there (``info["start_index"]`` is then -1).
 
     ## Episode End
