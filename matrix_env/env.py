@@ -360,7 +360,7 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
             context, start = self.sim.encode(frames)[None], -1  # (1, C_ctx, C, h, w)
         self._latent = self.sim.reset(
             self._all,
-            torch.tensor([max(start, 0)], dtype=torch.long),
+            None if context is not None else torch.tensor([start], dtype=torch.long),
             noise_key=torch.tensor([key], dtype=torch.long),
             context=context,
         )

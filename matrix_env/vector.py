@@ -291,7 +291,10 @@ class MatrixWorldVectorEnv(VectorEnv):
             context = torch.zeros(self.num_envs, frames.shape[1], *self.sim.latent_shape, device=z.device)
             context[torch.from_numpy(idx).to(z.device)] = z.reshape(len(idx), frames.shape[1], *z.shape[1:])
         return self.sim.reset(
-            torch.from_numpy(mask), torch.from_numpy(start), noise_key=torch.from_numpy(key), context=context
+            torch.from_numpy(mask),
+            None if context is not None else torch.from_numpy(start),
+            noise_key=torch.from_numpy(key),
+            context=context,
         )
 
     # --------------------------------------------------------------------------------- API
@@ -327,7 +330,7 @@ class MatrixWorldVectorEnv(VectorEnv):
             start = np.where(mask, chosen, start)
         if frames is not None:
             start = np.where(mask, -1, start)  # -1: started from given frames
-        latents = self._restart(mask, np.maximum(start, 0), key, frames)
+        latents = self._restart(mask, start, key, frames)
         if partial:  # decode only the restarted sub-envs
             idx = np.flatnonzero(mask)
             obs = self._obs.copy()

@@ -25,8 +25,9 @@ from world_model.checkpoint import WorldModel
 from world_model.device import check_device
 from world_model.dit import ContextCache
 from world_model.errors import UsageError
+from world_model.frames import block_mean
 from world_model.swin_dpm import SwinDPM, SwinDPMConfig, SwinDPMState
-from world_model.vae import tensor_to_frames
+from world_model.vae import frames_to_tensor, tensor_to_frames
 
 # reward_fn(latents_prev (B, C, H, W), latents (B, C, H, W), actions (B,) long) -> reward (B,)
 RewardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -290,7 +291,7 @@ class Simulator:
         Args:
             mask: (B,) bool streams to restart (others are untouched).
             start_idx: (B,) long index into the start contexts (ignored where ``mask`` is False);
-                None with ``context``.
+                ignored (may be None) with ``context``.
             generator: draws the restarted streams' noise keys when ``noise_key`` is None.
             noise_key: (B,) long noise keys in [0, 2**63 - 1).
             context: (B, T, C, H, W) clean latents, T >= the sampler's context (the last ones are
@@ -309,10 +310,9 @@ class Simulator:
                     f"context must be (B, T, C, H, W) latents with B={want[0]}, T >= {want[1]} and "
                     f"(C, H, W)={want[2:]}, got {tuple(context.shape)}"
                 )
-            start_idx = torch.zeros(self.num_envs, dtype=torch.long) if start_idx is None else start_idx
         elif start_idx is None:
             raise UsageError("reset needs start_idx (recorded starts) or context (given latents)")
-        for name, t in (("mask", mask), ("start_idx", start_idx)):  # shapes only: no device sync
+        for name, t in (("mask", mask), ("start_idx", start_idx if context is None else mask)):  # shapes: no sync
             if tuple(t.shape) != (self.num_envs,):
                 raise UsageError(f"{name} must have shape ({self.num_envs},), one per stream, got {tuple(t.shape)}")
         mask = mask.to(self.device, torch.bool)
@@ -358,8 +358,8 @@ class Simulator:
 
         (H, W) must be the VAE's native (72, 128) or an integer multiple of it, e.g. the 720x1280
         render: such frames are block-averaged and rounded to the native size exactly as the recorder
-        makes its training frames (``world_model.data.record.to_train_res``), ``chunk`` frames at a
-        time. Other sizes (CarRacing's own 96x96 observation is another view) are an error.
+        makes its training frames (``world_model.frames.block_mean``), ``chunk`` frames at a time.
+        Other sizes (CarRacing's own 96x96 observation is another view) are an error.
         """
         x = frames.cpu().numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
         (th, tw), shape = self.native_hw, tuple(x.shape)
@@ -369,17 +369,11 @@ class Simulator:
                 f"frames must be uint8 RGB of shape (B, H, W, 3) with (H, W) = k * {self.native_hw} for an "
                 f"integer k >= 1 (the 72x128 training frames, or a 720x1280 render), got {shape} {x.dtype}"
             )
-        kh, kw = shape[1] // th, shape[2] // tw
         out = []
         for i in range(0, shape[0], chunk):  # float copies of a few frames at a time
-            part = x[i : i + chunk]
-            if kh > 1:  # the recorder's block mean, rounded to uint8 values
-                blocks = part.reshape(len(part), th, kh, tw, kw, 3).astype(np.float32)
-                part = np.round(blocks.mean(axis=(2, 4)))
-            t = torch.tensor(part, dtype=torch.float32, device=self.device)  # (b, 72, 128, 3), a copy
-            t = t.movedim(-1, -3).div_(127.5).sub_(1.0)  # (b, 3, 72, 128) in [-1, 1]
+            part = block_mean(x[i : i + chunk], self.native_hw)  # (b, 72, 128, 3) uint8, a new array
             with self._autocast():
-                out.append(self.vae.encode(t).float())  # (b, C, h, w)
+                out.append(self.vae.encode(frames_to_tensor(part, self.device)).float())  # (b, C, h, w)
         return torch.cat(out)
 
     # ------------------------------------------------------------------------ snapshots

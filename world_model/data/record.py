@@ -33,6 +33,7 @@ import numpy as np
 from world_model.actions import CARRACING_CONTROLS, DRIVING_ACTIONS, DRIVING_SENTENCES, default_sentences
 from world_model.data import episodes as E
 from world_model.errors import UsageError
+from world_model.frames import block_mean
 
 CARRACING_IDS = ("CarRacing-v3",)
 DEFAULT_RESOLUTION = "1280x720"
@@ -117,8 +118,7 @@ def to_train_res(frame: np.ndarray) -> np.ndarray:
     th, tw = E.TRAIN_HW
     h, w = frame.shape[:2]
     if h % th == 0 and w % tw == 0:  # exact block average, e.g. 720x1280 -> 72x128 by 10x10 blocks
-        blocks = frame.reshape(th, h // th, tw, w // tw, 3).astype(np.float32)  # (th, bh, tw, bw, 3)
-        return np.round(blocks.mean(axis=(1, 3))).astype(np.uint8)
+        return block_mean(frame, E.TRAIN_HW)
     from PIL import Image
 
     return np.asarray(Image.fromarray(frame).resize((tw, th), Image.BOX))
