@@ -50,6 +50,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "world_model.eval.probe:main",
         "drive a world with the road follower under sampler variants: road keeping and detail, side by side",
     ),
+    "plan-check": (
+        "world_model.eval.plan_check:main",
+        "rank a planner's action sequences in a world and in the real game from the same real states",
+    ),
     "demo": ("matrix_env.demo:main", "drive a world (the road follower, or --policy script) and write a 720p video"),
     "play": ("matrix_env.play:main", "drive a world with the keyboard (arrows / WASD) in a window, in real time"),
 }

@@ -98,6 +98,28 @@ class RealCarRacingEnv(gym.Env):
                 break
         return self._observe(), reward, terminated, truncated, info
 
+    def replay(self, seed: int, actions: list[int] | np.ndarray) -> np.ndarray:
+        """Reset to ``seed`` and act ``actions`` without drawing their frames: the state an episode reached.
+
+        CarRacing is deterministic given its seed and actions, so this returns the observation that
+        episode showed after them (how a planner's candidates are tried from one real state).
+
+        Raises:
+            ValueError: an action is not a driving action id, or the episode ends before the last one.
+        """
+        self.reset(seed=seed)
+        for n, action in enumerate(actions):
+            a = as_int(action)
+            if a is None or not 0 <= a < self.action_space.n:
+                raise ValueError(
+                    f"actions[{n}] = {action!r} is not a driving action id (an int in [0, {self.action_space.n}))"
+                )
+            for _ in range(self.frame_skip):
+                _, _, terminated, truncated, _ = self.env.step(CARRACING_CONTROLS[a])
+                if terminated or truncated:
+                    raise ValueError(f"seed {seed}: the episode ended at action {n} of {len(actions)} in the replay")
+        return self._observe()
+
     def render(self) -> np.ndarray | None:
         """The last 1280x720 frame ("rgb_array")."""
         return self._hd if self.render_mode == "rgb_array" else None

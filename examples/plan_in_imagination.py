@@ -21,11 +21,13 @@ termination costs a candidate CarRacing's -100 for leaving the playfield.
   frames lean on the last real one). Returns are the real game's: the world's use as a model for
   control, with no training at all.
 
-Beside MPC, a random policy and the pixel road follower drive the same episodes.
+Beside MPC, a random policy and the pixel road follower drive the same episodes. Whether the world
+ranks the candidates as the real game would: ``matrix-world plan-check``.
 
 python examples/plan_in_imagination.py --act-in world --steps 40
 python examples/plan_in_imagination.py --act-in real --episodes 3 --dtype bfloat16 --compile
 python examples/plan_in_imagination.py --act-in real --sampler-mode immediate --ctx-noise 0.25 --horizon 4
+python examples/plan_in_imagination.py --act-in real --episodes 3 --steps 250 --device cuda --candidates 72 --horizon 16
 """
 
 import argparse
@@ -37,25 +39,16 @@ import numpy as np
 
 from matrix_env.env import MatrixWorldEnv
 from matrix_env.vector import MatrixWorldVectorEnv
+from world_model.eval.plan_check import candidate_sequences, imagined_returns
 from world_model.road_follower import RoadFollower, on_road
 
-LEAVE_PENALTY = -100.0  # CarRacing's reward for leaving the playfield, for candidates the heads terminate
 NATIVE = (72, 128)  # the model's frame size: what the follower and on_road read
 
 
 def plan(envs: MatrixWorldVectorEnv, rng: np.random.Generator, horizon: int) -> int:
     """Best first action over N sequences (the sub-envs already hold the acted episode)."""
-    n, num_actions = envs.num_envs, envs.single_action_space.n
-    seqs = rng.integers(0, num_actions, (n, horizon))  # (N, H)
-    seqs[:, 0] = np.arange(n) % num_actions  # every first action is tried
-    hold = np.arange(n) < n // 2
-    seqs[hold] = seqs[hold, :1]  # half hold their first action
-    score = np.zeros(n)
-    alive = np.ones(n, dtype=bool)
-    for t in range(horizon):
-        _, reward, terminated, _, _ = envs.step(seqs[:, t])  # one batched forward for all N
-        score += np.where(alive, reward + LEAVE_PENALTY * terminated, 0.0)
-        alive &= ~terminated
+    seqs = candidate_sequences(rng, envs.num_envs, horizon, envs.single_action_space.n)  # (N, H)
+    score, _ = imagined_returns(envs, seqs)  # one batched forward per look-ahead step
     return int(seqs[np.argmax(score), 0])
 
 
@@ -74,12 +67,13 @@ def main() -> None:
                    help="the sampler's context noise (default: the checkpoint's; immediate mode was measured at 0.25)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--compile", action="store_true", help="torch.compile the planner's DiT calls")
+    p.add_argument("--device", default="cpu", help="torch device of the world: cpu or cuda (the real game: CPU)")
     args = p.parse_args()
     for name in ("steps", "episodes", "candidates", "horizon"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
 
-    kw = {"dtype": args.dtype, "sampler_mode": args.sampler_mode,
+    kw = {"dtype": args.dtype, "sampler_mode": args.sampler_mode, "device": args.device,
           "sampler": None if args.ctx_noise is None else {"ctx_noise": args.ctx_noise}}
     if args.act_in == "world":
         env = MatrixWorldEnv(world=args.world, obs_size=NATIVE, **kw)
