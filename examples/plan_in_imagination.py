@@ -39,6 +39,7 @@ import numpy as np
 
 from matrix_env.env import MatrixWorldEnv
 from matrix_env.vector import MatrixWorldVectorEnv
+from world_model.errors import UsageError
 from world_model.eval.plan_check import candidate_sequences, imagined_returns
 from world_model.road_follower import RoadFollower, on_road
 
@@ -75,14 +76,17 @@ def main() -> None:
 
     kw = {"dtype": args.dtype, "sampler_mode": args.sampler_mode, "device": args.device,
           "sampler": None if args.ctx_noise is None else {"ctx_noise": args.ctx_noise}}
-    if args.act_in == "world":
-        env = MatrixWorldEnv(world=args.world, obs_size=NATIVE, **kw)
-        anchor = env
-    else:
-        from agents.real_env import RealCarRacingEnv
+    try:  # a bad --world, --device or sampler setting: one line, not a traceback
+        if args.act_in == "world":
+            env = MatrixWorldEnv(world=args.world, obs_size=NATIVE, **kw)
+            anchor = env
+        else:
+            from agents.real_env import RealCarRacingEnv
 
-        env = RealCarRacingEnv(obs_size=NATIVE)
-        anchor = MatrixWorldEnv(world=args.world, obs_type="latent", **kw)  # starts from real frames
+            env = RealCarRacingEnv(obs_size=NATIVE)
+            anchor = MatrixWorldEnv(world=args.world, obs_type="latent", **kw)  # starts from real frames
+    except UsageError as err:  # CheckpointError too
+        p.error(str(err))
     envs = MatrixWorldVectorEnv(args.candidates, world=anchor.world, obs_type="latent", max_episode_steps=-1,
                                 compile_model=args.compile, **kw)  # fmt: skip
     latency = envs.sim.sampler.action_latency

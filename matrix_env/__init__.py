@@ -21,9 +21,9 @@ from gymnasium.envs.registration import register, registry
 ENV_ID = "MatrixWorld-v0"
 # The shipped world models (checkpoint directories written by world_model.checkpoint.save_world),
 # passed by name as ``world=``: "default" (loaded when no world is given) keeps the road longer than
-# "hold"; "hold" is fine-tuned on open-loop holds and on windows with a bend ahead, so ignoring a curve
-# costs what it costs in the real game: the world to train agents in (docs/EXPERIMENTS.md,
-# "Data that punishes ignoring the road" and "Steering share").
+# "hold"; "hold" is fine-tuned on open-loop holds, so ignoring the road costs what it costs in the
+# real game: the world to train agents in (docs/EXPERIMENTS.md, "Data that punishes ignoring the road"
+# and "The float32 agent test on a GPU").
 WORLDS_DIR = Path(__file__).resolve().parent / "worlds"
 SHIPPED_WORLDS = ("default", "hold")
 DEFAULT_WORLD = WORLDS_DIR / "default"

@@ -90,6 +90,13 @@ def test_plan_in_imagination_rejects_a_horizon_inside_the_latency(tmp_path: Path
     assert "--horizon 3 cannot see a first action: the pipelined sampler shows it 3 steps later" in proc.stderr
 
 
+def test_plan_in_imagination_names_a_bad_device(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "plan_in_imagination.py"), "--device", "gpu0"],
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got 'gpu0'" in proc.stderr
+
+
 def test_plan_picks_the_first_action_of_the_best_sequence(tiny_world_dir: Path) -> None:
     """plan() on a world whose reward is 1 for action 5 (and 0.5 for 2): the best sequence holds 5."""
     import importlib.util
