@@ -69,9 +69,22 @@ def test_real_replay_reaches_the_recorded_state_and_names_bad_actions() -> None:
     env.close()
 
 
-def test_plan_check_runs_on_real_states_and_writes_json(tiny_world_dir: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def tiny_carracing_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random world, labelled as recorded from CarRacing-v3 (plan-check drives that game)."""
+    from tests.conftest import build_tiny_world
+    from world_model.checkpoint import save_world
+
+    world = build_tiny_world()
+    world.meta["env_id"] = "CarRacing-v3"
+    directory = tmp_path_factory.mktemp("worlds") / "tiny_carracing"
+    save_world(directory, world, recipe={"command": "tests/test_plan_check.py:tiny_carracing_dir"})
+    return directory
+
+
+def test_plan_check_runs_on_real_states_and_writes_json(tiny_carracing_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "pc.json"
-    args = P.Args(world=str(tiny_world_dir), seeds=(1,), at=(2, 4), candidates=9, horizon=3, out=out)
+    args = P.Args(world=str(tiny_carracing_dir), seeds=(1,), at=(2, 4), candidates=9, horizon=3, out=out)
     rows = P.check(args)
     assert [(r["seed"], r["t"]) for r in rows] == [(1, 2), (1, 4)]
     for r in rows:
@@ -83,10 +96,12 @@ def test_plan_check_runs_on_real_states_and_writes_json(tiny_world_dir: Path, tm
     assert P.format_row("x", rows).startswith("| x | 2 | ")
 
 
-def test_plan_check_names_bad_settings(tiny_world_dir: Path) -> None:
+def test_plan_check_names_bad_settings(tiny_world_dir: Path, tiny_carracing_dir: Path) -> None:
+    with pytest.raises(UsageError, match=r"recorded from 'no env_id'; plan-check drives the real CarRacing-v3 only"):
+        P.check(P.Args(world=str(tiny_world_dir), seeds=(0,), at=(1,)))
     with pytest.raises(UsageError, match="--candidates 8 must be >= 9"):
         P.check(P.Args(world=str(tiny_world_dir), candidates=8))
     with pytest.raises(UsageError, match=r"--at \[0\]"):
         P.check(P.Args(world=str(tiny_world_dir), at=(0,)))
     with pytest.raises(UsageError, match="--horizon 1 cannot see a first action"):
-        P.check(P.Args(world=str(tiny_world_dir), horizon=1, seeds=(0,), at=(1,)))
+        P.check(P.Args(world=str(tiny_carracing_dir), horizon=1, seeds=(0,), at=(1,)))

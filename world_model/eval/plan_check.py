@@ -138,6 +138,7 @@ def check(args: Args) -> list[dict]:
     from agents.real_env import RealCarRacingEnv
     from matrix_env.env import MatrixWorldEnv
     from matrix_env.vector import MatrixWorldVectorEnv
+    from world_model.eval.suite import is_carracing
     from world_model.road_follower import RoadFollower, on_road
 
     if args.candidates < 9 or args.horizon < 1:
@@ -149,6 +150,10 @@ def check(args: Args) -> list[dict]:
     sampler = None if args.ctx_noise is None else {"ctx_noise": args.ctx_noise}
     kw = {"sampler_mode": args.sampler_mode, "sampler": sampler}
     anchor = MatrixWorldEnv(world=args.world, obs_type="latent", **kw)  # starts from real frames
+    if not is_carracing(anchor.world):
+        env_id = anchor.world.meta.get("env_id", "no env_id")
+        raise UsageError(f"--world {args.world}: recorded from {env_id!r}; plan-check drives the real CarRacing-v3 "
+                         "only")  # fmt: skip
     envs = MatrixWorldVectorEnv(args.candidates, world=anchor.world, obs_size=NATIVE, max_episode_steps=-1, **kw)
     latency = envs.sim.sampler.action_latency
     if args.horizon <= latency:
