@@ -92,6 +92,8 @@ def test_plan_check_runs_on_real_states_and_writes_json(tiny_carracing_dir: Path
         for key in ("pred_return", "imagined_on_road", "real_return", "real_on_road"):
             assert len(r[key]) == 9 and all(math.isfinite(v) for v in r[key])
         assert r["gain_best"] >= max(r["gain_head"], r["gain_road"]) - 1e-9
+        assert r["real_road_mean"] == pytest.approx(np.mean(r["real_on_road"]))
+        assert r["real_road_pick"] == r["real_on_road"][int(np.argmax(r["pred_return"]))]
     assert [s["t"] for s in json.loads(out.read_text())["states"]] == [2, 4]
     assert P.format_row("x", rows).startswith("| x | 2 | ")
 

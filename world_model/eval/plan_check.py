@@ -119,15 +119,21 @@ def _ranks(x: np.ndarray) -> np.ndarray:
 
 
 def state_summary(pred: np.ndarray, img_road: np.ndarray, real: np.ndarray, real_road: np.ndarray) -> dict:
-    """One state's rank correlations and real-return gains of picking by each judge (over the mean candidate)."""
-    mean = real.mean()
+    """One state's rank correlations, the real-return gains of picking by each judge (over the mean
+    candidate), and the on-road shares: imagined (mean candidate), real (the head's pick, the mean
+    candidate, the best candidate by real return)."""
+    mean, pick, best = real.mean(), int(np.argmax(pred)), int(np.argmax(real))
     return {
         "rho_return": spearman(pred, real),
         "rho_road": spearman(img_road, real_road),
         "rho_road_return": spearman(img_road, real),
-        "gain_head": float(real[np.argmax(pred)] - mean),
+        "gain_head": float(real[pick] - mean),
         "gain_road": float(real[np.argmax(img_road)] - mean),
-        "gain_best": float(real.max() - mean),
+        "gain_best": float(real[best] - mean),
+        "imagined_road_mean": float(img_road.mean()),
+        "real_road_pick": float(real_road[pick]),
+        "real_road_mean": float(real_road.mean()),
+        "real_road_best": float(real_road[best]),
     }
 
 
@@ -208,7 +214,8 @@ def check(args: Args) -> list[dict]:
     return rows
 
 
-SUMMARY_KEYS = ("rho_return", "rho_road", "rho_road_return", "gain_head", "gain_road", "gain_best")
+SUMMARY_KEYS = ("rho_return", "rho_road", "imagined_road_mean", "real_road_pick", "real_road_mean", "real_road_best",
+                "gain_head", "gain_road", "gain_best")  # fmt: skip
 
 
 def format_row(label: str, rows: list[dict]) -> str:
@@ -228,9 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     args = tyro.cli(Args, args=argv, prog="matrix-world plan-check", description=__doc__.split("\n\n")[0])
     print(f"{args.world} world, {args.candidates} candidates x {args.horizon} steps, real seeds {list(args.seeds)} "
           f"at steps {list(args.at)}")  # fmt: skip
-    print("| state | states | rho: predicted vs real return | rho: imagined vs real on-road | rho: imagined on-road vs "
-          "real return | real gain, pick by return head | pick by imagined on-road | best candidate |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| state | states | rho: predicted vs real return | rho: imagined vs real on-road | imagined on-road | real "
+          "on-road: head's pick | mean candidate | best candidate | real gain over the mean candidate: head's pick | "
+          "pick by imagined on-road | best candidate |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = check(args)
     print(format_row("**mean**", rows))
     return 0
