@@ -289,6 +289,14 @@ def test_road_weights_favour_on_road_windows(data, latents, tmp_path):
     curve = np.arange(len(weights)) + 3 < 6
     assert (weights == np.where(on | holds_term, 5.0, 1.0) * np.where(curve, 2.0, 1.0)).all() and curve.sum() == 3
 
+    # --leave-weight: the car is on the road until frame 11, so windows starting on or before frame 11
+    # and ending after it (k <= 11 < k + 3) show it leaving
+    weights = road_window_weights(dataset, 4, 5.0, 2.0, 7.0)
+    k = np.arange(len(weights))
+    leave = (k <= 11) & (k + 3 > 11)
+    expected = np.where(on | holds_term, 5.0, 1.0) * np.where(curve, 2.0, 1.0) * np.where(leave, 7.0, 1.0)
+    assert leave.sum() == 3 and (weights == expected).all()
+
 
 def test_dit_warm_start_loads_parent_weights_and_records_lineage(data, footage, latents, dit_run, tmp_path):
     """--init-from: lr 0 keeps the parent's weights exactly; the recipe chains both commands."""

@@ -136,6 +136,11 @@ class Args:
     the road and the road ahead off-centre by more than the road follower's deadband (a curve, or the
     car beside the middle: ``road_follower.heading_error``). 1 = off. Generated roads are straighter than
     recorded ones (docs/EXPERIMENTS.md, "Steering share"); this shifts training towards the frames with bends."""
+    leave_weight: float = 1.0
+    """Extra sampling weight of windows in which the car leaves the road: on the road in the first
+    frame, off it in the last. 1 = off. Generated roads stay under a car that ignores them (a held
+    "D" keeps the road far longer than in the game; docs/EXPERIMENTS.md); these are the windows that
+    show the opposite."""
     heads_hidden: int = 128
     """Width of the heads (HeadsConfig.hidden)."""
     bf16: bool = False
@@ -325,10 +330,13 @@ def termination_pos_weight(dataset: object, window: int) -> tuple[float, int, in
     return float(weight), pos, neg
 
 
-def road_window_weights(dataset: object, window: int, road_weight: float, curve_weight: float = 1.0) -> np.ndarray:
+def road_window_weights(
+    dataset: object, window: int, road_weight: float, curve_weight: float = 1.0, leave_weight: float = 1.0
+) -> np.ndarray:
     """Sampling weight per training window: ``road_weight`` where the window's last frame is on the
     road or the window holds a termination, 1 elsewhere, times ``curve_weight`` where that last frame
-    is on the road with the road ahead off-centre (``|heading error| > DEADBAND``). Returns
+    is on the road with the road ahead off-centre (``|heading error| > DEADBAND``), times
+    ``leave_weight`` where the first frame is on the road and the last is not (the car leaves it). Returns
     (len(dataset),) float64 in the dataset's window order (ConcatDataset parts in order, episodes in
     order, windows by start)."""
     from world_model.data.episodes import open_episode, read_meta
@@ -345,10 +353,12 @@ def road_window_weights(dataset: object, window: int, road_weight: float, curve_
         n = len(frames)
         last = frames[window - 1 :]  # (n-T+1, 72, 128, 3) the last frame of each window
         road = on_road(last)  # (n-T+1,) bool
+        leave = on_road(frames[: n - window + 1]) & ~road  # (n-T+1,) on the road at the window's start, not at its end
         term = np.convolve(np.asarray(a["terminated"], dtype=float), np.ones(window))[window - 1 : n] > 0
         err, frac = heading_error(last)  # (n-T+1,) each
         curve = road & (frac >= SEARCH_BELOW) & (np.abs(err) > DEADBAND)
-        out.append(np.where(road | term, road_weight, 1.0) * np.where(curve, curve_weight, 1.0))
+        weight = np.where(road | term, road_weight, 1.0) * np.where(curve, curve_weight, 1.0)
+        out.append(weight * np.where(leave, leave_weight, 1.0))
     if others:
         print(f"warning: --road-weight reads CarRacing's grey road, but some episodes come from {sorted(others)}")
     weights = np.concatenate(out)
@@ -540,6 +550,8 @@ def train(args: Args, command: list[str] | None = None) -> dict:
         raise UsageError(f"--road-weight {args.road_weight}: expected a finite number > 0 (1 = uniform sampling)")
     if not (math.isfinite(args.curve_weight) and args.curve_weight > 0):
         raise UsageError(f"--curve-weight {args.curve_weight}: expected a finite number > 0 (1 = off)")
+    if not (math.isfinite(args.leave_weight) and args.leave_weight > 0):
+        raise UsageError(f"--leave-weight {args.leave_weight}: expected a finite number > 0 (1 = off)")
     info = common.setup_distributed(args.device)
     run_dir = Path(args.run_dir).expanduser()
     out_dir = Path(args.out).expanduser() if args.out else run_dir / "model"
@@ -608,8 +620,8 @@ def train(args: Args, command: list[str] | None = None) -> dict:
     dataset = common.window_dataset(train_eps, args.window, source="latents", latents=caches)
     pos_weight, n_pos, n_neg = termination_pos_weight(dataset, args.window)
     weights = None
-    if args.road_weight != 1.0 or args.curve_weight != 1.0:
-        weights = road_window_weights(dataset, args.window, args.road_weight, args.curve_weight)
+    if args.road_weight != 1.0 or args.curve_weight != 1.0 or args.leave_weight != 1.0:
+        weights = road_window_weights(dataset, args.window, args.road_weight, args.curve_weight, args.leave_weight)
         if info.rank == 0:
             kinds = ", ".join(f"{float((weights == w).mean()):.2f} weigh {w:g}" for w in np.unique(weights))
             print(f"window weighting: {kinds}", flush=True)
