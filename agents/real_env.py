@@ -85,11 +85,16 @@ class RealCarRacingEnv(gym.Env):
         _, info = self.env.reset(seed=seed, options=options)
         return self._observe(), info
 
-    def step(self, action: int):
-        """Hold driving action ``action`` for ``frame_skip`` physics steps (info: CarRacing's last)."""
+    def _action_id(self, action: object, what: str = "action") -> int:
+        """``action`` as a driving action id, or a ValueError naming it (``what``: how to call it)."""
         a = as_int(action)
         if a is None or not 0 <= a < self.action_space.n:
-            raise ValueError(f"action {action!r} is not a driving action id (an int in [0, {self.action_space.n}))")
+            raise ValueError(f"{what} {action!r} is not a driving action id (an int in [0, {self.action_space.n}))")
+        return a
+
+    def step(self, action: int):
+        """Hold driving action ``action`` for ``frame_skip`` physics steps (info: CarRacing's last)."""
+        a = self._action_id(action)
         reward, terminated, truncated, info = 0.0, False, False, {}
         for _ in range(self.frame_skip):
             _, r, terminated, truncated, info = self.env.step(CARRACING_CONTROLS[a])
@@ -109,11 +114,7 @@ class RealCarRacingEnv(gym.Env):
         """
         self.reset(seed=seed)
         for n, action in enumerate(actions):
-            a = as_int(action)
-            if a is None or not 0 <= a < self.action_space.n:
-                raise ValueError(
-                    f"actions[{n}] = {action!r} is not a driving action id (an int in [0, {self.action_space.n}))"
-                )
+            a = self._action_id(action, f"actions[{n}] =")
             for _ in range(self.frame_skip):
                 _, _, terminated, truncated, _ = self.env.step(CARRACING_CONTROLS[a])
                 if terminated or truncated:

@@ -40,10 +40,8 @@ import numpy as np
 from matrix_env.env import MatrixWorldEnv
 from matrix_env.vector import MatrixWorldVectorEnv
 from world_model.errors import UsageError
-from world_model.eval.plan_check import candidate_sequences, imagined_returns
+from world_model.eval.plan_check import NATIVE, candidate_sequences, imagined_returns
 from world_model.road_follower import RoadFollower, on_road
-
-NATIVE = (72, 128)  # the model's frame size: what the follower and on_road read
 
 
 def plan(envs: MatrixWorldVectorEnv, rng: np.random.Generator, horizon: int) -> int:

@@ -312,7 +312,8 @@ class Simulator:
                 )
         elif start_idx is None:
             raise UsageError("reset needs start_idx (recorded starts) or context (given latents)")
-        for name, t in (("mask", mask), ("start_idx", start_idx if context is None else mask)):  # shapes: no sync
+        shapes = [("mask", mask)] + ([("start_idx", start_idx)] if context is None else [])
+        for name, t in shapes:  # shapes only: no device sync
             if tuple(t.shape) != (self.num_envs,):
                 raise UsageError(f"{name} must have shape ({self.num_envs},), one per stream, got {tuple(t.shape)}")
         mask = mask.to(self.device, torch.bool)

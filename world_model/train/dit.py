@@ -352,8 +352,9 @@ def road_window_weights(
         frames = np.asarray(a["frames"])  # (S+1, 72, 128, 3) uint8
         n = len(frames)
         last = frames[window - 1 :]  # (n-T+1, 72, 128, 3) the last frame of each window
-        road = on_road(last)  # (n-T+1,) bool
-        leave = on_road(frames[: n - window + 1]) & ~road  # (n-T+1,) on the road at the window's start, not at its end
+        on = on_road(frames)  # (n,) bool, per frame
+        road = on[window - 1 :]  # (n-T+1,) the last frame of each window on the road
+        leave = on[: n - window + 1] & ~road  # (n-T+1,) on the road at the window's start, not at its end
         term = np.convolve(np.asarray(a["terminated"], dtype=float), np.ones(window))[window - 1 : n] > 0
         err, frac = heading_error(last)  # (n-T+1,) each
         curve = road & (frac >= SEARCH_BELOW) & (np.abs(err) > DEADBAND)
