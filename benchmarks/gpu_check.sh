@@ -18,6 +18,12 @@
 #   once on the one GPU (65,536 steps each, `--episodes 0`; evaluate them on a CPU afterwards, the
 #   command in docs/EXPERIMENTS.md). PPO_WORLDS (default "hold"): shipped names or world directories
 #   (carry one under runs/); PPO_SEEDS (default "0 1 2"). Writes OUT_DIR/ppo/<world>_s<seed>/ppo.zip.
+# [train_world] only when STEPS names it: examples/train_world.sh on CUDA (record the `hold` recipe's
+#   data with every core, without video; encode; fine-tune the default world's DiT + heads, batch 64,
+#   for TRAIN_MINUTES (default 4); build), working in TRAIN_DIR (default /tmp/mw_train_world, kept
+#   while the machine stays warm: every stage resumes, so a call cut by its limit is continued by
+#   the same call). Writes OUT_DIR/train_world.tgz (the world, its train_dit.json and the logs).
+#   TRAIN_FLAGS: more train-dit flags (EXTRA of train_world.sh).
 set -u
 OUT_DIR=${1:-gpu_check}
 mkdir -p "$OUT_DIR"
@@ -80,4 +86,14 @@ if [[ " ${STEPS:-} " == *" ppo_seeds "* ]]; then
             > "$OUT_DIR/ppo_$name.log" 2>&1 &
     done; done; wait
     for f in "$OUT_DIR"/ppo_*.log; do echo "== $f"; tail -n 2 "$f"; done; ls -l "$OUT_DIR"/ppo/*/ppo.zip'
+fi
+if [[ " ${STEPS:-} " == *" train_world "* ]]; then
+    TRAIN_DIR=${TRAIN_DIR:-/tmp/mw_train_world}
+    step train_world 570 env PY="$PY" DEVICE=cuda STEPS="${TRAIN_STEPS:-8000}" BATCH=64 LR=2e-4 \
+        MAX_MINUTES="${TRAIN_MINUTES:-4}" NUM_WORKERS=8 EXTRA="${TRAIN_FLAGS:-}" bash examples/train_world.sh "$TRAIN_DIR"
+    if [ -f "$TRAIN_DIR/world/dit.safetensors" ]; then
+        tar czf "$OUT_DIR/train_world.tgz" -C "$TRAIN_DIR" world run/model/train_dit.json run/tb 2>/dev/null \
+            || tar czf "$OUT_DIR/train_world.tgz" -C "$TRAIN_DIR" world
+        ls -l "$OUT_DIR/train_world.tgz"
+    fi
 fi

@@ -29,6 +29,29 @@ def test_quickstart_writes_a_strip(tmp_path: Path) -> None:
     assert (tmp_path / "quickstart.png").stat().st_size > 10_000
 
 
+def test_train_world_script_records_trains_builds_and_resumes(tmp_path: Path) -> None:
+    """examples/train_world.sh end to end on a tiny budget; its rerun redoes nothing; the world loads."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PY": sys.executable,
+           "EPISODES": "2 1 1 1", "EP_STEPS": "24", "WORKERS": "1", "STEPS": "2", "BATCH": "2", "DEVICE": "cpu"}
+    cmd = ["bash", str(ROOT / "examples" / "train_world.sh"), str(tmp_path / "tw")]
+    first = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
+    assert not list((tmp_path / "tw" / "data").glob("*/episodes/*/video_720p.mp4"))  # NO_VIDEO=1 by default
+    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    assert again.stdout.count("(0 encoded now, ") == 4 and "at step 2" in again.stdout
+    world = tmp_path / "tw" / "world"
+    import gymnasium as gym
+
+    import matrix_env  # noqa: F401
+
+    e = gym.make("MatrixWorld-v0", world=str(world), obs_size=(32, 32))
+    obs, _ = e.reset(seed=0)
+    obs, *_ = e.step(3)
+    assert obs.shape == (32, 32, 3) and obs.dtype.name == "uint8"
+    e.close()
+
+
 def test_vector_env_example(tmp_path: Path) -> None:
     out = run_example("vector_env.py", tmp_path)
     assert "obs (16, 84, 84, 3) uint8" in out

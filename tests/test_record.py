@@ -69,6 +69,22 @@ def test_unlabelled_has_no_action_labels(tmp_path: Path) -> None:
     assert json.loads((tmp_path / E.MANIFEST).read_text())["action_counts"] == {"unknown": meta["steps"]}
 
 
+def test_no_video_stores_the_same_training_frames(tmp_path: Path) -> None:
+    """--no-video skips the full-resolution video only: same seed -> the same arrays, no video file."""
+    kw = dict(episodes=1, steps=10, resolution="320x180", seed=3)
+    record(RecordArgs(out=tmp_path / "with", **kw))
+    record(RecordArgs(out=tmp_path / "without", no_video=True, **kw))
+    (a,), (b,) = E.list_episodes(tmp_path / "with"), E.list_episodes(tmp_path / "without")
+    assert (a / E.VIDEO_FILE).exists() and not (b / E.VIDEO_FILE).exists()
+    ea, eb = E.open_episode(a), E.open_episode(b)
+    assert ea.keys() == eb.keys()
+    for k in ea:
+        np.testing.assert_array_equal(ea[k], eb[k], err_msg=k)
+    assert E.read_meta(b)["video_hw"] is None and E.read_meta(a)["video_hw"] == [180, 320]
+    info = cli("data-info", str(tmp_path / "without"))
+    assert info.returncode == 0 and "episodes: 1" in info.stdout, info.stderr
+
+
 def test_generic_discrete_env(tmp_path: Path) -> None:
     record(RecordArgs(out=tmp_path, env="CartPole-v1", episodes=1, steps=12, resolution="320x240"))
     (ep,) = E.list_episodes(tmp_path)

@@ -800,6 +800,22 @@ def test_resume_after_kill_matches_uninterrupted(data, footage, latents, dit_run
     a, b = load_file(str(ref / "model" / "dit.safetensors")), load_file(str(cut / "model" / "dit.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a), "stop-at + resume differs from the uninterrupted run"
 
+    # --max-minutes: a wall-clock budget stops like --stop-at at the step reached (here the first:
+    # a budget shorter than one step), and the same command without it resumes to the same end
+    timed = tmp_path / "timed"
+    for bad in ("0", "-1", "nan"):
+        with pytest.raises(UsageError, match="expected a number of minutes > 0"):
+            dit.main(dit_args((data, footage), latents, timed, *steps, "--max-minutes", bad))
+    dit.main(dit_args((data, footage), latents, timed, *steps, "--max-minutes", "1e-9"))
+    summary = json.loads((timed / "model" / "train_dit.json").read_text())
+    assert (summary["steps"], summary["schedule_steps"]) == (1, 6)
+    assert sorted(p.name for p in (timed / "state").glob("step_*")) == ["step_000001"]
+    capsys.readouterr()
+    dit.main(dit_args((data, footage), latents, timed, *steps))
+    assert "at step 1" in capsys.readouterr().out
+    c = load_file(str(timed / "model" / "dit.safetensors"))
+    assert all(torch.equal(a[k], c[k]) for k in a), "max-minutes + resume differs from the uninterrupted run"
+
 
 def test_eval_split_episodes_are_never_trained_on(data, tmp_path):
     from world_model.train.common import resolve_episodes

@@ -3,8 +3,8 @@
 CarRacing-v3 is driven through the nine-action driving table (``world_model.actions``) with
 continuous controls; one recorded step holds an action for ``--frame-skip`` simulator steps.
 Frames are real renders at ``--resolution`` (default 1280x720: CarRacing draws straight onto a
-1280x720 canvas, nothing is upscaled), stored as a near-lossless H.264 video, and at the training
-resolution 72x128 as a memory-mappable uint8 array. Any env with a ``Discrete`` action space and
+1280x720 canvas, nothing is upscaled), stored as a near-lossless H.264 video (unless ``--no-video``),
+and at the training resolution 72x128 as a memory-mappable uint8 array. Any env with a ``Discrete`` action space and
 ``rgb_array`` rendering can be recorded (``--env ID``); its actions get the sentences "Action k."
 unless ``--sentences FILE`` (a JSON list) overrides them.
 
@@ -77,6 +77,11 @@ class RecordArgs:
     """JSON list of one sentence per action (generic envs; default 'Action k.')."""
     crf: int = 18
     """H.264 constant rate factor of the full-resolution video (18 = visually lossless)."""
+    no_video: bool = False
+    """Store only the training-resolution arrays, no full-resolution video (frames are still rendered
+    at --resolution and downsampled, so they match a recording with video). Enough for the DiT, the
+    heads and the VAE at 72x128; the 720p head (train-vae --hr-only) needs the video. For machines
+    without ffmpeg (imageio-ffmpeg), or to save ~20% of the disk."""
 
 
 def parse_resolution(text: str) -> tuple[int, int]:
@@ -150,6 +155,7 @@ class Source:
     width: int
     height: int
     crf: int
+    video: bool = True
 
 
 def make_env(src: Source):  # noqa: ANN201 - a gymnasium.Env
@@ -208,6 +214,7 @@ def resolve_source(args: RecordArgs) -> Source:
         width=width,
         height=height,
         crf=args.crf,
+        video=not args.no_video,
     )
     env = make_env(src)
     try:
@@ -257,8 +264,8 @@ def record_episode(
     policy = policies[src.policy](rng) if src.policy in policies else RandomPolicy(n_actions, rng)
     tmp = E.tmp_episode_dir(root, name)
     tmp.mkdir(parents=True, exist_ok=True)
-    video_path = tmp / E.VIDEO_FILE
-    writer = imageio.get_writer(
+    video_path = tmp / E.VIDEO_FILE if src.video else None
+    writer = None if video_path is None else imageio.get_writer(
         video_path,
         fps=DEFAULT_FPS / src.frame_skip if src.carracing else 15,
         codec="libx264",
@@ -281,7 +288,8 @@ def record_episode(
         env.action_space.seed(seed)
         unwrapped = env.unwrapped
         full = render()
-        writer.append_data(full)
+        if writer is not None:
+            writer.append_data(full)
         frames.append(to_train_res(full))
         for _ in range(src.max_steps):
             a = policy(unwrapped)
@@ -293,7 +301,8 @@ def record_episode(
                 if term or trunc:
                     break
             full = render()
-            writer.append_data(full)
+            if writer is not None:
+                writer.append_data(full)
             frames.append(to_train_res(full))
             actions.append(a)
             rewards.append(reward)
@@ -306,7 +315,8 @@ def record_episode(
         else:
             truncated[-1] = True  # the --steps cap ended the episode
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
         env.close()
     labels = np.array(actions, dtype=np.int16)
     if not src.labelled:
@@ -331,8 +341,8 @@ def record_episode(
         "split": src.split,
         "action_names": src.action_names,
         "sentences": src.sentences,
-        "video_hw": [src.height, src.width],
-        "video_fps": DEFAULT_FPS / src.frame_skip if src.carracing else 15,
+        "video_hw": [src.height, src.width] if src.video else None,
+        "video_fps": (DEFAULT_FPS / src.frame_skip if src.carracing else 15) if src.video else None,
         "gymnasium_version": gym.__version__,
         "versions": E.versions(),
         "record_seconds": round(time.perf_counter() - t0, 2),

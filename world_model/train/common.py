@@ -142,6 +142,15 @@ def reduce_scalars(losses: dict[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(losses, values.tolist(), strict=True))
 
 
+def any_rank(flag: bool, info: DistInfo) -> bool:
+    """Whether ``flag`` holds on any rank (one all-reduce when distributed), so all ranks decide alike."""
+    if not info.distributed:
+        return flag
+    value = torch.tensor([float(flag)], device=info.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
 def wrap_ddp(module: nn.Module, info: DistInfo, find_unused: bool = False) -> nn.Module:
     """Wrap in DistributedDataParallel when running on several ranks; the module itself otherwise."""
     if not info.distributed:

@@ -63,6 +63,7 @@ RESUME_FREE = (
     "control_table",
     "eval_batches",
     "stop_at",
+    "max_minutes",
 )
 # Upper bound of the termination pos_weight: keeps the BCE sane when terminations are very rare.
 MAX_POS_WEIGHT = 1000.0
@@ -104,6 +105,10 @@ class Args:
     rerun with a larger value (or without it) to continue. Values >= ``steps`` change nothing; a
     value below the step a resumed run has already reached is refused. For a compute budget that
     ends before the schedule does."""
+    max_minutes: float | None = None
+    """Stop this invocation once it has trained this many minutes (wall clock, counted from its first
+    step), like ``--stop-at`` at the step it has reached: checkpoint, EMA model exported, schedule
+    unchanged, the same command resumes. For a lent machine with a fixed time budget."""
     batch_size: int = 16
     """Windows per step per rank."""
     lr: float = 1e-4
@@ -547,6 +552,8 @@ def train(args: Args, command: list[str] | None = None) -> dict:
         raise UsageError(f"--window {args.window}: need at least 2 frames (one transition for the heads)")
     if args.stop_at is not None and args.stop_at < 1:
         raise UsageError(f"--stop-at {args.stop_at}: expected a step count >= 1 (or leave it out)")
+    if args.max_minutes is not None and not (math.isfinite(args.max_minutes) and args.max_minutes > 0):
+        raise UsageError(f"--max-minutes {args.max_minutes}: expected a number of minutes > 0 (or leave it out)")
     if not (math.isfinite(args.road_weight) and args.road_weight > 0):
         raise UsageError(f"--road-weight {args.road_weight}: expected a finite number > 0 (1 = uniform sampling)")
     if not (math.isfinite(args.curve_weight) and args.curve_weight > 0):
@@ -652,6 +659,7 @@ def train(args: Args, command: list[str] | None = None) -> dict:
     step_fn = common.wrap_ddp(model, info)
     batches = iter(loader)
     model.train()
+    deadline = None if args.max_minutes is None else time.monotonic() + 60.0 * args.max_minutes
     for step in range(start, end):
         batch = next(batches)
         inp = make_inputs(batch, table, args, gen, info.device)
@@ -674,10 +682,16 @@ def train(args: Args, command: list[str] | None = None) -> dict:
             len(inp.x_t) * info.world_size,
             {**scalars, **gates, "opt/lr": lr, "opt/grad_norm": grad_norm.item()},
         )
+        out_of_time = deadline is not None and common.any_rank(time.monotonic() > deadline, info)
+        if out_of_time:
+            end = step + 1
         if (step + 1) % args.ckpt_every == 0 or step + 1 == end:
             common.save_checkpoint(
                 run_dir, step + 1, info, model, ema, optimizer, {"noise": gen}, config, keep=args.keep_ckpts
             )
+        if out_of_time:
+            logger.print(f"--max-minutes {args.max_minutes}: stopped at step {end} of {args.steps}")
+            break
         if args.step_sleep:
             time.sleep(args.step_sleep)
     if args.debug_hashes:

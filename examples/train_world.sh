@@ -1,0 +1,62 @@
+#!/bin/bash
+# A world from recorded data in one go: record the `hold` recipe's four data sets (the README's
+# seeds: labelled driving, unlabelled randomised-colour footage, exits, open-loop holds), encode them
+# with the init world's VAE, fine-tune the init world's DiT and heads on them, build the world.
+#
+#     bash examples/train_world.sh OUT              # the README's `hold` recipe (2,400 steps of batch 16)
+#     DEVICE=cuda STEPS=8000 BATCH=64 LR=2e-4 MAX_MINUTES=4 NUM_WORKERS=8 bash examples/train_world.sh OUT
+#
+# Every stage resumes: rerun the same command after a kill. Writes OUT/data/<set> (recordings),
+# OUT/latents/<set>, OUT/run (train-dit's run dir) and OUT/world (the world: load it with
+# gym.make("MatrixWorld-v0", world="OUT/world"), probe it with `matrix-world probe --checkpoint`).
+# Settings (environment variables, defaults in brackets):
+#   INIT [matrix_env/worlds/default]  world whose VAE encodes the data and whose DiT + heads start training
+#   EPISODES ["80 12 24 48"]  episodes of the labelled, unlabelled, exit and hold sets; EP_STEPS [250] each
+#   WORKERS [nproc]  recorder processes per set; NO_VIDEO [1]: record without the 720p video (the DiT
+#     never reads it; machines without ffmpeg can record)
+#   DEVICE [auto]  encode and train on cpu / cuda; STEPS [2400] the schedule's length; MAX_MINUTES []
+#     a wall-clock budget for train-dit (it stops, checkpoints and exports at the step it reached)
+#   BATCH [16], LR [1e-4], NUM_WORKERS [0] (DataLoader workers), EXTRA [] more train-dit flags
+#     (e.g. "--leave-weight 3"), PY [python3]
+set -euo pipefail
+OUT=${1:?usage: bash examples/train_world.sh OUT}
+PY=${PY:-python3}
+INIT=${INIT:-$(dirname "$0")/../matrix_env/worlds/default}
+read -r N_LAB N_UNL N_EXIT N_HOLD <<<"${EPISODES:-80 12 24 48}"
+EP_STEPS=${EP_STEPS:-250}
+WORKERS=${WORKERS:-$(nproc)}
+DEVICE=${DEVICE:-auto}
+VIDEO=()
+[ "${NO_VIDEO:-1}" = 1 ] && VIDEO=(--no-video)
+mw() { echo "+ matrix-world $*"; "$PY" -m agents.cli "$@"; }
+
+mkdir -p "$OUT"
+# the README's data sets, same seeds and policies
+mw record --env CarRacing-v3 --episodes "$N_LAB" --steps "$EP_STEPS" --workers "$WORKERS" --seed 0 \
+    "${VIDEO[@]}" --out "$OUT/data/carracing"
+mw record --env CarRacing-v3 --unlabelled --episodes "$N_UNL" --steps "$EP_STEPS" --workers "$WORKERS" --seed 10000 \
+    "${VIDEO[@]}" --out "$OUT/data/carracing_unlabelled"
+mw record --env CarRacing-v3 --policy exit --episodes "$N_EXIT" --steps "$EP_STEPS" --workers "$WORKERS" --seed 5000 \
+    "${VIDEO[@]}" --out "$OUT/data/carracing_exit"
+mw record --env CarRacing-v3 --policy hold --episodes "$N_HOLD" --steps "$EP_STEPS" --workers "$WORKERS" --seed 30000 \
+    "${VIDEO[@]}" --out "$OUT/data/carracing_hold"
+
+SETS="carracing carracing_unlabelled carracing_exit carracing_hold"
+D=() L=()
+for s in $SETS; do
+    mw encode-latents --data "$OUT/data/$s" --vae "$INIT" --out "$OUT/latents/$s" --device "$DEVICE" --bf16
+    D+=("$OUT/data/$s") L+=("$OUT/latents/$s")
+done
+
+BUDGET=()
+[ -n "${MAX_MINUTES:-}" ] && BUDGET=(--max-minutes "$MAX_MINUTES")
+# shellcheck disable=SC2086  # EXTRA is a list of flags
+mw train-dit --data "${D[@]}" --latents "${L[@]}" --run-dir "$OUT/run" --init-from "$INIT" --preset S \
+    --steps "${STEPS:-2400}" --batch-size "${BATCH:-16}" --lr "${LR:-1e-4}" --warmup 50 --ema-decay 0.999 \
+    --ctx-noise 0.5 --road-weight 3 --bf16 --ckpt-every 200 --num-workers "${NUM_WORKERS:-0}" \
+    --device "$DEVICE" "${BUDGET[@]}" ${EXTRA:-}
+
+mw build-world --vae "$INIT" --dit "$OUT/run/model" --data "$OUT/data/carracing" "$OUT/data/carracing_unlabelled" \
+    --latents "$OUT/latents/carracing" "$OUT/latents/carracing_unlabelled" --out "$OUT/world" --starts 32 \
+    --mode pipelined --steps-per-shift 1 --ctx-noise 0.4 --level-shift 2
+echo "world written to $OUT/world"
