@@ -20,10 +20,11 @@
 #   (carry one under runs/); PPO_SEEDS (default "0 1 2"). Writes OUT_DIR/ppo/<world>_s<seed>/ppo.zip.
 # [train_world] only when STEPS names it: examples/train_world.sh on CUDA (record the `hold` recipe's
 #   data with every core, without video; encode; fine-tune the default world's DiT + heads, batch 64,
-#   for TRAIN_MINUTES (default 4); build), working in TRAIN_DIR (default /tmp/mw_train_world, kept
-#   while the machine stays warm: every stage resumes, so a call cut by its limit is continued by
-#   the same call). Writes OUT_DIR/train_world.tgz (the world, its train_dit.json and the logs).
-#   TRAIN_FLAGS: more train-dit flags (EXTRA of train_world.sh).
+#   TRAIN_STEPS (default 3000) but at most TRAIN_MINUTES (default 4) and no later than the step's own
+#   deadline; build), working in TRAIN_DIR (default /tmp/mw_train_world, kept while the machine stays
+#   warm: every stage resumes, so a call that ran out of time is continued by the same call).
+#   Writes OUT_DIR/train_world.tgz (the world without its VAE, which is the default world's, and
+#   train_dit.json with the step reached). TRAIN_FLAGS: more train-dit flags (EXTRA of train_world.sh).
 set -u
 OUT_DIR=${1:-gpu_check}
 mkdir -p "$OUT_DIR"
@@ -89,11 +90,12 @@ if [[ " ${STEPS:-} " == *" ppo_seeds "* ]]; then
 fi
 if [[ " ${STEPS:-} " == *" train_world "* ]]; then
     TRAIN_DIR=${TRAIN_DIR:-/tmp/mw_train_world}
-    step train_world 570 env PY="$PY" DEVICE=cuda STEPS="${TRAIN_STEPS:-8000}" BATCH=64 LR=2e-4 \
-        MAX_MINUTES="${TRAIN_MINUTES:-4}" NUM_WORKERS=8 EXTRA="${TRAIN_FLAGS:-}" bash examples/train_world.sh "$TRAIN_DIR"
-    if [ -f "$TRAIN_DIR/world/dit.safetensors" ]; then
-        tar czf "$OUT_DIR/train_world.tgz" -C "$TRAIN_DIR" world run/model/train_dit.json run/tb 2>/dev/null \
-            || tar czf "$OUT_DIR/train_world.tgz" -C "$TRAIN_DIR" world
+    # ends 30 s inside the step's limit: train-dit's budget shrinks to what recording left
+    step train_world 570 env PY="$PY" DEVICE=cuda STEPS="${TRAIN_STEPS:-3000}" BATCH=64 LR=2e-4 \
+        MAX_MINUTES="${TRAIN_MINUTES:-4}" DEADLINE=$(( $(date +%s) + 540 )) NUM_WORKERS=8 EXTRA="${TRAIN_FLAGS:-}" \
+        bash examples/train_world.sh "$TRAIN_DIR"
+    if [ -f "$TRAIN_DIR/world/dit.safetensors" ]; then  # the VAE is the default world's: restore it with cp
+        tar czf "$OUT_DIR/train_world.tgz" -C "$TRAIN_DIR" --exclude=vae.safetensors world run/model/train_dit.json
         ls -l "$OUT_DIR/train_world.tgz"
     fi
 fi

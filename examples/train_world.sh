@@ -15,7 +15,9 @@
 #   WORKERS [nproc]  recorder processes per set; NO_VIDEO [1]: record without the 720p video (the DiT
 #     never reads it; machines without ffmpeg can record)
 #   DEVICE [auto]  encode and train on cpu / cuda; STEPS [2400] the schedule's length; MAX_MINUTES []
-#     a wall-clock budget for train-dit (it stops, checkpoints and exports at the step it reached)
+#     a wall-clock budget for train-dit (it stops, checkpoints and exports at the step it reached);
+#     DEADLINE [] a Unix time by which the script must be done: train-dit's budget is cut to end
+#     BUILD_SECONDS [60] before it (for a call with a hard time limit)
 #   BATCH [16], LR [1e-4], NUM_WORKERS [0] (DataLoader workers), EXTRA [] more train-dit flags
 #     (e.g. "--leave-weight 3"), PY [python3]
 set -euo pipefail
@@ -27,19 +29,19 @@ EP_STEPS=${EP_STEPS:-250}
 WORKERS=${WORKERS:-$(nproc)}
 DEVICE=${DEVICE:-auto}
 VIDEO=()
-[ "${NO_VIDEO:-1}" = 1 ] && VIDEO=(--no-video)
+if [ "${NO_VIDEO:-1}" = 1 ]; then VIDEO=(--no-video); fi
 mw() { echo "+ matrix-world $*"; "$PY" -m agents.cli "$@"; }
 
 mkdir -p "$OUT"
 # the README's data sets, same seeds and policies
 mw record --env CarRacing-v3 --episodes "$N_LAB" --steps "$EP_STEPS" --workers "$WORKERS" --seed 0 \
-    "${VIDEO[@]}" --out "$OUT/data/carracing"
+    ${VIDEO[@]+"${VIDEO[@]}"} --out "$OUT/data/carracing"
 mw record --env CarRacing-v3 --unlabelled --episodes "$N_UNL" --steps "$EP_STEPS" --workers "$WORKERS" --seed 10000 \
-    "${VIDEO[@]}" --out "$OUT/data/carracing_unlabelled"
+    ${VIDEO[@]+"${VIDEO[@]}"} --out "$OUT/data/carracing_unlabelled"
 mw record --env CarRacing-v3 --policy exit --episodes "$N_EXIT" --steps "$EP_STEPS" --workers "$WORKERS" --seed 5000 \
-    "${VIDEO[@]}" --out "$OUT/data/carracing_exit"
+    ${VIDEO[@]+"${VIDEO[@]}"} --out "$OUT/data/carracing_exit"
 mw record --env CarRacing-v3 --policy hold --episodes "$N_HOLD" --steps "$EP_STEPS" --workers "$WORKERS" --seed 30000 \
-    "${VIDEO[@]}" --out "$OUT/data/carracing_hold"
+    ${VIDEO[@]+"${VIDEO[@]}"} --out "$OUT/data/carracing_hold"
 
 SETS="carracing carracing_unlabelled carracing_exit carracing_hold"
 D=() L=()
@@ -48,14 +50,31 @@ for s in $SETS; do
     D+=("$OUT/data/$s") L+=("$OUT/latents/$s")
 done
 
+MINUTES=${MAX_MINUTES:-}
+if [ -n "${DEADLINE:-}" ]; then  # what is left of the call, less the time to evaluate and build
+    LEFT=$("$PY" -c "import sys, time; print(max(1e-3, (float(sys.argv[1]) - time.time() - float(sys.argv[2])) / 60))" \
+        "$DEADLINE" "${BUILD_SECONDS:-60}")
+    MINUTES=$("$PY" -c "import sys; print(min(float(a) for a in sys.argv[1:] if a))" "$LEFT" "$MINUTES")
+fi
 BUDGET=()
-[ -n "${MAX_MINUTES:-}" ] && BUDGET=(--max-minutes "$MAX_MINUTES")
-# shellcheck disable=SC2086  # EXTRA is a list of flags
-mw train-dit --data "${D[@]}" --latents "${L[@]}" --run-dir "$OUT/run" --init-from "$INIT" --preset S \
-    --steps "${STEPS:-2400}" --batch-size "${BATCH:-16}" --lr "${LR:-1e-4}" --warmup 50 --ema-decay 0.999 \
-    --ctx-noise 0.5 --road-weight 3 --bf16 --ckpt-every 200 --num-workers "${NUM_WORKERS:-0}" \
-    --device "$DEVICE" "${BUDGET[@]}" ${EXTRA:-}
+if [ -n "$MINUTES" ]; then BUDGET=(--max-minutes "$MINUTES"); fi
+STEPS=${STEPS:-2400}
+DONE=$("$PY" -c "import json, sys; print(int(json.load(open(sys.argv[1]))['steps'] >= int(sys.argv[2])))" \
+    "$OUT/run/model/train_dit.json" "$STEPS" 2>/dev/null || echo 0)
+if [ "$DONE" = 1 ]; then  # a finished run is not reloaded, re-evaluated and re-exported
+    echo "train-dit: $OUT/run has trained its $STEPS steps already"
+else
+    # shellcheck disable=SC2086  # EXTRA is a list of flags
+    mw train-dit --data "${D[@]}" --latents "${L[@]}" --run-dir "$OUT/run" --init-from "$INIT" --preset S \
+        --steps "$STEPS" --batch-size "${BATCH:-16}" --lr "${LR:-1e-4}" --warmup 50 --ema-decay 0.999 \
+        --ctx-noise 0.5 --road-weight 3 --bf16 --ckpt-every 200 --num-workers "${NUM_WORKERS:-0}" \
+        --device "$DEVICE" ${BUDGET[@]+"${BUDGET[@]}"} ${EXTRA:-}
+fi
 
+if [ "$OUT/world/dit.safetensors" -nt "$OUT/run/model/train_dit.json" ]; then
+    echo "world written to $OUT/world (already built from this run's model)"
+    exit 0
+fi
 mw build-world --vae "$INIT" --dit "$OUT/run/model" --data "$OUT/data/carracing" "$OUT/data/carracing_unlabelled" \
     --latents "$OUT/latents/carracing" "$OUT/latents/carracing_unlabelled" --out "$OUT/world" --starts 32 \
     --mode pipelined --steps-per-shift 1 --ctx-noise 0.4 --level-shift 2

@@ -30,17 +30,27 @@ def test_quickstart_writes_a_strip(tmp_path: Path) -> None:
 
 
 def test_train_world_script_records_trains_builds_and_resumes(tmp_path: Path) -> None:
-    """examples/train_world.sh end to end on a tiny budget; its rerun redoes nothing; the world loads."""
+    """examples/train_world.sh end to end on a tiny budget: a DEADLINE already past stops train-dit
+    after one step (world built from it), a rerun continues to STEPS, a third run redoes nothing."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PY": sys.executable,
            "EPISODES": "2 1 1 1", "EP_STEPS": "24", "WORKERS": "1", "STEPS": "2", "BATCH": "2", "DEVICE": "cpu"}
     cmd = ["bash", str(ROOT / "examples" / "train_world.sh"), str(tmp_path / "tw")]
-    first = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
+
+    def run(**extra: str) -> str:
+        proc = subprocess.run(cmd, cwd=tmp_path, env={**env, **extra}, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        return proc.stdout
+
+    out = run(DEADLINE="1", BUILD_SECONDS="0")
+    assert "--max-minutes 0.001: stopped at step 1 of 2" in out and "saved world model" in out
     assert not list((tmp_path / "tw" / "data").glob("*/episodes/*/video_720p.mp4"))  # NO_VIDEO=1 by default
-    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
-    assert again.stdout.count("(0 encoded now, ") == 4 and "at step 2" in again.stdout
     world = tmp_path / "tw" / "world"
+    first = (world / "dit.safetensors").read_bytes()
+    out = run()
+    assert out.count("(0 encoded now, ") == 4 and "at step 1" in out and "saved world model" in out
+    assert (world / "dit.safetensors").read_bytes() != first  # rebuilt from the finished run
+    out = run()
+    assert "has trained its 2 steps already" in out and "already built from this run's model" in out
     import gymnasium as gym
 
     import matrix_env  # noqa: F401
