@@ -32,16 +32,17 @@ VIDEO=()
 if [ "${NO_VIDEO:-1}" = 1 ]; then VIDEO=(--no-video); fi
 mw() { echo "+ matrix-world $*"; "$PY" -m agents.cli "$@"; }
 
+rec() {  # rec SET EPISODES SEED [FLAGS...]: one of the README's data sets, its seed and policy
+    local set=$1 n=$2 seed=$3; shift 3
+    mw record --env CarRacing-v3 --episodes "$n" --steps "$EP_STEPS" --workers "$WORKERS" --seed "$seed" "$@" \
+        ${VIDEO[@]+"${VIDEO[@]}"} --out "$OUT/data/$set"
+}
+
 mkdir -p "$OUT"
-# the README's data sets, same seeds and policies
-mw record --env CarRacing-v3 --episodes "$N_LAB" --steps "$EP_STEPS" --workers "$WORKERS" --seed 0 \
-    ${VIDEO[@]+"${VIDEO[@]}"} --out "$OUT/data/carracing"
-mw record --env CarRacing-v3 --unlabelled --episodes "$N_UNL" --steps "$EP_STEPS" --workers "$WORKERS" --seed 10000 \
-    ${VIDEO[@]+"${VIDEO[@]}"} --out "$OUT/data/carracing_unlabelled"
-mw record --env CarRacing-v3 --policy exit --episodes "$N_EXIT" --steps "$EP_STEPS" --workers "$WORKERS" --seed 5000 \
-    ${VIDEO[@]+"${VIDEO[@]}"} --out "$OUT/data/carracing_exit"
-mw record --env CarRacing-v3 --policy hold --episodes "$N_HOLD" --steps "$EP_STEPS" --workers "$WORKERS" --seed 30000 \
-    ${VIDEO[@]+"${VIDEO[@]}"} --out "$OUT/data/carracing_hold"
+rec carracing "$N_LAB" 0
+rec carracing_unlabelled "$N_UNL" 10000 --unlabelled
+rec carracing_exit "$N_EXIT" 5000 --policy exit
+rec carracing_hold "$N_HOLD" 30000 --policy hold
 
 SETS="carracing carracing_unlabelled carracing_exit carracing_hold"
 D=() L=()
@@ -52,9 +53,8 @@ done
 
 MINUTES=${MAX_MINUTES:-}
 if [ -n "${DEADLINE:-}" ]; then  # what is left of the call, less the time to evaluate and build
-    LEFT=$("$PY" -c "import sys, time; print(max(1e-3, (float(sys.argv[1]) - time.time() - float(sys.argv[2])) / 60))" \
-        "$DEADLINE" "${BUILD_SECONDS:-60}")
-    MINUTES=$("$PY" -c "import sys; print(min(float(a) for a in sys.argv[1:] if a))" "$LEFT" "$MINUTES")
+    MINUTES=$("$PY" -c "import sys, time; left = (float(sys.argv[1]) - time.time() - float(sys.argv[2])) / 60
+print(min([max(1e-3, left)] + [float(m) for m in sys.argv[3:] if m]))" "$DEADLINE" "${BUILD_SECONDS:-60}" "$MINUTES")
 fi
 BUDGET=()
 if [ -n "$MINUTES" ]; then BUDGET=(--max-minutes "$MINUTES"); fi

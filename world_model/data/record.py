@@ -3,10 +3,10 @@
 CarRacing-v3 is driven through the nine-action driving table (``world_model.actions``) with
 continuous controls; one recorded step holds an action for ``--frame-skip`` simulator steps.
 Frames are real renders at ``--resolution`` (default 1280x720: CarRacing draws straight onto a
-1280x720 canvas, nothing is upscaled), stored as a near-lossless H.264 video (unless ``--no-video``),
-and at the training resolution 72x128 as a memory-mappable uint8 array. Any env with a ``Discrete`` action space and
-``rgb_array`` rendering can be recorded (``--env ID``); its actions get the sentences "Action k."
-unless ``--sentences FILE`` (a JSON list) overrides them.
+1280x720 canvas, nothing is upscaled), stored as a near-lossless H.264 video (unless
+``--no-video``), and at the training resolution 72x128 as a memory-mappable uint8 array. Any env
+with a ``Discrete`` action space and ``rgb_array`` rendering can be recorded (``--env ID``); its
+actions get the sentences "Action k." unless ``--sentences FILE`` (a JSON list) overrides them.
 
 Nothing is lost: each episode is written under a temporary name and renamed when complete; rerunning
 with the same ``--out`` skips complete episodes (episode i always uses seed ``--seed + i``).
@@ -264,10 +264,11 @@ def record_episode(
     policy = policies[src.policy](rng) if src.policy in policies else RandomPolicy(n_actions, rng)
     tmp = E.tmp_episode_dir(root, name)
     tmp.mkdir(parents=True, exist_ok=True)
+    fps = DEFAULT_FPS / src.frame_skip if src.carracing else 15
     video_path = tmp / E.VIDEO_FILE if src.video else None
     writer = None if video_path is None else imageio.get_writer(
         video_path,
-        fps=DEFAULT_FPS / src.frame_skip if src.carracing else 15,
+        fps=fps,
         codec="libx264",
         quality=None,
         ffmpeg_params=["-crf", str(src.crf), "-preset", "veryfast"],
@@ -342,7 +343,7 @@ def record_episode(
         "action_names": src.action_names,
         "sentences": src.sentences,
         "video_hw": [src.height, src.width] if src.video else None,
-        "video_fps": (DEFAULT_FPS / src.frame_skip if src.carracing else 15) if src.video else None,
+        "video_fps": fps if src.video else None,
         "gymnasium_version": gym.__version__,
         "versions": E.versions(),
         "record_seconds": round(time.perf_counter() - t0, 2),
