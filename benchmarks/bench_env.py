@@ -29,8 +29,8 @@ WARMUP_STEPS = 2
 class BenchArgs:
     """Benchmark MatrixWorld env throughput against CarRacing-v3."""
 
-    world: str | None = None
-    """A shipped world's name ("default", "hold") or a checkpoint directory (default: "default")."""
+    world: str = "default"
+    """A shipped world's name ("default", "hold") or a checkpoint directory."""
     steps: int = 30
     """Timed steps per configuration (after warm-up)."""
     quick: bool = False
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     rows = run(args)
     print(
-        f"# bench_env: world={args.world or 'default'} device={args.device} dtype={args.dtype} "
+        f"# bench_env: world={args.world} device={args.device} dtype={args.dtype} "
         f"compile={compiled(args)} sampler={args.sampler_mode or 'default'} {sampler_overrides(args) or ''} "
         f"threads={torch.get_num_threads()} cpu={platform.processor() or platform.machine()}"
     )

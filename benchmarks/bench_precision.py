@@ -26,8 +26,8 @@ from benchmarks.bench_env import time_steps  # noqa: E402
 class PrecisionArgs:
     """Compare float32 / bfloat16 and eager / compiled DiT evaluation of the batched env."""
 
-    world: str | None = None
-    """A shipped world's name ("default", "hold") or a checkpoint directory (default: "default")."""
+    world: str = "default"
+    """A shipped world's name ("default", "hold") or a checkpoint directory."""
     num_envs: int = 16
     """Streams in the batched env."""
     steps: int = 20
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {v: rollout(args, *v) for v in variants}
     base_rate, base_lat = results[("float32", False, "torch")]
     scale = float(np.sqrt((base_lat**2).mean()))
-    print(f"# bench_precision: world={args.world or 'default'} num_envs={args.num_envs} obs=84x84 "
+    print(f"# bench_precision: world={args.world} num_envs={args.num_envs} obs=84x84 "
           f"steps={args.steps} threads={torch.get_num_threads()} cpu={platform.processor() or platform.machine()}")
     print("| backend | dtype | torch.compile | env steps/s | x eager float32 | latent RMS gap to eager float32 |")
     print("|---|---|---|---:|---:|---:|")

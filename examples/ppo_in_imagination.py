@@ -18,6 +18,9 @@ A long run, resumable (rerun the same command after a kill: it continues from th
 in --run-dir, saved atomically every --save-every timesteps):
 
     python examples/ppo_in_imagination.py --timesteps 300000 --run-dir ~/ppo --dtype bfloat16 --compile
+
+(--dtype bfloat16 only on a GPU or a CPU with AVX512-BF16 / AMX; elsewhere it is several times slower
+than float32 and the world warns: keep float32 with --compile there, README "Env speed".)
 """
 
 import argparse

@@ -47,18 +47,21 @@ class DemoArgs:
     """Env steps to record (the video has steps + 1 frames)."""
     out: Path = Path("demo.mp4")
     """Output .mp4 path."""
-    world: str | None = None
-    """A shipped world's name ("default", "hold") or a checkpoint directory (default: "default")."""
+    world: str = "default"
+    """A shipped world's name ("default", "hold") or a checkpoint directory."""
     seed: int = 0
     """Seed of the episode."""
     fps: int = 15
     """Frame rate of the video."""
-    sampler_mode: str | None = None
+    sampler_mode: Literal["pipelined", "reconditioned", "immediate"] | None = None
     """Swin-DPM mode: pipelined, reconditioned or immediate (default: the checkpoint's)."""
     guidance: float | None = None
     """Classifier-free guidance scale on the actions (default: the checkpoint's; 1 = off)."""
     device: str = "cpu"
     """Torch device of the model."""
+    dtype: str = "float32"
+    """Network precision: float32, bfloat16 or float16 (autocast; bfloat16 is fast only on a GPU or a
+    CPU with AVX512-BF16 / AMX, and warns elsewhere)."""
     backend: str = "torch"
     """Who runs the DiT's full-window calls: torch, onnxruntime (CPU/CUDA) or tensorrt (CUDA)."""
     label: bool = True
@@ -108,7 +111,7 @@ def demo(args: DemoArgs) -> dict:
     from matrix_env.env import MatrixWorldEnv
 
     env = MatrixWorldEnv(
-        world=args.world, obs_size=(720, 1280), sampler_mode=args.sampler_mode, device=args.device,
+        world=args.world, obs_size=(720, 1280), sampler_mode=args.sampler_mode, device=args.device, dtype=args.dtype,
         sampler=None if args.guidance is None else {"guidance": args.guidance}, backend=args.backend,
     )
     from world_model.road_follower import RoadFollower, on_road

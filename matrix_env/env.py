@@ -222,7 +222,9 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
 
     ## Rewards
     Predicted by the checkpoint's reward head from (previous frame, new frame, action), trained on
-    CarRacing's rewards (-0.1 per frame, +1000/N per new track tile); or, if given,
+    CarRacing's rewards (-0.1 per frame, +1000/N per new track tile); on a terminated step, the
+    game's reward for that ending stored with the world (``heads.cfg.terminal_reward``: -100, as
+    CarRacing gives for leaving the playfield, in the shipped worlds); or, if given,
     ``reward_fn(latents_prev, latents, actions)``: (B, C, h, w), (B, C, h, w) latents and (B,) long
     actions on the device -> a (B,) tensor (B = 1 here, num_envs in the vector env).
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -24,15 +25,15 @@ TEXT_COLOUR = (255, 255, 0)
 class PlayArgs:
     """Play MatrixWorld with the keyboard."""
 
-    world: str | None = None
-    """A shipped world's name ("default", "hold") or a checkpoint directory (default: "default")."""
+    world: str = "default"
+    """A shipped world's name ("default", "hold") or a checkpoint directory."""
     seed: int = 0
     """Seed of the first episode."""
     fps: int = 15
     """Target frames per second (the model's recording rate)."""
     scale: float = 1.0
     """Window size relative to 1280x720."""
-    sampler_mode: str | None = None
+    sampler_mode: Literal["pipelined", "reconditioned", "immediate"] | None = None
     """Swin-DPM mode: pipelined, reconditioned or immediate (default: the checkpoint's)."""
     guidance: float | None = None
     """Classifier-free guidance scale on the actions (default: the checkpoint's; 1 = off)."""

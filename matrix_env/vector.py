@@ -124,6 +124,7 @@ class MatrixWorldVectorEnv(VectorEnv):
         )
         self.metadata = {**self.metadata, "render_fps": int(self.world.meta.get("fps", DEFAULT_FPS))}
         self.action_meanings = list(self.world.action_names)
+        self._meanings = np.array(self.action_meanings, dtype=object)  # (A,) for step()'s info
         self.single_action_space = spaces.Discrete(self.world.num_actions)
         self.action_space = batch_space(self.single_action_space, num_envs)
         self.single_observation_space = make_observation_space(self.sim, self.obs_hw)
@@ -353,7 +354,9 @@ class MatrixWorldVectorEnv(VectorEnv):
             actions: (N,) int action ids.
 
         Returns:
-            ``(obs, reward, terminated, truncated, info)`` with batched arrays.
+            ``(obs, reward, terminated, truncated, info)`` with batched arrays; info has
+            ``action_meaning`` (the single env's, None for sub-envs reset this step) and, on an
+            autoreset step, ``start_index``, each with its ``_`` mask.
         """
         if self._obs is None:
             raise gym.error.ResetNeeded("call reset() before step()")
@@ -366,10 +369,14 @@ class MatrixWorldVectorEnv(VectorEnv):
             )
         latents, reward, terminated = self.sim.step(torch.as_tensor(np.ascontiguousarray(actions), dtype=torch.long))
         done = self._prev_done  # host array: known without a device sync
-        info: dict[str, Any] = {}
+        stepped = ~done  # the sub-envs that took their action (the others reset this step)
+        info: dict[str, Any] = {  # the single env's info, in Gymnasium's vector form (None where masked)
+            "action_meaning": np.where(stepped, self._meanings[actions], None),
+            "_action_meaning": stepped,
+        }
         if done.any():
             start, key = self._draw(done)
-            info = {"start_index": np.where(done, start, 0), "_start_index": done.copy()}
+            info |= {"start_index": np.where(done, start, 0), "_start_index": done.copy()}
             latents = self._restart(done, start, key)
             done_t = torch.from_numpy(done).to(reward.device)
             reward = torch.where(done_t, torch.zeros_like(reward), reward)

@@ -475,6 +475,12 @@ def test_eval_suite_end_to_end(tmp_path: Path, tiny_world_dir: Path, toy_data: P
     assert extra["episodes"] == len(S.unseen_episodes(heads_data, 0.1, 0)) == 3
     assert extra["termination"]["positives"] >= 1 and extra["termination"]["recall"] == 0.0  # bias -10: never
     assert "termination precision / recall, same episodes" in (out2 / "summary.md").read_text()
+    ends = extra["endings"]  # the reward head at the recorded endings, beside the recorded reward there
+    assert ends["n"] == extra["termination"]["positives"] and ends["terminal_reward"] is None
+    assert np.isfinite(ends["head"]) and np.isfinite(ends["recorded"])
+    assert (f"| reward at recorded endings, same episodes: head / recorded | {ends['head']:.2f} / "
+            f"{ends['recorded']:.2f} | {ends['n']} endings; the world's terminal_reward: none (the head's) |"
+            in (out2 / "summary.md").read_text())
     assert again["idm"]["train"] == {"loaded_from": str(out / "idm")}
     assert again["idm"]["real_heldout"] == metrics["idm"]["real_heldout"]
     assert again["idm"]["latent"]["real_heldout"] == metrics["idm"]["latent"]["real_heldout"]

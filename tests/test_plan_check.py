@@ -54,6 +54,10 @@ def test_imagined_returns_score_by_reward_and_stop_at_termination(tiny_world_dir
     ending.reset(seed=0)
     score, _ = P.imagined_returns(ending, seqs)
     assert score.tolist() == [(1.0 if a == 5 else 0.0) + P.LEAVE_PENALTY for a in range(9)]  # one step, then -100
+    world.heads.cfg.terminal_reward = -100.0  # the world's own ending reward: counted once, not twice
+    own = MatrixWorldVectorEnv(9, world=world, obs_type="latent", max_episode_steps=-1)
+    own.reset(seed=0)
+    assert P.imagined_returns(own, seqs)[0].tolist() == [-100.0] * 9
 
 
 def test_real_replay_reaches_the_recorded_state_and_names_bad_actions() -> None:

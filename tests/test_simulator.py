@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import shutil
+import warnings
 
 import pytest
 import torch
 
+import world_model.device as device_mod
 from tests.conftest import TINY_SAMPLER, build_tiny_world
+from world_model.device import slow_precision
 from world_model.errors import UsageError
 from world_model.simulator import Simulator, compile_mode, sampler_config
 from world_model.swin_dpm import SwinDPMConfig
+from world_model.train.common import resolve_bf16
 
 B = 3
 
@@ -134,6 +138,7 @@ def test_memory_flat_over_200_steps(world) -> None:
     assert sim.state.latents.shape[1] == sim.sampler.window_len and torch.isfinite(latents).all()
 
 
+@pytest.mark.filterwarnings("ignore:dtype=torch.bfloat16 on cpu")  # on a CPU that emulates it
 def test_reward_fn_override_and_bf16(world) -> None:
     calls = []
 
@@ -145,6 +150,56 @@ def test_reward_fn_override_and_bf16(world) -> None:
     latents, reward, _ = sim.step(torch.tensor([1, 2, 3]))
     assert reward.tolist() == [10.0, 20.0, 30.0] and len(calls) == 1
     assert torch.isfinite(latents).all() and latents.dtype == torch.float32
+
+
+def fake_cpu(monkeypatch, machine: str, bf16: bool) -> None:
+    """Pretend to run on a CPU of architecture ``machine`` with or without native bfloat16."""
+    monkeypatch.setattr(device_mod.platform, "machine", lambda: machine)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+
+
+def test_emulated_bfloat16_is_named_warned_and_not_trained_with(world, monkeypatch, capsys) -> None:
+    """An x86 CPU without AVX512-BF16 / AMX emulates bfloat16 (0.12x fp32 training speed measured):
+    the env warns when asked for it, and --bf16 training / encoding falls back to fp32 with a note."""
+    cpu = torch.device("cpu")
+    fake_cpu(monkeypatch, "x86_64", bf16=False)
+    reason = slow_precision(cpu, torch.bfloat16)
+    assert reason is not None and "AVX512_BF16 / AMX_TILE" in reason and "bfloat16" in reason
+    assert slow_precision(cpu, torch.float32) is None
+    with pytest.warns(UserWarning, match=r"dtype=torch.bfloat16 on cpu: this CPU has no AVX512_BF16"):
+        Simulator(world, 1, dtype=torch.bfloat16)
+    assert resolve_bf16(True, cpu) is False and resolve_bf16(False, cpu) is False
+    assert "--bf16 requested but this CPU has no AVX512_BF16 / AMX_TILE" in capsys.readouterr().out
+
+    fake_cpu(monkeypatch, "x86_64", bf16=True)  # a CPU that computes it: no warning, bf16 is used
+    assert slow_precision(cpu, torch.bfloat16) is None and resolve_bf16(True, cpu) is True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Simulator(world, 1, dtype=torch.bfloat16)
+    fake_cpu(monkeypatch, "aarch64", bf16=False)  # no probe for other architectures: not second-guessed
+    assert slow_precision(cpu, torch.bfloat16) is None
+
+
+def test_terminal_reward_replaces_the_heads_reward_on_an_ending() -> None:
+    """heads.cfg.terminal_reward (CarRacing: -100 for leaving the playfield, which the Huber-trained
+    reward head predicts as about -1.5) is the reward of every terminated transition; a reward_fn
+    still decides the reward itself."""
+    world = build_tiny_world()
+    with torch.no_grad():
+        world.heads.mlp[-1].bias[1] = 10.0  # every transition terminates
+    head_reward = started(world).step(torch.tensor([0, 1, 2]))[1]
+    world.heads.cfg.terminal_reward = -100.0
+    _, reward, terminated = started(world).step(torch.tensor([0, 1, 2]))
+    assert terminated.all() and reward.tolist() == [-100.0] * B and (head_reward > -50).all()
+    with torch.no_grad():
+        world.heads.mlp[-1].bias[1] = -10.0  # none terminates: the head's reward stands
+    _, reward, terminated = started(world).step(torch.tensor([0, 1, 2]))
+    assert not terminated.any() and (reward > -50).all()
+    with torch.no_grad():
+        world.heads.mlp[-1].bias[1] = 10.0
+    _, reward, _ = started(world, reward_fn=lambda p, n, a: a.float()).step(torch.tensor([0, 1, 2]))
+    assert reward.tolist() == [0.0, 1.0, 2.0]
 
 
 @pytest.mark.parametrize(

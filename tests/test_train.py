@@ -188,13 +188,17 @@ def test_dit_trainer_and_build_world(data, footage, vae_dir, latents, dit_run, t
     ])  # fmt: skip
     assert "changed since the DiT was trained" not in capsys.readouterr().out  # a subset of its data
     assert world.heads.cfg.term_threshold == 0.0  # the default: the class-weighted loss's own decision
+    recorded = [float(np.load(ep / "rewards.npy")[np.load(ep / "terminated.npy")][0])
+                for ep in sorted((data / "episodes").iterdir()) if np.load(ep / "terminated.npy").any()]
+    assert recorded and world.heads.cfg.terminal_reward == pytest.approx(float(np.median(recorded)))
     again = tmp_path / "world_t"
     build_world.main([
         "--vae", str(vae_dir), "--dit", str(model), "--data", str(data), str(footage), "--latents",
         str(latents[0]), str(latents[1]), "--out", str(again), "--starts", "2", "--term-threshold", "3.5",
-        "--level-shift", "0.5",
+        "--level-shift", "0.5", "--terminal-reward", "-100",
     ])  # fmt: skip
     assert load_world(again).heads.cfg.term_threshold == 3.5
+    assert load_world(again).heads.cfg.terminal_reward == -100.0
     assert load_world(again).sampler["level_shift"] == 0.5 and world.sampler["level_shift"] == 1.0
     with pytest.raises(UsageError, match="--level-shift\\): level_shift must be a finite number > 0"):
         build_world.main([
@@ -660,11 +664,17 @@ def test_set_sampler_changes_only_the_sampler_and_extends_the_recipe(tiny_world_
 
     set_sampler_main(["--world", str(out), "--out", str(out), "--mode", "immediate"])  # in place
     assert load_world(out).sampler["mode"] == "immediate"
+    assert load_world(out).heads.cfg.terminal_reward is None  # the tiny world's heads: none set
+    set_sampler_main(["--world", str(out), "--out", str(out), "--terminal-reward", "-100"])  # only the heads' setting
+    edited = load_world(out)
+    assert edited.heads.cfg.terminal_reward == -100.0 and edited.sampler == load_world(out).sampler
+    assert edited.sampler["mode"] == "immediate"
     for argv, needle in [
         ([], "nothing to change"),
         (["--groups", "0"], "groups must be an int >= 1, got 0"),
         (["--groups", "20"], "max_frames=8"),
         (["--ctx-noise", "1.5"], "ctx_noise must be in [0, 1)"),
+        (["--terminal-reward", "nan"], "--terminal-reward nan: expected a finite reward"),
     ]:
         assert cli(["set-sampler", "--world", str(world), "--out", str(tmp_path / "bad"), *argv]) == 2
         assert needle in capsys.readouterr().err

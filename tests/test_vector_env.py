@@ -82,11 +82,15 @@ def test_terminations_autoreset_next_step() -> None:
     single = MatrixWorldEnv(world=world, obs_size=SMALL)
     envs.reset(seed=5)
     single.reset(seed=6)  # sub-env 1's seed
-    _, reward, terminated, truncated, _ = envs.step(np.array([0, 1]))
-    _, single_reward, single_term, *_ = single.step(1)
+    _, reward, terminated, truncated, info = envs.step(np.array([0, 1]))
+    _, single_reward, single_term, _, single_info = single.step(1)
     assert terminated.all() and not truncated.any() and single_term
+    assert info["action_meaning"].tolist() == ["D", "DL"] == ["D", single_info["action_meaning"]]
+    assert info["_action_meaning"].all()
+    assert "start_index" not in info
     obs, reward, terminated, truncated, info = envs.step(np.array([0, 1]))  # the autoreset step
     assert (reward == 0).all() and not terminated.any() and not truncated.any()
+    assert info["action_meaning"].tolist() == [None, None] and not info["_action_meaning"].any()
     single_obs, single_info = single.reset()
     assert np.abs(obs[1].astype(int) - single_obs).max() <= 1
     assert info["_start_index"].all() and info["start_index"][1] == single_info["start_index"]

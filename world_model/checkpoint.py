@@ -366,7 +366,7 @@ def world_provenance(directory: str | os.PathLike) -> dict[str, Any] | None:
     same file names, and this gives the provenance a trainer's summary JSON would have.
 
     Returns:
-        ``{"path", "action_names", "sampler", "term_threshold", "termination_pos_weight", "commands"
+        ``{"path", "action_names", "sampler", "term_threshold", "terminal_reward", "termination_pos_weight", "commands"
         (the world's recipe, in order), "vae_args", "dit_args", "latent_space_sha256", "vae_steps",
         "dit_steps", "vae_eval", "dit_eval"}``.
     """
@@ -381,6 +381,7 @@ def world_provenance(directory: str | os.PathLike) -> dict[str, Any] | None:
         "action_names": list(cfg.get("action_names", [])),
         "sampler": dict(cfg.get("sampler", {})),
         "term_threshold": cfg.get("heads", {}).get("term_threshold"),
+        "terminal_reward": cfg.get("heads", {}).get("terminal_reward"),
         "termination_pos_weight": meta.get("termination_pos_weight"),
         "commands": list(recipe.get("commands", [])),
         "vae_args": recipe.get("vae_args", {}),

@@ -39,6 +39,12 @@ class HeadsConfig:
     offset as threshold; measured on the shipped world it catches no termination (the head, trained
     on ~20 terminal windows, is not calibrated), while 0 catches all of them with no false ones on
     held-out driving (README). Default 0."""
+    terminal_reward: float | None = None
+    """Reward of a transition the termination head ends, in place of the reward head's prediction
+    there (``build-world --terminal-reward``; default: the recorded reward of the training data's
+    terminal transitions). CarRacing gives -100 for leaving the playfield; the Huber-trained reward
+    head cannot regress that rare value (it predicts about -1.5 on recorded exits), so without this
+    an imagined exit would cost ~1/70 of a real one. None: the head's prediction."""
 
 
 class RewardTerminationHeads(nn.Module):

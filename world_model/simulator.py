@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import operator
+import warnings
 from collections.abc import Callable
 from typing import Literal
 
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from world_model.checkpoint import WorldModel
-from world_model.device import check_device
+from world_model.device import check_device, slow_precision
 from world_model.dit import ContextCache
 from world_model.errors import UsageError
 from world_model.frames import block_mean
@@ -68,7 +69,7 @@ def sampler_config(world: WorldModel, mode: str | None = None, overrides: dict |
     try:
         return SwinDPMConfig(**settings)
     except (ValueError, TypeError) as e:
-        raise UsageError(f"sampler settings {settings}: {e}") from e
+        raise UsageError(f"{e} (sampler settings: {settings})") from e  # the bad value first
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -142,6 +143,9 @@ class Simulator:
         self.num_envs = num_envs
         self.device = check_device(device)
         self.dtype = dtype
+        slow = slow_precision(self.device, dtype)
+        if slow is not None:  # asked for speed, would get a several-fold slowdown: say so once
+            warnings.warn(f"dtype={dtype} on {self.device}: {slow}; dtype=float32 is faster here", stacklevel=2)
         if reward_fn is not None and not callable(reward_fn):
             raise UsageError(
                 f"reward_fn must be a callable (z_prev, z_next, actions) -> (B,) rewards, got {reward_fn!r}"
@@ -334,7 +338,8 @@ class Simulator:
 
         Returns:
             ``(latents, reward, terminated)``: (B, C, H, W) float32 new clean latents, (B,) float32
-            rewards and (B,) bool terminations, all on the device.
+            rewards (``reward_fn``'s if given, else the reward head's, or the heads' ``terminal_reward``
+            on a terminated transition) and (B,) bool terminations, all on the device.
         """
         if tuple(actions.shape) != (self.num_envs,):
             raise UsageError(f"actions must have shape ({self.num_envs},), one per stream, got {tuple(actions.shape)}")
@@ -345,13 +350,16 @@ class Simulator:
         )  # (B, C, H, W)
         with self._autocast():
             reward, term_logit = self.heads(z_prev, z_next, self.ctrl_pooled[actions])  # (B,), (B,)
+        terminated = term_logit.float() > self.heads.cfg.term_threshold  # (B,)
+        if self.heads.cfg.terminal_reward is not None:  # the game's reward for an ending (CarRacing: -100)
+            reward = torch.where(terminated, self.heads.cfg.terminal_reward, reward.float())
         if self.reward_fn is not None:
             reward = self.reward_fn(z_prev, z_next, actions)
             if not isinstance(reward, torch.Tensor) or reward.shape != (self.num_envs,):
                 got = f"a tensor of shape {tuple(reward.shape)}" if isinstance(reward, torch.Tensor) else repr(reward)
                 raise UsageError(f"reward_fn must return a ({self.num_envs},) tensor, one reward per stream, got {got}")
             reward = reward.to(self.device)
-        return z_next, reward.float(), term_logit.float() > self.heads.cfg.term_threshold
+        return z_next, reward.float(), terminated
 
     @torch.inference_mode()
     def encode(self, frames: torch.Tensor | np.ndarray, chunk: int = 8) -> torch.Tensor:

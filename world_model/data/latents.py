@@ -50,7 +50,8 @@ class Args:
     device: str = "auto"
     """auto, cpu or cuda."""
     bf16: bool = False
-    """Encode under bf16 autocast (faster on AMX CPUs / GPUs; the cache is float16 either way)."""
+    """Encode under bf16 autocast (faster on AVX512-BF16 / AMX CPUs and GPUs; fp32, with a note, where the
+    device would emulate bf16; the cache is float16 either way and records `encoded_bf16`)."""
     overwrite: bool = False
     """Delete a cache made by another VAE instead of refusing."""
 
@@ -187,7 +188,7 @@ def encode_all(args: Args, command: list[str] | None = None) -> dict:
     """
     from world_model.checkpoint import load_module
     from world_model.data.episodes import EPISODES_DIR, MANIFEST, list_episodes, open_episode, sha256_file
-    from world_model.train.common import barrier, cleanup_distributed, setup_distributed
+    from world_model.train.common import barrier, cleanup_distributed, resolve_bf16, setup_distributed
     from world_model.vae import FrameVAE, VAEConfig
 
     if not Path(args.data).is_dir():
@@ -196,6 +197,7 @@ def encode_all(args: Args, command: list[str] | None = None) -> dict:
     if not episodes:
         raise UsageError(f"--data {str(args.data)!r} holds no complete episodes")
     info = setup_distributed(args.device)
+    bf16 = resolve_bf16(args.bf16, info.device)  # fp32 where bf16 would be emulated
     vae_sha256(args.vae)  # checks that --vae holds a VAE
     sha = latent_space_sha256(args.vae)  # caches are keyed by the latent space (same for decoder fine-tunes)
     vae = load_module(args.vae, "vae", FrameVAE, VAEConfig, map_location=info.device).eval()
@@ -221,6 +223,7 @@ def encode_all(args: Args, command: list[str] | None = None) -> dict:
         "command": command or [],
         "latent_shape": [c, h, w],
         "dtype": "float16",
+        "encoded_bf16": bf16,
         "normalised": True,
         "latent_shift": vae.latent_shift.tolist(),
         "latent_scale": vae.latent_scale.tolist(),
@@ -249,7 +252,7 @@ def encode_all(args: Args, command: list[str] | None = None) -> dict:
             except ValueError:
                 pass  # corrupt: re-encode
             shutil.rmtree(target.parent)
-        z = encode_episode(vae, arrays["frames"], args.batch_size, info.device, args.bf16)  # (S+1, C, h, w)
+        z = encode_episode(vae, arrays["frames"], args.batch_size, info.device, bf16)  # (S+1, C, h, w)
         tmp = ep_root / f"{TMP_PREFIX}{ep.name}-{os.getpid()}"
         tmp.mkdir(parents=True, exist_ok=True)
         with open(tmp / LATENTS_FILE, "wb") as f:

@@ -61,7 +61,7 @@ class RecordArgs:
     domain_randomize: bool = False
     """CarRacing's randomised colours WITH labels: an evaluation-only split (stored with split='eval')."""
     split: str = ""
-    """Split name stored in every episode ('train' by default, 'eval' for a labelled randomised domain)."""
+    """Split name stored in every episode; empty: 'train', or 'eval' for a labelled randomised domain."""
     workers: int = 1
     """Recorder processes."""
     seed: int = 0

@@ -38,7 +38,7 @@ from world_model.errors import UsageError
 if typing.TYPE_CHECKING:
     from matrix_env.vector import MatrixWorldVectorEnv
 
-LEAVE_PENALTY = -100.0  # CarRacing's reward for leaving the playfield, for candidates the heads terminate
+LEAVE_PENALTY = -100.0  # CarRacing's reward for leaving the playfield, for worlds without a terminal_reward
 NATIVE = (72, 128)  # the model's frame size: what the follower and on_road read
 
 
@@ -81,17 +81,20 @@ def candidate_sequences(rng: np.random.Generator, n: int, horizon: int, num_acti
 def imagined_returns(envs: MatrixWorldVectorEnv, seqs: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """Roll ``seqs`` (N, H) out in the N sub-envs (which already hold the start), one batched forward per
     step. Returns (predicted return (N,), share of imagined frames on the road (N,), or None when the
-    envs' observations are latents). A candidate the termination head ends scores ``LEAVE_PENALTY``
-    and nothing after it."""
+    envs' observations are latents). A candidate the termination head ends scores the world's
+    terminal reward (``HeadsConfig.terminal_reward``; a world without one, or under a ``reward_fn``:
+    that reward + ``LEAVE_PENALTY``) and nothing after it."""
     from world_model.road_follower import on_road
 
     n, horizon = seqs.shape
     score, road, alive_steps = np.zeros(n), np.zeros(n), np.zeros(n)
     alive = np.ones(n, dtype=bool)
     pixels = envs.obs_type == "rgb"
+    in_reward = envs.sim.heads.cfg.terminal_reward is not None and envs.sim.reward_fn is None
+    penalty = 0.0 if in_reward else LEAVE_PENALTY  # the world's reward already holds the game's ending
     for t in range(horizon):
         obs, reward, terminated, _, _ = envs.step(seqs[:, t])  # one batched forward for all N
-        score += np.where(alive, reward + LEAVE_PENALTY * terminated, 0.0)
+        score += np.where(alive, reward + penalty * terminated, 0.0)
         if pixels:
             road += np.where(alive, on_road(obs), 0.0)
         alive_steps += alive

@@ -693,6 +693,16 @@ def teacher_forced(world: WorldModel, seg: Segments, count: int, device: str, se
     }
 
 
+def _endings_row(heads: dict, where: str) -> list[str]:
+    """The summary row comparing the reward head at recorded endings with the game's reward there."""
+    e = heads.get("endings", {})
+    if not e.get("n"):
+        return []
+    world = "none (the head's)" if e["terminal_reward"] is None else _fmt(e["terminal_reward"], 1)
+    return [f"| reward at recorded endings{where}: head / recorded | {_fmt(e['head'], 2)} / {_fmt(e['recorded'], 2)} | "
+            f"{e['n']} endings; the world's terminal_reward: {world} |"]
+
+
 def heads_metrics(world: WorldModel, seg: Segments, reward_baseline: float, device: str) -> dict:
     """Reward / termination heads on real held-out latent transitions ``(z[j-1], z[j], action[j])``."""
     s_idx, j_idx = np.nonzero(seg.actions[:, 1:] >= 0)
@@ -715,8 +725,13 @@ def heads_metrics(world: WorldModel, seg: Segments, reward_baseline: float, devi
     sampled = {True: int(true_t.sum()), False: int((~true_t).sum())}
     rate = {c: seg.term_totals.get(c, 0) / sampled[c] if sampled[c] else 0.0 for c in (True, False)}
     weight = np.where(true_t, rate[True], rate[False])
+    ends = true_t.astype(bool)  # recorded endings: what the reward head says there vs the game's reward
+    endings = {"n": int(ends.sum()), "head": float(pred_r[ends].mean()) if ends.any() else float("nan"),
+               "recorded": float(true_r[ends].mean()) if ends.any() else float("nan"),
+               "terminal_reward": world.heads.cfg.terminal_reward}
     return {
         "reward": M.reward_metrics(pred_r, true_r, baseline=reward_baseline),
+        "endings": endings,
         "termination": {**M.termination_metrics(logit > world.heads.cfg.term_threshold, true_t, weight),
                         "threshold": float(world.heads.cfg.term_threshold)},
         "termination_at_logit_0": M.termination_metrics(logit > 0, true_t, weight),
@@ -1099,6 +1114,7 @@ def summary_markdown(results: dict) -> str:
             f"{_fmt(tm['precision'])} / {_fmt(tm['recall'])} | {tm['positives']} terminal of {tm['n']}; "
             f"false terminations per step {_fmt(tm.get('false_positive_rate'), 4)} |",
         ]
+        lines += _endings_row(heads, "")
         if "extra" in heads:
             rw, tm, ex = heads["extra"]["reward"], heads["extra"]["termination"], heads["extra"]
             lines += [
@@ -1108,6 +1124,7 @@ def summary_markdown(results: dict) -> str:
                 f"{tm['positives']} terminal of {tm['n']}; at logit > 0: "
                 f"{_fmt(ex['termination_at_logit_0']['precision'])} / {_fmt(ex['termination_at_logit_0']['recall'])} |",
             ]
+            lines += _endings_row(ex, ", same episodes")
     loop = results.get("closed_loop", {})
     if "world" in loop:
         quarters = " / ".join(_fmt(q["mean"], 2) for q in loop["world"]["on_road_by_quarter"])

@@ -76,9 +76,34 @@ class Args:
     terminations caught and no false one on 992 held-out driving transitions; at the
     prior-corrected log(pos_weight) + log(road_weight) = 8.0, none caught (with ~20 positive
     windows the head is not calibrated enough for the correction)."""
+    terminal_reward: float | None = None
+    """Reward of a transition the termination head ends (HeadsConfig.terminal_reward); default: the
+    median recorded reward of the terminal transitions in the DiT's training data (CarRacing's
+    leaving the playfield: -100), else the --dit world's own, else none (the reward head's prediction)."""
     road_starts: bool | None = None
     """Only start where the car is on the road in the last context frame (the pixel test of
     world_model.road_follower on the recorded frame); default: on for CarRacing data."""
+
+
+def recorded_terminal_reward(roots: list[Path] | tuple[Path, ...]) -> float | None:
+    """Median recorded reward of the terminal transitions of the episodes under ``roots`` (the
+    game's reward for an ending), or None when none is readable or none ended."""
+    from world_model.data.episodes import list_episodes
+
+    rewards = []
+    for root in roots:
+        try:
+            episodes = list_episodes(root)
+        except UsageError:
+            continue  # data gone (a world built elsewhere): the caller falls back
+        for ep in episodes:
+            try:
+                terminated = np.load(ep / "terminated.npy", mmap_mode="r")  # (S+1,) bool
+                reward = np.load(ep / "rewards.npy", mmap_mode="r")  # (S+1,) float
+            except (FileNotFoundError, ValueError):
+                continue  # unlabelled footage has no rewards
+            rewards.extend(np.asarray(reward)[np.asarray(terminated, dtype=bool)].tolist())
+    return float(np.median(rewards)) if rewards else None
 
 
 def _summary(model_dir: Path, summary_file: str, what: str) -> dict:
@@ -247,6 +272,14 @@ def build(args: Args, command: list[str] | None = None) -> Path:
     if not math.isfinite(term_threshold):
         raise UsageError(f"--term-threshold {term_threshold}: expected a finite logit")
     heads.cfg.term_threshold = term_threshold
+    terminal_reward = args.terminal_reward
+    if terminal_reward is None:
+        terminal_reward = recorded_terminal_reward([Path(p) for p in dit_args.get("data", [])])
+    if terminal_reward is None:
+        terminal_reward = dit_summary.get("world_terminal_reward")
+    if terminal_reward is not None and not math.isfinite(terminal_reward):
+        raise UsageError(f"--terminal-reward {terminal_reward}: expected a finite reward")
+    heads.cfg.terminal_reward = terminal_reward
 
     # the DiT's own split (deterministic in its holdout_fraction and seed); starts come from
     # labelled episodes when there are any (unlabelled footage may be randomised-colour)
@@ -306,13 +339,15 @@ def build(args: Args, command: list[str] | None = None) -> Path:
         "dit_args": dit_args,
     }
     out = save_world(args.out, world, recipe)
-    print(f"saved world model to {out}: {len(picks)} start contexts of {context} frames, sampler {sampler}")
+    print(f"saved world model to {out}: {len(picks)} start contexts of {context} frames, sampler {sampler}, "
+          f"terminal reward {terminal_reward}")
     return out
 
 
 @dataclass
 class SamplerArgs:
-    """Write a copy of a world with other default sampler settings (weights, starts and data untouched)."""
+    """Write a copy of a world with other default sampler settings or terminal reward (weights, starts
+    and data untouched)."""
 
     world: Path
     """World directory to start from."""
@@ -332,6 +367,8 @@ class SamplerArgs:
     """Warp of the noise levels (1 = evenly spaced)."""
     guidance: float | None = None
     """Classifier-free guidance scale on the actions (1 = off)."""
+    terminal_reward: float | None = None
+    """Reward of a transition the termination head ends (HeadsConfig.terminal_reward; CarRacing: -100)."""
 
 
 def set_sampler(args: SamplerArgs, command: list[str] | None = None) -> Path:
@@ -341,9 +378,11 @@ def set_sampler(args: SamplerArgs, command: list[str] | None = None) -> Path:
 
     names = ("mode", "groups", "steps_per_shift", "immediate_steps", "ctx_noise", "level_shift", "guidance")
     given = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
-    if not given:
+    if not given and args.terminal_reward is None:
         raise UsageError(f"set-sampler: nothing to change; give at least one of "
-                         f"{', '.join('--' + k.replace('_', '-') for k in names)}")
+                         f"{', '.join('--' + k.replace('_', '-') for k in (*names, 'terminal_reward'))}")
+    if args.terminal_reward is not None and not math.isfinite(args.terminal_reward):
+        raise UsageError(f"--terminal-reward {args.terminal_reward}: expected a finite reward")
     if not (Path(args.world) / MANIFEST_FILE).is_file():
         raise UsageError(f"--world {str(args.world)!r} is not a world directory (no {MANIFEST_FILE})")
     out = Path(args.out)
@@ -353,10 +392,12 @@ def set_sampler(args: SamplerArgs, command: list[str] | None = None) -> Path:
     cfg = sampler_config(world, None, given)  # UsageError naming a bad value
     _check_window(cfg, world.dit.cfg.max_frames)
     world.sampler = dataclasses.asdict(cfg)
+    if args.terminal_reward is not None:
+        world.heads.cfg.terminal_reward = args.terminal_reward
     recipe = json.loads((Path(args.world) / MANIFEST_FILE).read_text()).get("recipe", {})
     recipe["commands"] = [*recipe.get("commands", []), *([command] if command else [])]
     out = save_world(args.out, world, recipe)
-    print(f"saved world model to {out}: sampler {world.sampler}")
+    print(f"saved world model to {out}: sampler {world.sampler}, terminal reward {world.heads.cfg.terminal_reward}")
     return out
 
 

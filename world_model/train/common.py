@@ -57,6 +57,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
+from world_model.device import slow_precision
 from world_model.errors import UsageError
 
 STATE_DIR = "state"
@@ -173,11 +174,13 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_bf16(requested: bool, device: torch.device) -> bool:
-    """Whether bf16 autocast can be used: requested, and supported by the device (else warns)."""
+    """Whether bf16 autocast is used: requested, and computed in hardware by the device (else a note,
+    and fp32: on a CPU without AVX512-BF16 / AMX, bf16 is emulated and much slower than fp32)."""
     if not requested:
         return False
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        print("note: --bf16 requested but this GPU has no bf16; training in fp32")
+    reason = slow_precision(device, torch.bfloat16)
+    if reason is not None:
+        print(f"note: --bf16 requested but {reason}; running in fp32", flush=True)
         return False
     return True
 
@@ -426,7 +429,8 @@ def read_summary(model_dir: Path, summary_file: str) -> dict | None:
 
     Returns:
         The summary (a world's has ``world_recipe``, its whole recipe, instead of ``command``, and
-        ``world_sampler`` / ``world_term_threshold``), or None when ``model_dir`` has neither.
+        ``world_sampler`` / ``world_term_threshold`` / ``world_terminal_reward``), or None when
+        ``model_dir`` has neither.
 
     Raises:
         UsageError: the summary file is corrupt.
@@ -450,7 +454,7 @@ def read_summary(model_dir: Path, summary_file: str) -> dict | None:
             "action_names": world["action_names"], "latents_vae_sha256": world["latent_space_sha256"],
             "eval": world["dit_eval"], "steps": world["dit_steps"],
             "termination_pos_weight": world["termination_pos_weight"], "world_sampler": world["sampler"],
-            "world_term_threshold": world["term_threshold"]}
+            "world_term_threshold": world["term_threshold"], "world_terminal_reward": world["terminal_reward"]}
 
 
 def stage_commands(summary: dict) -> list[list[str]]:
