@@ -40,7 +40,8 @@ class PlayArgs:
     device: str = "cpu"
     """Torch device of the model."""
     dtype: str = "float32"
-    """Network precision: float32, bfloat16 or float16."""
+    """Network precision: float32, bfloat16 or float16 (autocast; bfloat16 is fast only on a GPU or a
+    CPU with AVX512-BF16 / AMX, and warns elsewhere)."""
     backend: str = "torch"
     """Who runs the DiT's full-window calls: torch, onnxruntime (CPU/CUDA) or tensorrt (CUDA)."""
     max_steps: int = 0

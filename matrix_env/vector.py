@@ -370,10 +370,9 @@ class MatrixWorldVectorEnv(VectorEnv):
         latents, reward, terminated = self.sim.step(torch.as_tensor(np.ascontiguousarray(actions), dtype=torch.long))
         done = self._prev_done  # host array: known without a device sync
         stepped = ~done  # the sub-envs that took their action (the others reset this step)
-        info: dict[str, Any] = {  # the single env's info, in Gymnasium's vector form (None where masked)
-            "action_meaning": np.where(stepped, self._meanings[actions], None),
-            "_action_meaning": stepped,
-        }
+        info: dict[str, Any] = {}  # the single env's info in Gymnasium's vector form (as SyncVectorEnv)
+        if stepped.any():
+            info = {"action_meaning": np.where(stepped, self._meanings[actions], None), "_action_meaning": stepped}
         if done.any():
             start, key = self._draw(done)
             info |= {"start_index": np.where(done, start, 0), "_start_index": done.copy()}

@@ -128,6 +128,16 @@ def test_module_errors(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="vae.safetensors"):
         load_module(tmp_path, "vae", FrameVAE, VAEConfig)
 
+    heads = RewardTerminationHeads(HeadsConfig(terminal_reward=-100.0))  # a world's ending reward: checked
+    save_module(tmp_path, "heads", heads, heads.cfg)
+    assert load_module(tmp_path, "heads", RewardTerminationHeads, HeadsConfig).cfg.terminal_reward == -100.0
+    for bad in ("NaN", '"-100"'):  # a hand edit: NaN, or the number as a string
+        path = tmp_path / "heads_config.json"
+        path.write_text(path.read_text().replace("-100.0", bad))
+        with pytest.raises(CheckpointError, match="terminal_reward must be None or a finite number"):
+            load_module(tmp_path, "heads", RewardTerminationHeads, HeadsConfig)
+        save_module(tmp_path, "heads", heads, heads.cfg)
+
 
 def test_world_errors(tmp_path: Path) -> None:
     ckpt = tmp_path / "ckpt"

@@ -478,8 +478,10 @@ def test_eval_suite_end_to_end(tmp_path: Path, tiny_world_dir: Path, toy_data: P
     ends = extra["endings"]  # the reward head at the recorded endings, beside the recorded reward there
     assert ends["n"] == extra["termination"]["positives"] and ends["terminal_reward"] is None
     assert np.isfinite(ends["head"]) and np.isfinite(ends["recorded"])
-    assert (f"| reward at recorded endings, same episodes: head / recorded | {ends['head']:.2f} / "
-            f"{ends['recorded']:.2f} | {ends['n']} endings; the world's terminal_reward: none (the head's) |"
+    assert ends["env"] == ends["head"]  # no terminal_reward: the env returns the head's reward
+    assert (f"| reward at recorded endings, same episodes: reward head / env / recorded | {ends['head']:.2f} / "
+            f"{ends['env']:.2f} / {ends['recorded']:.2f} | {ends['n']} endings; the world's terminal_reward: "
+            "none (the head's) |"
             in (out2 / "summary.md").read_text())
     assert again["idm"]["train"] == {"loaded_from": str(out / "idm")}
     assert again["idm"]["real_heldout"] == metrics["idm"]["real_heldout"]

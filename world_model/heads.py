@@ -9,6 +9,7 @@ termination logit.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,11 @@ class HeadsConfig:
     terminal transitions). CarRacing gives -100 for leaving the playfield; the Huber-trained reward
     head cannot regress that rare value (it predicts about -1.5 on recorded exits), so without this
     an imagined exit would cost ~1/70 of a real one. None: the head's prediction."""
+
+    def __post_init__(self) -> None:
+        r = self.terminal_reward
+        if r is not None and (isinstance(r, bool) or not isinstance(r, int | float) or not math.isfinite(r)):
+            raise ValueError(f"terminal_reward must be None or a finite number, got {r!r}")
 
 
 class RewardTerminationHeads(nn.Module):

@@ -70,7 +70,8 @@ class Args:
     real: bool = False
     """Drive the real game too (CarRacing worlds), with the same policy: its on-road fraction as a column."""
     dtype: typing.Literal["float32", "bfloat16"] = "float32"
-    """The world's compute dtype: bfloat16 runs the networks under autocast, as agents on a CPU use it."""
+    """The world's compute dtype: bfloat16 runs the networks under autocast, as agents on a CPU with
+    AVX512-BF16 / AMX use it."""
 
 
 def parse_variant(text: str) -> dict:

@@ -65,6 +65,7 @@ frames and steps) runs in ~5 s on a tiny world and is what the tests use.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import math
@@ -699,7 +700,8 @@ def _endings_row(heads: dict, where: str) -> list[str]:
     if not e.get("n"):
         return []
     world = "none (the head's)" if e["terminal_reward"] is None else _fmt(e["terminal_reward"], 1)
-    return [f"| reward at recorded endings{where}: head / recorded | {_fmt(e['head'], 2)} / {_fmt(e['recorded'], 2)} | "
+    values = f"{_fmt(e['head'], 2)} / {_fmt(e['env'], 2)} / {_fmt(e['recorded'], 2)}"
+    return [f"| reward at recorded endings{where}: reward head / env / recorded | {values} | "
             f"{e['n']} endings; the world's terminal_reward: {world} |"]
 
 
@@ -725,8 +727,11 @@ def heads_metrics(world: WorldModel, seg: Segments, reward_baseline: float, devi
     sampled = {True: int(true_t.sum()), False: int((~true_t).sum())}
     rate = {c: seg.term_totals.get(c, 0) / sampled[c] if sampled[c] else 0.0 for c in (True, False)}
     weight = np.where(true_t, rate[True], rate[False])
-    ends = true_t.astype(bool)  # recorded endings: what the reward head says there vs the game's reward
+    ends = true_t.astype(bool)  # recorded endings: the reward head, the env's reward there, the game's
+    cfg = world.heads.cfg
+    env_r = pred_r if cfg.terminal_reward is None else np.where(logit > cfg.term_threshold, cfg.terminal_reward, pred_r)
     endings = {"n": int(ends.sum()), "head": float(pred_r[ends].mean()) if ends.any() else float("nan"),
+               "env": float(env_r[ends].mean()) if ends.any() else float("nan"),
                "recorded": float(true_r[ends].mean()) if ends.any() else float("nan"),
                "terminal_reward": world.heads.cfg.terminal_reward}
     return {
@@ -833,7 +838,9 @@ def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int,
     on = on_road(decode_latents(world.vae, contexts[:, -1].float()))  # (S,) the real game starts on the road
     if on.any():
         contexts = contexts[torch.from_numpy(np.nonzero(on)[0])]
-    sim = Simulator(dataclasses.replace(world, start_latents=contexts.float()), envs, device,
+    heads = copy.copy(world.heads)  # the same weights; the reward head's own prediction on every step
+    heads.cfg = dataclasses.replace(heads.cfg, terminal_reward=None)  # (streams are driven on after an ending)
+    sim = Simulator(dataclasses.replace(world, start_latents=contexts.float(), heads=heads), envs, device,
                     sampler=sampler_config(world, mode), dtype=dtype)
     perm = np.random.default_rng(seed).permutation(len(contexts))
     start = torch.from_numpy(perm[np.arange(envs) % len(perm)])  # (envs,) wraps when there are fewer starts

@@ -517,8 +517,9 @@ def warm_start(model: DiTWithHeads, model_dir: Path, dit_cfg: object, heads_cfg:
 
     dit = load_module(model_dir, "dit", VideoDiT, DiTConfig)
     heads = load_module(model_dir, "heads", RewardTerminationHeads, HeadsConfig)
-    # a world's heads carry the decision threshold build-world chose: not part of the weights' shape
-    heads.cfg = dataclasses.replace(heads.cfg, term_threshold=heads_cfg.term_threshold)
+    # a world's heads carry the decision threshold and terminal reward build-world chose: not weights
+    heads.cfg = dataclasses.replace(heads.cfg, term_threshold=heads_cfg.term_threshold,
+                                    terminal_reward=heads_cfg.terminal_reward)
     for name, got, want in (("dit", dit.cfg, dit_cfg), ("heads", heads.cfg, heads_cfg)):
         if got != want:
             diff = {
