@@ -52,6 +52,20 @@ def native_only(what: str) -> None:
     )
 
 
+def unbatch_info(info: dict[str, Any], num_envs: int) -> list[dict[str, Any]]:
+    """Gymnasium's vector info (``key`` arrays with ``_key`` masks) -> SB3's one dict per sub-env,
+    each holding the keys its mask marks (numpy scalars as Python ones)."""
+    infos: list[dict[str, Any]] = [{} for _ in range(num_envs)]
+    for key, values in info.items():
+        mask = info.get(f"_{key}")
+        if key.startswith("_") or mask is None:
+            continue
+        for i in np.flatnonzero(mask):  # host dicts: SB3's per-env info format needs this loop
+            value = values[i]
+            infos[i][key] = value.item() if isinstance(value, np.generic) else value
+    return infos
+
+
 class MatrixWorldSB3VecEnv(VecEnv):
     """SB3 view of a :class:`MatrixWorldVectorEnv` (or of the kwargs to build one).
 
@@ -79,7 +93,7 @@ class MatrixWorldSB3VecEnv(VecEnv):
         """Reset every sub-env (with the seeds / options set by ``seed`` / ``set_options``)."""
         seeds = self._seeds if any(s is not None for s in self._seeds) else None
         obs, info = self.venv.reset(seed=seeds, options=self._merged_options())
-        self.reset_infos = [{"start_index": int(s)} for s in info["start_index"]]
+        self.reset_infos = unbatch_info(info, self.num_envs)  # start_index, action_meanings per env
         self._ep_return[:] = 0.0
         self._ep_length[:] = 0
         self._reset_seeds()
@@ -123,11 +137,11 @@ class MatrixWorldSB3VecEnv(VecEnv):
 
     def step_wait(self) -> VecEnvStepReturn:
         """One batched step; ended sub-envs are reset in the same call (SB3 semantics)."""
-        obs, reward, terminated, truncated, _ = self.venv.step(self._actions)
+        obs, reward, terminated, truncated, info = self.venv.step(self._actions)
         done = terminated | truncated
-        infos: list[dict[str, Any]] = [
-            {"TimeLimit.truncated": bool(tr and not te)} for te, tr in zip(terminated, truncated, strict=True)
-        ]
+        infos = unbatch_info(info, self.num_envs)  # action_meaning, as DummyVecEnv over single envs
+        for i, (te, tr) in enumerate(zip(terminated, truncated, strict=True)):
+            infos[i]["TimeLimit.truncated"] = bool(tr and not te)
         self._ep_return += reward
         self._ep_length += 1
         if done.any():
@@ -138,8 +152,9 @@ class MatrixWorldSB3VecEnv(VecEnv):
             self._ep_return[done] = 0.0
             self._ep_length[done] = 0
             obs, info = self.venv.reset(options={"reset_mask": done})
+            reset_infos = unbatch_info(info, self.num_envs)
             for i in np.flatnonzero(done):
-                self.reset_infos[i] = {"start_index": int(info["start_index"][i])}
+                self.reset_infos[i] = reset_infos[i]
         return obs, reward.astype(np.float32), done, infos
 
     def close(self) -> None:
@@ -189,8 +204,9 @@ class MatrixWorldSB3VecEnv(VecEnv):
             obs, info = self.venv.reset(seed=seeds, options=options)
             self._ep_return[mask] = 0.0
             self._ep_length[mask] = 0
+            reset_infos = unbatch_info(info, self.num_envs)
             for i in idx:
-                self.reset_infos[i] = {"start_index": int(info["start_index"][i])}
+                self.reset_infos[i] = reset_infos[i]
             return [(obs[i], dict(self.reset_infos[i])) for i in idx]
         if method_name not in SHARED_METHODS:
             self._require_all(indices, f"env_method({method_name!r})")
@@ -201,5 +217,5 @@ class MatrixWorldSB3VecEnv(VecEnv):
         """Sub-envs are streams of one vector env, never wrapped; the adapter records ``Monitor``'s
         episode statistics itself, so it answers True for ``Monitor`` (what SB3 asks before it
         trusts ``infos[i]["episode"]``)."""
-        wrapped = wrapper_class is Monitor
+        wrapped = isinstance(wrapper_class, type) and issubclass(Monitor, wrapper_class)
         return [wrapped for _ in self._get_indices(indices)]

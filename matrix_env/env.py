@@ -167,6 +167,8 @@ def start_index_option(options: dict[str, Any] | None, num_starts: int) -> int |
 class PygameViewer:
     """A pygame window showing uint8 (H, W, 3) frames at a fixed rate (render_mode="human")."""
 
+    open_viewers = 0  # viewers with a window in this process (pygame has one display, shared)
+
     def __init__(self, title: str, fps: int) -> None:
         self.title, self.fps = title, fps
         self.screen = None
@@ -177,7 +179,11 @@ class PygameViewer:
         import pygame
 
         h, w = frame.shape[:2]
+        if self.screen is not None and not pygame.display.get_init():
+            self.screen = None  # the display was shut down by code outside the viewers: reopen it
+            PygameViewer.open_viewers -= 1
         if self.screen is None:
+            PygameViewer.open_viewers += 1
             pygame.init()
             pygame.display.init()
             pygame.display.set_caption(self.title)
@@ -190,13 +196,15 @@ class PygameViewer:
         self.clock.tick(self.fps)
 
     def close(self) -> None:
-        """Close the window."""
+        """Close the window (pygame itself only when no other viewer still shows one)."""
         if self.screen is not None:
             import pygame
 
-            pygame.display.quit()
-            pygame.quit()
             self.screen = None
+            PygameViewer.open_viewers -= 1
+            if PygameViewer.open_viewers == 0:
+                pygame.display.quit()
+                pygame.quit()
 
 
 # --------------------------------------------------------------------------------------- the env
@@ -327,14 +335,19 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
         self._ended = False  # the last step terminated the episode
         self._obs: np.ndarray | None = None
         self._viewer: PygameViewer | None = None
+        self._closed = False
 
     def get_action_meanings(self) -> list[str]:
         """Names of the actions, indexed by action id (e.g. "D", "DL", ...)."""
         return list(self.action_meanings)
 
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise gym.error.ClosedEnvironmentError(f"{what}() on a closed MatrixWorldEnv; make a new env")
+
     def _observe(self, latent: torch.Tensor) -> np.ndarray:
         if self.obs_hw is None:
-            return latent[0].cpu().numpy()  # (C, H, W) float32
+            return latent[0].to("cpu", copy=True).numpy()  # (C, H, W) float32, not a view of the stream
         return self.sim.decode(latent, self.obs_hw)[0].cpu().numpy()  # (H, W, 3) uint8
 
     def reset(
@@ -350,6 +363,7 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
         Returns:
             ``(obs, info)``; info has ``start_index`` and ``action_meanings``.
         """
+        self._check_open("reset")
         chosen = start_index_option(options, self.sim.num_starts)  # before any state changes
         frames = context_frames_option(options, self.sim, ())  # (C_ctx, H, W, 3) or None
         seed_int = as_int(seed)  # numpy ints are ints (as in the vector env); gym.Env's check names others
@@ -378,6 +392,7 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
         Returns:
             ``(obs, reward, terminated, truncated, info)``; info has ``action_meaning``.
         """
+        self._check_open("step")
         if self._latent is None:
             raise gym.error.ResetNeeded("call reset() before step()")
         a = as_int(action)
@@ -424,7 +439,7 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
         if self._latent is None:
             raise gym.error.ResetNeeded("call reset() before render()")
         if self.obs_hw == self.sim.hr_hw and self._obs is not None:
-            frame = self._obs
+            frame = self._obs if self.render_mode == "human" else self._obs.copy()  # not the obs returned
         else:
             frame = self.sim.decode(self._latent, "720p")[0].cpu().numpy()  # (720, 1280, 3)
         if self.render_mode == "rgb_array":
@@ -435,7 +450,8 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
         return None
 
     def close(self) -> None:
-        """Close the window, if any."""
+        """Close the window, if any; later reset() / step() raise ClosedEnvironmentError."""
+        self._closed = True
         if self._viewer is not None:
             self._viewer.close()
             self._viewer = None

@@ -226,8 +226,20 @@ class MatrixWorldVectorEnv(VectorEnv):
     def _observe(self, latents: torch.Tensor) -> np.ndarray:
         """(B, C, H, W) latents -> observations, one batched decode and one host copy."""
         if self.obs_hw is None:
-            return latents.cpu().numpy()  # (B, C, H, W) float32
+            return latents.to("cpu", copy=True).numpy()  # (B, C, H, W) float32, not a view of the streams
         return self.sim.decode(latents, self.obs_hw).cpu().numpy()  # (B, H, W, 3) uint8
+
+    def _check_open(self, what: str) -> None:
+        if self.closed:  # set by VectorEnv.close()
+            raise gym.error.ClosedEnvironmentError(f"{what}() on a closed MatrixWorldVectorEnv; make a new one")
+
+    def _meanings_info(self, mask: np.ndarray) -> dict[str, np.ndarray]:
+        """The single env's reset info ``action_meanings`` in vector form (as SyncVectorEnv): the
+        list of names for the sub-envs in ``mask``, None elsewhere."""
+        meanings = np.full(self.num_envs, None, dtype=object)
+        for i in np.flatnonzero(mask):  # host only, on resets
+            meanings[i] = list(self.action_meanings)
+        return {"action_meanings": meanings, "_action_meanings": mask.copy()}
 
     def _seeds(self, seed: Any) -> list[int | None]:
         """Per-sub-env seeds of ``reset(seed=...)``: s -> s, s+1, ...; a list as given; None -> None."""
@@ -237,9 +249,13 @@ class MatrixWorldVectorEnv(VectorEnv):
         if not isinstance(seed, list | tuple | np.ndarray) or len(seed) != n:
             raise UsageError(f"seed must be an int, None or a list of num_envs={n} ints/None, got {seed!r}")
         seeds = [None if s is None else as_int(s) for s in seed]
-        bad = [s for s, parsed in zip(seed, seeds, strict=True) if s is not None and parsed is None]
+        bad = [(i, s) for i, (s, parsed) in enumerate(zip(seed, seeds, strict=True))
+               if s is not None and (parsed is None or parsed < 0)]
         if bad:
-            raise UsageError(f"each per-env seed must be an int or None, got {bad[0]!r} in {list(seed)!r}")
+            raise UsageError(
+                f"each per-env seed must be an int >= 0 or None, got {bad[0][1]!r} for sub-env {bad[0][0]} "
+                f"in {list(seed)!r}"
+            )
         return seeds
 
     def _reset_options(self, options: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -316,6 +332,7 @@ class MatrixWorldVectorEnv(VectorEnv):
         Returns:
             ``(obs, info)``; info has ``start_index`` (with its ``_start_index`` mask).
         """
+        self._check_open("reset")
         seeds = self._seeds(seed)
         super().reset(seed=None if as_int(seed) is None else int(seed))
         mask, chosen = self._reset_options(options)
@@ -341,9 +358,9 @@ class MatrixWorldVectorEnv(VectorEnv):
         self._obs = obs
         self._prev_done[mask] = False
         self._steps[mask] = 0
-        if self.render_mode == "human":
+        if self.render_mode == "human" and mask[0]:  # the window shows sub-env 0
             self.render()
-        return obs, {"start_index": np.where(mask, start, 0), "_start_index": mask.copy()}
+        return obs, {"start_index": np.where(mask, start, 0), "_start_index": mask.copy(), **self._meanings_info(mask)}
 
     def step(
         self, actions: np.ndarray
@@ -358,6 +375,7 @@ class MatrixWorldVectorEnv(VectorEnv):
             ``action_meaning`` (the single env's, None for sub-envs reset this step) and, on an
             autoreset step, ``start_index``, each with its ``_`` mask.
         """
+        self._check_open("step")
         if self._obs is None:
             raise gym.error.ResetNeeded("call reset() before step()")
         actions = np.asarray(actions)
@@ -375,7 +393,7 @@ class MatrixWorldVectorEnv(VectorEnv):
             info = {"action_meaning": np.where(stepped, self._meanings[actions], None), "_action_meaning": stepped}
         if done.any():
             start, key = self._draw(done)
-            info |= {"start_index": np.where(done, start, 0), "_start_index": done.copy()}
+            info |= {"start_index": np.where(done, start, 0), "_start_index": done.copy(), **self._meanings_info(done)}
             latents = self._restart(done, start, key)
             done_t = torch.from_numpy(done).to(reward.device)
             reward = torch.where(done_t, torch.zeros_like(reward), reward)
@@ -445,7 +463,7 @@ class MatrixWorldVectorEnv(VectorEnv):
         self._obs[idx] = obs
         self._steps[idx] = state.elapsed
         self._prev_done[idx] = state.ended
-        if self.render_mode == "human":
+        if self.render_mode == "human" and 0 in idx:  # the window shows sub-env 0
             self.render()
         return self._obs
 
@@ -465,7 +483,7 @@ class MatrixWorldVectorEnv(VectorEnv):
 
     def _frames_720p(self, latents: torch.Tensor) -> np.ndarray:
         if self.obs_hw == self.sim.hr_hw:
-            return self._obs[: latents.shape[0]]
+            return self._obs[: latents.shape[0]].copy()  # not the obs returned by step()
         return self.sim.decode(latents, "720p").cpu().numpy()  # (B, 720, 1280, 3)
 
     def close_extras(self, **kwargs: Any) -> None:

@@ -200,6 +200,8 @@ def test_sampler_overrides(tiny_world_dir: Path) -> None:
     assert not np.array_equal(rollout(env, 0, [1, 1, 1])[-1], rollout(plain, 0, [1, 1, 1])[-1])
     both = MatrixWorldEnv(world=tiny_world_dir, sampler_mode="immediate", sampler={"ctx_noise": 0.2})
     assert both.sim.cfg.mode == "immediate" and both.sim.cfg.ctx_noise == 0.2
+    with pytest.raises(UsageError, match="sampler_mode must be None or one of .*got 'fast'"):
+        MatrixWorldEnv(world=tiny_world_dir, sampler_mode="fast")
     with pytest.raises(UsageError, match="sampler mode given twice"):
         MatrixWorldEnv(world=tiny_world_dir, sampler_mode="immediate", sampler={"mode": "pipelined"})
     with pytest.raises(UsageError, match="must be a dict"):
@@ -221,6 +223,27 @@ def test_play_headless(tiny_world_dir: Path, monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("SDL_AUDIODRIVER", "dummy")
     stats = play(PlayArgs(world=str(tiny_world_dir), max_steps=3, fps=1000, scale=0.25))
     assert stats["steps"] == 3
+
+
+def test_human_windows_survive_closing_another_env(tiny_world_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pygame has one display per process: closing one human env must not break another's window."""
+    import pygame
+
+    monkeypatch.setenv("SDL_VIDEODRIVER", "dummy")
+    monkeypatch.setenv("SDL_AUDIODRIVER", "dummy")
+    first = MatrixWorldEnv(world=tiny_world_dir, obs_type="latent", render_mode="human")
+    second = MatrixWorldEnv(world=tiny_world_dir, obs_type="latent", render_mode="human")
+    first.reset(seed=0)
+    second.reset(seed=1)
+    first.close()
+    assert pygame.display.get_init()  # the second window is still open
+    second.step(0)  # draws without "video system not initialized"
+    second.close()
+    assert not pygame.display.get_init()  # the last window closed pygame
+    third = MatrixWorldEnv(world=tiny_world_dir, obs_type="latent", render_mode="human")
+    third.reset(seed=2)  # a new window after all were closed
+    assert pygame.display.get_init()
+    third.close()
 
 
 def test_demo_writes_720p_mp4(tiny_world_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -36,8 +36,10 @@ def test_adapter_same_step_autoreset(tiny_world_dir: Path) -> None:
         MatrixWorldEnv(world=tiny_world_dir, obs_size=SMALL).reset(seed=3 + k)[1]["start_index"]
         for k in range(2)
     ]
+    assert venv.reset_infos[0]["action_meanings"][:2] == ["D", "DL"]  # as DummyVecEnv over gym.make
     obs1, rew1, dones, infos = venv.step(np.array([0, 1]))
     assert not dones.any() and "terminal_observation" not in infos[0] and "episode" not in infos[0]
+    assert [info["action_meaning"] for info in infos] == ["D", "DL"]
     obs2, rewards, dones, infos = venv.step(np.array([0, 1]))
     assert dones.all() and rewards.dtype == np.float32
     # Monitor's episode statistics, so PPO logs ep_rew_mean without a VecMonitor
@@ -48,8 +50,15 @@ def test_adapter_same_step_autoreset(tiny_world_dir: Path) -> None:
     assert not np.array_equal(obs2[0], infos[0]["terminal_observation"])  # obs is the next episode's first
     obs3, _, dones, _ = venv.step(np.array([0, 1]))  # the new episode steps normally (no NEXT_STEP gap)
     assert not dones.any()
-    assert venv.get_attr("render_mode") == [None, None] and venv.env_is_wrapped(object) == [False, False]
+    assert venv.get_attr("render_mode") == [None, None]
+    assert venv.env_is_wrapped(gym.wrappers.TimeLimit) == [False, False]
     assert venv.env_is_wrapped(Monitor) == [True, True]  # what evaluate_policy asks before trusting "episode"
+    assert venv.env_is_wrapped(gym.Wrapper) == [True, True]  # isinstance semantics, as DummyVecEnv
+
+    class SubMonitor(Monitor):
+        pass
+
+    assert venv.env_is_wrapped(SubMonitor) == [False, False]  # Monitor is no SubMonitor
     obs4, _, dones, infos = venv.step(np.array([0, 1]))
     assert dones.all() and [info["episode"]["l"] for info in infos] == [2, 2]  # counted from the reset
     venv.close()
@@ -73,7 +82,8 @@ def test_adapter_sub_env_attributes_methods_and_options(tiny_world_dir: Path) ->
     assert len({id(r) for r in rngs}) == 3 and rngs[0] is not None  # each sub-env its own generator
     stepped, *_ = venv.step(np.zeros(3, dtype=np.int64))
     [(obs1, info1)] = venv.env_method("reset", indices=[1], options={"start_index": 0})
-    assert info1 == {"start_index": 0} and venv.reset_infos[1] == {"start_index": 0}
+    meanings = venv.env_method("get_action_meanings", indices=[0])[0]
+    assert info1 == {"start_index": 0, "action_meanings": meanings} == venv.reset_infos[1]
     single = MatrixWorldEnv(world=tiny_world_dir, obs_type="latent")
     single.reset(seed=8, options={"start_index": 2})  # sub-env 1's first episode (seed 7 + 1) ...
     expected, _ = single.reset(options={"start_index": 0})  # ... and its second
@@ -141,3 +151,25 @@ def test_ppo_latent_features(tiny_world_dir: Path) -> None:
     )
     model.learn(32)
     assert isinstance(model.policy.features_extractor, LatentCNN)
+
+
+def test_adapter_human_render_once_per_step(tiny_world_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ending sub-env other than 0 does not redraw (or re-wait for) sub-env 0's window."""
+    from matrix_env.env import PygameViewer
+
+    shown: list[np.ndarray] = []
+    monkeypatch.setattr(PygameViewer, "show", lambda self, frame: shown.append(frame))
+    venv = MatrixWorldSB3VecEnv(
+        MatrixWorldVectorEnv(num_envs=2, world=tiny_world_dir, obs_size=SMALL, render_mode="human")
+    )
+    venv.reset()
+    assert len(shown) == 1
+    venv.venv.max_episode_steps = 1  # both end on the next step ...
+    venv.env_method("reset", indices=[0])  # ... after sub-env 0 is reset alone: one more frame
+    assert len(shown) == 2
+    venv.step(np.array([0, 0]))  # both end: step draws, the masked reset (sub-env 0 in it) draws
+    assert len(shown) == 4
+    venv.venv.max_episode_steps = 100
+    venv.venv.reset(options={"reset_mask": np.array([False, True])})  # sub-env 1 only: no redraw
+    assert len(shown) == 4
+    venv.close()

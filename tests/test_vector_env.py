@@ -105,13 +105,16 @@ def test_partial_reset_and_seed_list(tiny_world_dir: Path) -> None:
     mask = np.array([False, True, False, False])[::-1][1:]  # a negative-stride view: [False, True, False]
     obs, info = envs.reset(options={"reset_mask": mask})
     np.testing.assert_array_equal(obs[~mask], before[~mask])
-    assert info["_start_index"].tolist() == mask.tolist()
+    assert info["_start_index"].tolist() == mask.tolist() == info["_action_meanings"].tolist()
+    assert info["action_meanings"].tolist() == [None, envs.get_action_meanings(), None]  # as SyncVectorEnv
     single = MatrixWorldEnv(world=tiny_world_dir, obs_type="latent")
     single.reset(seed=2)
     single_obs, _ = single.reset()  # the second episode of sub-env 1
     np.testing.assert_allclose(obs[1], single_obs, atol=1e-5)
     with pytest.raises(UsageError):
         envs.reset(options={"reset_mask": np.array([True, False])})
+    with pytest.raises(UsageError, match="int >= 0 or None, got -1 for sub-env 2"):
+        envs.reset(seed=[1, 2, -1])
 
 
 def test_reset_options_seeds_and_time_limit(tiny_world_dir: Path) -> None:
@@ -140,7 +143,7 @@ def test_reset_options_seeds_and_time_limit(tiny_world_dir: Path) -> None:
     assert MatrixWorldVectorEnv(num_envs=1, world=tiny_world_dir, max_episode_steps=-1).max_episode_steps is None
     unlimited = gym.make_vec("MatrixWorld-v0", num_envs=1, world=tiny_world_dir, max_episode_steps=-1)
     assert unlimited.max_episode_steps is None  # gym.make's spelling of "no limit" works for make_vec too
-    with pytest.raises(UsageError, match=r"per-env seed must be an int or None, got 1.5"):
+    with pytest.raises(UsageError, match=r"per-env seed must be an int >= 0 or None, got 1.5 for sub-env 1"):
         envs.reset(seed=[0, 1.5, None])
 
 
@@ -216,3 +219,21 @@ def test_sync_vector_env_api(tiny_world_dir: Path) -> None:
         envs.set_attr("reward_fn", lambda *a: None)  # would be silently ignored by the simulator
     with pytest.raises(UsageError, match=r"call\('step'\)"):
         envs.call("step", np.zeros(N))
+
+
+def test_latent_obs_are_copies_and_closed_envs_refuse(tiny_world_dir: Path) -> None:
+    """Editing a returned observation changes neither the stream nor render(); close() is final."""
+    envs = MatrixWorldVectorEnv(num_envs=2, world=tiny_world_dir, obs_type="latent", render_mode="rgb_array")
+    single = MatrixWorldEnv(world=tiny_world_dir, obs_type="latent", render_mode="rgb_array")
+    for env, action in ((envs, np.zeros(2, dtype=np.int64)), (single, 0)):
+        env.reset(seed=0)
+        obs = env.step(action)[0]
+        before = np.array(env.render())
+        obs *= 0.0
+        np.testing.assert_array_equal(np.array(env.render()), before)
+        env.close()
+        env.close()  # idempotent
+        with pytest.raises(gym.error.ClosedEnvironmentError, match="closed"):
+            env.step(action)
+        with pytest.raises(gym.error.ClosedEnvironmentError, match="closed"):
+            env.reset()

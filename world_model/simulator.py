@@ -27,7 +27,7 @@ from world_model.device import check_device, slow_precision
 from world_model.dit import ContextCache
 from world_model.errors import UsageError
 from world_model.frames import block_mean
-from world_model.swin_dpm import SwinDPM, SwinDPMConfig, SwinDPMState
+from world_model.swin_dpm import MODES, SwinDPM, SwinDPMConfig, SwinDPMState
 from world_model.vae import frames_to_tensor, tensor_to_frames
 
 # reward_fn(latents_prev (B, C, H, W), latents (B, C, H, W), actions (B,) long) -> reward (B,)
@@ -65,6 +65,8 @@ def sampler_config(world: WorldModel, mode: str | None = None, overrides: dict |
         raise UsageError(f"sampler overrides have unknown fields {unknown}; known: {sorted(known)}")
     settings = {**world.sampler, **overrides}
     if mode is not None:
+        if mode not in MODES:
+            raise UsageError(f"sampler_mode must be None or one of {MODES}, got {mode!r}")
         settings["mode"] = mode
     try:
         return SwinDPMConfig(**settings)
