@@ -543,6 +543,11 @@ def test_closed_loop_compares_the_world_with_the_real_game() -> None:
     held = S.closed_loop(world, world.start_latents, "pipelined", 2, 4, 0, "cpu", "CarRacing-v3", hold="D")
     assert held["policy"] == "D" and 0.0 <= held["real"]["on_road"] <= 1.0
     assert held["world"]["steer_share"] is None and held["real"]["steer_share"] is None  # a held action: no share
+    assert held["real"]["ended_streams"] == 0 and held["real"]["first_end_step"] is None  # 4 steps: no exit yet
+    # full throttle straight on leaves the real playfield (-100) within ~45-70 steps: the real side counts it
+    held = S.closed_loop(world, world.start_latents, "pipelined", 1, 80, 0, "cpu", "CarRacing-v3", hold="D")
+    assert held["real"]["ended_streams"] == 1 and 0 < held["real"]["first_end_step"] < 80
+    assert held["real"]["terminations"] >= 1
     assert S._share([[1.0, np.nan], [0.0, np.nan]]) == 0.5 and S._share([[np.nan, np.nan]]) is None
     world.meta["env_id"] = "gymnasium.envs.box2d:CarRacing-v3"  # the recorder's spelling with a module
     as_carracing = S.closed_loop(world, world.start_latents, "pipelined", 2, 2, 0, "cpu", None)["world"]
@@ -588,6 +593,9 @@ def test_probe_compares_sampler_variants_on_the_same_starts(tmp_path: Path, tiny
     assert all(r["real_on_road"] is None and r["real_on_road_by_quarter"] is None for r in rows)  # no --real
     with_real = {**rows[0], "real_on_road": 0.5, "real_on_road_by_quarter": [0.625, 0.5, 0.375, 0.5]}
     assert P.format_row(with_real).endswith("| 0.500 (0.62 / 0.50 / 0.38 / 0.50) |")  # --real: its quarters too
+    ended = {**rows[0], "terminations": 0, "real_ended_streams": 16, "real_first_end_step": 61.5}
+    assert f"| {rows[0]['reward_per_step']:.3f} | 0 (real 16, from step 61.5) |" in P.format_row(ended)
+    assert "| 0 (real 0) |" in P.format_row({**ended, "real_ended_streams": 0, "real_first_end_step": None})
     other = {**rows[1], "real_on_road": 0.25, "real_on_road_by_quarter": [0.125, 0.25, 0.375, 0.25]}
     mean = P.mean_row([with_real, other])  # the mean-of-seeds row keeps both sets of quarters
     assert mean["seed"] == "mean of 2" and mean["real_on_road_by_quarter"] == [0.375, 0.375, 0.375, 0.375]

@@ -68,7 +68,9 @@ class Args:
     hold: str | None = None
     """Hold this action (e.g. D) open loop instead of driving with the road follower."""
     real: bool = False
-    """Drive the real game too (CarRacing worlds), with the same policy: its on-road fraction as a column."""
+    """Drive the real game too (CarRacing worlds), with the same policy: its on-road fraction as a column,
+    and beside the world's terminated streams the real streams whose episode ended (the car left the
+    playfield) with the median step of their first ending."""
     dtype: typing.Literal["float32", "bfloat16"] = "float32"
     """The world's compute dtype: bfloat16 runs the networks under autocast, as agents on a CPU with
     AVX512-BF16 / AMX use it."""
@@ -153,6 +155,8 @@ def probe(args: Args) -> list[dict]:
                    "steer_share": w["steer_share"], "real_steer_share": r["steer_share"] if args.real else None,
                    "real_car_faded": r["car_faded"] if args.real else None,
                    "real_on_road": r["on_road"] if args.real else None,
+                   "real_ended_streams": r["ended_streams"] if args.real else None,
+                   "real_first_end_step": r["first_end_step"] if args.real else None,
                    "real_on_road_by_quarter": [q["mean"] for q in r["on_road_by_quarter"]] if args.real else None,
                    "wall_s": time.perf_counter() - t0}
             rows.append(row)
@@ -180,7 +184,7 @@ def mean_row(rows: list[dict]) -> dict:
 
     keys = ("on_road", "on_road_by_quarter", "reward_per_step", "terminations", "detail", "kerb_pixels",
             "car_faded", "off_palette", "steer_share", "real_on_road", "real_on_road_by_quarter", "real_steer_share",
-            "real_car_faded")
+            "real_car_faded", "real_ended_streams", "real_first_end_step")
     return {"variant": rows[0]["variant"], "seed": f"mean of {len(rows)}", **{k: mean(k) for k in keys}}
 
 
@@ -195,8 +199,12 @@ def format_row(row: dict) -> str:
         steer += f" (real {row['real_steer_share']:.2f})"
     if row.get("real_car_faded") is not None:
         car += f" (real {100 * row['real_car_faded']:.2f}%)"
+    ended = f"{row['terminations']:g}"
+    if row.get("real_ended_streams") is not None:  # the real game: streams whose episode ended, median first step
+        ended += f" (real {row['real_ended_streams']:g}"
+        ended += f", from step {row['real_first_end_step']:g})" if row.get("real_first_end_step") else ")"
     return (f"| {row['variant']} | {row['seed']} | {quarters} | {row['on_road']:.3f} | "
-            f"{row['reward_per_step']:.3f} | {row['terminations']:g} | {row['detail']:.2f} | "
+            f"{row['reward_per_step']:.3f} | {ended} | {row['detail']:.2f} | "
             f"{_opt(row['kerb_pixels'])} | {car} | "
             f"{_opt(row['off_palette'], 100, '%')} | {steer} | {real} |")
 

@@ -888,6 +888,7 @@ def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int,
     on_r, rew_r, ends_r, detail_r = np.zeros((steps, envs)), np.zeros((steps, envs)), 0, np.zeros((steps, envs))
     kerb_r, off_r = np.zeros((steps, envs)), np.zeros((steps, envs))
     steer_r, car_r = np.full((steps, envs), np.nan), np.full((steps, envs), np.nan)  # nan: not counted
+    first_end = np.zeros(envs, dtype=np.int64)  # (S,) step (1-based) of each stream's first ending, 0: none
     for i in range(envs):
         obs, _ = env.reset(seed=seed + i)
         since_reset = 0  # steps into the current episode (its first ones zoom in)
@@ -905,12 +906,17 @@ def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int,
             if palette is not None:
                 off_r[t, i] = M.off_palette(obs[None], palette, VIEW_ROWS, M.KERB_CAR_BOX)
             ends_r += int(term)
+            if term and first_end[i] == 0:
+                first_end[i] = t + 1
             if term or trunc:
                 obs, _ = env.reset()
                 since_reset = 0
     env.close()
     out["real"] = {"on_road": float(on_r.mean()), "on_road_by_quarter": bucket_means(on_r),
                    "reward_per_step": float(rew_r.mean()), "terminations": ends_r,
+                   # as the world's "terminations": streams that ended at least once, and when they first did
+                   "ended_streams": int((first_end > 0).sum()),
+                   "first_end_step": float(np.median(first_end[first_end > 0])) if first_end.any() else None,
                    "detail": float(detail_r.mean()), "detail_by_quarter": bucket_means(detail_r),
                    "kerb_pixels": float(kerb_r.mean()), "steer_share": _share(steer_r) if hold is None else None,
                    "car_faded": _share(car_r)}
