@@ -133,22 +133,25 @@ if args.episodes == 0:
     raise SystemExit(0)
 
 
-def real_returns(act, vae=None) -> list[float]:
-    """Returns of ``act(obs) -> actions`` over --episodes real episodes, seeds --eval-seed, +1, ...
+def real_returns(act, vae=None) -> tuple[list[float], int]:
+    """Returns of ``act(obs) -> actions`` over --episodes real episodes, seeds --eval-seed, +1, ...,
+    and how many of them ended early (the car left the playfield: CarRacing's -100) rather than at
+    the 250-step limit.
 
     With ``vae`` the agent sees each real frame encoded and decoded by the world's VAE first.
     """
-    out = []
+    out, ended = [], 0
     for ep in range(args.episodes):
         real = stacked(DummyVecEnv([lambda: RealCarRacingEnv(obs_size=(84, 84), vae=vae)]))
         real.seed(args.eval_seed + ep)
         obs, total, done = real.reset(), 0.0, False
         while not done:
-            obs, reward, dones, _ = real.step(act(obs))
+            obs, reward, dones, infos = real.step(act(obs))
             total, done = total + float(reward[0]), bool(dones[0])
+        ended += not infos[0].get("TimeLimit.truncated", False)
         real.close()
         out.append(total)
-    return out
+    return out, ended
 
 
 rng = np.random.default_rng(args.seed)
@@ -168,5 +171,6 @@ if not args.no_baselines:
     rows["random policy"] = real_returns(lambda obs: rng.integers(9, size=1))
     rows["pixel road follower (scripted reference)"] = real_returns(lambda obs: follower(obs[..., -3:]))
 print(f"real CarRacing-v3, {args.episodes} episodes (seeds {args.eval_seed}+), {steps}:")
-for name, rets in rows.items():
-    print(f"  {name}: return {np.mean(rets):.1f} +- {np.std(rets):.1f}  {[round(r, 1) for r in rets]}")
+for name, (rets, ended) in rows.items():
+    print(f"  {name}: return {np.mean(rets):.1f} +- {np.std(rets):.1f}  {[round(r, 1) for r in rets]}; "
+          f"left the playfield in {ended}/{len(rets)}")

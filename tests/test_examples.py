@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -99,6 +100,8 @@ def test_ppo_in_imagination_example_resumes(tmp_path: Path) -> None:
     out = run_example("ppo_in_imagination.py", tmp_path, "--timesteps", "256", "--save-every", "256", *common)
     for row in ("PPO trained in imagination", "random policy", "pixel road follower (scripted reference)"):
         assert f"  {row}: return " in out
+    assert sorted(set(re.findall(r"; left the playfield in (\d+)/1\n", out))) <= ["0", "1"]  # one episode
+    assert len(re.findall(r"; left the playfield in \d+/1\n", out)) == 5  # each row: agent x3, random, follower
     assert "256 imagined steps" in out and (tmp_path / "run" / "ppo.zip").exists()
     out = run_example("ppo_in_imagination.py", tmp_path, "--timesteps", "512", "--save-every", "256", *common)
     assert "resumed run/ppo.zip at 256 timesteps" in out and "512 imagined steps" in out
