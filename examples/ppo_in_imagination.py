@@ -148,7 +148,7 @@ def real_returns(act, vae=None) -> tuple[list[float], int]:
         while not done:
             obs, reward, dones, infos = real.step(act(obs))
             total, done = total + float(reward[0]), bool(dones[0])
-        ended += not infos[0].get("TimeLimit.truncated", False)
+        ended += infos[0].get("lap_finished") is False  # CarRacing: False when the car left the playfield
         real.close()
         out.append(total)
     return out, ended

@@ -179,16 +179,17 @@ class PygameViewer:
         import pygame
 
         h, w = frame.shape[:2]
-        if self.screen is not None and not pygame.display.get_init():
-            self.screen = None  # the display was shut down by code outside the viewers: reopen it
-            PygameViewer.open_viewers -= 1
-        if self.screen is None:
-            PygameViewer.open_viewers += 1
+        # first frame, or the one display was closed (another env, CarRacing's own window) or reopened
+        stale = self.screen is not None and (not pygame.display.get_init() or
+                                             self.screen is not pygame.display.get_surface())
+        if self.screen is None or stale:
             pygame.init()
             pygame.display.init()
             pygame.display.set_caption(self.title)
-            self.screen = pygame.display.set_mode((w, h))
-            self.clock = pygame.time.Clock()
+            screen = pygame.display.set_mode((w, h))
+            if self.screen is None:  # counted once per viewer, after the window exists
+                PygameViewer.open_viewers += 1
+            self.screen, self.clock = screen, self.clock or pygame.time.Clock()
         pygame.event.pump()
         surface = pygame.surfarray.make_surface(np.ascontiguousarray(frame.transpose(1, 0, 2)))  # (W, H, 3)
         self.screen.blit(surface, (0, 0))
@@ -335,15 +336,10 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
         self._ended = False  # the last step terminated the episode
         self._obs: np.ndarray | None = None
         self._viewer: PygameViewer | None = None
-        self._closed = False
 
     def get_action_meanings(self) -> list[str]:
         """Names of the actions, indexed by action id (e.g. "D", "DL", ...)."""
         return list(self.action_meanings)
-
-    def _check_open(self, what: str) -> None:
-        if self._closed:
-            raise gym.error.ClosedEnvironmentError(f"{what}() on a closed MatrixWorldEnv; make a new env")
 
     def _observe(self, latent: torch.Tensor) -> np.ndarray:
         if self.obs_hw is None:
@@ -363,7 +359,6 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
         Returns:
             ``(obs, info)``; info has ``start_index`` and ``action_meanings``.
         """
-        self._check_open("reset")
         chosen = start_index_option(options, self.sim.num_starts)  # before any state changes
         frames = context_frames_option(options, self.sim, ())  # (C_ctx, H, W, 3) or None
         seed_int = as_int(seed)  # numpy ints are ints (as in the vector env); gym.Env's check names others
@@ -392,7 +387,6 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
         Returns:
             ``(obs, reward, terminated, truncated, info)``; info has ``action_meaning``.
         """
-        self._check_open("step")
         if self._latent is None:
             raise gym.error.ResetNeeded("call reset() before step()")
         a = as_int(action)
@@ -450,8 +444,8 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
         return None
 
     def close(self) -> None:
-        """Close the window, if any; later reset() / step() raise ClosedEnvironmentError."""
-        self._closed = True
+        """Close the window, if any (as Gymnasium's own envs, the env still resets and steps after it,
+        reopening the window in "human" mode)."""
         if self._viewer is not None:
             self._viewer.close()
             self._viewer = None

@@ -231,7 +231,8 @@ class MatrixWorldVectorEnv(VectorEnv):
 
     def _check_open(self, what: str) -> None:
         if self.closed:  # set by VectorEnv.close()
-            raise gym.error.ClosedEnvironmentError(f"{what}() on a closed MatrixWorldVectorEnv; make a new one")
+            raise gym.error.ClosedEnvironmentError(  # as AsyncVectorEnv
+                f"{what}() on a closed MatrixWorldVectorEnv; make a new one")
 
     def _meanings_info(self, mask: np.ndarray) -> dict[str, np.ndarray]:
         """The single env's reset info ``action_meanings`` in vector form (as SyncVectorEnv): the
@@ -472,18 +473,19 @@ class MatrixWorldVectorEnv(VectorEnv):
         if self.render_mode is None:
             gym.logger.warn("render() called without a render_mode; pass render_mode='rgb_array' or 'human'")
             return None
+        self._check_open("render")
         if self._obs is None:
             raise gym.error.ResetNeeded("call reset() before render()")
         if self.render_mode == "human":
             if self._viewer is None:
                 self._viewer = PygameViewer("MatrixWorld (env 0)", self.metadata["render_fps"])
-            self._viewer.show(self._frames_720p(self.sim.latest[:1])[0])
+            self._viewer.show(self._frames_720p(self.sim.latest[:1], copy=False)[0])
             return None
         return tuple(self._frames_720p(self.sim.latest))
 
-    def _frames_720p(self, latents: torch.Tensor) -> np.ndarray:
-        if self.obs_hw == self.sim.hr_hw:
-            return self._obs[: latents.shape[0]].copy()  # not the obs returned by step()
+    def _frames_720p(self, latents: torch.Tensor, copy: bool = True) -> np.ndarray:
+        if self.obs_hw == self.sim.hr_hw:  # the observations: a copy unless only drawn
+            return self._obs[: latents.shape[0]].copy() if copy else self._obs[: latents.shape[0]]
         return self.sim.decode(latents, "720p").cpu().numpy()  # (B, 720, 1280, 3)
 
     def close_extras(self, **kwargs: Any) -> None:

@@ -242,8 +242,15 @@ def test_human_windows_survive_closing_another_env(tiny_world_dir: Path, monkeyp
     assert not pygame.display.get_init()  # the last window closed pygame
     third = MatrixWorldEnv(world=tiny_world_dir, obs_type="latent", render_mode="human")
     third.reset(seed=2)  # a new window after all were closed
+    fourth = MatrixWorldEnv(world=tiny_world_dir, obs_type="latent", render_mode="human")
+    fourth.reset(seed=3)
     assert pygame.display.get_init()
+    pygame.quit()  # someone else (CarRacing's human window, HumanRendering) shuts pygame down
+    third.step(0)  # reopens the display ...
+    fourth.step(0)  # ... and the other viewer draws on the new one, not on its dead surface
     third.close()
+    fourth.close()
+    assert not pygame.display.get_init()
 
 
 def test_demo_writes_720p_mp4(tiny_world_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -23,6 +23,8 @@ SMALL = (64, 64)
 
 def test_sb3_check_env(tiny_world_dir: Path) -> None:
     check_env(MatrixWorldEnv(world=tiny_world_dir, obs_size=SMALL), warn=True)
+    # with its render check, which closes the env and then resets it again
+    check_env(MatrixWorldEnv(world=tiny_world_dir, obs_size=SMALL, render_mode="rgb_array"), skip_render_check=False)
 
 
 def test_adapter_same_step_autoreset(tiny_world_dir: Path) -> None:

@@ -221,8 +221,9 @@ def test_sync_vector_env_api(tiny_world_dir: Path) -> None:
         envs.call("step", np.zeros(N))
 
 
-def test_latent_obs_are_copies_and_closed_envs_refuse(tiny_world_dir: Path) -> None:
-    """Editing a returned observation changes neither the stream nor render(); close() is final."""
+def test_latent_obs_are_copies_and_closed_vector_envs_refuse(tiny_world_dir: Path) -> None:
+    """Editing a returned observation changes neither the stream nor render(); a closed vector env
+    refuses (as AsyncVectorEnv), a closed single env runs on (as Gymnasium's own envs)."""
     envs = MatrixWorldVectorEnv(num_envs=2, world=tiny_world_dir, obs_type="latent", render_mode="rgb_array")
     single = MatrixWorldEnv(world=tiny_world_dir, obs_type="latent", render_mode="rgb_array")
     for env, action in ((envs, np.zeros(2, dtype=np.int64)), (single, 0)):
@@ -233,7 +234,7 @@ def test_latent_obs_are_copies_and_closed_envs_refuse(tiny_world_dir: Path) -> N
         np.testing.assert_array_equal(np.array(env.render()), before)
         env.close()
         env.close()  # idempotent
-        with pytest.raises(gym.error.ClosedEnvironmentError, match="closed"):
-            env.step(action)
-        with pytest.raises(gym.error.ClosedEnvironmentError, match="closed"):
-            env.reset()
+    for call in (lambda: envs.step(np.zeros(2, dtype=np.int64)), envs.reset, envs.render):
+        with pytest.raises(gym.error.ClosedEnvironmentError, match="closed MatrixWorldVectorEnv"):
+            call()
+    assert single.reset(seed=0)[0].shape == single.observation_space.shape and single.step(0)[0].dtype == np.float32

@@ -896,7 +896,7 @@ def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int,
             action = int(policy(obs[None])[0])
             if on_road(obs[None])[0]:
                 steer_r[t, i] = turns[action]
-            obs, r, term, trunc, _ = env.step(action)
+            obs, r, term, trunc, info = env.step(action)
             since_reset += 1
             on_r[t, i], rew_r[t, i] = on_road(obs[None])[0], r
             detail_r[t, i] = M.rms_gradient(obs[None], VIEW_ROWS)  # the real game is CarRacing: its view
@@ -906,7 +906,7 @@ def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int,
             if palette is not None:
                 off_r[t, i] = M.off_palette(obs[None], palette, VIEW_ROWS, M.KERB_CAR_BOX)
             ends_r += int(term)
-            if term and first_end[i] == 0:
+            if term and info.get("lap_finished") is False and first_end[i] == 0:  # left the playfield
                 first_end[i] = t + 1
             if term or trunc:
                 obs, _ = env.reset()
@@ -914,7 +914,7 @@ def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int,
     env.close()
     out["real"] = {"on_road": float(on_r.mean()), "on_road_by_quarter": bucket_means(on_r),
                    "reward_per_step": float(rew_r.mean()), "terminations": ends_r,
-                   # as the world's "terminations": streams that ended at least once, and when they first did
+                   # as the world's "terminations": streams that left the playfield at least once, and when first
                    "ended_streams": int((first_end > 0).sum()),
                    "first_end_step": float(np.median(first_end[first_end > 0])) if first_end.any() else None,
                    "detail": float(detail_r.mean()), "detail_by_quarter": bucket_means(detail_r),
