@@ -331,7 +331,7 @@ class MatrixWorldVectorEnv(VectorEnv):
                 are ignored) to begin from given frames, as in the single env (start_index -1).
 
         Returns:
-            ``(obs, info)``; info has ``start_index`` (with its ``_start_index`` mask).
+            ``(obs, info)``; info has ``start_index`` and ``action_meanings``, each with its ``_`` mask.
         """
         self._check_open("reset")
         seeds = self._seeds(seed)
@@ -374,7 +374,7 @@ class MatrixWorldVectorEnv(VectorEnv):
         Returns:
             ``(obs, reward, terminated, truncated, info)`` with batched arrays; info has
             ``action_meaning`` (the single env's, None for sub-envs reset this step) and, on an
-            autoreset step, ``start_index``, each with its ``_`` mask.
+            autoreset step, ``start_index`` and ``action_meanings``, each with its ``_`` mask.
         """
         self._check_open("step")
         if self._obs is None:
