@@ -50,6 +50,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "world_model.eval.probe:main",
         "drive a world with the road follower under sampler variants: road keeping and detail, side by side",
     ),
+    "endings": (
+        "world_model.eval.endings:main",
+        "replay recorded endings (the car leaving the playfield) in a world: does it end them, draw the void?",
+    ),
     "plan-check": (
         "world_model.eval.plan_check:main",
         "rank a planner's action sequences in a world and in the real game from the same real states",

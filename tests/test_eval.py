@@ -508,6 +508,66 @@ def test_eval_refuses_data_without_a_held_out_split(tmp_path: Path, tiny_world_d
                 "--quick"])
 
 
+def test_void_share_counts_black_pixels_in_the_view_only() -> None:
+    frames = np.full((3, 72, 128, 3), (102, 204, 102), np.uint8)  # grass
+    frames[1, :31] = 0  # the top half of the view beyond the playfield
+    frames[2, 62:] = 0  # the dashboard is black too, and not counted
+    frames[2, :62, :64] = (10, 10, 25)  # dark but blue: not void
+    share = M.void_share(frames)
+    assert share.dtype == np.float64 and share.tolist() == [0.0, 0.5, 0.0]
+    with pytest.raises(ValueError, match=r"void_share needs uint8 \(N, 72, 128, 3\).*got uint8 \(0, 72, 128, 3\)"):
+        M.void_share(frames[:0])
+
+
+def test_endings_replays_recorded_endings_from_their_real_context(tmp_path: Path, tiny_world_dir: Path,
+                                                                  capsys) -> None:
+    """The context is the recorded frames `before` steps before each ending; the recorded actions follow."""
+    from world_model.data import episodes as E
+    from world_model.eval import endings as N
+
+    root = make_synthetic_dataset(tmp_path / "toy", episodes=4, steps=8)  # episodes 0 and 2 end terminated
+    eps = N.ending_episodes(root)
+    assert [ep.name for ep in eps] == ["ep_000000", "ep_000002"]
+    cut = N.cut_endings(eps, 2, 3)
+    rec = E.open_episode(eps[1])  # 9 frames: the ending is frame 8, three steps before it frame 5
+    assert cut.context.shape == (2, 2, 72, 128, 3) and cut.actions.shape == (2, 3) and cut.skipped == 0
+    assert np.array_equal(cut.context[1], rec["frames"][4:6])
+    assert cut.actions[1].tolist() == rec["actions"][6:9].tolist()
+    assert np.array_equal(cut.last[1], rec["frames"][7:9]) and cut.last_action[1] == rec["actions"][8]
+    assert np.array_equal(N.cut_endings(eps, 2, 7).context[1], rec["frames"][0:2])  # the longest cut: frames 0-1
+    with pytest.raises(UsageError, match=r"no ending episode among 2 has 12 frames \(context 3 \+ --before 9\)"):
+        N.cut_endings(eps, 3, 9)
+    with pytest.raises(UsageError, match=r"--before 0: must be >= 1"):
+        N.cut_endings(eps, 2, 0)
+    unlabelled = make_synthetic_dataset(tmp_path / "unl", episodes=2, steps=4, labelled=False)
+    with pytest.raises(UsageError, match=r"none of its 2 episodes ends terminated"):
+        N.ending_episodes(unlabelled)
+
+    world = build_tiny_world()  # its termination head never fires (bias -10); a positive bias always does
+    row = N.replay(world, cut, 2, 0)
+    assert row["streams"] == 2 and row["world_ended"] == 0 and row["world_first_end_step"] is None
+    assert row["head_fires_on_real_ending"] == 0 and row["real_void_at_ending"] == 0.0  # toy frames: no void
+    assert 0.0 <= row["world_void_at_ending"] <= row["world_void_max"] <= 1.0
+    assert row == N.replay(world, cut, 2, 0)  # a seed fixes the noise
+    with torch.no_grad():
+        world.heads.mlp[-1].bias[1] = 10.0
+    fires = N.replay(world, cut, 2, 0)
+    assert fires["world_ended"] == 2 and fires["world_first_end_steps"] == [1, 1]
+    assert fires["head_fires_on_real_ending"] == 2
+    assert N.format_row(fires).startswith("| 3 | 2 | 2 (step 1) | ")
+
+    out = tmp_path / "endings.json"
+    assert N.main(["--data", str(root), "--checkpoint", str(tiny_world_dir), "--before", "1", "3", "--after", "1",
+                   "--threads", "1", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["before"] for r in rows] == [1, 3] and all(r["streams"] == 2 and r["after"] == 1 for r in rows)
+    table = capsys.readouterr().out
+    assert table.splitlines()[1] == N.HEADER and "(recorded actions, then the last one held for 1 steps)" in table
+    with pytest.raises(UsageError, match=r"--before \[3, 0\]: each must be >= 1"):
+        N.main(["--data", str(root), "--checkpoint", str(tiny_world_dir), "--before", "3", "0"])
+    assert table.splitlines()[1] == N.HEADER and table.splitlines()[3].startswith("| 1 | 2 | 0 | ")
+
+
 def test_held_action_is_one_action_for_every_frame() -> None:
     policy = S.held_action(["D", "DL", "DR"], "DR")
     actions = policy(np.zeros((3, 72, 128, 3), np.uint8))

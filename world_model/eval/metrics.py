@@ -189,6 +189,25 @@ def car_pixels(frames: np.ndarray) -> np.ndarray:
     return _red(f[:, KERB_CAR_BOX[0], KERB_CAR_BOX[1]]).sum(axis=(1, 2)).astype(np.int64)  # (N,)
 
 
+VOID_BELOW = 20
+"""CarRacing draws nothing beyond its playfield: a pixel whose every channel is below this is that black
+void (grass, road, kerbs and the car are all brighter). In recorded exit episodes it enters the view a
+few steps before the ending (median 7) and fills 70-88% of it in the frame that ends them."""
+
+
+def void_share(frames: np.ndarray) -> np.ndarray:
+    """Per 72x128 CarRacing frame, the share of the view (above the dashboard) that is black void.
+
+    Returns:
+        (N,) float64 in [0, 1].
+
+    Raises:
+        ValueError: the frames are not uint8 (N >= 1, 72, 128, 3).
+    """
+    f = _carracing_frames(frames, "void_share")[:, :CARRACING_VIEW_ROWS]  # (N, 62, 128, 3)
+    return (f.max(axis=-1) < VOID_BELOW).mean(axis=(1, 2))  # (N,)
+
+
 def view_mask(hw: tuple[int, int], rows: int | None, ignore: tuple[slice, slice] | None) -> np.ndarray:
     """The pixels a palette counts: bool (H, W), the top ``rows`` (all if None) without the ``ignore`` box.
 
