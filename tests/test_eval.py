@@ -534,6 +534,9 @@ def test_endings_replays_recorded_endings_from_their_real_context(tmp_path: Path
     assert np.array_equal(cut.context[1], rec["frames"][4:6])
     assert cut.actions[1].tolist() == rec["actions"][6:9].tolist()
     assert np.array_equal(cut.last[1], rec["frames"][7:9]) and cut.last_action[1] == rec["actions"][8]
+    rec0 = E.open_episode(eps[0])  # its last actions change: a one-step shift would show
+    assert rec0["actions"][5:8].tolist() != rec0["actions"][6:9].tolist() and rec0["actions"][7] != rec0["actions"][8]
+    assert cut.actions[0].tolist() == rec0["actions"][6:9].tolist() and cut.last_action[0] == rec0["actions"][8]
     assert np.array_equal(N.cut_endings(eps, 2, 7).context[1], rec["frames"][0:2])  # the longest cut: frames 0-1
     with pytest.raises(UsageError, match=r"no ending episode among 2 has 12 frames \(context 3 \+ --before 9\)"):
         N.cut_endings(eps, 3, 9)
@@ -547,7 +550,22 @@ def test_endings_replays_recorded_endings_from_their_real_context(tmp_path: Path
     row = N.replay(world, cut, 2, 0)
     assert row["streams"] == 2 and row["world_ended"] == 0 and row["world_first_end_step"] is None
     assert row["head_fires_on_real_ending"] == 0 and row["real_void_at_ending"] == 0.0  # toy frames: no void
+    # pipelined with G=2: the ending action (step 3) shapes the frame of step 4, which the row reports
+    assert row["latency"] == 1 and len(row["world_void_by_step"]) == 3 + 2
+    assert row["world_void_at_ending"] == row["world_void_by_step"][3]
     assert 0.0 <= row["world_void_at_ending"] <= row["world_void_max"] <= 1.0
+    assert N.replay(world, cut, 0, 0, mode="immediate")["latency"] == 0
+    with pytest.raises(UsageError, match=r"--after 0: must be >= the pipelined sampler's action latency 1"):
+        N.replay(world, cut, 0, 0)
+    # the head is read on the real ending transition: the last two recorded frames and the last action
+    z = S.encode_frames(world.vae, cut.last.reshape(4, 72, 128, 3)).reshape(2, 2, *world.start_latents.shape[2:])
+    with torch.no_grad():
+        _, expect = world.heads(z[:, 0], z[:, 1], world.control_pooled[torch.from_numpy(cut.last_action)])
+    assert np.allclose(row["head_logit_on_real_ending"], expect.numpy(), atol=1e-6)
+    bad = N.Endings(cut.names, cut.context, cut.actions.copy(), cut.last, cut.last_action, 0)
+    bad.actions[0, 0] = 9
+    with pytest.raises(UsageError, match=r"the recorded actions go up to 9; the world has 9 actions"):
+        N.replay(world, bad, 2, 0)
     assert row == N.replay(world, cut, 2, 0)  # a seed fixes the noise
     with torch.no_grad():
         world.heads.mlp[-1].bias[1] = 10.0
@@ -555,6 +573,7 @@ def test_endings_replays_recorded_endings_from_their_real_context(tmp_path: Path
     assert fires["world_ended"] == 2 and fires["world_first_end_steps"] == [1, 1]
     assert fires["head_fires_on_real_ending"] == 2
     assert N.format_row(fires).startswith("| 3 | 2 | 2 (step 1) | ")
+    assert N.format_row({**fires, "skipped": 3}).startswith("| 3 | 2 (3 too short) | 2 (step 1) | ")
 
     out = tmp_path / "endings.json"
     assert N.main(["--data", str(root), "--checkpoint", str(tiny_world_dir), "--before", "1", "3", "--after", "1",

@@ -7,10 +7,11 @@ command separates them. For each recorded episode of ``--data`` whose last trans
 (CarRacing: the car left the playfield, -100), the world starts from the real frames that end
 ``before`` steps before that ending (the car already on its way out), replays the recorded actions
 of those steps and then holds the last one for ``--after`` more steps. It reports the streams whose
-termination head fired and when (the game ended them at step ``before``), how much of the view is
-CarRacing's black void beyond the playfield (:func:`world_model.eval.metrics.void_share`) in the
-generated frame of the recorded ending step against the real one, and, as a check of the head
-itself, how many of the real ending transitions its termination head fires on. Example::
+termination head fired and when (the game ended them at step ``before``; a pipelined sampler shows
+an action's effect ``latency`` = G - 1 steps late), how much of the view is CarRacing's black void
+beyond the playfield (:func:`world_model.eval.metrics.void_share`) in the generated frame that the
+ending action shaped (step ``before + latency``) against the real ending frame, and, as a check of
+the head itself, how many of the real ending transitions its termination head fires on. Example::
 
     matrix-world endings --checkpoint matrix_env/worlds/hold --data ~/mw/data/carracing_exit_eval \\
         --before 3 10 20 --threads 1
@@ -46,7 +47,8 @@ class Args:
     before: tuple[int, ...] = (3, 10, 20)
     """Start this many steps before each recorded ending (one table row per value)."""
     after: int = 10
-    """Steps driven past the recorded ending, holding the last recorded action (action latency, late endings)."""
+    """Steps driven past the recorded ending, holding the last recorded action; at least the sampler's action
+    latency (G - 1 for pipelined), so that the ending action's frame is generated."""
     episodes: int = 16
     """At most this many ending episodes (the first by name)."""
     seed: int = 0
@@ -135,8 +137,15 @@ def replay(world: WorldModel, cut: Endings, after: int, seed: int, mode: str | N
     cfg = sampler_config(world, mode)
     if cfg.context != c:
         raise UsageError(f"the sampler's context is {cfg.context} frames, the cut has {c}")
+    if max(int(cut.actions.max()), int(cut.last_action.max())) >= len(world.action_names):
+        raise UsageError(f"the recorded actions go up to {int(cut.actions.max())}; the world has "
+                         f"{len(world.action_names)} actions {list(world.action_names)}")
     sim = Simulator(dataclasses.replace(world, start_latents=ctx.reshape(s, c, *ctx.shape[1:]), heads=heads), s,
                     "cpu", sampler=cfg)
+    latency = sim.sampler.action_latency  # the ending action shapes the frame of step before + latency
+    if after < latency:
+        raise UsageError(f"--after {after}: must be >= the {cfg.mode} sampler's action latency {latency}, "
+                         "so that the frame the ending action shapes is generated")
     sim.reset(torch.ones(s, dtype=torch.bool), torch.arange(s), generator=torch.Generator().manual_seed(seed))
     actions = np.concatenate([cut.actions, np.repeat(cut.last_action[:, None], after, axis=1)], axis=1)  # (S, T)
     first = np.zeros(s, np.int64)  # (S,) 1-based step of the head's first firing, 0: none
@@ -150,29 +159,34 @@ def replay(world: WorldModel, cut: Endings, after: int, seed: int, mode: str | N
     z = encode_frames(world.vae, cut.last.reshape(2 * s, *cut.last.shape[2:])).reshape(s, 2, *ctx.shape[1:])
     with torch.no_grad():
         _, logit = world.heads(z[:, 0], z[:, 1], world.control_pooled.float()[torch.from_numpy(cut.last_action)])
-    real_fires = int((logit.float() > world.heads.cfg.term_threshold).sum())
+    logit = logit.float().numpy()  # (S,)
     ended = first > 0
-    return {"before": before, "after": after, "mode": cfg.mode, "streams": s, "skipped": cut.skipped,
+    return {"before": before, "after": after, "mode": cfg.mode, "latency": latency, "streams": s,
+            "skipped": cut.skipped,
             "episodes": cut.names, "world_ended": int(ended.sum()),
             "world_first_end_step": float(np.median(first[ended])) if ended.any() else None,
             "world_first_end_steps": first.tolist(),
-            "world_void_at_ending": float(void[:, before - 1].mean()), "world_void_max": float(void.max(axis=1).mean()),
+            "world_void_at_ending": float(void[:, before - 1 + latency].mean()),
+            "world_void_max": float(void.max(axis=1).mean()), "world_void_by_step": void.mean(axis=0).tolist(),
             "real_void_at_ending": float(M.void_share(cut.last[:, 1]).mean()),
             "real_void_at_start": float(M.void_share(cut.context[:, -1]).mean()),
-            "head_fires_on_real_ending": real_fires}
+            "head_fires_on_real_ending": int((logit > world.heads.cfg.term_threshold).sum()),
+            "head_logit_on_real_ending": logit.tolist()}
 
 
 HEADER = ("| steps before the recorded ending | streams | world: streams ended (median first step) "
-          "| void in view at the ending step: world / real | world: most void per stream | void in the start frame "
-          "| termination head on the real ending |")
+          "| void in view at the ending (world: + latency) / real | world: most void per stream "
+          "| void in the start frame | termination head on the real ending |")
 
 
 def format_row(row: dict) -> str:
     """One markdown table row."""
     first = "" if row["world_first_end_step"] is None else f" (step {row['world_first_end_step']:g})"
-    return (f"| {row['before']} | {row['streams']} | {row['world_ended']}{first} | "
-            f"{100 * row['world_void_at_ending']:.1f}% / {100 * row['real_void_at_ending']:.1f}% | "
-            f"{100 * row['world_void_max']:.1f}% | {100 * row['real_void_at_start']:.1f}% | "
+    streams = f"{row['streams']}" + (f" ({row['skipped']} too short)" if row["skipped"] else "")
+    return (f"| {row['before']} | {streams} | {row['world_ended']}{first} | "
+            f"{100 * row['world_void_at_ending']:.2f}% (step {row['before'] + row['latency']}) / "
+            f"{100 * row['real_void_at_ending']:.2f}% | "
+            f"{100 * row['world_void_max']:.2f}% | {100 * row['real_void_at_start']:.2f}% | "
             f"fires on {row['head_fires_on_real_ending']} of {row['streams']} |")
 
 
