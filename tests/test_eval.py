@@ -533,10 +533,10 @@ def test_endings_replays_recorded_endings_from_their_real_context(tmp_path: Path
     assert cut.context.shape == (2, 2, 72, 128, 3) and cut.actions.shape == (2, 3) and cut.skipped == 0
     assert np.array_equal(cut.context[1], rec["frames"][4:6])
     assert cut.actions[1].tolist() == rec["actions"][6:9].tolist()
-    assert np.array_equal(cut.last[1], rec["frames"][7:9]) and cut.last_action[1] == rec["actions"][8]
+    assert np.array_equal(cut.last[1], rec["frames"][7:9]) and cut.actions[1, -1] == rec["actions"][8]
     rec0 = E.open_episode(eps[0])  # its last actions change: a one-step shift would show
     assert rec0["actions"][5:8].tolist() != rec0["actions"][6:9].tolist() and rec0["actions"][7] != rec0["actions"][8]
-    assert cut.actions[0].tolist() == rec0["actions"][6:9].tolist() and cut.last_action[0] == rec0["actions"][8]
+    assert cut.actions[0].tolist() == rec0["actions"][6:9].tolist()
     assert np.array_equal(N.cut_endings(eps, 2, 7).context[1], rec["frames"][0:2])  # the longest cut: frames 0-1
     with pytest.raises(UsageError, match=r"no ending episode among 2 has 12 frames \(context 3 \+ --before 9\)"):
         N.cut_endings(eps, 3, 9)
@@ -560,9 +560,9 @@ def test_endings_replays_recorded_endings_from_their_real_context(tmp_path: Path
     # the head is read on the real ending transition: the last two recorded frames and the last action
     z = S.encode_frames(world.vae, cut.last.reshape(4, 72, 128, 3)).reshape(2, 2, *world.start_latents.shape[2:])
     with torch.no_grad():
-        _, expect = world.heads(z[:, 0], z[:, 1], world.control_pooled[torch.from_numpy(cut.last_action)])
+        _, expect = world.heads(z[:, 0], z[:, 1], world.control_pooled[torch.from_numpy(cut.actions[:, -1])])
     assert np.allclose(row["head_logit_on_real_ending"], expect.numpy(), atol=1e-6)
-    bad = N.Endings(cut.names, cut.context, cut.actions.copy(), cut.last, cut.last_action, 0)
+    bad = N.Endings(cut.names, cut.context, cut.actions.copy(), cut.last, 0)
     bad.actions[0, 0] = 9
     with pytest.raises(UsageError, match=r"the recorded actions go up to 9; the world has 9 actions"):
         N.replay(world, bad, 2, 0)

@@ -19,7 +19,6 @@ the head itself, how many of the real ending transitions its termination head fi
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import sys
@@ -68,8 +67,7 @@ class Endings:
     names: list[str]  # (S,) episode folder names
     context: np.ndarray  # (S, C, 72, 128, 3) uint8: the frames up to `before` steps before the ending
     actions: np.ndarray  # (S, before) int64: the recorded actions from there to the ending
-    last: np.ndarray  # (S, 2, 72, 128, 3) uint8: the frames of the ending transition
-    last_action: np.ndarray  # (S,) int64: its action
+    last: np.ndarray  # (S, 2, 72, 128, 3) uint8: the frames of the ending transition (its action: actions[:, -1])
     skipped: int  # ending episodes too short for the context and `before`
 
 
@@ -100,7 +98,7 @@ def cut_endings(episode_dirs: list[Path], context: int, before: int) -> Endings:
 
     if before < 1:
         raise UsageError(f"--before {before}: must be >= 1 (steps before the recorded ending)")
-    names, ctx, acts, last, last_action = [], [], [], [], []
+    names, ctx, acts, last = [], [], [], []
     for ep in episode_dirs:
         arrays = E.open_episode(ep)
         n = len(arrays["actions"])  # frames 0..n-1; actions[j] led to frame j, the ending is frame n-1
@@ -111,14 +109,12 @@ def cut_endings(episode_dirs: list[Path], context: int, before: int) -> Endings:
         ctx.append(np.asarray(arrays["frames"][t - context + 1 : t + 1]))
         acts.append(np.asarray(arrays["actions"][t + 1 : n], np.int64))
         last.append(np.asarray(arrays["frames"][n - 2 : n]))
-        last_action.append(int(arrays["actions"][n - 1]))
     if not names:
         raise UsageError(f"no ending episode among {len(episode_dirs)} has {context + before} frames "
                          f"(context {context} + --before {before})")
     if (np.concatenate(acts) < 0).any():
         raise UsageError("the ending episodes must be labelled (recorded actions); found unknown actions (-1)")
-    return Endings(names, np.stack(ctx), np.stack(acts), np.stack(last), np.array(last_action, np.int64),
-                   len(episode_dirs) - len(names))
+    return Endings(names, np.stack(ctx), np.stack(acts), np.stack(last), len(episode_dirs) - len(names))
 
 
 def replay(world: WorldModel, cut: Endings, after: int, seed: int, mode: str | None = None) -> dict:
@@ -126,28 +122,26 @@ def replay(world: WorldModel, cut: Endings, after: int, seed: int, mode: str | N
     more steps of the last one; the termination head's first firing per stream and the void drawn."""
     from world_model.data import episodes as E
     from world_model.eval import metrics as M
-    from world_model.eval.suite import encode_frames
+    from world_model.eval.suite import encode_frames, head_predictions
     from world_model.simulator import Simulator, sampler_config
 
     s, c = cut.context.shape[:2]
     before = cut.actions.shape[1]
     ctx = encode_frames(world.vae, cut.context.reshape(s * c, *cut.context.shape[2:]))  # (S*C, ch, h, w)
-    heads = copy.copy(world.heads)  # the same weights; the env's terminal reward is not what is measured
-    heads.cfg = dataclasses.replace(heads.cfg, terminal_reward=None)
     cfg = sampler_config(world, mode)
     if cfg.context != c:
         raise UsageError(f"the sampler's context is {cfg.context} frames, the cut has {c}")
-    if max(int(cut.actions.max()), int(cut.last_action.max())) >= len(world.action_names):
+    if int(cut.actions.max()) >= len(world.action_names):
         raise UsageError(f"the recorded actions go up to {int(cut.actions.max())}; the world has "
                          f"{len(world.action_names)} actions {list(world.action_names)}")
-    sim = Simulator(dataclasses.replace(world, start_latents=ctx.reshape(s, c, *ctx.shape[1:]), heads=heads), s,
-                    "cpu", sampler=cfg)
+    sim = Simulator(dataclasses.replace(world, start_latents=ctx.reshape(s, c, *ctx.shape[1:]),
+                                        heads=head_predictions(world)), s, "cpu", sampler=cfg)
     latency = sim.sampler.action_latency  # the ending action shapes the frame of step before + latency
     if after < latency:
         raise UsageError(f"--after {after}: must be >= the {cfg.mode} sampler's action latency {latency}, "
                          "so that the frame the ending action shapes is generated")
     sim.reset(torch.ones(s, dtype=torch.bool), torch.arange(s), generator=torch.Generator().manual_seed(seed))
-    actions = np.concatenate([cut.actions, np.repeat(cut.last_action[:, None], after, axis=1)], axis=1)  # (S, T)
+    actions = np.concatenate([cut.actions, np.repeat(cut.actions[:, -1:], after, axis=1)], axis=1)  # (S, T)
     first = np.zeros(s, np.int64)  # (S,) 1-based step of the head's first firing, 0: none
     void = np.zeros((s, actions.shape[1]))  # (S, T)
     for k in range(actions.shape[1]):
@@ -158,7 +152,7 @@ def replay(world: WorldModel, cut: Endings, after: int, seed: int, mode: str | N
     # the head on the real ending transitions (latents of the recorded frames), as the env would see them
     z = encode_frames(world.vae, cut.last.reshape(2 * s, *cut.last.shape[2:])).reshape(s, 2, *ctx.shape[1:])
     with torch.no_grad():
-        _, logit = world.heads(z[:, 0], z[:, 1], world.control_pooled.float()[torch.from_numpy(cut.last_action)])
+        _, logit = world.heads(z[:, 0], z[:, 1], world.control_pooled.float()[torch.from_numpy(cut.actions[:, -1])])
     logit = logit.float().numpy()  # (S,)
     ended = first > 0
     return {"before": before, "after": after, "mode": cfg.mode, "latency": latency, "streams": s,

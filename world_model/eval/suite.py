@@ -803,6 +803,14 @@ def held_action(action_names: list[str], name: str) -> Callable[[np.ndarray], np
     return lambda frames: np.full(len(frames), index, np.int64)
 
 
+def head_predictions(world: WorldModel) -> torch.nn.Module:
+    """The world's heads (the same weights) without the env's terminal reward: the reward head's own
+    prediction on every step, as evaluations compare it (streams are driven on after an ending)."""
+    heads = copy.copy(world.heads)
+    heads.cfg = dataclasses.replace(heads.cfg, terminal_reward=None)
+    return heads
+
+
 def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int, steps: int, seed: int,
                 device: str, real_env_id: str | None, palette: np.ndarray | None = None,
                 hold: str | None = None, dtype: torch.dtype = torch.float32) -> dict:
@@ -838,10 +846,8 @@ def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int,
     on = on_road(decode_latents(world.vae, contexts[:, -1].float()))  # (S,) the real game starts on the road
     if on.any():
         contexts = contexts[torch.from_numpy(np.nonzero(on)[0])]
-    heads = copy.copy(world.heads)  # the same weights; the reward head's own prediction on every step
-    heads.cfg = dataclasses.replace(heads.cfg, terminal_reward=None)  # (streams are driven on after an ending)
-    sim = Simulator(dataclasses.replace(world, start_latents=contexts.float(), heads=heads), envs, device,
-                    sampler=sampler_config(world, mode), dtype=dtype)
+    sim = Simulator(dataclasses.replace(world, start_latents=contexts.float(), heads=head_predictions(world)), envs,
+                    device, sampler=sampler_config(world, mode), dtype=dtype)
     perm = np.random.default_rng(seed).permutation(len(contexts))
     start = torch.from_numpy(perm[np.arange(envs) % len(perm)])  # (envs,) wraps when there are fewer starts
     sim.reset(torch.ones(envs, dtype=torch.bool), start, generator=torch.Generator().manual_seed(seed))
