@@ -248,7 +248,11 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
 
     ## Episode End
     Terminated when the termination head's logit exceeds its ``term_threshold`` (0 in the shipped
-    world), i.e. when the model sees the car cross the playfield edge into the void;
+    world), i.e. when the model sees the car cross the playfield edge into the void; with
+    ``termination="hazard"`` (a world with a hazard head, ``matrix-world train-hazard``) also at
+    random, at the per-step rate the hazard head predicts for the frames (a car crossing open
+    grass away from the road reaches the edge, though no world draws it coming; the draws come
+    from the stream's seeded random stream and leave the frames unchanged);
     truncated after ``max_episode_steps`` (1000 when made with ``gym.make``;
     ``gym.make(..., max_episode_steps=-1)`` for no limit).
 
@@ -256,7 +260,7 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
     ```python
     gym.make("MatrixWorld-v0", world=None, render_mode=None, obs_size=None, obs_type="rgb",
              sampler_mode=None, device="cpu", dtype="float32", reward_fn=None, compile_model=False,
-             sampler=None, backend="torch")
+             sampler=None, backend="torch", termination=None)
     ```
     * ``world``: a shipped world's name, ``"default"`` (used when None) or ``"hold"`` (the world for
       training agents that go to the real game; README), a checkpoint directory, or a loaded
@@ -276,6 +280,7 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
     * ``backend``: "torch", or run the full-window DiT calls as an exported ONNX graph with
       "onnxruntime" (CPU or CUDA, float32, equal to torch to ~1e-5; the export is cached on disk
       and the first use pays it) or "tensorrt" (CUDA). See ``world_model.export.onnx``.
+    * ``termination``: "threshold" or "hazard" (see Episode End); None: the world's own setting.
 
     Same seed, same actions -> identical frames (all sampling noise comes from a stream keyed by
     ``np_random``).
@@ -306,6 +311,7 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
         compile_model: bool | str = False,
         sampler: dict | None = None,
         backend: str = "torch",
+        termination: str | None = None,
     ) -> None:
         """Load the world model and allocate one stream. See the class docstring for arguments."""
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
@@ -325,6 +331,7 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
             reward_fn,
             compile_model,
             backend=backend,
+            termination=termination,
         )
         self.metadata = {**self.metadata, "render_fps": int(self.world.meta.get("fps", DEFAULT_FPS))}
         self.action_meanings = list(self.world.action_names)

@@ -101,6 +101,7 @@ class MatrixWorldVectorEnv(VectorEnv):
         compile_model: bool | str = False,
         sampler: dict | None = None,
         backend: str = "torch",
+        termination: str | None = None,
     ) -> None:
         """Load the world model and allocate ``num_envs`` streams."""
         if not (as_int(num_envs) or 0) >= 1:
@@ -121,6 +122,7 @@ class MatrixWorldVectorEnv(VectorEnv):
             reward_fn,
             compile_model,
             backend=backend,
+            termination=termination,
         )
         self.metadata = {**self.metadata, "render_fps": int(self.world.meta.get("fps", DEFAULT_FPS))}
         self.action_meanings = list(self.world.action_names)

@@ -560,7 +560,7 @@ def test_endings_replays_recorded_endings_from_their_real_context(tmp_path: Path
     # the head is read on the real ending transition: the last two recorded frames and the last action
     z = S.encode_frames(world.vae, cut.last.reshape(4, 72, 128, 3)).reshape(2, 2, *world.start_latents.shape[2:])
     with torch.no_grad():
-        _, expect = world.heads(z[:, 0], z[:, 1], world.control_pooled[torch.from_numpy(cut.actions[:, -1])])
+        _, expect, _ = world.heads(z[:, 0], z[:, 1], world.control_pooled[torch.from_numpy(cut.actions[:, -1])])
     assert np.allclose(row["head_logit_on_real_ending"], expect.numpy(), atol=1e-6)
     bad = N.Endings(cut.names, cut.context, cut.actions.copy(), cut.last, 0)
     bad.actions[0, 0] = 9
@@ -627,6 +627,11 @@ def test_closed_loop_compares_the_world_with_the_real_game() -> None:
     held = S.closed_loop(world, world.start_latents, "pipelined", 1, 80, 0, "cpu", "CarRacing-v3", hold="D")
     assert held["real"]["ended_streams"] == 1 and 0 < held["real"]["first_end_step"] < 80
     assert held["real"]["terminations"] >= 1
+    assert held["world"]["terminations"] == 0 and held["world"]["first_end_step"] is None  # bias -10: never
+    with torch.no_grad():
+        world.heads.mlp[-1].bias[1] = 10.0  # every transition ends: each stream first at step 1
+    ends = S.closed_loop(world, world.start_latents, "pipelined", 2, 3, 0, "cpu", None, hold="D")["world"]
+    assert ends["terminations"] == 2 and ends["first_end_step"] == 1.0
     assert S._share([[1.0, np.nan], [0.0, np.nan]]) == 0.5 and S._share([[np.nan, np.nan]]) is None
     world.meta["env_id"] = "gymnasium.envs.box2d:CarRacing-v3"  # the recorder's spelling with a module
     as_carracing = S.closed_loop(world, world.start_latents, "pipelined", 2, 2, 0, "cpu", None)["world"]
@@ -675,6 +680,9 @@ def test_probe_compares_sampler_variants_on_the_same_starts(tmp_path: Path, tiny
     ended = {**rows[0], "terminations": 0, "real_ended_streams": 16, "real_first_end_step": 61.5}
     assert f"| {rows[0]['reward_per_step']:.3f} | 0 (real 16, from step 61.5) |" in P.format_row(ended)
     assert "| 0 (real 0) |" in P.format_row({**ended, "real_ended_streams": 0, "real_first_end_step": None})
+    assert "| 5 from step 12 (real 16, from step 61.5) |" in P.format_row({**ended, "terminations": 5,
+                                                                           "first_end_step": 12.0})
+    assert all(r["first_end_step"] is None for r in rows)  # the tiny world never ends a stream
     other = {**rows[1], "real_on_road": 0.25, "real_on_road_by_quarter": [0.125, 0.25, 0.375, 0.25]}
     mean = P.mean_row([with_real, other])  # the mean-of-seeds row keeps both sets of quarters
     assert mean["seed"] == "mean of 2" and mean["real_on_road_by_quarter"] == [0.375, 0.375, 0.375, 0.375]

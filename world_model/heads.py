@@ -5,12 +5,21 @@ pooled embedding of the action that produced ``z_next``. One small conv trunk re
 ``[z_prev, z_next, z_next - z_prev]`` (the difference makes motion / track progress explicit),
 global-average-pools it, and an MLP with the control embedding predicts the reward and a
 termination logit.
+
+An optional hazard head (``HeadsConfig.hazard_horizon`` H > 0; its own trunk and MLP on the same
+input, trained by ``matrix-world train-hazard`` with the rest of the world frozen) predicts the
+log-odds that the episode ends within the next H transitions, this one included. It is calibrated
+(plain BCE, no class weight), so it carries what the frames cannot show: a car crossing uniform
+grass will reach the playfield's edge, but no frame says when (docs/EXPERIMENTS.md, "Four times
+the exits"). With ``termination="hazard"`` the simulator ends a stream with the per-step
+probability :func:`per_step_hazard` derives from it, besides the thresholded termination logit.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +28,7 @@ from torch import nn
 # Huber transition point for the reward loss: CarRacing rewards are ~ -0.1 per frame and
 # +1000/N per new tile (~ +3); a delta of 1 keeps the rare large rewards from dominating.
 REWARD_HUBER_DELTA = 1.0
+TERMINATIONS = ("threshold", "hazard")
 
 
 @dataclass
@@ -47,36 +57,81 @@ class HeadsConfig:
     head cannot regress that rare value (it predicts about -1.5 on recorded exits), so without this
     an imagined exit would cost ~1/70 of a real one. None: the head's prediction."""
 
+    hazard_horizon: int = 0
+    """H: the hazard head predicts the log-odds that the episode ends within the next H transitions
+    (this one included). 0: no hazard head (the heads then have exactly the reward and termination
+    outputs, as every world before it)."""
+    termination: Literal["threshold", "hazard"] = "threshold"
+    """How a step ends an episode. "threshold": the termination logit exceeds ``term_threshold``.
+    "hazard": that, or a draw from the stream's random stream with the hazard head's per-step
+    probability (:func:`per_step_hazard`; needs ``hazard_horizon`` > 0)."""
+
     def __post_init__(self) -> None:
+        h = self.hazard_horizon
+        if isinstance(h, bool) or not isinstance(h, int) or h < 0:
+            raise ValueError(f"hazard_horizon must be an int >= 0 (0: no hazard head), got {h!r}")
+        if self.termination not in TERMINATIONS:
+            raise ValueError(f"termination must be one of {TERMINATIONS}, got {self.termination!r}")
+        if self.termination == "hazard" and h == 0:
+            raise ValueError("termination='hazard' needs a hazard head (hazard_horizon > 0; matrix-world train-hazard)")
         r = self.terminal_reward
         if r is not None and (isinstance(r, bool) or not isinstance(r, int | float) or not math.isfinite(r)):
             raise ValueError(f"terminal_reward must be None or a finite number, got {r!r}")
 
 
+def per_step_hazard(hazard_logit: torch.Tensor, horizon: int) -> torch.Tensor:
+    """Per-step ending probability h from the log-odds of ending within ``horizon`` steps.
+
+    A constant hazard h over H steps ends the episode within them with probability
+    q = 1 - (1 - h)^H, so h = 1 - (1 - q)^(1/H) = -expm1(log(1 - q) / H), with
+    log(1 - q) = logsigmoid(-logit) (exact for large logits; -inf logits give 0).
+
+    Args:
+        hazard_logit: (B,) log-odds of ending within ``horizon`` steps.
+        horizon: H >= 1.
+
+    Returns:
+        (B,) probabilities in [0, 1].
+    """
+    return -torch.expm1(F.logsigmoid(-hazard_logit) / horizon)
+
+
+def _trunk(c: int, hid: int) -> nn.Sequential:
+    """Conv trunk: (B, 3C, H, W) -> (B, hid), global-average-pooled."""
+    return nn.Sequential(
+        nn.Conv2d(3 * c, hid // 2, 3, padding=1),
+        nn.SiLU(),
+        nn.Conv2d(hid // 2, hid, 3, stride=2, padding=1),
+        nn.SiLU(),
+        nn.Conv2d(hid, hid, 3, padding=1),
+        nn.SiLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    )
+
+
 class RewardTerminationHeads(nn.Module):
-    """Predict reward and termination logit of a latent transition under an action."""
+    """Predict reward, termination logit and (optionally) hazard logit of a latent transition under an action."""
 
     def __init__(self, cfg: HeadsConfig) -> None:
         super().__init__()
         self.cfg = cfg
         c, hid = cfg.latent_channels, cfg.hidden
-        self.trunk = nn.Sequential(
-            nn.Conv2d(3 * c, hid // 2, 3, padding=1),
-            nn.SiLU(),
-            nn.Conv2d(hid // 2, hid, 3, stride=2, padding=1),
-            nn.SiLU(),
-            nn.Conv2d(hid, hid, 3, padding=1),
-            nn.SiLU(),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-        )
+        self.trunk = _trunk(c, hid)
         self.ctrl = nn.Linear(cfg.text_dim, hid)
         self.mlp = nn.Sequential(nn.Linear(2 * hid, hid), nn.SiLU(), nn.Linear(hid, 2))
+        self.hazard: nn.ModuleDict | None = None
+        if cfg.hazard_horizon > 0:  # its own weights: training it leaves reward and termination untouched
+            self.hazard = nn.ModuleDict({
+                "trunk": _trunk(c, hid),
+                "ctrl": nn.Linear(cfg.text_dim, hid),
+                "mlp": nn.Sequential(nn.Linear(2 * hid, hid), nn.SiLU(), nn.Linear(hid, 1)),
+            })
 
     def forward(
         self, z_prev: torch.Tensor, z_next: torch.Tensor, ctrl_pooled: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Predict reward and termination.
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Predict reward, termination and hazard.
 
         Args:
             z_prev: (B, C, H, W) previous clean latent.
@@ -84,12 +139,21 @@ class RewardTerminationHeads(nn.Module):
             ctrl_pooled: (B, Dt) pooled control embedding of the action taken.
 
         Returns:
-            ``(reward, term_logit)``, each (B,).
+            ``(reward, term_logit, hazard_logit)``, each (B,); ``hazard_logit`` is the log-odds of
+            the episode ending within ``cfg.hazard_horizon`` steps, -inf without a hazard head.
         """
-        feats = self.trunk(torch.cat([z_prev, z_next, z_next - z_prev], dim=1))  # (B, hidden)
-        h = torch.cat([feats, self.ctrl(ctrl_pooled)], dim=-1)  # (B, 2*hidden)
+        x = torch.cat([z_prev, z_next, z_next - z_prev], dim=1)  # (B, 3C, H, W)
+        h = torch.cat([self.trunk(x), self.ctrl(ctrl_pooled)], dim=-1)  # (B, 2*hidden)
         reward, term_logit = self.mlp(h).unbind(dim=-1)  # 2 x (B,)
-        return reward, term_logit
+        return reward, term_logit, self.hazard_logit(x, ctrl_pooled, like=term_logit)
+
+    def hazard_logit(self, x: torch.Tensor, ctrl_pooled: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """(B,) hazard log-odds from the trunk input x (B, 3C, H, W); -inf (shaped as ``like``) without a hazard head."""
+        if self.hazard is None:
+            return torch.full_like(like, -math.inf)
+        hz = self.hazard
+        h = torch.cat([hz["trunk"](x), hz["ctrl"](ctrl_pooled)], dim=-1)  # (B, 2*hidden)
+        return hz["mlp"](h)[:, 0]  # (B,)
 
     @staticmethod
     def loss(

@@ -3,7 +3,9 @@
 ``Simulator`` owns B independent streams of a :class:`~world_model.checkpoint.WorldModel`. Each
 stream's Swin-DPM window, control indices and random stream live on the device; ``step(actions)``
 runs the sampler with ONE batched DiT call per denoising evaluation for all B streams, then the
-reward / termination heads on the emitted latents. Per-stream restarts are masked writes
+reward / termination heads on the emitted latents (with a hazard head and ``termination="hazard"``,
+also a per-stream random ending at the head's per-step rate, drawn from the stream's own random
+stream so that it is seeded like the frames). Per-stream restarts are masked writes
 (``reset(mask, ...)``), so nothing in the hot path loops over streams or syncs with the host.
 Decoding to pixels is a separate call, so agents that want small or latent observations never pay
 for a 720p decode.
@@ -27,7 +29,8 @@ from world_model.device import check_device, slow_precision
 from world_model.dit import ContextCache
 from world_model.errors import UsageError
 from world_model.frames import block_mean
-from world_model.swin_dpm import MODES, SwinDPM, SwinDPMConfig, SwinDPMState
+from world_model.heads import TERMINATIONS, per_step_hazard
+from world_model.swin_dpm import MODES, SwinDPM, SwinDPMConfig, SwinDPMState, stream_uniform
 from world_model.vae import frames_to_tensor, tensor_to_frames
 
 # reward_fn(latents_prev (B, C, H, W), latents (B, C, H, W), actions (B,) long) -> reward (B,)
@@ -108,6 +111,7 @@ class Simulator:
         compile_model: bool | str = False,
         context_cache: bool = True,
         backend: str = "torch",
+        termination: str | None = None,
     ) -> None:
         """Move the model to ``device``, cache the control tables and allocate the stream state.
 
@@ -135,6 +139,9 @@ class Simulator:
                 to ~1e-5) or "tensorrt" (CUDA); see ``world_model.export.onnx``. The export is
                 cached on disk; the first use pays it (10-20 s on 2 CPU cores). Context-cache calls
                 stay in torch, as with ``compile_model``.
+            termination: how a step ends an episode (``HeadsConfig.termination``): "threshold" (the
+                termination logit above its threshold) or "hazard" (that, or a draw at the hazard
+                head's per-step rate; a world with a hazard head only); None: the world's own.
 
         Raises:
             UsageError: the sampler window does not fit the model or the start contexts.
@@ -170,6 +177,12 @@ class Simulator:
         self._context_fn = self._encode_context if context_cache and self.dit.cfg.causal else None
         self._dit_fn = self._full_window_fn(backend, compile_model)
         self.heads = world.heads.to(self.device).eval()
+        self.termination = self.heads.cfg.termination if termination is None else termination
+        if self.termination not in TERMINATIONS:
+            raise UsageError(f"termination must be one of {TERMINATIONS} or None (the world's), got {termination!r}")
+        if self.termination == "hazard" and self.heads.cfg.hazard_horizon == 0:
+            raise UsageError("termination='hazard' needs a world with a hazard head (matrix-world train-hazard); "
+                             "this world has none")
         # Cached once: the control tables (A+1 rows) and the start contexts.
         self.ctrl_tokens = world.control_tokens.to(self.device, torch.float32)  # (A+1, N, Dt)
         self.ctrl_mask = world.control_mask.to(self.device, torch.bool)  # (A+1, N)
@@ -351,8 +364,11 @@ class Simulator:
             self.state, self._denoise, actions, context_fn=self._context_fn
         )  # (B, C, H, W)
         with self._autocast():
-            reward, term_logit = self.heads(z_prev, z_next, self.ctrl_pooled[actions])  # (B,), (B,)
+            reward, term_logit, hazard_logit = self.heads(z_prev, z_next, self.ctrl_pooled[actions])  # 3 x (B,)
         terminated = term_logit.float() > self.heads.cfg.term_threshold  # (B,)
+        if self.termination == "hazard":  # an ending the frames cannot show, drawn at its rate
+            u = stream_uniform(self.state.noise_key, self.state.noise_step)  # (B,) per-stream, frames untouched
+            terminated = terminated | (u < per_step_hazard(hazard_logit.float(), self.heads.cfg.hazard_horizon))
         if self.heads.cfg.terminal_reward is not None:  # the game's reward for an ending (CarRacing: -100)
             reward = torch.where(terminated, self.heads.cfg.terminal_reward, reward.float())
         if self.reward_fn is not None:

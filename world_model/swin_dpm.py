@@ -66,6 +66,7 @@ KEY_HIGH = 2**63 - 1
 _M32 = 0xFFFFFFFF
 # Domain-separation constants of the stream hash (arbitrary odd 32-bit values).
 _KEY_SALT, _STEP_SALT, _POS_SALT = 0x9E3779B9, 0x85EBCA6B, 0xC2B2AE35
+_UNIFORM_SALT = 0x27D4EB2F  # stream_uniform's draws: independent of the noise at the same counter
 
 
 @dataclass
@@ -158,6 +159,24 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def _stream_draw(noise_key: torch.Tensor, noise_step: torch.Tensor, salt: int) -> torch.Tensor:
+    """(B,) 32-bit value of each row's draw ``noise_step`` (``salt`` separates independent uses)."""
+    key_lo, key_hi = noise_key & _M32, (noise_key >> 32) & _M32  # (B,) each
+    seed = _hash32(key_lo ^ _hash32(key_hi ^ _KEY_SALT))  # (B,)
+    return _hash32(seed ^ _hash32((noise_step & _M32) ^ salt))  # (B,)
+
+
+def stream_uniform(noise_key: torch.Tensor, noise_step: torch.Tensor) -> torch.Tensor:
+    """(B,) float32 uniforms in (0, 1), one per row, a pure function of ``(noise_key[b], noise_step[b])``.
+
+    Independent of the noise :func:`stream_normal` draws at the same counter (another salt), and it
+    does not advance the counter: using it leaves every frame of the stream unchanged. The simulator
+    draws its hazard endings with it (same seed, same endings; ``make_vec(N)`` equals N single envs).
+    """
+    bits = _hash32(_stream_draw(noise_key, noise_step, _UNIFORM_SALT))  # (B,)
+    return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / 2**24)  # (B,) 24 bits, exact in float32
+
+
 def stream_normal(noise_key: torch.Tensor, noise_step: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """Standard normal samples of one draw from each row's counter-based stream.
 
@@ -178,9 +197,7 @@ def stream_normal(noise_key: torch.Tensor, noise_step: torch.Tensor, shape: tupl
     """
     numel = math.prod(shape)
     pairs = (numel + 1) // 2
-    key_lo, key_hi = noise_key & _M32, (noise_key >> 32) & _M32  # (B,) each
-    seed = _hash32(key_lo ^ _hash32(key_hi ^ _KEY_SALT))  # (B,)
-    draw = _hash32(seed ^ _hash32((noise_step & _M32) ^ _STEP_SALT))  # (B,)
+    draw = _stream_draw(noise_key, noise_step, _STEP_SALT)  # (B,)
     pos = _hash32(torch.arange(2 * pairs, device=noise_key.device, dtype=torch.long) ^ _POS_SALT)  # (2P,)
     bits = _hash32((_hash32(draw[:, None] ^ pos) + draw[:, None]) & _M32)  # (B, 2P)
     # 24 high bits -> uniform in (0, 1), exactly representable in float32

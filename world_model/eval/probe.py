@@ -149,7 +149,7 @@ def probe(args: Args) -> list[dict]:
             row = {"variant": text, "seed": seed, "dtype": args.dtype, "sampler": sampler, "on_road": w["on_road"],
                    "on_road_by_quarter": [q["mean"] for q in w["on_road_by_quarter"]],
                    "reward_per_step": w["reward_per_step"], "terminations": w["terminations"],
-                   "detail": w["detail"], "detail_by_quarter": [q["mean"] for q in w["detail_by_quarter"]],
+                   "first_end_step": w["first_end_step"], "detail": w["detail"], "detail_by_quarter": [q["mean"] for q in w["detail_by_quarter"]],
                    "kerb_pixels": w.get("kerb_pixels"), "car_faded": w.get("car_faded"),
                    "off_palette": w.get("off_palette"),
                    "steer_share": w["steer_share"], "real_steer_share": r["steer_share"] if args.real else None,
@@ -182,7 +182,7 @@ def mean_row(rows: list[dict]) -> dict:
         vals = [r.get(key) for r in rows]
         return None if any(v is None for v in vals) else np.mean(vals, axis=0).tolist()
 
-    keys = ("on_road", "on_road_by_quarter", "reward_per_step", "terminations", "detail", "kerb_pixels",
+    keys = ("on_road", "on_road_by_quarter", "reward_per_step", "terminations", "first_end_step", "detail", "kerb_pixels",
             "car_faded", "off_palette", "steer_share", "real_on_road", "real_on_road_by_quarter", "real_steer_share",
             "real_car_faded", "real_ended_streams", "real_first_end_step")
     return {"variant": rows[0]["variant"], "seed": f"mean of {len(rows)}", **{k: mean(k) for k in keys}}
@@ -199,7 +199,8 @@ def format_row(row: dict) -> str:
         steer += f" (real {row['real_steer_share']:.2f})"
     if row.get("real_car_faded") is not None:
         car += f" (real {100 * row['real_car_faded']:.2f}%)"
-    ended = f"{row['terminations']:g}"
+    ended = f"{row['terminations']:g}"  # streams the world ended, median first step
+    ended += f" from step {row['first_end_step']:g}" if row.get("first_end_step") else ""
     if row.get("real_ended_streams") is not None:  # the real game: streams whose episode ended, median first step
         ended += f" (real {row['real_ended_streams']:g}"
         ended += f", from step {row['real_first_end_step']:g})" if row.get("real_first_end_step") else ")"

@@ -719,7 +719,7 @@ def heads_metrics(world: WorldModel, seg: Segments, reward_baseline: float, devi
             s, j = s_idx[i : i + 256], j_idx[i : i + 256]
             z_prev = seg.latents[s, j - 1].to(device)
             z_next = seg.latents[s, j].to(device)
-            r, lg = heads(z_prev, z_next, pooled[torch.from_numpy(seg.actions[s, j]).to(device)])
+            r, lg, _ = heads(z_prev, z_next, pooled[torch.from_numpy(seg.actions[s, j]).to(device)])
             rewards.append(r.float().cpu().numpy())
             logits.append(lg.float().cpu().numpy())
     pred_r, logit = np.concatenate(rewards), np.concatenate(logits)
@@ -854,10 +854,10 @@ def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int,
     frame = decode_latents(sim.vae, contexts[start, -1].float())  # (B, H, W, 3)
     turns = np.array([name.endswith(("L", "R")) for name in world.action_names])  # (A,) bool
     on, rew, detail, kerbs, cars, off, steer = [], [], [], [], [], [], []
-    ended = torch.zeros(envs, dtype=torch.bool)
+    first_end = torch.zeros(envs, dtype=torch.long)  # (B,) step (1-based) of each stream's first ending, 0: none
     rows, carracing, ignore = detail_rows(world), is_carracing(world), palette_ignore(world)
     seen = on_road(frame)  # (B,) bool, the car on the road in the frame the policy reads
-    for _ in range(steps):  # a stream the termination head ends is counted once and driven on
+    for t in range(steps):  # a stream the termination head ends is counted once and driven on
         actions = policy(frame)  # (B,) int64
         steer.append(np.where(seen, turns[actions], np.nan))  # (B,) nan: off the road, not counted
         latents, reward, terminated = sim.step(torch.from_numpy(actions))
@@ -871,12 +871,13 @@ def closed_loop(world: WorldModel, contexts: torch.Tensor, mode: str, envs: int,
         if palette is not None:
             off.append(M.off_palette(frame, palette, rows, ignore))
         rew.append(reward.float().cpu().numpy())
-        ended |= terminated.cpu()
-    ends = int(ended.sum())  # streams that terminated at least once (the real side: episodes)
+        first_end = torch.where((first_end == 0) & terminated.cpu(), t + 1, first_end)
+    ends = int((first_end > 0).sum())  # streams that terminated at least once (the real side: episodes)
     on_w, rew_w = np.array(on, np.float64), np.array(rew, np.float64)  # (T, B)
     out: dict = {"mode": mode, "envs": envs, "steps": steps, "policy": hold or "road follower",
                  "world": {"on_road": float(on_w.mean()), "on_road_by_quarter": bucket_means(on_w),
                            "reward_per_step": float(rew_w.mean()), "terminations": ends,
+                           "first_end_step": float(first_end[first_end > 0].float().median()) if ends else None,
                            "detail": float(np.mean(detail)),
                            "detail_by_quarter": bucket_means(np.array(detail)),  # blur or drift lowers it
                            "steer_share": _share(steer) if hold is None else None}}

@@ -272,7 +272,7 @@ class DiTWithHeads(nn.Module):
             ``(v, reward, term_logit)``: (B, T, C, H, W), (M,), (M,).
         """
         v = self.dit(x_t, t, ctrl_tokens, ctrl_mask)
-        reward, term_logit = self.heads(z_prev, z_next, ctrl_pooled)
+        reward, term_logit, _ = self.heads(z_prev, z_next, ctrl_pooled)
         return v, reward, term_logit
 
 
@@ -496,7 +496,7 @@ def evaluate(
         for k, v in compute_losses(model, inp, pos_weight, args.heads_weight).items():
             sums[k] = sums.get(k, 0.0) + float(v)
         n_batches += 1
-        reward, term_logit = model.heads(inp.z_prev, inp.z_next, inp.ctrl_pooled)  # (M,), (M,)
+        reward, term_logit, _ = model.heads(inp.z_prev, inp.z_next, inp.ctrl_pooled)  # (M,), (M,)
         m = inp.head_mask
         abs_err += float((reward[m] - inp.reward[m]).abs().sum())
         correct += int(((term_logit[m] > 0) == inp.terminated[m]).sum())
@@ -517,9 +517,12 @@ def warm_start(model: DiTWithHeads, model_dir: Path, dit_cfg: object, heads_cfg:
 
     dit = load_module(model_dir, "dit", VideoDiT, DiTConfig)
     heads = load_module(model_dir, "heads", RewardTerminationHeads, HeadsConfig)
-    # a world's heads carry the decision threshold and terminal reward build-world chose: not weights
+    # a world's heads carry the decision threshold and terminal reward build-world chose: not weights;
+    # its hazard head (train-hazard) is trained on the world's frozen latents: not carried over
+    had_hazard = heads.cfg.hazard_horizon > 0
     heads.cfg = dataclasses.replace(heads.cfg, term_threshold=heads_cfg.term_threshold,
-                                    terminal_reward=heads_cfg.terminal_reward)
+                                    terminal_reward=heads_cfg.terminal_reward,
+                                    hazard_horizon=heads_cfg.hazard_horizon, termination=heads_cfg.termination)
     for name, got, want in (("dit", dit.cfg, dit_cfg), ("heads", heads.cfg, heads_cfg)):
         if got != want:
             diff = {
@@ -531,7 +534,10 @@ def warm_start(model: DiTWithHeads, model_dir: Path, dit_cfg: object, heads_cfg:
                 f"--init-from {model_dir}: its {name} config differs from this run's (found, expected): {diff}"
             )
     model.dit.load_state_dict(dit.state_dict())
-    model.heads.load_state_dict(heads.state_dict())
+    model.heads.load_state_dict({k: v for k, v in heads.state_dict().items() if not k.startswith("hazard.")})
+    if had_hazard:
+        print(f"--init-from {model_dir}: its hazard head is not carried over (rerun matrix-world train-hazard "
+              "on the new world)")
 
 
 def train(args: Args, command: list[str] | None = None) -> dict:

@@ -1,0 +1,149 @@
+"""The hazard head: labels, per-step rate, seeded endings in the simulator, and train-hazard end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import build_tiny_world
+from tests.synthetic import make_synthetic_dataset
+from world_model.errors import UsageError
+from world_model.heads import HeadsConfig, RewardTerminationHeads, per_step_hazard
+
+
+def test_hazard_labels_look_ahead_h_steps_and_leave_out_censored_transitions() -> None:
+    from world_model.train.hazard import hazard_labels
+
+    term = np.zeros(9, bool)  # 8 transitions, the last ends the episode
+    term[8] = True
+    ends, known = hazard_labels(term, 3)
+    assert ends.tolist() == [False] * 5 + [True] * 3 and known.all()  # transitions 6, 7, 8 end within 3
+    ends, known = hazard_labels(np.zeros(9, bool), 3)  # truncated: the last 2 transitions cannot be labelled
+    assert not ends.any() and known.tolist() == [True] * 6 + [False] * 2
+    assert hazard_labels(term, 1)[0].tolist() == [False] * 7 + [True]
+    with pytest.raises(UsageError, match=r"--horizon 0: must be >= 1"):
+        hazard_labels(term, 0)
+
+
+def test_per_step_hazard_inverts_the_within_h_probability() -> None:
+    logit = torch.tensor([-40.0, -3.0, 0.0, 2.0, 40.0, -float("inf")])
+    h = per_step_hazard(logit, 30)
+    q = 1 - (1 - h.double()) ** 30
+    assert torch.allclose(q[:5], torch.sigmoid(logit[:5]).double(), atol=1e-6)
+    assert h[-1] == 0 and h[4] <= 1 and torch.isfinite(h).all()
+    assert torch.allclose(per_step_hazard(logit, 1), torch.sigmoid(logit), rtol=1e-6, atol=0)
+
+
+def test_heads_config_checks_the_hazard_settings() -> None:
+    with pytest.raises(ValueError, match=r"termination='hazard' needs a hazard head"):
+        HeadsConfig(termination="hazard")
+    with pytest.raises(ValueError, match=r"hazard_horizon must be an int >= 0.*got -1"):
+        HeadsConfig(hazard_horizon=-1)
+    with pytest.raises(ValueError, match=r"termination must be one of \('threshold', 'hazard'\), got 'sometimes'"):
+        HeadsConfig(termination="sometimes")
+    heads = RewardTerminationHeads(HeadsConfig(latent_channels=4, text_dim=12, hidden=16))
+    z = torch.randn(3, 4, 9, 16)
+    assert heads.hazard is None and torch.isneginf(heads(z, z, torch.randn(3, 12))[2]).all()
+
+
+def _hazard_world(bias: float, horizon: int = 10):
+    """The tiny world with a hazard head whose logits are ~bias (its last layer zeroed)."""
+    import dataclasses
+
+    world = build_tiny_world()
+    cfg = dataclasses.replace(world.heads.cfg, hazard_horizon=horizon, termination="hazard")
+    heads = RewardTerminationHeads(cfg)
+    heads.load_state_dict(world.heads.state_dict(), strict=False)
+    with torch.no_grad():
+        heads.hazard["mlp"][-1].weight.zero_()
+        heads.hazard["mlp"][-1].bias.fill_(bias)
+    world.heads = heads.eval()
+    return world
+
+
+def test_simulator_draws_hazard_endings_at_the_rate_seeded_and_per_stream() -> None:
+    from world_model.simulator import Simulator
+
+    def run(world, b: int, keys: torch.Tensor, steps: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+        sim = Simulator(world, b, "cpu")
+        sim.reset(torch.ones(b, dtype=torch.bool), torch.arange(b) % sim.num_starts, noise_key=keys)
+        lat, ends = [], []
+        for t in range(steps):
+            z, _, term = sim.step(torch.full((b,), t % 9))
+            lat.append(z)
+            ends.append(term)
+        return torch.stack(lat, 1), torch.stack(ends, 1)  # (B, T, C, h, w), (B, T)
+
+    keys = torch.arange(64) * 7919 + 3
+    # q = sigmoid(0) = 0.5 within H = 10 steps: h = 1 - 0.5 ** 0.1 = 6.7% per step
+    lat, ends = run(_hazard_world(0.0), 64, keys)
+    rate = ends.float().mean().item()
+    assert 0.03 < rate < 0.11, rate
+    lat_thr, ends_thr = run(build_tiny_world(), 64, keys)  # the same world without the hazard: no ending
+    assert not ends_thr.any() and torch.equal(lat, lat_thr)  # the draws leave every frame unchanged
+    assert torch.equal(run(_hazard_world(0.0), 64, keys)[1], ends)  # same keys, same endings
+    for i in (0, 5):  # a stream ends as it would alone: make_vec(N) equals N single envs
+        assert torch.equal(run(_hazard_world(0.0), 1, keys[i : i + 1])[1][0], ends[i])
+    assert run(_hazard_world(400.0), 4, keys[:4])[1].all()  # near-certain within H: every step
+    assert not run(_hazard_world(-400.0), 4, keys[:4])[1].any()
+
+
+def test_train_hazard_learns_the_endings_and_leaves_the_rest_of_the_world(tmp_path: Path,
+                                                                          tiny_world_dir: Path) -> None:
+    from safetensors.torch import load_file
+
+    from world_model.checkpoint import load_world
+    from world_model.data.latents import main as encode
+    from world_model.train import hazard as H
+
+    root = make_synthetic_dataset(tmp_path / "toy", episodes=6, steps=12)  # episodes 0, 2, 4 end terminated
+    assert encode(["--data", str(root), "--vae", str(tiny_world_dir), "--out", str(tmp_path / "lat")]) == 0
+    out = tmp_path / "world"
+    args = ["--world", str(tiny_world_dir), "--data", str(root), "--latents", str(tmp_path / "lat"),
+            "--out", str(out), "--horizon", "4", "--steps", "150", "--batch-size", "32", "--lr", "3e-3", "--threads", "1"]
+    assert H.main(args) == 0
+    world, base = load_world(out), load_world(tiny_world_dir)
+    assert world.heads.cfg.hazard_horizon == 4 and world.heads.cfg.termination == "hazard"
+    old = load_file(str(tiny_world_dir / "heads.safetensors"))
+    new = load_file(str(out / "heads.safetensors"))
+    assert {k for k in new if not k.startswith("hazard.")} == set(old)
+    assert all(torch.equal(new[k], old[k]) for k in old)  # reward and termination weights untouched
+    for name in ("vae.safetensors", "dit.safetensors", "control.safetensors"):
+        assert (out / name).read_bytes() == (tiny_world_dir / name).read_bytes()
+    assert torch.equal(world.start_latents, base.start_latents) and world.sampler == base.sampler
+    rep = world.meta["hazard"]["train"]
+    # 3 terminated episodes x 4 positive transitions; the 3 truncated ones lose their last 3 (censored)
+    held = len(world.meta["hazard"]["held_out"]["sets"][0:1])
+    assert rep["transitions"] + world.meta["hazard"]["held_out"]["transitions"] == 6 * 12 - 3 * 3 and held == 1
+    # the toy frames give no sign of the ending: a calibrated head learns its base rate (it starts near 0.5)
+    assert abs(rep["sets"][0]["predicted"] - rep["ending_rate"]) < 0.05 and rep["ending_rate"] == pytest.approx(12 / 54)
+    assert json.loads((out / "manifest.json").read_text())["recipe"]["commands"][-1][:2] == ["matrix-world",
+                                                                                            "train-hazard"]
+    with pytest.raises(UsageError, match=r"was encoded by another VAE"):
+        other = tmp_path / "other"
+        from world_model.checkpoint import save_world
+
+        save_world(other, build_tiny_world(seed=1), recipe={})
+        H.main([*args[:1], str(other), *args[2:]])
+    with pytest.raises(UsageError, match=r"--horizon 0: must be >= 1"):
+        H.main([*args, "--horizon", "0"])
+
+
+def test_hazard_envs_equal_single_envs_and_the_termination_argument_is_checked(tmp_path: Path) -> None:
+    from matrix_env.env import MatrixWorldEnv
+    from tests.test_vector_env import compare_with_singles
+    from world_model.checkpoint import save_world
+
+    save_world(tmp_path / "hz", _hazard_world(0.0, horizon=3), recipe={})  # ~21% of the steps end
+    compare_with_singles(tmp_path / "hz", "latent", max_steps=50, num_steps=12)  # asserts autoresets happened
+    env = MatrixWorldEnv(world=tmp_path / "hz", obs_type="latent", termination="threshold")
+    env.reset(seed=0)
+    assert not any(env.step(0)[2] for _ in range(12))  # the head is stored, not used
+    with pytest.raises(UsageError, match=r"termination='hazard' needs a world with a hazard head"):
+        MatrixWorldEnv(world=build_tiny_world(), obs_type="latent", termination="hazard")
+    with pytest.raises(UsageError, match=r"termination must be one of \('threshold', 'hazard'\).*got 'never'"):
+        MatrixWorldEnv(world=tmp_path / "hz", obs_type="latent", termination="never")

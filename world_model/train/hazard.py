@@ -1,0 +1,320 @@
+"""Train a world's hazard head on recorded latents (``matrix-world train-hazard``).
+
+The hazard head (:class:`world_model.heads.RewardTerminationHeads` with ``hazard_horizon`` H)
+predicts, for a transition (z_prev, z_next, action), the log-odds that the episode ends within the
+next H transitions, this one included. It is trained with plain BCE (no class weight), so its
+probabilities are calibrated on the mix of data it sees, and the simulator can draw endings at the
+rate they happen in that data (``termination="hazard"``) where the frames cannot show them: a world
+never draws the playfield's edge coming closer across uniform grass (docs/EXPERIMENTS.md, "Four
+times the exits"), but whether the car is crossing open grass away from the road is in the frames.
+
+Labels: transition k of an episode (frames k-1 -> k, ``actions[k]``) is positive when
+``terminated[k : k + H]`` holds a termination. An episode cut off (truncated) before k + H - 1
+without ending gives no label there (censored: the ending may have come after the cut); those
+transitions are left out. Unlabelled episodes (no actions) and evaluation-only episodes
+(``meta["split"] != "train"``) are left out; the data directories' held-out episodes (the split of
+``train-dit``) are kept aside for the calibration report.
+
+Everything else in the world (VAE, DiT, reward and termination heads, starts, sampler) is copied
+unchanged; the hazard weights are a separate branch of the heads. The run takes a few minutes on a
+CPU, so a killed run is simply rerun (the world is written atomically at the end; nothing partial
+is left).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from world_model.errors import UsageError
+
+# predicted within-H probability bins of the calibration table
+CALIBRATION_BINS = (0.0, 0.01, 0.05, 0.2, 0.5, 1.0)
+
+
+@dataclass
+class Args:
+    """Train a world's hazard head (ending within H steps, calibrated) on recorded latents; write the world with it."""
+
+    world: Path
+    """World directory whose VAE encoded the latent caches; everything but the hazard head is copied unchanged."""
+    data: tuple[Path, ...]
+    """Recorded data directories (labelled; e.g. the follower, exit and hold sets: the mix sets the rates)."""
+    latents: tuple[Path, ...]
+    """Latent caches of the data directories (``matrix-world encode-latents --vae WORLD``), same order."""
+    out: Path
+    """World directory to write (may be --world itself: it is replaced atomically)."""
+    horizon: int = 30
+    """H: the head predicts an ending within the next H transitions."""
+    termination: Literal["hazard", "threshold"] = "hazard"
+    """The written world's termination rule (HeadsConfig.termination): "hazard" draws endings at the head's
+    rate besides the thresholded termination logit; "threshold" stores the head without using it."""
+    steps: int = 2000
+    """Optimiser steps."""
+    batch_size: int = 256
+    """Transitions per step."""
+    lr: float = 1e-3
+    """AdamW learning rate (cosine decay to lr/10)."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay."""
+    holdout_fraction: float = 0.1
+    """Fraction of each data directory's episodes held out for the calibration report (train-dit's split)."""
+    seed: int = 0
+    """Seed of the init, the batches and the split."""
+    threads: int = 0
+    """torch threads (0: torch's default)."""
+
+
+@dataclass
+class Transitions:
+    """Labelled transitions of recorded episodes, in memory.
+
+    z_prev, z_next: (N, C, h, w) float32; actions: (N,) long; ends: (N,) bool, the episode ends within
+    H transitions; terminated: (N,) bool, this transition ends it; episode: (N,) long, index into
+    ``names``; source: (N,) long, index of the data directory.
+    """
+
+    z_prev: torch.Tensor
+    z_next: torch.Tensor
+    actions: torch.Tensor
+    ends: torch.Tensor
+    terminated: torch.Tensor
+    episode: torch.Tensor
+    source: torch.Tensor
+    names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.actions)
+
+
+def hazard_labels(terminated: np.ndarray, horizon: int) -> tuple[np.ndarray, np.ndarray]:
+    """Labels of an episode's transitions for an ending within ``horizon`` steps.
+
+    Args:
+        terminated: (S+1,) bool, aligned on frames (``terminated[k]``: step k ended the episode).
+        horizon: H >= 1.
+
+    Returns:
+        ``(ends, known)``, each (S,) bool for transitions k = 1..S: ``ends[k-1]`` is
+        ``terminated[k : k + H].any()``; ``known[k-1]`` is False where the episode stops before
+        k + H - 1 without a termination (censored).
+    """
+    if horizon < 1:
+        raise UsageError(f"--horizon {horizon}: must be >= 1")
+    term = np.asarray(terminated, dtype=bool)[1:]  # (S,) transition k-1 -> k
+    s = len(term)
+    window = np.convolve(term.astype(np.int64), np.ones(horizon, np.int64))[horizon - 1 :]  # (S,) sum of term[i : i+H]
+    ends = window > 0
+    known = np.ones(s, bool) if term.any() else np.arange(s) + horizon <= s
+    return ends, known
+
+
+def load_transitions(data: tuple[Path, ...], latents: tuple[Path, ...], horizon: int, split: str,
+                     holdout_fraction: float, seed: int) -> Transitions:
+    """The labelled, uncensored transitions of the ``split`` ("train" or "held-out") episodes of every data directory."""
+    from world_model.data import episodes as E
+    from world_model.data.latents import LATENTS_FILE, resolve_caches
+    from world_model.data.loader import split_episodes
+
+    caches, _ = resolve_caches(data, latents)
+    zp, zn, act, ends, term, ep, src, names = [], [], [], [], [], [], [], []
+    for s, (root, cache) in enumerate(caches.items()):
+        E.check_data_root(root, create=False)
+        train, held = split_episodes(root, holdout_fraction, seed)
+        wanted = set(train if split == "train" else held)
+        for path in E.list_episodes(root):
+            meta = E.read_meta(path)
+            if path.name not in wanted or not meta.get("labelled") or meta.get("split", "train") != "train":
+                continue
+            rec = E.open_episode(path)
+            lat_path = cache / E.EPISODES_DIR / path.name / LATENTS_FILE
+            if not lat_path.is_file():
+                raise UsageError(f"latent cache {lat_path} is missing; run `matrix-world encode-latents` first")
+            lat = torch.from_numpy(np.load(lat_path).astype(np.float32))  # (S+1, C, h, w)
+            if len(lat) != len(rec["actions"]):
+                raise UsageError(f"{lat_path} holds {len(lat)} latents for {len(rec['actions'])} frames of {path}")
+            e, k = hazard_labels(rec["terminated"], horizon)  # (S,) each
+            keep = torch.from_numpy(np.nonzero(k & (np.asarray(rec["actions"][1:]) >= 0))[0])  # (n,)
+            if len(keep) == 0:
+                continue
+            zp.append(lat[:-1][keep])
+            zn.append(lat[1:][keep])
+            act.append(torch.from_numpy(np.array(rec["actions"][1:], np.int64))[keep])
+            ends.append(torch.from_numpy(e)[keep])
+            term.append(torch.from_numpy(np.array(rec["terminated"][1:], bool))[keep])
+            ep.append(torch.full((len(keep),), len(names), dtype=torch.long))
+            src.append(torch.full((len(keep),), s, dtype=torch.long))
+            names.append(f"{root}/{path.name}")
+    if not names:
+        raise UsageError(f"no labelled {split} episode with uncensored transitions in {[str(d) for d in data]}")
+    return Transitions(torch.cat(zp), torch.cat(zn), torch.cat(act), torch.cat(ends), torch.cat(term),
+                       torch.cat(ep), torch.cat(src), names)
+
+
+@torch.no_grad()
+def predict(heads: torch.nn.Module, t: Transitions, pooled: torch.Tensor, batch: int = 1024) -> torch.Tensor:
+    """(N,) hazard logits of every transition."""
+    out = []
+    for i in range(0, len(t), batch):
+        zp, zn = t.z_prev[i : i + batch], t.z_next[i : i + batch]
+        x = torch.cat([zp, zn, zn - zp], dim=1)  # (b, 3C, h, w)
+        ctrl = pooled[t.actions[i : i + batch]]  # (b, Dt)
+        out.append(heads.hazard_logit(x, ctrl, like=ctrl[:, 0]))
+    return torch.cat(out)
+
+
+def report(logits: torch.Tensor, t: Transitions, horizon: int, base_rate: float, sources: list[str]) -> dict:
+    """Calibration of the hazard head on transitions ``t``: BCE against the constant base rate, bins, per data set.
+
+    ``expected_endings`` per data directory is the sum of the per-step hazards over its episodes'
+    transitions (the endings an env drawing them would produce along the recorded drives) against
+    the recorded terminations there.
+    """
+    from world_model.heads import per_step_hazard
+
+    y = t.ends.float()
+    q = torch.sigmoid(logits)
+    base = torch.full_like(y, base_rate).clamp(1e-6, 1 - 1e-6)
+    out: dict = {"transitions": len(t), "episodes": len(t.names), "ending_rate": float(y.mean()),
+                 "bce": float(F.binary_cross_entropy_with_logits(logits, y)),
+                 "bce_base_rate": float(F.binary_cross_entropy(base, y)), "bins": [], "sets": []}
+    edges = torch.tensor(CALIBRATION_BINS)
+    which = torch.bucketize(q, edges[1:-1], right=True)  # (N,) bin index
+    for b in range(len(edges) - 1):
+        m = which == b
+        out["bins"].append({"range": [float(edges[b]), float(edges[b + 1])], "count": int(m.sum()),
+                            "predicted": float(q[m].mean()) if m.any() else None,
+                            "observed": float(y[m].mean()) if m.any() else None})
+    h = per_step_hazard(logits, horizon)  # (N,)
+    for s, name in enumerate(sources):
+        m = t.source == s
+        if not m.any():
+            continue
+        out["sets"].append({"data": name, "episodes": int(t.episode[m].unique().numel()), "transitions": int(m.sum()),
+                            "predicted": float(q[m].mean()), "observed": float(y[m].mean()),
+                            "expected_endings": float(h[m].sum()), "recorded_endings": int(t.terminated[m].sum())})
+    return out
+
+
+def format_report(rep: dict, where: str) -> str:
+    """Markdown tables of :func:`report`."""
+    lines = [f"{where}: {rep['transitions']} transitions of {rep['episodes']} episodes, ending within H: "
+             f"{100 * rep['ending_rate']:.1f}%; BCE {rep['bce']:.4f} (constant base rate: {rep['bce_base_rate']:.4f})",
+             "", "| predicted P(ends within H) | transitions | mean predicted | observed |", "|---|---:|---:|---:|"]
+    for b in rep["bins"]:
+        pred = "" if b["predicted"] is None else f"{b['predicted']:.3f}"
+        obs = "" if b["observed"] is None else f"{b['observed']:.3f}"
+        lines.append(f"| {b['range'][0]:g} - {b['range'][1]:g} | {b['count']} | {pred} | {obs} |")
+    lines += ["", "| data | episodes | mean predicted | observed | endings drawn along the drives (expected) "
+              "| recorded endings |", "|---|---:|---:|---:|---:|---:|"]
+    for s in rep["sets"]:
+        lines.append(f"| {s['data']} | {s['episodes']} | {s['predicted']:.3f} | {s['observed']:.3f} "
+                     f"| {s['expected_endings']:.1f} | {s['recorded_endings']} |")
+    return "\n".join(lines)
+
+
+def train(args: Args, command: list[str] | None = None) -> dict:
+    """Train the hazard head and write the world; returns the summary stored in its meta (``hazard``)."""
+    from world_model.checkpoint import MANIFEST_FILE, load_world, save_world
+    from world_model.data.latents import latent_space_sha256, read_info
+    from world_model.heads import RewardTerminationHeads
+
+    if args.horizon < 1:
+        raise UsageError(f"--horizon {args.horizon}: must be >= 1")
+    if args.steps < 1 or args.batch_size < 1:
+        raise UsageError(f"--steps {args.steps} --batch-size {args.batch_size}: each must be >= 1")
+    if not (Path(args.world) / MANIFEST_FILE).is_file():
+        raise UsageError(f"--world {str(args.world)!r} is not a world directory (no {MANIFEST_FILE})")
+    out = Path(args.out)
+    if out.exists() and not (out / MANIFEST_FILE).is_file():  # save_world replaces what is there
+        raise UsageError(f"--out {str(out)!r} exists and is not a world directory; refusing to replace it")
+    sha = latent_space_sha256(Path(args.world))
+    for cache in args.latents:
+        got = read_info(Path(cache)).get("vae_sha256")
+        if got != sha:
+            raise UsageError(f"--latents {cache} was encoded by another VAE (vae_sha256 {got}); --world "
+                             f"{args.world} has {sha}: run `matrix-world encode-latents --vae {args.world}`")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    world = load_world(args.world)
+    cfg = dataclasses.replace(world.heads.cfg, hazard_horizon=args.horizon, termination=args.termination)
+    heads = RewardTerminationHeads(cfg)
+    old = {k: v for k, v in world.heads.state_dict().items() if not k.startswith("hazard.")}
+    missing, unexpected = heads.load_state_dict(old, strict=False)
+    assert not unexpected and all(k.startswith("hazard.") for k in missing), (missing, unexpected)
+    pooled = world.control_pooled.float()  # (A+1, Dt)
+
+    t0 = time.time()
+    train_t = load_transitions(args.data, args.latents, args.horizon, "train", args.holdout_fraction, args.seed)
+    held_t = load_transitions(args.data, args.latents, args.horizon, "held-out", args.holdout_fraction, args.seed)
+    if int(train_t.actions.max()) >= world.num_actions:
+        raise UsageError(f"the recorded actions go up to {int(train_t.actions.max())}; the world has "
+                         f"{world.num_actions} actions")
+    base_rate = float(train_t.ends.float().mean())
+    print(f"train-hazard: {len(train_t)} transitions of {len(train_t.names)} episodes ({100 * base_rate:.1f}% end "
+          f"within {args.horizon} steps), {len(held_t)} held out; loaded in {time.time() - t0:.0f} s", flush=True)
+
+    params = list(heads.hazard.parameters())  # the rest of the heads stays as the world has it
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
+    gen = torch.Generator().manual_seed(args.seed)
+    heads.train()
+    t0, n = time.time(), len(train_t)
+    for step in range(1, args.steps + 1):
+        idx = torch.randint(0, n, (args.batch_size,), generator=gen)  # (b,)
+        zp, zn = train_t.z_prev[idx], train_t.z_next[idx]  # (b, C, h, w) each
+        x = torch.cat([zp, zn, zn - zp], dim=1)  # (b, 3C, h, w)
+        ctrl = pooled[train_t.actions[idx]]  # (b, Dt)
+        logit = heads.hazard_logit(x, ctrl, like=ctrl[:, 0])  # (b,)
+        loss = F.binary_cross_entropy_with_logits(logit, train_t.ends[idx].float())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if step % 200 == 0 or step == args.steps:
+            print(f"step {step}/{args.steps} bce {loss.item():.4f} ({time.time() - t0:.0f} s)", flush=True)
+    heads.eval()
+
+    sources = [str(d) for d in args.data]
+    summary = {"horizon": args.horizon, "termination": args.termination, "base_rate": base_rate,
+               "args": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(args).items()},
+               "train": report(predict(heads, train_t, pooled), train_t, args.horizon, base_rate, sources)}
+    summary["args"]["data"] = sources
+    summary["args"]["latents"] = [str(p) for p in args.latents]
+    summary["held_out"] = report(predict(heads, held_t, pooled), held_t, args.horizon, base_rate, sources)
+    print(format_report(summary["train"], "train"))
+    print(format_report(summary["held_out"], "held out"))
+
+    world.heads = heads
+    world.meta = {**world.meta, "hazard": summary}
+    recipe = json.loads((Path(args.world) / MANIFEST_FILE).read_text()).get("recipe", {})
+    recipe["commands"] = [*recipe.get("commands", []), *([command] if command else [])]
+    save_world(out, world, recipe)
+    print(f"saved world model to {out}: hazard head (H = {args.horizon}), termination {args.termination!r}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``matrix-world train-hazard``: parse Args, train, write the world."""
+    import tyro
+
+    args = tyro.cli(Args, args=argv, prog="matrix-world train-hazard", description=Args.__doc__)
+    train(args, command=["matrix-world", "train-hazard", *(sys.argv[1:] if argv is None else argv)])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
