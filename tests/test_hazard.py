@@ -15,18 +15,23 @@ from world_model.errors import UsageError
 from world_model.heads import HeadsConfig, RewardTerminationHeads, per_step_hazard
 
 
-def test_hazard_labels_look_ahead_h_steps_and_leave_out_censored_transitions() -> None:
+def test_hazard_labels_look_ahead_h_steps_and_leave_out_positions_past_the_step_limit() -> None:
     from world_model.train.hazard import hazard_labels
 
     term = np.zeros(9, bool)  # 8 transitions, the last ends the episode
     term[8] = True
-    ends, known = hazard_labels(term, 3)
+    ends, known = hazard_labels(term, 3, None)
     assert ends.tolist() == [False] * 5 + [True] * 3 and known.all()  # transitions 6, 7, 8 end within 3
-    ends, known = hazard_labels(np.zeros(9, bool), 3)  # truncated: the last 2 transitions cannot be labelled
+    # cut off at 8 steps: the last 2 positions cannot be labelled, in a truncated and an ended episode alike
+    ends, known = hazard_labels(np.zeros(9, bool), 3, 8)
     assert not ends.any() and known.tolist() == [True] * 6 + [False] * 2
-    assert hazard_labels(term, 1)[0].tolist() == [False] * 7 + [True]
+    assert hazard_labels(term, 3, 8)[1].tolist() == [True] * 6 + [False] * 2
+    assert hazard_labels(term[:6], 3, 8)[1].all()  # ended after 5 steps: its 3-step futures end before the limit
+    assert hazard_labels(term, 1, 8)[0].tolist() == [False] * 7 + [True]
     with pytest.raises(UsageError, match=r"--horizon 0: must be >= 1"):
-        hazard_labels(term, 0)
+        hazard_labels(term, 0, None)
+    with pytest.raises(UsageError, match=r"needs the step limit"):
+        hazard_labels(np.zeros(9, bool), 3, None)
 
 
 def test_per_step_hazard_inverts_the_within_h_probability() -> None:
@@ -115,12 +120,15 @@ def test_train_hazard_learns_the_endings_and_leaves_the_rest_of_the_world(tmp_pa
     for name in ("vae.safetensors", "dit.safetensors", "control.safetensors"):
         assert (out / name).read_bytes() == (tiny_world_dir / name).read_bytes()
     assert torch.equal(world.start_latents, base.start_latents) and world.sampler == base.sampler
-    rep = world.meta["hazard"]["train"]
-    # 3 terminated episodes x 4 positive transitions; the 3 truncated ones lose their last 3 (censored)
-    held = len(world.meta["hazard"]["held_out"]["sets"][0:1])
-    assert rep["transitions"] + world.meta["hazard"]["held_out"]["transitions"] == 6 * 12 - 3 * 3 and held == 1
+    rep, held = world.meta["hazard"]["train"], world.meta["hazard"]["held_out"]
+    # every episode loses the 3 positions whose 4-step future passes the 12-step limit (the truncated ones
+    # are cut there); an ended episode keeps one positive transition, the 9th
+    assert rep["transitions"] + held["transitions"] == 6 * (12 - 3) and rep["episodes"] + held["episodes"] == 6
+    n_ended = rep["sets"][0]["recorded_endings"]
+    assert n_ended + held["sets"][0]["recorded_endings"] == 3 and rep["ending_rate"] == pytest.approx(n_ended / rep["transitions"])
+    assert 0 <= rep["sets"][0]["expected_endings"] <= rep["episodes"]
     # the toy frames give no sign of the ending: a calibrated head learns its base rate (it starts near 0.5)
-    assert abs(rep["sets"][0]["predicted"] - rep["ending_rate"]) < 0.05 and rep["ending_rate"] == pytest.approx(12 / 54)
+    assert abs(rep["sets"][0]["predicted"] - rep["ending_rate"]) < 0.05
     assert json.loads((out / "manifest.json").read_text())["recipe"]["commands"][-1][:2] == ["matrix-world",
                                                                                             "train-hazard"]
     with pytest.raises(UsageError, match=r"was encoded by another VAE"):
@@ -131,6 +139,11 @@ def test_train_hazard_learns_the_endings_and_leaves_the_rest_of_the_world(tmp_pa
         H.main([*args[:1], str(other), *args[2:]])
     with pytest.raises(UsageError, match=r"--horizon 0: must be >= 1"):
         H.main([*args, "--horizon", "0"])
+    with pytest.raises(UsageError, match=r"a directory is given twice"):
+        H.main([*args[:3], str(root), str(root), "--latents", str(tmp_path / "lat"), str(tmp_path / "lat"),
+                *args[6:]])
+    assert H.main([*args, "--holdout-fraction", "0", "--steps", "2"]) == 0  # no held-out episodes: no report
+    assert load_world(out).meta["hazard"]["held_out"] is None
 
 
 def test_hazard_envs_equal_single_envs_and_the_termination_argument_is_checked(tmp_path: Path) -> None:
@@ -147,3 +160,14 @@ def test_hazard_envs_equal_single_envs_and_the_termination_argument_is_checked(t
         MatrixWorldEnv(world=build_tiny_world(), obs_type="latent", termination="hazard")
     with pytest.raises(UsageError, match=r"termination must be one of \('threshold', 'hazard'\).*got 'never'"):
         MatrixWorldEnv(world=tmp_path / "hz", obs_type="latent", termination="never")
+
+
+def test_endings_counts_hazard_endings_only_when_asked(tmp_path: Path) -> None:
+    from world_model.eval import endings as N
+
+    root = make_synthetic_dataset(tmp_path / "toy", episodes=4, steps=8)  # episodes 0 and 2 end terminated
+    cut = N.cut_endings(N.ending_episodes(root), 2, 3)
+    world = _hazard_world(400.0)  # the hazard ends every step; the termination head never fires (bias -10)
+    assert N.replay(world, cut, 2, 0)["world_ended"] == 0  # default: what the termination head reads
+    row = N.replay(world, cut, 2, 0, termination="hazard")
+    assert row["termination"] == "hazard" and row["world_first_end_steps"] == [1, 1]

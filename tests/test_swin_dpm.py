@@ -234,6 +234,23 @@ def test_stream_normal_statistics() -> None:
     assert torch.corrcoef(torch.cat([z[:1], z2]))[0, 1].abs() < 0.03
 
 
+def test_stream_draws_are_pinned() -> None:
+    """The shipped figures were measured with these exact draws: a change to the hashing shows here first."""
+    from world_model.swin_dpm import stream_normal, stream_uniform
+
+    key, step = torch.tensor([0, 12345, 2**62 + 7]), torch.tensor([0, 3, 1000])
+    expect = torch.tensor([[1.4072811603546143, -0.4980466365814209, 0.5614776015281677, -0.48650068044662476,
+                            0.29666411876678467],
+                           [0.4647267460823059, 0.5771677494049072, 1.1437056064605713, -0.12626346945762634,
+                            -0.4870462417602539],
+                           [-0.07545262575149536, 0.9298444986343384, 1.43039071559906, -0.4004610776901245,
+                            -0.012409573420882225]])
+    assert torch.allclose(stream_normal(key, step, (5,)), expect, rtol=0, atol=1e-6)
+    u = stream_uniform(key, step)
+    assert torch.allclose(u, torch.tensor([0.24527963995933533, 0.5332492589950562, 0.8303415775299072]), atol=0)
+    assert not torch.allclose(stream_uniform(key, step + 1), u)  # a new draw each step
+
+
 def test_config_validation() -> None:
     with pytest.raises(ValueError, match="mode"):
         SwinDPMConfig(mode="bogus")  # type: ignore[arg-type]

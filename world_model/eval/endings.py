@@ -11,7 +11,9 @@ termination head fired and when (the game ended them at step ``before``; a pipel
 an action's effect ``latency`` = G - 1 steps late), how much of the view is CarRacing's black void
 beyond the playfield (:func:`world_model.eval.metrics.void_share`) in the generated frame that the
 ending action shaped (step ``before + latency``) against the real ending frame, and, as a check of
-the head itself, how many of the real ending transitions its termination head fires on. Example::
+the head itself, how many of the real ending transitions its termination head fires on.
+``--termination hazard`` counts a hazard world's random endings too (``matrix-world train-hazard``;
+by default only the termination head's, which read what the frames show). Example::
 
     matrix-world endings --checkpoint matrix_env/worlds/hold --data ~/mw/data/carracing_exit_eval \\
         --before 3 10 20 --threads 1
@@ -54,6 +56,9 @@ class Args:
     """The noise keys."""
     mode: typing.Literal["pipelined", "reconditioned", "immediate"] | None = None
     """Sampler mode (default: the world's own, as the env runs it)."""
+    termination: typing.Literal["threshold", "hazard"] = "threshold"
+    """What ends a stream: "threshold", the termination head alone (what the frames show), or "hazard", also
+    the hazard head's random endings (a world with one: ``matrix-world train-hazard``)."""
     threads: int = 0
     """torch.set_num_threads (0 = torch's default)."""
     out: Path | None = None
@@ -117,9 +122,11 @@ def cut_endings(episode_dirs: list[Path], context: int, before: int) -> Endings:
     return Endings(names, np.stack(ctx), np.stack(acts), np.stack(last), len(episode_dirs) - len(names))
 
 
-def replay(world: WorldModel, cut: Endings, after: int, seed: int, mode: str | None = None) -> dict:
+def replay(world: WorldModel, cut: Endings, after: int, seed: int, mode: str | None = None,
+           termination: str = "threshold") -> dict:
     """Drive one stream per ending from its real context through the recorded actions, then ``after``
-    more steps of the last one; the termination head's first firing per stream and the void drawn."""
+    more steps of the last one; the first ending per stream (the termination head's; with
+    ``termination="hazard"`` also the hazard head's random ones) and the void drawn."""
     from world_model.data import episodes as E
     from world_model.eval import metrics as M
     from world_model.eval.suite import encode_frames, head_predictions
@@ -135,7 +142,8 @@ def replay(world: WorldModel, cut: Endings, after: int, seed: int, mode: str | N
         raise UsageError(f"the recorded actions go up to {int(cut.actions.max())}; the world has "
                          f"{len(world.action_names)} actions {list(world.action_names)}")
     sim = Simulator(dataclasses.replace(world, start_latents=ctx.reshape(s, c, *ctx.shape[1:]),
-                                        heads=head_predictions(world)), s, "cpu", sampler=cfg)
+                                        heads=head_predictions(world)), s, "cpu", sampler=cfg,
+                    termination=termination)
     latency = sim.sampler.action_latency  # the ending action shapes the frame of step before + latency
     if after < latency:
         raise UsageError(f"--after {after}: must be >= the {cfg.mode} sampler's action latency {latency}, "
@@ -155,7 +163,8 @@ def replay(world: WorldModel, cut: Endings, after: int, seed: int, mode: str | N
         _, logit, _ = world.heads(z[:, 0], z[:, 1], world.control_pooled.float()[torch.from_numpy(cut.actions[:, -1])])
     logit = logit.float().numpy()  # (S,)
     ended = first > 0
-    return {"before": before, "after": after, "mode": cfg.mode, "latency": latency, "streams": s,
+    return {"before": before, "after": after, "mode": cfg.mode, "termination": termination, "latency": latency,
+            "streams": s,
             "skipped": cut.skipped,
             "episodes": cut.names, "world_ended": int(ended.sum()),
             "world_first_end_step": float(np.median(first[ended])) if ended.any() else None,
@@ -202,12 +211,13 @@ def main(argv: list[str] | None = None) -> int:
     context = sampler_config(world, args.mode).context
     eps = ending_episodes(args.data)[: args.episodes]
     print(f"{len(eps)} recorded endings of {args.data} replayed in {args.checkpoint} "
-          f"(recorded actions, then the last one held for {args.after} steps)")
+          f"(recorded actions, then the last one held for {args.after} steps; endings: {args.termination})")
     print(HEADER)
     print("|---:|---:|---|---|---:|---:|---|")
     rows = []
     for before in args.before:
-        rows.append(replay(world, cut_endings(eps, context, before), args.after, args.seed, args.mode))
+        rows.append(replay(world, cut_endings(eps, context, before), args.after, args.seed, args.mode,
+                           args.termination))
         print(format_row(rows[-1]), flush=True)
         if args.out is not None:
             args.out.parent.mkdir(parents=True, exist_ok=True)

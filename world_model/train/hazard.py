@@ -9,9 +9,10 @@ never draws the playfield's edge coming closer across uniform grass (docs/EXPERI
 times the exits"), but whether the car is crossing open grass away from the road is in the frames.
 
 Labels: transition k of an episode (frames k-1 -> k, ``actions[k]``) is positive when
-``terminated[k : k + H]`` holds a termination. An episode cut off (truncated) before k + H - 1
-without ending gives no label there (censored: the ending may have come after the cut); those
-transitions are left out. Unlabelled episodes (no actions) and evaluation-only episodes
+``terminated[k : k + H]`` holds a termination. Episodes cut off by the recorder's step limit (the
+longest truncated episode of a data directory) give no label within H - 1 steps of that limit (the
+ending may have come after the cut); those positions are left out of every episode of the
+directory, ended or not, so that late states are not kept only when they ended. Unlabelled episodes (no actions) and evaluation-only episodes
 (``meta["split"] != "train"``) are left out; the data directories' held-out episodes (the split of
 ``train-dit``) are kept aside for the calibration report.
 
@@ -80,34 +81,35 @@ class Transitions:
     """Labelled transitions of recorded episodes, in memory.
 
     z_prev, z_next: (N, C, h, w) float32; actions: (N,) long; ends: (N,) bool, the episode ends within
-    H transitions; terminated: (N,) bool, this transition ends it; episode: (N,) long, index into
-    ``names``; source: (N,) long, index of the data directory.
+    H transitions; episode: (N,) long, index into ``names`` and ``ended`` ((E,) bool: the episode
+    ended, its ending transition kept or not); source: (N,) long, index of the data directory.
     """
 
     z_prev: torch.Tensor
     z_next: torch.Tensor
     actions: torch.Tensor
     ends: torch.Tensor
-    terminated: torch.Tensor
     episode: torch.Tensor
     source: torch.Tensor
     names: list[str]
+    ended: torch.Tensor
 
     def __len__(self) -> int:
         return len(self.actions)
 
 
-def hazard_labels(terminated: np.ndarray, horizon: int) -> tuple[np.ndarray, np.ndarray]:
+def hazard_labels(terminated: np.ndarray, horizon: int, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Labels of an episode's transitions for an ending within ``horizon`` steps.
 
     Args:
         terminated: (S+1,) bool, aligned on frames (``terminated[k]``: step k ended the episode).
         horizon: H >= 1.
+        limit: the recorder's step limit (episodes were cut off after ``limit`` steps), None if none was.
 
     Returns:
         ``(ends, known)``, each (S,) bool for transitions k = 1..S: ``ends[k-1]`` is
-        ``terminated[k : k + H].any()``; ``known[k-1]`` is False where the episode stops before
-        k + H - 1 without a termination (censored).
+        ``terminated[k : k + H].any()``; ``known[k-1]`` is False where k + H - 1 > ``limit`` (the
+        H-step future passes the limit: censored, in every episode alike).
     """
     if horizon < 1:
         raise UsageError(f"--horizon {horizon}: must be >= 1")
@@ -115,21 +117,36 @@ def hazard_labels(terminated: np.ndarray, horizon: int) -> tuple[np.ndarray, np.
     s = len(term)
     window = np.convolve(term.astype(np.int64), np.ones(horizon, np.int64))[horizon - 1 :]  # (S,) sum of term[i : i+H]
     ends = window > 0
-    known = np.ones(s, bool) if term.any() else np.arange(s) + horizon <= s
+    known = np.ones(s, bool) if limit is None else np.arange(s) + horizon <= limit
+    if limit is None and not term.any() and s > 0:
+        raise UsageError("an episode that did not end needs the step limit it was cut off at (limit=None given)")
     return ends, known
 
 
+def step_limit(root: Path) -> int | None:
+    """The recorder's step limit of a data directory: the longest episode cut off without ending (None: none was)."""
+    from world_model.data import episodes as E
+
+    steps = [E.read_meta(p)["steps"] for p in E.list_episodes(root)
+             if not np.load(p / "terminated.npy", mmap_mode="r")[1:].any()]
+    return max(steps) if steps else None
+
+
 def load_transitions(data: tuple[Path, ...], latents: tuple[Path, ...], horizon: int, split: str,
-                     holdout_fraction: float, seed: int) -> Transitions:
-    """The labelled, uncensored transitions of the ``split`` ("train" or "held-out") episodes of every data directory."""
+                     holdout_fraction: float, seed: int) -> Transitions | None:
+    """The labelled, uncensored transitions of the ``split`` ("train" or "held-out") episodes of every data
+    directory; None for an empty held-out split."""
     from world_model.data import episodes as E
     from world_model.data.latents import LATENTS_FILE, resolve_caches
     from world_model.data.loader import split_episodes
 
+    if len({Path(d).resolve() for d in data}) != len(data):
+        raise UsageError(f"--data {[str(d) for d in data]}: a directory is given twice")
     caches, _ = resolve_caches(data, latents)
-    zp, zn, act, ends, term, ep, src, names = [], [], [], [], [], [], [], []
+    zp, zn, act, ends, ep, src, names, ended = [], [], [], [], [], [], [], []
     for s, (root, cache) in enumerate(caches.items()):
         E.check_data_root(root, create=False)
+        limit = step_limit(root)
         train, held = split_episodes(root, holdout_fraction, seed)
         wanted = set(train if split == "train" else held)
         for path in E.list_episodes(root):
@@ -143,7 +160,7 @@ def load_transitions(data: tuple[Path, ...], latents: tuple[Path, ...], horizon:
             lat = torch.from_numpy(np.load(lat_path).astype(np.float32))  # (S+1, C, h, w)
             if len(lat) != len(rec["actions"]):
                 raise UsageError(f"{lat_path} holds {len(lat)} latents for {len(rec['actions'])} frames of {path}")
-            e, k = hazard_labels(rec["terminated"], horizon)  # (S,) each
+            e, k = hazard_labels(rec["terminated"], horizon, limit)  # (S,) each
             keep = torch.from_numpy(np.nonzero(k & (np.asarray(rec["actions"][1:]) >= 0))[0])  # (n,)
             if len(keep) == 0:
                 continue
@@ -151,14 +168,16 @@ def load_transitions(data: tuple[Path, ...], latents: tuple[Path, ...], horizon:
             zn.append(lat[1:][keep])
             act.append(torch.from_numpy(np.array(rec["actions"][1:], np.int64))[keep])
             ends.append(torch.from_numpy(e)[keep])
-            term.append(torch.from_numpy(np.array(rec["terminated"][1:], bool))[keep])
             ep.append(torch.full((len(keep),), len(names), dtype=torch.long))
             src.append(torch.full((len(keep),), s, dtype=torch.long))
             names.append(f"{root}/{path.name}")
+            ended.append(bool(np.asarray(rec["terminated"]).any()))
     if not names:
+        if split != "train":
+            return None
         raise UsageError(f"no labelled {split} episode with uncensored transitions in {[str(d) for d in data]}")
-    return Transitions(torch.cat(zp), torch.cat(zn), torch.cat(act), torch.cat(ends), torch.cat(term),
-                       torch.cat(ep), torch.cat(src), names)
+    return Transitions(torch.cat(zp), torch.cat(zn), torch.cat(act), torch.cat(ends), torch.cat(ep), torch.cat(src),
+                       names, torch.tensor(ended))
 
 
 @torch.no_grad()
@@ -176,9 +195,10 @@ def predict(heads: torch.nn.Module, t: Transitions, pooled: torch.Tensor, batch:
 def report(logits: torch.Tensor, t: Transitions, horizon: int, base_rate: float, sources: list[str]) -> dict:
     """Calibration of the hazard head on transitions ``t``: BCE against the constant base rate, bins, per data set.
 
-    ``expected_endings`` per data directory is the sum of the per-step hazards over its episodes'
-    transitions (the endings an env drawing them would produce along the recorded drives) against
-    the recorded terminations there.
+    ``expected_endings`` per data directory is the number of its episodes an env drawing endings at
+    the per-step hazards would have ended somewhere along the labelled part of the recorded drive (the
+    sum over episodes of 1 - prod(1 - h)), against its episodes that ended (``recorded_endings``). A drawn ending that
+    comes before the recorded one counts the same, so this checks the rate, not the timing.
     """
     from world_model.heads import per_step_hazard
 
@@ -195,14 +215,17 @@ def report(logits: torch.Tensor, t: Transitions, horizon: int, base_rate: float,
         out["bins"].append({"range": [float(edges[b]), float(edges[b + 1])], "count": int(m.sum()),
                             "predicted": float(q[m].mean()) if m.any() else None,
                             "observed": float(y[m].mean()) if m.any() else None})
-    h = per_step_hazard(logits, horizon)  # (N,)
+    log_survive = torch.log1p(-per_step_hazard(logits.double(), horizon).clamp(max=1 - 1e-12))  # (N,) log(1 - h)
+    n_ep = len(t.names)
+    survive = torch.zeros(n_ep, dtype=torch.float64).index_add_(0, t.episode, log_survive).exp()  # (E,)
+    ep_source = torch.zeros(n_ep, dtype=torch.long).index_copy_(0, t.episode, t.source)  # (E,)
     for s, name in enumerate(sources):
-        m = t.source == s
+        m, e = t.source == s, ep_source == s
         if not m.any():
             continue
-        out["sets"].append({"data": name, "episodes": int(t.episode[m].unique().numel()), "transitions": int(m.sum()),
+        out["sets"].append({"data": name, "episodes": int(e.sum()), "transitions": int(m.sum()),
                             "predicted": float(q[m].mean()), "observed": float(y[m].mean()),
-                            "expected_endings": float(h[m].sum()), "recorded_endings": int(t.terminated[m].sum())})
+                            "expected_endings": float((1 - survive[e]).sum()), "recorded_endings": int(t.ended[e].sum())})
     return out
 
 
@@ -215,8 +238,8 @@ def format_report(rep: dict, where: str) -> str:
         pred = "" if b["predicted"] is None else f"{b['predicted']:.3f}"
         obs = "" if b["observed"] is None else f"{b['observed']:.3f}"
         lines.append(f"| {b['range'][0]:g} - {b['range'][1]:g} | {b['count']} | {pred} | {obs} |")
-    lines += ["", "| data | episodes | mean predicted | observed | endings drawn along the drives (expected) "
-              "| recorded endings |", "|---|---:|---:|---:|---:|---:|"]
+    lines += ["", "| data | episodes | mean predicted | observed | episodes an env would end along the drive "
+              "(expected) | episodes that ended |", "|---|---:|---:|---:|---:|---:|"]
     for s in rep["sets"]:
         lines.append(f"| {s['data']} | {s['episodes']} | {s['predicted']:.3f} | {s['observed']:.3f} "
                      f"| {s['expected_endings']:.1f} | {s['recorded_endings']} |")
@@ -258,12 +281,13 @@ def train(args: Args, command: list[str] | None = None) -> dict:
     t0 = time.time()
     train_t = load_transitions(args.data, args.latents, args.horizon, "train", args.holdout_fraction, args.seed)
     held_t = load_transitions(args.data, args.latents, args.horizon, "held-out", args.holdout_fraction, args.seed)
-    if int(train_t.actions.max()) >= world.num_actions:
-        raise UsageError(f"the recorded actions go up to {int(train_t.actions.max())}; the world has "
-                         f"{world.num_actions} actions")
+    top = max(int(x.actions.max()) for x in (train_t, held_t) if x is not None)
+    if top >= world.num_actions:
+        raise UsageError(f"the recorded actions go up to {top}; the world has {world.num_actions} actions")
     base_rate = float(train_t.ends.float().mean())
     print(f"train-hazard: {len(train_t)} transitions of {len(train_t.names)} episodes ({100 * base_rate:.1f}% end "
-          f"within {args.horizon} steps), {len(held_t)} held out; loaded in {time.time() - t0:.0f} s", flush=True)
+          f"within {args.horizon} steps), {0 if held_t is None else len(held_t)} held out; loaded in "
+          f"{time.time() - t0:.0f} s", flush=True)
 
     params = list(heads.hazard.parameters())  # the rest of the heads stays as the world has it
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
@@ -294,9 +318,10 @@ def train(args: Args, command: list[str] | None = None) -> dict:
                "train": report(predict(heads, train_t, pooled), train_t, args.horizon, base_rate, sources)}
     summary["args"]["data"] = sources
     summary["args"]["latents"] = [str(p) for p in args.latents]
-    summary["held_out"] = report(predict(heads, held_t, pooled), held_t, args.horizon, base_rate, sources)
     print(format_report(summary["train"], "train"))
-    print(format_report(summary["held_out"], "held out"))
+    summary["held_out"] = None if held_t is None else report(predict(heads, held_t, pooled), held_t, args.horizon,
+                                                             base_rate, sources)
+    print("held out: no labelled episode" if held_t is None else format_report(summary["held_out"], "held out"))
 
     world.heads = heads
     world.meta = {**world.meta, "hazard": summary}
