@@ -581,7 +581,8 @@ def test_endings_replays_recorded_endings_from_their_real_context(tmp_path: Path
     rows = json.loads(out.read_text())
     assert [r["before"] for r in rows] == [1, 3] and all(r["streams"] == 2 and r["after"] == 1 for r in rows)
     table = capsys.readouterr().out
-    assert table.splitlines()[1] == N.HEADER and "(recorded actions, then the last one held for 1 steps; endings: threshold)" in table
+    assert table.splitlines()[1] == N.HEADER
+    assert "(recorded actions, then the last one held for 1 steps; endings: threshold)" in table
     with pytest.raises(UsageError, match=r"--before \[3, 0\]: each must be >= 1"):
         N.main(["--data", str(root), "--checkpoint", str(tiny_world_dir), "--before", "3", "0"])
     assert table.splitlines()[1] == N.HEADER and table.splitlines()[3].startswith("| 1 | 2 | 0 | ")

@@ -109,7 +109,8 @@ def test_train_hazard_learns_the_endings_and_leaves_the_rest_of_the_world(tmp_pa
     assert encode(["--data", str(root), "--vae", str(tiny_world_dir), "--out", str(tmp_path / "lat")]) == 0
     out = tmp_path / "world"
     args = ["--world", str(tiny_world_dir), "--data", str(root), "--latents", str(tmp_path / "lat"),
-            "--out", str(out), "--horizon", "4", "--steps", "150", "--batch-size", "32", "--lr", "3e-3", "--threads", "1"]
+            "--out", str(out), "--horizon", "4", "--steps", "150", "--batch-size", "32", "--lr", "3e-3",
+            "--threads", "1"]
     assert H.main(args) == 0
     world, base = load_world(out), load_world(tiny_world_dir)
     assert world.heads.cfg.hazard_horizon == 4 and world.heads.cfg.termination == "hazard"
@@ -125,7 +126,8 @@ def test_train_hazard_learns_the_endings_and_leaves_the_rest_of_the_world(tmp_pa
     # are cut there); an ended episode keeps one positive transition, the 9th
     assert rep["transitions"] + held["transitions"] == 6 * (12 - 3) and rep["episodes"] + held["episodes"] == 6
     n_ended = rep["sets"][0]["recorded_endings"]
-    assert n_ended + held["sets"][0]["recorded_endings"] == 3 and rep["ending_rate"] == pytest.approx(n_ended / rep["transitions"])
+    assert n_ended + held["sets"][0]["recorded_endings"] == 3
+    assert rep["ending_rate"] == pytest.approx(n_ended / rep["transitions"])
     assert 0 <= rep["sets"][0]["expected_endings"] <= rep["episodes"]
     # the toy frames give no sign of the ending: a calibrated head learns its base rate (it starts near 0.5)
     assert abs(rep["sets"][0]["predicted"] - rep["ending_rate"]) < 0.05

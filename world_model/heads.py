@@ -148,7 +148,7 @@ class RewardTerminationHeads(nn.Module):
         return reward, term_logit, self.hazard_logit(x, ctrl_pooled, like=term_logit)
 
     def hazard_logit(self, x: torch.Tensor, ctrl_pooled: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """(B,) hazard log-odds from the trunk input x (B, 3C, H, W); -inf (shaped as ``like``) without a hazard head."""
+        """(B,) hazard log-odds from the trunk input x (B, 3C, H, W); -inf (shaped as ``like``) without one."""
         if self.hazard is None:
             return torch.full_like(like, -math.inf)
         hz = self.hazard

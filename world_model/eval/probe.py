@@ -149,7 +149,8 @@ def probe(args: Args) -> list[dict]:
             row = {"variant": text, "seed": seed, "dtype": args.dtype, "sampler": sampler, "on_road": w["on_road"],
                    "on_road_by_quarter": [q["mean"] for q in w["on_road_by_quarter"]],
                    "reward_per_step": w["reward_per_step"], "terminations": w["terminations"],
-                   "first_end_step": w["first_end_step"], "detail": w["detail"], "detail_by_quarter": [q["mean"] for q in w["detail_by_quarter"]],
+                   "first_end_step": w["first_end_step"], "detail": w["detail"],
+                   "detail_by_quarter": [q["mean"] for q in w["detail_by_quarter"]],
                    "kerb_pixels": w.get("kerb_pixels"), "car_faded": w.get("car_faded"),
                    "off_palette": w.get("off_palette"),
                    "steer_share": w["steer_share"], "real_steer_share": r["steer_share"] if args.real else None,
@@ -182,9 +183,9 @@ def mean_row(rows: list[dict]) -> dict:
         vals = [r.get(key) for r in rows]
         return None if any(v is None for v in vals) else np.mean(vals, axis=0).tolist()
 
-    keys = ("on_road", "on_road_by_quarter", "reward_per_step", "terminations", "first_end_step", "detail", "kerb_pixels",
-            "car_faded", "off_palette", "steer_share", "real_on_road", "real_on_road_by_quarter", "real_steer_share",
-            "real_car_faded", "real_ended_streams", "real_first_end_step")
+    keys = ("on_road", "on_road_by_quarter", "reward_per_step", "terminations", "first_end_step", "detail",
+            "kerb_pixels", "car_faded", "off_palette", "steer_share", "real_on_road", "real_on_road_by_quarter",
+            "real_steer_share", "real_car_faded", "real_ended_streams", "real_first_end_step")
     return {"variant": rows[0]["variant"], "seed": f"mean of {len(rows)}", **{k: mean(k) for k in keys}}
 
 

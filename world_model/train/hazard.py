@@ -12,9 +12,10 @@ Labels: transition k of an episode (frames k-1 -> k, ``actions[k]``) is positive
 ``terminated[k : k + H]`` holds a termination. Episodes cut off by the recorder's step limit (the
 longest truncated episode of a data directory) give no label within H - 1 steps of that limit (the
 ending may have come after the cut); those positions are left out of every episode of the
-directory, ended or not, so that late states are not kept only when they ended. Unlabelled episodes (no actions) and evaluation-only episodes
-(``meta["split"] != "train"``) are left out; the data directories' held-out episodes (the split of
-``train-dit``) are kept aside for the calibration report.
+directory, ended or not, so that late states are not kept only when they ended. Unlabelled
+episodes (no actions) and evaluation-only episodes (``meta["split"] != "train"``) are left out; the
+data directories' held-out episodes (the split of ``train-dit``) are kept aside for the calibration
+report.
 
 Everything else in the world (VAE, DiT, reward and termination heads, starts, sampler) is copied
 unchanged; the hazard weights are a separate branch of the heads. The run takes a few minutes on a
@@ -225,7 +226,8 @@ def report(logits: torch.Tensor, t: Transitions, horizon: int, base_rate: float,
             continue
         out["sets"].append({"data": name, "episodes": int(e.sum()), "transitions": int(m.sum()),
                             "predicted": float(q[m].mean()), "observed": float(y[m].mean()),
-                            "expected_endings": float((1 - survive[e]).sum()), "recorded_endings": int(t.ended[e].sum())})
+                            "expected_endings": float((1 - survive[e]).sum()),
+                            "recorded_endings": int(t.ended[e].sum())})
     return out
 
 
