@@ -55,6 +55,19 @@ def test_heads_config_checks_the_hazard_settings() -> None:
     assert heads.hazard is None and torch.isneginf(heads(z, z, torch.randn(3, 12))[2]).all()
 
 
+def test_the_hazard_reads_the_action_only_when_asked() -> None:
+    z_prev, z_next = torch.randn(2, 5, 4, 9, 16).unbind(0)
+    ctrl, other = torch.randn(2, 5, 12).unbind(0)
+    for action in (False, True):
+        torch.manual_seed(0)
+        heads = RewardTerminationHeads(HeadsConfig(latent_channels=4, text_dim=12, hidden=16, hazard_horizon=5,
+                                                   hazard_action=action))
+        assert ("ctrl" in heads.hazard) == action
+        with torch.no_grad():
+            same = torch.equal(heads(z_prev, z_next, ctrl)[2], heads(z_prev, z_next, other)[2])
+        assert same != action
+
+
 def _hazard_world(bias: float, horizon: int = 10):
     """The tiny world with a hazard head whose logits are ~bias (its last layer zeroed)."""
     import dataclasses

@@ -7,7 +7,7 @@ global-average-pools it, and an MLP with the control embedding predicts the rewa
 termination logit.
 
 An optional hazard head (``HeadsConfig.hazard_horizon`` H > 0; its own trunk and MLP on the same
-input, trained by ``matrix-world train-hazard`` with the rest of the world frozen) predicts the
+frames, without the action unless ``hazard_action``, trained by ``matrix-world train-hazard`` with the rest of the world frozen) predicts the
 log-odds that the episode ends within the next H transitions, this one included. It is calibrated
 (plain BCE, no class weight), so it carries what the frames cannot show: a car crossing uniform
 grass will reach the playfield's edge, but no frame says when (docs/EXPERIMENTS.md, "Four times
@@ -61,6 +61,11 @@ class HeadsConfig:
     """H: the hazard head predicts the log-odds that the episode ends within the next H transitions
     (this one included). 0: no hazard head (the heads then have exactly the reward and termination
     outputs, as every world before it)."""
+    hazard_action: bool = False
+    """The hazard head also reads the action's control embedding. Off by default: one action barely
+    moves where the car is H steps later, but in recorded data it identifies the recording policy
+    (the exit policy's "D" and coasting turns), which the head then learns instead of the scene
+    (docs/EXPERIMENTS.md, "A hazard head")."""
     termination: Literal["threshold", "hazard"] = "threshold"
     """How a step ends an episode. "threshold": the termination logit exceeds ``term_threshold``.
     "hazard": that, or a draw from the stream's random stream with the hazard head's per-step
@@ -122,11 +127,13 @@ class RewardTerminationHeads(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(2 * hid, hid), nn.SiLU(), nn.Linear(hid, 2))
         self.hazard: nn.ModuleDict | None = None
         if cfg.hazard_horizon > 0:  # its own weights: training it leaves reward and termination untouched
+            width = 2 * hid if cfg.hazard_action else hid
             self.hazard = nn.ModuleDict({
                 "trunk": _trunk(c, hid),
-                "ctrl": nn.Linear(cfg.text_dim, hid),
-                "mlp": nn.Sequential(nn.Linear(2 * hid, hid), nn.SiLU(), nn.Linear(hid, 1)),
+                "mlp": nn.Sequential(nn.Linear(width, hid), nn.SiLU(), nn.Linear(hid, 1)),
             })
+            if cfg.hazard_action:
+                self.hazard["ctrl"] = nn.Linear(cfg.text_dim, hid)
 
     def forward(
         self, z_prev: torch.Tensor, z_next: torch.Tensor, ctrl_pooled: torch.Tensor
@@ -152,7 +159,9 @@ class RewardTerminationHeads(nn.Module):
         if self.hazard is None:
             return torch.full_like(like, -math.inf)
         hz = self.hazard
-        h = torch.cat([hz["trunk"](x), hz["ctrl"](ctrl_pooled)], dim=-1)  # (B, 2*hidden)
+        h = hz["trunk"](x)  # (B, hidden)
+        if self.cfg.hazard_action:
+            h = torch.cat([h, hz["ctrl"](ctrl_pooled)], dim=-1)  # (B, 2*hidden)
         return hz["mlp"](h)[:, 0]  # (B,)
 
     @staticmethod

@@ -522,7 +522,8 @@ def warm_start(model: DiTWithHeads, model_dir: Path, dit_cfg: object, heads_cfg:
     had_hazard = heads.cfg.hazard_horizon > 0
     heads.cfg = dataclasses.replace(heads.cfg, term_threshold=heads_cfg.term_threshold,
                                     terminal_reward=heads_cfg.terminal_reward,
-                                    hazard_horizon=heads_cfg.hazard_horizon, termination=heads_cfg.termination)
+                                    hazard_horizon=heads_cfg.hazard_horizon, termination=heads_cfg.termination,
+                                    hazard_action=heads_cfg.hazard_action)
     for name, got, want in (("dit", dit.cfg, dit_cfg), ("heads", heads.cfg, heads_cfg)):
         if got != want:
             diff = {

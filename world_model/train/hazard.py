@@ -1,7 +1,7 @@
 """Train a world's hazard head on recorded latents (``matrix-world train-hazard``).
 
 The hazard head (:class:`world_model.heads.RewardTerminationHeads` with ``hazard_horizon`` H)
-predicts, for a transition (z_prev, z_next, action), the log-odds that the episode ends within the
+predicts, for a transition (z_prev, z_next; and the action with ``--hazard-action``), the log-odds that the episode ends within the
 next H transitions, this one included. It is trained with plain BCE (no class weight), so its
 probabilities are calibrated on the mix of data it sees, and the simulator can draw endings at the
 rate they happen in that data (``termination="hazard"``) where the frames cannot show them: a world
@@ -58,6 +58,9 @@ class Args:
     """World directory to write (may be --world itself: it is replaced atomically)."""
     horizon: int = 30
     """H: the head predicts an ending within the next H transitions."""
+    hazard_action: bool = False
+    """The head also reads the action (HeadsConfig.hazard_action). Off: in recorded data the action identifies
+    the recording policy, and the head learns that instead of the scene (docs/EXPERIMENTS.md)."""
     termination: Literal["hazard", "threshold"] = "hazard"
     """The written world's termination rule (HeadsConfig.termination): "hazard" draws endings at the head's
     rate besides the thresholded termination logit; "threshold" stores the head without using it."""
@@ -273,7 +276,8 @@ def train(args: Args, command: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     world = load_world(args.world)
-    cfg = dataclasses.replace(world.heads.cfg, hazard_horizon=args.horizon, termination=args.termination)
+    cfg = dataclasses.replace(world.heads.cfg, hazard_horizon=args.horizon, termination=args.termination,
+                              hazard_action=args.hazard_action)
     heads = RewardTerminationHeads(cfg)
     old = {k: v for k, v in world.heads.state_dict().items() if not k.startswith("hazard.")}
     missing, unexpected = heads.load_state_dict(old, strict=False)
