@@ -7,12 +7,13 @@ global-average-pools it, and an MLP with the control embedding predicts the rewa
 termination logit.
 
 An optional hazard head (``HeadsConfig.hazard_horizon`` H > 0; its own trunk and MLP on the same
-frames, without the action unless ``hazard_action``, trained by ``matrix-world train-hazard`` with the rest of the world frozen) predicts the
-log-odds that the episode ends within the next H transitions, this one included. It is calibrated
-(plain BCE, no class weight), so it carries what the frames cannot show: a car crossing uniform
-grass will reach the playfield's edge, but no frame says when (docs/EXPERIMENTS.md, "Four times
-the exits"). With ``termination="hazard"`` the simulator ends a stream with the per-step
-probability :func:`per_step_hazard` derives from it, besides the thresholded termination logit.
+frames, without the action unless ``hazard_action``; trained by ``matrix-world train-hazard`` with
+the rest of the world frozen) predicts the log-odds that the episode ends within the next H
+transitions, this one included. It is calibrated (plain BCE, no class weight), so it carries what
+the frames cannot show: a car crossing uniform grass will reach the playfield's edge, but no frame
+says when (docs/EXPERIMENTS.md, "Four times the exits"). With ``termination="hazard"`` the
+simulator ends a stream with the per-step probability :func:`per_step_hazard` derives from it,
+besides the thresholded termination logit.
 """
 
 from __future__ import annotations
