@@ -3,10 +3,11 @@
 The hazard head (:class:`world_model.heads.RewardTerminationHeads` with ``hazard_horizon`` H)
 predicts, for a transition (z_prev, z_next; and the action with ``--hazard-action``), the log-odds
 that the episode ends within the next H transitions, this one included. It is trained with plain
-BCE (no class weight), so its probabilities are calibrated on the mix of data it sees, and the simulator can draw endings at the
-rate they happen in that data (``termination="hazard"``) where the frames cannot show them: a world
-never draws the playfield's edge coming closer across uniform grass (docs/EXPERIMENTS.md, "Four
-times the exits"), but whether the car is crossing open grass away from the road is in the frames.
+BCE (no class weight), so its probabilities are calibrated on the mix of data it sees, and the
+simulator can draw endings at the rate they happen in that data (``termination="hazard"``) where
+the frames cannot show them: a world never draws the playfield's edge coming closer across uniform
+grass (docs/EXPERIMENTS.md, "Four times the exits"), but whether the car is crossing open grass
+away from the road is in the frames.
 
 Labels: transition k of an episode (frames k-1 -> k, ``actions[k]``) is positive when
 ``terminated[k : k + H]`` holds a termination. Episodes cut off by the recorder's step limit (the
