@@ -371,9 +371,29 @@ class SamplerArgs:
     """Reward of a transition the termination head ends (HeadsConfig.terminal_reward; CarRacing: -100)."""
 
 
+def check_world_copy(world: Path, out: Path) -> None:
+    """Refuse a ``--world`` that is not a world directory and an ``--out`` that exists and is not one
+    (``save_world`` replaces what is there)."""
+    from world_model.checkpoint import MANIFEST_FILE
+
+    if not (Path(world) / MANIFEST_FILE).is_file():
+        raise UsageError(f"--world {str(world)!r} is not a world directory (no {MANIFEST_FILE})")
+    if Path(out).exists() and not (Path(out) / MANIFEST_FILE).is_file():
+        raise UsageError(f"--out {str(out)!r} exists and is not a world directory; refusing to replace it")
+
+
+def copied_recipe(world: Path, command: list[str] | None) -> dict:
+    """The recipe of a world directory with ``command`` appended (for a world written from another)."""
+    from world_model.checkpoint import MANIFEST_FILE
+
+    recipe = json.loads((Path(world) / MANIFEST_FILE).read_text()).get("recipe", {})
+    recipe["commands"] = [*recipe.get("commands", []), *([command] if command else [])]
+    return recipe
+
+
 def set_sampler(args: SamplerArgs, command: list[str] | None = None) -> Path:
     """Save ``args.world`` with the given sampler settings changed; its recipe gains ``command``."""
-    from world_model.checkpoint import MANIFEST_FILE, load_world, save_world
+    from world_model.checkpoint import load_world, save_world
     from world_model.simulator import sampler_config
 
     names = ("mode", "groups", "steps_per_shift", "immediate_steps", "ctx_noise", "level_shift", "guidance")
@@ -383,20 +403,14 @@ def set_sampler(args: SamplerArgs, command: list[str] | None = None) -> Path:
                          f"{', '.join('--' + k.replace('_', '-') for k in (*names, 'terminal_reward'))}")
     if args.terminal_reward is not None and not math.isfinite(args.terminal_reward):
         raise UsageError(f"--terminal-reward {args.terminal_reward}: expected a finite reward")
-    if not (Path(args.world) / MANIFEST_FILE).is_file():
-        raise UsageError(f"--world {str(args.world)!r} is not a world directory (no {MANIFEST_FILE})")
-    out = Path(args.out)
-    if out.exists() and not (out / MANIFEST_FILE).is_file():  # save_world replaces what is there
-        raise UsageError(f"--out {str(out)!r} exists and is not a world directory; refusing to replace it")
+    check_world_copy(args.world, args.out)
     world = load_world(args.world)
     cfg = sampler_config(world, None, given)  # UsageError naming a bad value
     _check_window(cfg, world.dit.cfg.max_frames)
     world.sampler = dataclasses.asdict(cfg)
     if args.terminal_reward is not None:
         world.heads.cfg.terminal_reward = args.terminal_reward
-    recipe = json.loads((Path(args.world) / MANIFEST_FILE).read_text()).get("recipe", {})
-    recipe["commands"] = [*recipe.get("commands", []), *([command] if command else [])]
-    out = save_world(args.out, world, recipe)
+    out = save_world(args.out, world, copied_recipe(args.world, command))
     print(f"saved world model to {out}: sampler {world.sampler}, terminal reward {world.heads.cfg.terminal_reward}")
     return out
 

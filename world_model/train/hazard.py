@@ -27,7 +27,6 @@ is left).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -254,19 +253,16 @@ def format_report(rep: dict, where: str) -> str:
 
 def train(args: Args, command: list[str] | None = None) -> dict:
     """Train the hazard head and write the world; returns the summary stored in its meta (``hazard``)."""
-    from world_model.checkpoint import MANIFEST_FILE, load_world, save_world
+    from world_model.checkpoint import load_world, save_world
     from world_model.data.latents import latent_space_sha256, read_info
     from world_model.heads import RewardTerminationHeads
+    from world_model.train.build_world import check_world_copy, copied_recipe
 
     if args.horizon < 1:
         raise UsageError(f"--horizon {args.horizon}: must be >= 1")
     if args.steps < 1 or args.batch_size < 1:
         raise UsageError(f"--steps {args.steps} --batch-size {args.batch_size}: each must be >= 1")
-    if not (Path(args.world) / MANIFEST_FILE).is_file():
-        raise UsageError(f"--world {str(args.world)!r} is not a world directory (no {MANIFEST_FILE})")
-    out = Path(args.out)
-    if out.exists() and not (out / MANIFEST_FILE).is_file():  # save_world replaces what is there
-        raise UsageError(f"--out {str(out)!r} exists and is not a world directory; refusing to replace it")
+    check_world_copy(args.world, args.out)
     sha = latent_space_sha256(Path(args.world))
     for cache in args.latents:
         got = read_info(Path(cache)).get("vae_sha256")
@@ -332,10 +328,8 @@ def train(args: Args, command: list[str] | None = None) -> dict:
 
     world.heads = heads
     world.meta = {**world.meta, "hazard": summary}
-    recipe = json.loads((Path(args.world) / MANIFEST_FILE).read_text()).get("recipe", {})
-    recipe["commands"] = [*recipe.get("commands", []), *([command] if command else [])]
-    save_world(out, world, recipe)
-    print(f"saved world model to {out}: hazard head (H = {args.horizon}), termination {args.termination!r}")
+    save_world(args.out, world, copied_recipe(args.world, command))
+    print(f"saved world model to {args.out}: hazard head (H = {args.horizon}), termination {args.termination!r}")
     return summary
 
 
