@@ -679,9 +679,9 @@ def test_probe_compares_sampler_variants_on_the_same_starts(tmp_path: Path, tiny
     with_real = {**rows[0], "real_on_road": 0.5, "real_on_road_by_quarter": [0.625, 0.5, 0.375, 0.5]}
     assert P.format_row(with_real).endswith("| 0.500 (0.62 / 0.50 / 0.38 / 0.50) |")  # --real: its quarters too
     ended = {**rows[0], "terminations": 0, "real_ended_streams": 16, "real_first_end_step": 61.5}
-    assert f"| {rows[0]['reward_per_step']:.3f} | 0 (real 16, from step 61.5) |" in P.format_row(ended)
+    assert f"| {rows[0]['reward_per_step']:.3f} | 0 (real 16, median step 61.5) |" in P.format_row(ended)
     assert "| 0 (real 0) |" in P.format_row({**ended, "real_ended_streams": 0, "real_first_end_step": None})
-    assert "| 5 from step 12 (real 16, from step 61.5) |" in P.format_row({**ended, "terminations": 5,
+    assert "| 5 (median step 12) (real 16, median step 61.5) |" in P.format_row({**ended, "terminations": 5,
                                                                            "first_end_step": 12.0})
     assert all(r["first_end_step"] is None for r in rows)  # the tiny world never ends a stream
     other = {**rows[1], "real_on_road": 0.25, "real_on_road_by_quarter": [0.125, 0.25, 0.375, 0.25]}

@@ -48,6 +48,8 @@ def test_heads_config_checks_the_hazard_settings() -> None:
         HeadsConfig(termination="hazard")
     with pytest.raises(ValueError, match=r"hazard_horizon must be an int >= 0.*got -1"):
         HeadsConfig(hazard_horizon=-1)
+    with pytest.raises(ValueError, match=r"hazard_action must be a bool, got 'yes'"):
+        HeadsConfig(hazard_horizon=3, hazard_action="yes")
     with pytest.raises(ValueError, match=r"termination must be one of \('threshold', 'hazard'\), got 'sometimes'"):
         HeadsConfig(termination="sometimes")
     heads = RewardTerminationHeads(HeadsConfig(latent_channels=4, text_dim=12, hidden=16))
@@ -186,3 +188,18 @@ def test_endings_counts_hazard_endings_only_when_asked(tmp_path: Path) -> None:
     assert N.replay(world, cut, 2, 0)["world_ended"] == 0  # default: what the termination head reads
     row = N.replay(world, cut, 2, 0, termination="hazard")
     assert row["termination"] == "hazard" and row["world_first_end_steps"] == [1, 1]
+
+
+def test_step_limit_is_the_cut_off_length_and_refuses_two_limits(tmp_path: Path) -> None:
+    import shutil
+
+    from world_model.train.hazard import step_limit
+
+    root = make_synthetic_dataset(tmp_path / "toy", episodes=4, steps=12)  # 1 and 3 cut off at 12 steps
+    assert step_limit(root) == 12
+    ended = make_synthetic_dataset(tmp_path / "ended", episodes=1, steps=6)  # episode 0 ends terminated
+    assert step_limit(ended) is None
+    shorter = make_synthetic_dataset(tmp_path / "short", episodes=2, steps=8)
+    shutil.copytree(shorter / "episodes" / "ep_000001", root / "episodes" / "ep_000004")  # cut off at 8
+    with pytest.raises(UsageError, match=r"episodes \['ep_000004'\] do not fit one step limit of 12 steps"):
+        step_limit(root)

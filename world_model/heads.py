@@ -76,6 +76,8 @@ class HeadsConfig:
         h = self.hazard_horizon
         if isinstance(h, bool) or not isinstance(h, int) or h < 0:
             raise ValueError(f"hazard_horizon must be an int >= 0 (0: no hazard head), got {h!r}")
+        if not isinstance(self.hazard_action, bool):
+            raise ValueError(f"hazard_action must be a bool, got {self.hazard_action!r}")
         if self.termination not in TERMINATIONS:
             raise ValueError(f"termination must be one of {TERMINATIONS}, got {self.termination!r}")
         if self.termination == "hazard" and h == 0:

@@ -201,10 +201,10 @@ def format_row(row: dict) -> str:
     if row.get("real_car_faded") is not None:
         car += f" (real {100 * row['real_car_faded']:.2f}%)"
     ended = f"{row['terminations']:g}"  # streams the world ended, median first step
-    ended += f" from step {row['first_end_step']:g}" if row.get("first_end_step") else ""
+    ended += f" (median step {row['first_end_step']:g})" if row.get("first_end_step") else ""
     if row.get("real_ended_streams") is not None:  # the real game: streams whose episode ended, median first step
         ended += f" (real {row['real_ended_streams']:g}"
-        ended += f", from step {row['real_first_end_step']:g})" if row.get("real_first_end_step") else ")"
+        ended += f", median step {row['real_first_end_step']:g})" if row.get("real_first_end_step") else ")"
     return (f"| {row['variant']} | {row['seed']} | {quarters} | {row['on_road']:.3f} | "
             f"{row['reward_per_step']:.3f} | {ended} | {row['detail']:.2f} | "
             f"{_opt(row['kerb_pixels'])} | {car} | "

@@ -128,12 +128,29 @@ def hazard_labels(terminated: np.ndarray, horizon: int, limit: int | None) -> tu
 
 
 def step_limit(root: Path) -> int | None:
-    """The recorder's step limit of a data directory: the longest episode cut off without ending (None: none was)."""
+    """The recorder's step limit of a data directory: the length of its labelled training episodes that
+    were cut off without ending (None: every one ended).
+
+    Raises:
+        UsageError: the cut-off episodes differ in length (two limits in one directory), or an ended
+            episode is longer than the limit.
+    """
     from world_model.data import episodes as E
 
-    steps = [E.read_meta(p)["steps"] for p in E.list_episodes(root)
-             if not np.load(p / "terminated.npy", mmap_mode="r")[1:].any()]
-    return max(steps) if steps else None
+    ended, cut = {}, {}
+    for p in E.list_episodes(root):
+        meta = E.read_meta(p)
+        if not meta.get("labelled") or meta.get("split", "train") != "train":
+            continue
+        (ended if np.load(p / "terminated.npy", mmap_mode="r")[1:].any() else cut)[p.name] = int(meta["steps"])
+    if not cut:
+        return None
+    limit = max(cut.values())
+    odd = sorted(n for n, s in cut.items() if s != limit) + sorted(n for n, s in ended.items() if s > limit)
+    if odd:
+        raise UsageError(f"{root}: episodes {odd[:3]} do not fit one step limit of {limit} steps (the longest "
+                         "episode cut off without ending); record each step limit into its own data directory")
+    return limit
 
 
 def load_transitions(data: tuple[Path, ...], latents: tuple[Path, ...], horizon: int, split: str,
