@@ -54,7 +54,12 @@ def test_heads_config_checks_the_hazard_settings() -> None:
         HeadsConfig(termination="sometimes")
     heads = RewardTerminationHeads(HeadsConfig(latent_channels=4, text_dim=12, hidden=16))
     z = torch.randn(3, 4, 9, 16)
-    assert heads.hazard is None and torch.isneginf(heads(z, z, torch.randn(3, 12))[2]).all()
+    assert heads.hazard is None and heads(z, z, torch.randn(3, 12))[2] is None  # nothing allocated per step
+    with pytest.raises(ValueError, match=r"these heads have no hazard head"):
+        heads.hazard_logit(heads.transition(z, z), torch.randn(3, 12))
+    with_hazard = RewardTerminationHeads(HeadsConfig(latent_channels=4, text_dim=12, hidden=16, hazard_horizon=5))
+    assert with_hazard(z, z, torch.randn(3, 12))[2].shape == (3,)
+    assert with_hazard(z, z, torch.randn(3, 12), hazard=False)[2] is None  # skipped where it is not used
 
 
 def test_the_hazard_reads_the_action_only_when_asked() -> None:

@@ -138,29 +138,38 @@ class RewardTerminationHeads(nn.Module):
             if cfg.hazard_action:
                 self.hazard["ctrl"] = nn.Linear(cfg.text_dim, hid)
 
+    @staticmethod
+    def transition(z_prev: torch.Tensor, z_next: torch.Tensor) -> torch.Tensor:
+        """(B, 3C, H, W) the trunks' input ``[z_prev, z_next, z_next - z_prev]`` of (B, C, H, W) latents."""
+        return torch.cat([z_prev, z_next, z_next - z_prev], dim=1)
+
     def forward(
-        self, z_prev: torch.Tensor, z_next: torch.Tensor, ctrl_pooled: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self, z_prev: torch.Tensor, z_next: torch.Tensor, ctrl_pooled: torch.Tensor, hazard: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Predict reward, termination and hazard.
 
         Args:
             z_prev: (B, C, H, W) previous clean latent.
             z_next: (B, C, H, W) new clean latent.
             ctrl_pooled: (B, Dt) pooled control embedding of the action taken.
+            hazard: run the hazard head (if there is one); False skips it where it is not used.
 
         Returns:
-            ``(reward, term_logit, hazard_logit)``, each (B,); ``hazard_logit`` is the log-odds of
-            the episode ending within ``cfg.hazard_horizon`` steps, -inf without a hazard head.
+            ``(reward, term_logit, hazard_logit)``: (B,) each; ``hazard_logit`` is the log-odds of the
+            episode ending within ``cfg.hazard_horizon`` steps, None without a hazard head (or with
+            ``hazard=False``).
         """
-        x = torch.cat([z_prev, z_next, z_next - z_prev], dim=1)  # (B, 3C, H, W)
+        x = self.transition(z_prev, z_next)  # (B, 3C, H, W)
         h = torch.cat([self.trunk(x), self.ctrl(ctrl_pooled)], dim=-1)  # (B, 2*hidden)
         reward, term_logit = self.mlp(h).unbind(dim=-1)  # 2 x (B,)
-        return reward, term_logit, self.hazard_logit(x, ctrl_pooled, like=term_logit)
+        use = hazard and self.hazard is not None
+        return reward, term_logit, self.hazard_logit(x, ctrl_pooled) if use else None
 
-    def hazard_logit(self, x: torch.Tensor, ctrl_pooled: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """(B,) hazard log-odds from the trunk input x (B, 3C, H, W); -inf (shaped as ``like``) without one."""
+    def hazard_logit(self, x: torch.Tensor, ctrl_pooled: torch.Tensor) -> torch.Tensor:
+        """(B,) hazard log-odds from the trunks' input x (B, 3C, H, W) (:meth:`transition`) and the
+        (B, Dt) pooled control embedding (read only with ``cfg.hazard_action``)."""
         if self.hazard is None:
-            return torch.full_like(like, -math.inf)
+            raise ValueError("these heads have no hazard head (HeadsConfig.hazard_horizon = 0)")
         hz = self.hazard
         h = hz["trunk"](x)  # (B, hidden)
         if self.cfg.hazard_action:

@@ -364,7 +364,9 @@ class Simulator:
             self.state, self._denoise, actions, context_fn=self._context_fn
         )  # (B, C, H, W)
         with self._autocast():
-            reward, term_logit, hazard_logit = self.heads(z_prev, z_next, self.ctrl_pooled[actions])  # 3 x (B,)
+            reward, term_logit, hazard_logit = self.heads(  # 3 x (B,); the hazard only where it is used
+                z_prev, z_next, self.ctrl_pooled[actions], hazard=self.termination == "hazard"
+            )
         terminated = term_logit.float() > self.heads.cfg.term_threshold  # (B,)
         if self.termination == "hazard":  # an ending the frames cannot show, drawn at its rate
             u = stream_uniform(self.state.noise_key, self.state.noise_step)  # (B,) per-stream, frames untouched

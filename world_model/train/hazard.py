@@ -119,12 +119,11 @@ def hazard_labels(terminated: np.ndarray, horizon: int, limit: int | None) -> tu
         raise UsageError(f"--horizon {horizon}: must be >= 1")
     term = np.asarray(terminated, dtype=bool)[1:]  # (S,) transition k-1 -> k
     s = len(term)
-    window = np.convolve(term.astype(np.int64), np.ones(horizon, np.int64))[horizon - 1 :]  # (S,) sum of term[i : i+H]
-    ends = window > 0
-    known = np.ones(s, bool) if limit is None else np.arange(s) + horizon <= limit
     if limit is None and not term.any() and s > 0:
         raise UsageError("an episode that did not end needs the step limit it was cut off at (limit=None given)")
-    return ends, known
+    window = np.convolve(term.astype(np.int64), np.ones(horizon, np.int64))[horizon - 1 :]  # (S,) sum of term[i : i+H]
+    known = np.ones(s, bool) if limit is None else np.arange(s) + horizon <= limit
+    return window > 0, known
 
 
 def step_limit(root: Path) -> int | None:
@@ -206,10 +205,8 @@ def predict(heads: torch.nn.Module, t: Transitions, pooled: torch.Tensor, batch:
     """(N,) hazard logits of every transition."""
     out = []
     for i in range(0, len(t), batch):
-        zp, zn = t.z_prev[i : i + batch], t.z_next[i : i + batch]
-        x = torch.cat([zp, zn, zn - zp], dim=1)  # (b, 3C, h, w)
-        ctrl = pooled[t.actions[i : i + batch]]  # (b, Dt)
-        out.append(heads.hazard_logit(x, ctrl, like=ctrl[:, 0]))
+        x = heads.transition(t.z_prev[i : i + batch], t.z_next[i : i + batch])  # (b, 3C, h, w)
+        out.append(heads.hazard_logit(x, pooled[t.actions[i : i + batch]]))  # (b,)
     return torch.cat(out)
 
 
@@ -318,10 +315,8 @@ def train(args: Args, command: list[str] | None = None) -> dict:
     t0, n = time.time(), len(train_t)
     for step in range(1, args.steps + 1):
         idx = torch.randint(0, n, (args.batch_size,), generator=gen)  # (b,)
-        zp, zn = train_t.z_prev[idx], train_t.z_next[idx]  # (b, C, h, w) each
-        x = torch.cat([zp, zn, zn - zp], dim=1)  # (b, 3C, h, w)
-        ctrl = pooled[train_t.actions[idx]]  # (b, Dt)
-        logit = heads.hazard_logit(x, ctrl, like=ctrl[:, 0])  # (b,)
+        x = heads.transition(train_t.z_prev[idx], train_t.z_next[idx])  # (b, 3C, h, w)
+        logit = heads.hazard_logit(x, pooled[train_t.actions[idx]])  # (b,)
         loss = F.binary_cross_entropy_with_logits(logit, train_t.ends[idx].float())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -334,10 +329,9 @@ def train(args: Args, command: list[str] | None = None) -> dict:
 
     sources = [str(d) for d in args.data]
     summary = {"horizon": args.horizon, "termination": args.termination, "base_rate": base_rate,
-               "args": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(args).items()},
+               "args": {k: [str(p) for p in v] if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v
+                        for k, v in dataclasses.asdict(args).items()},
                "train": report(predict(heads, train_t, pooled), train_t, args.horizon, base_rate, sources)}
-    summary["args"]["data"] = sources
-    summary["args"]["latents"] = [str(p) for p in args.latents]
     print(format_report(summary["train"], "train"))
     summary["held_out"] = None if held_t is None else report(predict(heads, held_t, pooled), held_t, args.horizon,
                                                              base_rate, sources)
