@@ -75,19 +75,83 @@ def test_the_hazard_reads_the_action_only_when_asked() -> None:
         assert same != action
 
 
-def _hazard_world(bias: float, horizon: int = 10):
-    """The tiny world with a hazard head whose logits are ~bias (its last layer zeroed)."""
+def _hazard_world(bias: float, horizon: int = 10, memory: int = 0):
+    """The tiny world with a hazard head whose logits are ~bias: its last layer zeroed, or, for a
+    recurrent head (``memory`` > 0), reading the memory alone, with weights that make it matter."""
     import dataclasses
 
     world = build_tiny_world()
-    cfg = dataclasses.replace(world.heads.cfg, hazard_horizon=horizon, termination="hazard")
+    cfg = dataclasses.replace(world.heads.cfg, hazard_horizon=horizon, termination="hazard", hazard_memory=memory)
+    torch.manual_seed(0)
     heads = RewardTerminationHeads(cfg)
     heads.load_state_dict(world.heads.state_dict(), strict=False)
     with torch.no_grad():
-        heads.hazard["mlp"][-1].weight.zero_()
-        heads.hazard["mlp"][-1].bias.fill_(bias)
+        last = heads.hazard["mlp"][-1]
+        last.weight.zero_()
+        last.bias.fill_(bias)
+        if memory:  # the hazard also reads what the memory has gathered along the stream
+            last.weight.normal_(0.0, 1.0)
     world.heads = heads.eval()
     return world
+
+
+def test_a_recurrent_hazard_head_steps_as_it_trains_and_remembers() -> None:
+    cfg = HeadsConfig(latent_channels=4, text_dim=12, hidden=16, hazard_horizon=5, hazard_memory=6)
+    torch.manual_seed(0)
+    heads = RewardTerminationHeads(cfg).eval()
+    z = torch.randn(3, 7, 4, 9, 16)  # 3 episodes of 7 frames: 6 transitions each
+    ctrl = torch.randn(3, 12)
+    with torch.no_grad():
+        x = torch.stack([heads.transition(z[:, k], z[:, k + 1]) for k in range(6)], 1)  # (3, 6, 3C, h, w)
+        feats = heads.hazard_features(x.flatten(0, 1), ctrl.repeat_interleave(6, 0)).unflatten(0, (3, 6))
+        seq = heads.hazard_sequence(feats)  # (3, 6): how train-hazard reads an episode
+        mem, steps = torch.zeros(3, 6), []
+        for k in range(6):  # how the simulator reads it, one transition at a time
+            logit, mem = heads.hazard_step(x[:, k], ctrl, mem)
+            steps.append(logit)
+        assert mem.shape == (3, 6) and mem.abs().sum() > 0
+        torch.testing.assert_close(torch.stack(steps, 1), seq, atol=1e-5, rtol=0)
+        # the same last transition after another history: another hazard
+        other = heads.hazard_step(x[:, 5], ctrl, torch.randn(3, 6))[0]
+        assert not torch.allclose(other, steps[-1])
+    with pytest.raises(ValueError, match=r"recurrent hazard head .* use hazard_step"):
+        heads(z[:, 0], z[:, 1], ctrl)
+    with pytest.raises(ValueError, match=r"hazard_memory must be an int >= 0.*got 4 with hazard_horizon 0"):
+        HeadsConfig(hazard_memory=4)
+    per_transition = RewardTerminationHeads(HeadsConfig(latent_channels=4, text_dim=12, hidden=16, hazard_horizon=5))
+    empty = torch.zeros(3, 0)
+    with torch.no_grad():
+        logit, kept = per_transition.hazard_step(x[:, 0], ctrl, empty)
+        assert kept is empty and torch.equal(logit, per_transition.hazard_logit(x[:, 0], ctrl))
+
+
+def test_the_simulator_keeps_a_recurrent_hazard_memory_per_stream() -> None:
+    from world_model.simulator import Simulator
+
+    world = _hazard_world(-1.0, horizon=5, memory=4)
+    sim = Simulator(world, 4, "cpu")
+    keys = torch.arange(4) * 131 + 7
+    sim.reset(torch.ones(4, dtype=torch.bool), torch.arange(4) % sim.num_starts, noise_key=keys)
+    assert sim.state.memory.shape == (4, 4) and not sim.state.memory.any()
+    for t in range(3):
+        sim.step(torch.full((4,), t))
+    assert (sim.state.memory.abs().sum(1) > 0).all()
+    snap = sim.get_state()
+    ends = torch.stack([sim.step(torch.full((4,), t % 9))[2] for t in range(20)])  # (20, 4)
+    assert 0 < ends.float().mean() < 1
+    sim.set_state(snap)  # the memory comes back with the window: the same endings
+    assert torch.equal(torch.stack([sim.step(torch.full((4,), t % 9))[2] for t in range(20)]), ends)
+    before = sim.state.memory.clone()
+    sim.reset(torch.tensor([True, False, False, True]), torch.zeros(4, dtype=torch.long))
+    assert not sim.state.memory[[0, 3]].any() and torch.equal(sim.state.memory[[1, 2]], before[[1, 2]])
+    per_transition = Simulator(_hazard_world(0.0), 4, "cpu")
+    assert per_transition.state.memory.shape == (4, 0)
+    with pytest.raises(UsageError, match=r"hazard memory has width \(4,\) but this simulator's has \(0,\)"):
+        per_transition.set_state(snap)
+    threshold = Simulator(world, 4, "cpu", termination="threshold")  # the head is stored, not used
+    threshold.reset(torch.ones(4, dtype=torch.bool), torch.zeros(4, dtype=torch.long), noise_key=keys)
+    threshold.step(torch.zeros(4, dtype=torch.long))
+    assert not threshold.state.memory.any()
 
 
 def test_simulator_draws_hazard_endings_at_the_rate_seeded_and_per_stream() -> None:
@@ -168,6 +232,43 @@ def test_train_hazard_learns_the_endings_and_leaves_the_rest_of_the_world(tmp_pa
     assert load_world(out).meta["hazard"]["held_out"] is None
 
 
+def test_train_hazard_trains_a_recurrent_head_on_whole_episodes(tmp_path: Path, tiny_world_dir: Path) -> None:
+    from world_model.checkpoint import load_world
+    from world_model.data.latents import main as encode
+    from world_model.train import hazard as H
+
+    root = make_synthetic_dataset(tmp_path / "toy", episodes=6, steps=12)  # episodes 0, 2, 4 end terminated
+    assert encode(["--data", str(root), "--vae", str(tiny_world_dir), "--out", str(tmp_path / "lat")]) == 0
+    out = tmp_path / "world"
+    assert H.main(["--world", str(tiny_world_dir), "--data", str(root), "--latents", str(tmp_path / "lat"),
+                   "--out", str(out), "--horizon", "4", "--memory", "5", "--sequence-batch", "3", "--steps", "80",
+                   "--lr", "3e-3", "--threads", "1"]) == 0
+    world = load_world(out)
+    assert world.heads.cfg.hazard_memory == 5 and world.heads.cfg.termination == "hazard"
+    rep, held = world.meta["hazard"]["train"], world.meta["hazard"]["held_out"]
+    # the report reads the uncensored transitions alone, as for a per-transition head
+    assert rep["transitions"] + held["transitions"] == 6 * (12 - 3)
+    assert abs(rep["sets"][0]["predicted"] - rep["ending_rate"]) < 0.08  # no sign of the ending: the base rate
+    # train-hazard's logits along a whole episode are the simulator's, one transition at a time
+    t = H.load_transitions((root,), (tmp_path / "lat",), 4, "train", 0.1, 0, keep_censored=True)
+    assert len(t) == len(t.names) * 12 and not t.known.all()  # censored transitions feed the memory
+    pooled = world.control_pooled.float()
+    logits = H.predict(world.heads, t, pooled)
+    start, length = t.episode_spans()
+    e = 1
+    idx = torch.arange(int(start[e]), int(start[e] + length[e]))
+    mem, steps = torch.zeros(1, 5), []
+    with torch.no_grad():
+        for i in idx:
+            x = world.heads.transition(t.z_prev[i : i + 1], t.z_next[i : i + 1])
+            logit, mem = world.heads.hazard_step(x, pooled[t.actions[i : i + 1]], mem)
+            steps.append(logit)
+    torch.testing.assert_close(torch.cat(steps), logits[idx], atol=1e-5, rtol=0)
+    with pytest.raises(UsageError, match=r"--memory -1: must be >= 0"):
+        H.main(["--world", str(tiny_world_dir), "--data", str(root), "--latents", str(tmp_path / "lat"),
+                "--out", str(out), "--memory", "-1"])
+
+
 def test_hazard_envs_equal_single_envs_and_the_termination_argument_is_checked(tmp_path: Path) -> None:
     from matrix_env.env import MatrixWorldEnv
     from tests.test_vector_env import compare_with_singles
@@ -175,6 +276,8 @@ def test_hazard_envs_equal_single_envs_and_the_termination_argument_is_checked(t
 
     save_world(tmp_path / "hz", _hazard_world(0.0, horizon=3), recipe={})  # ~21% of the steps end
     compare_with_singles(tmp_path / "hz", "latent", max_steps=50, num_steps=12)  # asserts autoresets happened
+    save_world(tmp_path / "gru", _hazard_world(-1.0, horizon=3, memory=4), recipe={})  # memory reset per episode
+    compare_with_singles(tmp_path / "gru", "latent", max_steps=50, num_steps=12)
     env = MatrixWorldEnv(world=tmp_path / "hz", obs_type="latent", termination="threshold")
     env.reset(seed=0)
     assert not any(env.step(0)[2] for _ in range(12))  # the head is stored, not used

@@ -14,6 +14,12 @@ the frames cannot show: a car crossing uniform grass will reach the playfield's 
 says when (docs/EXPERIMENTS.md, "Four times the exits"). With ``termination="hazard"`` the
 simulator ends a stream with the per-step probability :func:`per_step_hazard` derives from it,
 besides the thresholded termination logit.
+
+A recurrent hazard head (``HeadsConfig.hazard_memory`` M > 0) adds a one-layer GRU over the hazard
+trunk's per-transition features: its (B, M) state is the stream's memory of what the car has driven
+through (how long it has been on open grass, which one frame does not show), kept per stream by the
+simulator (``SwinDPMState.memory``), zeroed on reset and carried by ``get_state`` / ``set_state``.
+It is read through :meth:`RewardTerminationHeads.hazard_step`, one transition at a time.
 """
 
 from __future__ import annotations
@@ -67,6 +73,10 @@ class HeadsConfig:
     moves where the car is H steps later, but in recorded data it identifies the recording policy
     (the exit policy's "D" and coasting turns), which the head then learns instead of the scene
     (docs/EXPERIMENTS.md, "A hazard head")."""
+    hazard_memory: int = 0
+    """M: width of a recurrent hazard head's state (a GRU over the hazard trunk's per-transition features,
+    one state per stream; :meth:`RewardTerminationHeads.hazard_step`). 0: the hazard reads the transition
+    alone."""
     termination: Literal["threshold", "hazard"] = "threshold"
     """How a step ends an episode. "threshold": the termination logit exceeds ``term_threshold``.
     "hazard": that, or a draw from the stream's random stream with the hazard head's per-step
@@ -76,6 +86,10 @@ class HeadsConfig:
         h = self.hazard_horizon
         if isinstance(h, bool) or not isinstance(h, int) or h < 0:
             raise ValueError(f"hazard_horizon must be an int >= 0 (0: no hazard head), got {h!r}")
+        m = self.hazard_memory
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0 or (m > 0 and h == 0):
+            raise ValueError(f"hazard_memory must be an int >= 0, and 0 without a hazard head (hazard_horizon 0), "
+                             f"got {m!r} with hazard_horizon {h!r}")
         if not isinstance(self.hazard_action, bool):
             raise ValueError(f"hazard_action must be a bool, got {self.hazard_action!r}")
         if self.termination not in TERMINATIONS:
@@ -130,13 +144,15 @@ class RewardTerminationHeads(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(2 * hid, hid), nn.SiLU(), nn.Linear(hid, 2))
         self.hazard: nn.ModuleDict | None = None
         if cfg.hazard_horizon > 0:  # its own weights: training it leaves reward and termination untouched
-            width = 2 * hid if cfg.hazard_action else hid
+            feat = 2 * hid if cfg.hazard_action else hid  # per-transition features
             self.hazard = nn.ModuleDict({
                 "trunk": _trunk(c, hid),
-                "mlp": nn.Sequential(nn.Linear(width, hid), nn.SiLU(), nn.Linear(hid, 1)),
+                "mlp": nn.Sequential(nn.Linear(feat + cfg.hazard_memory, hid), nn.SiLU(), nn.Linear(hid, 1)),
             })
             if cfg.hazard_action:
                 self.hazard["ctrl"] = nn.Linear(cfg.text_dim, hid)
+            if cfg.hazard_memory > 0:
+                self.hazard["gru"] = nn.GRU(feat, cfg.hazard_memory, batch_first=True)
 
     @staticmethod
     def transition(z_prev: torch.Tensor, z_next: torch.Tensor) -> torch.Tensor:
@@ -152,7 +168,8 @@ class RewardTerminationHeads(nn.Module):
             z_prev: (B, C, H, W) previous clean latent.
             z_next: (B, C, H, W) new clean latent.
             ctrl_pooled: (B, Dt) pooled control embedding of the action taken.
-            hazard: run the hazard head (if there is one); False skips it where it is not used.
+            hazard: run the hazard head (if there is one); False skips it where it is not used. A
+                recurrent hazard head needs the stream's memory: it raises here, use :meth:`hazard_step`.
 
         Returns:
             ``(reward, term_logit, hazard_logit)``: (B,) each; ``hazard_logit`` is the log-odds of the
@@ -165,16 +182,51 @@ class RewardTerminationHeads(nn.Module):
         use = hazard and self.hazard is not None
         return reward, term_logit, self.hazard_logit(x, ctrl_pooled) if use else None
 
-    def hazard_logit(self, x: torch.Tensor, ctrl_pooled: torch.Tensor) -> torch.Tensor:
-        """(B,) hazard log-odds from the trunks' input x (B, 3C, H, W) (:meth:`transition`) and the
+    def hazard_features(self, x: torch.Tensor, ctrl_pooled: torch.Tensor) -> torch.Tensor:
+        """(B, F) the hazard head's per-transition features of x (B, 3C, H, W) (:meth:`transition`) and the
         (B, Dt) pooled control embedding (read only with ``cfg.hazard_action``)."""
         if self.hazard is None:
             raise ValueError("these heads have no hazard head (HeadsConfig.hazard_horizon = 0)")
         hz = self.hazard
-        h = hz["trunk"](x)  # (B, hidden)
+        f = hz["trunk"](x)  # (B, hidden)
         if self.cfg.hazard_action:
-            h = torch.cat([h, hz["ctrl"](ctrl_pooled)], dim=-1)  # (B, 2*hidden)
-        return hz["mlp"](h)[:, 0]  # (B,)
+            f = torch.cat([f, hz["ctrl"](ctrl_pooled)], dim=-1)  # (B, 2*hidden)
+        return f
+
+    def hazard_logit(self, x: torch.Tensor, ctrl_pooled: torch.Tensor) -> torch.Tensor:
+        """(B,) hazard log-odds of a per-transition hazard head (no memory) from the trunks' input x
+        (B, 3C, H, W) and the (B, Dt) pooled control embedding; a recurrent head needs :meth:`hazard_step`."""
+        if self.cfg.hazard_memory > 0:
+            raise ValueError("a recurrent hazard head (hazard_memory > 0) reads the stream's memory: use hazard_step")
+        f = self.hazard_features(x, ctrl_pooled)  # (B, F)
+        return self.hazard["mlp"](f)[:, 0]  # (B,)
+
+    def hazard_step(
+        self, x: torch.Tensor, ctrl_pooled: torch.Tensor, memory: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One transition of every stream: (B,) hazard log-odds and the (B, M) new memory.
+
+        Args:
+            x: (B, 3C, H, W) the trunks' input (:meth:`transition`).
+            ctrl_pooled: (B, Dt) pooled control embedding (read only with ``cfg.hazard_action``).
+            memory: (B, M) the streams' memory before this transition (zeros at an episode's start);
+                M = 0 for a per-transition head, returned as it is.
+        """
+        f = self.hazard_features(x, ctrl_pooled)  # (B, F)
+        if self.cfg.hazard_memory > 0:
+            _, h = self.hazard["gru"](f[:, None], memory[None].to(f.dtype).contiguous())  # (1, B, M)
+            memory = h[0]  # (B, M)
+            f = torch.cat([f, memory], dim=-1)  # (B, F + M)
+        return self.hazard["mlp"](f)[:, 0], memory
+
+    def hazard_sequence(self, feats: torch.Tensor) -> torch.Tensor:
+        """(E, T) hazard log-odds of E episodes' transitions from their (E, T, F) features
+        (:meth:`hazard_features`), the memory starting at zero: what :meth:`hazard_step` gives one step at a
+        time (training and the calibration report; padding at an episode's end does not change its earlier logits)."""
+        if self.cfg.hazard_memory > 0:
+            mem, _ = self.hazard["gru"](feats)  # (E, T, M)
+            feats = torch.cat([feats, mem], dim=-1)  # (E, T, F + M)
+        return self.hazard["mlp"](feats)[..., 0]  # (E, T)
 
     @staticmethod
     def loss(

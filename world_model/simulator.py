@@ -198,7 +198,8 @@ class Simulator:
             self._unknown = torch.full((b,), self.unknown_idx, device=self.device, dtype=torch.long)
             self._zero_idx = torch.zeros(b, device=self.device, dtype=torch.long)
             self.state = self.sampler.init_state(
-                self.start_latents[self._zero_idx], self._unknown, noise_key=self._zero_idx
+                self.start_latents[self._zero_idx], self._unknown, noise_key=self._zero_idx,
+                memory_size=self.heads.cfg.hazard_memory,
             )
 
     # ------------------------------------------------------------------------ properties
@@ -363,12 +364,15 @@ class Simulator:
         _, z_next = self.sampler.step(
             self.state, self._denoise, actions, context_fn=self._context_fn
         )  # (B, C, H, W)
+        ctrl = self.ctrl_pooled[actions]  # (B, Dt)
         with self._autocast():
-            reward, term_logit, hazard_logit = self.heads(  # 3 x (B,); the hazard only where it is used
-                z_prev, z_next, self.ctrl_pooled[actions], hazard=self.termination == "hazard"
-            )
+            reward, term_logit, _ = self.heads(z_prev, z_next, ctrl, hazard=False)  # 2 x (B,)
         terminated = term_logit.float() > self.heads.cfg.term_threshold  # (B,)
         if self.termination == "hazard":  # an ending the frames cannot show, drawn at its rate
+            with self._autocast():  # (B,), (B, M): a recurrent head's memory advances with the stream
+                hazard_logit, memory = self.heads.hazard_step(self.heads.transition(z_prev, z_next), ctrl,
+                                                              self.state.memory)
+            self.state.memory.copy_(memory)
             u = stream_uniform(self.state.noise_key, self.state.noise_step)  # (B,) per-stream, frames untouched
             terminated = terminated | (u < per_step_hazard(hazard_logit.float(), self.heads.cfg.hazard_horizon))
         if self.heads.cfg.terminal_reward is not None:  # the game's reward for an ending (CarRacing: -100)
@@ -424,8 +428,9 @@ class Simulator:
     def get_state(self, rows: torch.Tensor | None = None) -> SwinDPMState:
         """A copy of the streams' state (all B, or the (R,) indices ``rows``), for :meth:`set_state`.
 
-        The window latents, their control rows and each stream's noise key and counter: all a
-        stream's future depends on besides the actions. A copy, so later steps do not change it.
+        The window latents, their control rows, each stream's noise key and counter and a recurrent
+        hazard head's memory: all a stream's future depends on besides the actions. A copy, so later
+        steps do not change it.
         """
         return self.state.select(self._rows(rows, "get_state"))
 
@@ -458,6 +463,11 @@ class Simulator:
                 f"set_state: the state's window is {tuple(state.latents.shape[1:])} (L, C, H, W) but this "
                 f"simulator's is {want}: it comes from another sampler window or latent space"
             )
+        if tuple(state.memory.shape[1:]) != tuple(self.state.memory.shape[1:]):
+            raise UsageError(
+                f"set_state: the state's hazard memory has width {tuple(state.memory.shape[1:])} but this "
+                f"simulator's has {tuple(self.state.memory.shape[1:])}: it comes from a world with another hazard head"
+            )
         num_rows = self.num_actions + 1  # the control table: A actions and the "unknown" row
         if not bool(((state.ctrl_idx >= 0) & (state.ctrl_idx < num_rows)).all()):
             raise UsageError(
@@ -478,7 +488,7 @@ class Simulator:
                 raise UsageError(
                     f"set_state: noise_key must be {len(idx)} integer keys >= 0, one per written row, got {noise_key!r}"
                 )
-            state = SwinDPMState(state.latents, state.ctrl_idx, key.to(torch.long), state.noise_step)
+            state = dataclasses.replace(state, noise_key=key.to(torch.long))
         self.state.write(idx, state)
         return self.latest.clone()
 

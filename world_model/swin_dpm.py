@@ -126,6 +126,9 @@ class SwinDPMState:
     """(B,) long: key of each row's random stream."""
     noise_step: torch.Tensor
     """(B,) long: number of draws each row has made from its stream."""
+    memory: torch.Tensor
+    """(B, M) float32: the state of a recurrent head reading the stream's emitted frames (the simulator's
+    recurrent hazard head; M = 0 without one). The sampler never reads it; a reset zeroes it."""
 
     @property
     def batch_size(self) -> int:
@@ -133,8 +136,8 @@ class SwinDPMState:
         return self.latents.shape[0]
 
     def fields(self) -> tuple[torch.Tensor, ...]:
-        """The four buffers, in declaration order."""
-        return (self.latents, self.ctrl_idx, self.noise_key, self.noise_step)
+        """The five buffers, in declaration order."""
+        return (self.latents, self.ctrl_idx, self.noise_key, self.noise_step, self.memory)
 
     def select(self, rows: torch.Tensor) -> SwinDPMState:
         """A copy of the rows ``rows`` ((R,) long indices): R streams, sharing no memory with this state."""
@@ -279,6 +282,7 @@ class SwinDPM:
         ctrl_idx: torch.Tensor,
         generator: torch.Generator | None = None,
         noise_key: torch.Tensor | None = None,
+        memory_size: int = 0,
     ) -> SwinDPMState:
         """Allocate a state and start every row from ``ctx_latents``.
 
@@ -289,6 +293,7 @@ class SwinDPM:
                 the last column, also conditions the initial frames in flight.
             generator: draws the stream keys when ``noise_key`` is None.
             noise_key: (B,) long stream keys in [0, 2**63 - 1).
+            memory_size: M, width of the per-stream memory of a recurrent head (``SwinDPMState.memory``).
 
         Returns:
             A fresh state on the sampler's device.
@@ -300,6 +305,7 @@ class SwinDPM:
             ctrl_idx=torch.zeros(b, self.window_len, device=dev, dtype=torch.long),
             noise_key=torch.zeros(b, device=dev, dtype=torch.long),
             noise_step=torch.zeros(b, device=dev, dtype=torch.long),
+            memory=torch.zeros(b, memory_size, device=dev, dtype=torch.float32),
         )
         mask = torch.ones(b, device=dev, dtype=torch.bool)
         return self.reset_where(state, mask, ctx_latents, ctrl_idx, generator, noise_key)
@@ -357,6 +363,7 @@ class SwinDPM:
         state.ctrl_idx.copy_(torch.where(mask[:, None], ctrl, state.ctrl_idx))
         state.noise_key.copy_(key)
         state.noise_step.copy_(torch.where(mask, step0 + 1, state.noise_step))
+        state.memory.masked_fill_(mask[:, None], 0.0)
         return state
 
     # ------------------------------------------------------------------------------- step

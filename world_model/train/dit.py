@@ -523,7 +523,7 @@ def warm_start(model: DiTWithHeads, model_dir: Path, dit_cfg: object, heads_cfg:
     heads.cfg = dataclasses.replace(heads.cfg, term_threshold=heads_cfg.term_threshold,
                                     terminal_reward=heads_cfg.terminal_reward,
                                     hazard_horizon=heads_cfg.hazard_horizon, termination=heads_cfg.termination,
-                                    hazard_action=heads_cfg.hazard_action)
+                                    hazard_action=heads_cfg.hazard_action, hazard_memory=heads_cfg.hazard_memory)
     for name, got, want in (("dit", dit.cfg, dit_cfg), ("heads", heads.cfg, heads_cfg)):
         if got != want:
             diff = {

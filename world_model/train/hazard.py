@@ -9,6 +9,12 @@ the frames cannot show them: a world never draws the playfield's edge coming clo
 grass (docs/EXPERIMENTS.md, "Four times the exits"), but whether the car is crossing open grass
 away from the road is in the frames.
 
+With ``--memory M`` the head is recurrent (``HeadsConfig.hazard_memory``): a GRU over the
+per-transition features carries each stream's memory, so the hazard can depend on how long the car
+has been on open grass. It is trained on whole episodes from their first transition (the memory
+starts at zero, as at an env's reset), ``--sequence-batch`` episodes per step; censored transitions
+still feed the memory but carry no loss.
+
 Labels: transition k of an episode (frames k-1 -> k, ``actions[k]``) is positive when
 ``terminated[k : k + H]`` holds a termination. Episodes cut off by the recorder's step limit (the
 longest truncated episode of a data directory) give no label within H - 1 steps of that limit (the
@@ -61,13 +67,18 @@ class Args:
     hazard_action: bool = False
     """The head also reads the action (HeadsConfig.hazard_action). Off: in recorded data the action identifies
     the recording policy, and the head learns that instead of the scene (docs/EXPERIMENTS.md)."""
+    memory: int = 0
+    """M: a recurrent hazard head with an M-wide GRU memory per stream (HeadsConfig.hazard_memory), trained on
+    whole episodes; 0: the hazard reads each transition alone."""
     termination: Literal["hazard", "threshold"] = "hazard"
     """The written world's termination rule (HeadsConfig.termination): "hazard" draws endings at the head's
     rate besides the thresholded termination logit; "threshold" stores the head without using it."""
     steps: int = 2000
     """Optimiser steps."""
     batch_size: int = 256
-    """Transitions per step."""
+    """Transitions per step (a per-transition head)."""
+    sequence_batch: int = 8
+    """Whole episodes per step (a recurrent head, --memory > 0)."""
     lr: float = 1e-3
     """AdamW learning rate (cosine decay to lr/10)."""
     weight_decay: float = 1e-4
@@ -85,14 +96,17 @@ class Transitions:
     """Labelled transitions of recorded episodes, in memory.
 
     z_prev, z_next: (N, C, h, w) float32; actions: (N,) long; ends: (N,) bool, the episode ends within
-    H transitions; episode: (N,) long, index into ``names`` and ``ended`` ((E,) bool: the episode
-    ended, its ending transition kept or not); source: (N,) long, index of the data directory.
+    H transitions; known: (N,) bool, the label is not censored (all True unless loaded with
+    ``keep_censored``); episode: (N,) long, index into ``names`` and ``ended`` ((E,) bool: the episode
+    ended, its ending transition kept or not); source: (N,) long, index of the data directory. An
+    episode's transitions are contiguous and in order.
     """
 
     z_prev: torch.Tensor
     z_next: torch.Tensor
     actions: torch.Tensor
     ends: torch.Tensor
+    known: torch.Tensor
     episode: torch.Tensor
     source: torch.Tensor
     names: list[str]
@@ -100,6 +114,17 @@ class Transitions:
 
     def __len__(self) -> int:
         return len(self.actions)
+
+    def known_only(self) -> Transitions:
+        """The transitions with uncensored labels (the same episodes and names)."""
+        k = self.known
+        return Transitions(self.z_prev[k], self.z_next[k], self.actions[k], self.ends[k], self.known[k],
+                           self.episode[k], self.source[k], self.names, self.ended)
+
+    def episode_spans(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(E,) long first index and (E,) long length of every episode's transitions."""
+        length = torch.bincount(self.episode, minlength=len(self.names))  # (E,)
+        return torch.cumsum(length, 0) - length, length
 
 
 def hazard_labels(terminated: np.ndarray, horizon: int, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -153,9 +178,10 @@ def step_limit(root: Path) -> int | None:
 
 
 def load_transitions(data: tuple[Path, ...], latents: tuple[Path, ...], horizon: int, split: str,
-                     holdout_fraction: float, seed: int) -> Transitions | None:
-    """The labelled, uncensored transitions of the ``split`` ("train" or "held-out") episodes of every data
-    directory; None for an empty held-out split."""
+                     holdout_fraction: float, seed: int, keep_censored: bool = False) -> Transitions | None:
+    """The labelled transitions of the ``split`` ("train" or "held-out") episodes of every data directory,
+    the censored ones too with ``keep_censored`` (a recurrent head reads whole episodes); None for an
+    empty held-out split."""
     from world_model.data import episodes as E
     from world_model.data.latents import LATENTS_FILE, resolve_caches
     from world_model.data.loader import split_episodes
@@ -163,7 +189,7 @@ def load_transitions(data: tuple[Path, ...], latents: tuple[Path, ...], horizon:
     if len({Path(d).resolve() for d in data}) != len(data):
         raise UsageError(f"--data {[str(d) for d in data]}: a directory is given twice")
     caches, _ = resolve_caches(data, latents)
-    zp, zn, act, ends, ep, src, names, ended = [], [], [], [], [], [], [], []
+    zp, zn, act, ends, kn, ep, src, names, ended = [], [], [], [], [], [], [], [], []
     for s, (root, cache) in enumerate(caches.items()):
         E.check_data_root(root, create=False)
         limit = step_limit(root)
@@ -181,13 +207,15 @@ def load_transitions(data: tuple[Path, ...], latents: tuple[Path, ...], horizon:
             if len(lat) != len(rec["actions"]):
                 raise UsageError(f"{lat_path} holds {len(lat)} latents for {len(rec['actions'])} frames of {path}")
             e, k = hazard_labels(rec["terminated"], horizon, limit)  # (S,) each
-            keep = torch.from_numpy(np.nonzero(k & (np.asarray(rec["actions"][1:]) >= 0))[0])  # (n,)
+            use = k | keep_censored
+            keep = torch.from_numpy(np.nonzero(use & (np.asarray(rec["actions"][1:]) >= 0))[0])  # (n,)
             if len(keep) == 0:
                 continue
             zp.append(lat[:-1][keep])
             zn.append(lat[1:][keep])
             act.append(torch.from_numpy(np.array(rec["actions"][1:], np.int64))[keep])
             ends.append(torch.from_numpy(e)[keep])
+            kn.append(torch.from_numpy(k)[keep])
             ep.append(torch.full((len(keep),), len(names), dtype=torch.long))
             src.append(torch.full((len(keep),), s, dtype=torch.long))
             names.append(f"{root}/{path.name}")
@@ -196,13 +224,41 @@ def load_transitions(data: tuple[Path, ...], latents: tuple[Path, ...], horizon:
         if split != "train":
             return None
         raise UsageError(f"no labelled {split} episode with uncensored transitions in {[str(d) for d in data]}")
-    return Transitions(torch.cat(zp), torch.cat(zn), torch.cat(act), torch.cat(ends), torch.cat(ep), torch.cat(src),
-                       names, torch.tensor(ended))
+    return Transitions(torch.cat(zp), torch.cat(zn), torch.cat(act), torch.cat(ends), torch.cat(kn), torch.cat(ep),
+                       torch.cat(src), names, torch.tensor(ended))
+
+
+def episode_logits(heads: torch.nn.Module, t: Transitions, pooled: torch.Tensor, episodes: torch.Tensor,
+                   spans: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A recurrent head's hazard logits of whole episodes, each from its first transition (memory zero).
+
+    Args:
+        episodes: (E,) long episode indices; spans: :meth:`Transitions.episode_spans`.
+
+    Returns:
+        ``(logits, index)``: (E, T) logits, T the longest episode's length, and (E, T) long transition
+        indices into ``t``, -1 where an episode is shorter (padding: its logits there are meaningless).
+    """
+    start, length = spans[0][episodes], spans[1][episodes]  # (E,) each
+    steps = torch.arange(int(length.max()))  # (T,)
+    valid = steps[None] < length[:, None]  # (E, T)
+    index = torch.where(valid, start[:, None] + steps[None], -1)  # (E, T)
+    flat = index[valid]  # (n,) transitions, in episode order
+    x = heads.transition(t.z_prev[flat], t.z_next[flat])  # (n, 3C, h, w)
+    f = heads.hazard_features(x, pooled[t.actions[flat]])  # (n, F)
+    feats = f.new_zeros(*valid.shape, f.shape[-1]).masked_scatter(valid[..., None], f)  # (E, T, F)
+    return heads.hazard_sequence(feats), index
 
 
 @torch.no_grad()
 def predict(heads: torch.nn.Module, t: Transitions, pooled: torch.Tensor, batch: int = 1024) -> torch.Tensor:
-    """(N,) hazard logits of every transition."""
+    """(N,) hazard logits of every transition (a recurrent head: along each whole episode)."""
+    if heads.cfg.hazard_memory > 0:
+        spans, out = t.episode_spans(), torch.empty(len(t))
+        for i in range(0, len(t.names), 16):  # 16 episodes at a time
+            logits, index = episode_logits(heads, t, pooled, torch.arange(i, min(i + 16, len(t.names))), spans)
+            out[index[index >= 0]] = logits[index >= 0]
+        return out
     out = []
     for i in range(0, len(t), batch):
         x = heads.transition(t.z_prev[i : i + batch], t.z_next[i : i + batch])  # (b, 3C, h, w)
@@ -248,6 +304,14 @@ def report(logits: torch.Tensor, t: Transitions, horizon: int, base_rate: float,
     return out
 
 
+def calibration(heads: torch.nn.Module, t: Transitions, pooled: torch.Tensor, horizon: int, base_rate: float,
+                sources: list[str]) -> dict:
+    """:func:`report` of the head's predictions on the uncensored transitions of ``t`` (a recurrent head
+    reads the censored ones too, on its way along each episode)."""
+    logits = predict(heads, t, pooled)  # (N,)
+    return report(logits[t.known], t.known_only(), horizon, base_rate, sources)
+
+
 def format_report(rep: dict, where: str) -> str:
     """Markdown tables of :func:`report`."""
     lines = [f"{where}: {rep['transitions']} transitions of {rep['episodes']} episodes, ending within H: "
@@ -274,8 +338,11 @@ def train(args: Args, command: list[str] | None = None) -> dict:
 
     if args.horizon < 1:
         raise UsageError(f"--horizon {args.horizon}: must be >= 1")
-    if args.steps < 1 or args.batch_size < 1:
-        raise UsageError(f"--steps {args.steps} --batch-size {args.batch_size}: each must be >= 1")
+    if args.steps < 1 or args.batch_size < 1 or args.sequence_batch < 1:
+        raise UsageError(f"--steps {args.steps} --batch-size {args.batch_size} --sequence-batch "
+                         f"{args.sequence_batch}: each must be >= 1")
+    if args.memory < 0:
+        raise UsageError(f"--memory {args.memory}: must be >= 0 (0: a per-transition head)")
     check_world_copy(args.world, args.out)
     sha = latent_space_sha256(Path(args.world))
     for cache in args.latents:
@@ -288,7 +355,7 @@ def train(args: Args, command: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     world = load_world(args.world)
     cfg = dataclasses.replace(world.heads.cfg, hazard_horizon=args.horizon, termination=args.termination,
-                              hazard_action=args.hazard_action)
+                              hazard_action=args.hazard_action, hazard_memory=args.memory)
     heads = RewardTerminationHeads(cfg)
     old = {k: v for k, v in world.heads.state_dict().items() if not k.startswith("hazard.")}
     missing, unexpected = heads.load_state_dict(old, strict=False)
@@ -296,14 +363,18 @@ def train(args: Args, command: list[str] | None = None) -> dict:
     pooled = world.control_pooled.float()  # (A+1, Dt)
 
     t0 = time.time()
-    train_t = load_transitions(args.data, args.latents, args.horizon, "train", args.holdout_fraction, args.seed)
-    held_t = load_transitions(args.data, args.latents, args.horizon, "held-out", args.holdout_fraction, args.seed)
+    recurrent = args.memory > 0  # whole episodes, censored transitions included (they feed the memory)
+    train_t = load_transitions(args.data, args.latents, args.horizon, "train", args.holdout_fraction, args.seed,
+                               keep_censored=recurrent)
+    held_t = load_transitions(args.data, args.latents, args.horizon, "held-out", args.holdout_fraction, args.seed,
+                              keep_censored=recurrent)
     top = max(int(x.actions.max()) for x in (train_t, held_t) if x is not None)
     if top >= world.num_actions:
         raise UsageError(f"the recorded actions go up to {top}; the world has {world.num_actions} actions")
-    base_rate = float(train_t.ends.float().mean())
-    print(f"train-hazard: {len(train_t)} transitions of {len(train_t.names)} episodes ({100 * base_rate:.1f}% end "
-          f"within {args.horizon} steps), {0 if held_t is None else len(held_t)} held out; loaded in "
+    base_rate = float(train_t.ends[train_t.known].float().mean())
+    print(f"train-hazard: {int(train_t.known.sum())} labelled transitions of {len(train_t.names)} episodes "
+          f"({100 * base_rate:.1f}% end "
+          f"within {args.horizon} steps), {0 if held_t is None else int(held_t.known.sum())} held out; loaded in "
           f"{time.time() - t0:.0f} s", flush=True)
 
     params = list(heads.hazard.parameters())  # the rest of the heads stays as the world has it
@@ -312,12 +383,19 @@ def train(args: Args, command: list[str] | None = None) -> dict:
         opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
     gen = torch.Generator().manual_seed(args.seed)
     heads.train()
-    t0, n = time.time(), len(train_t)
+    t0, n, spans = time.time(), len(train_t), train_t.episode_spans()
     for step in range(1, args.steps + 1):
-        idx = torch.randint(0, n, (args.batch_size,), generator=gen)  # (b,)
-        x = heads.transition(train_t.z_prev[idx], train_t.z_next[idx])  # (b, 3C, h, w)
-        logit = heads.hazard_logit(x, pooled[train_t.actions[idx]])  # (b,)
-        loss = F.binary_cross_entropy_with_logits(logit, train_t.ends[idx].float())
+        if recurrent:  # whole episodes; the loss on their uncensored transitions
+            eps = torch.randint(0, len(train_t.names), (args.sequence_batch,), generator=gen)  # (E,)
+            logit, index = episode_logits(heads, train_t, pooled, eps, spans)  # (E, T) each
+            idx = index[index >= 0]  # (n,) in the order of logit[index >= 0]
+            logit, known = logit[index >= 0], train_t.known[idx]
+            loss = F.binary_cross_entropy_with_logits(logit[known], train_t.ends[idx][known].float())
+        else:
+            idx = torch.randint(0, n, (args.batch_size,), generator=gen)  # (b,)
+            x = heads.transition(train_t.z_prev[idx], train_t.z_next[idx])  # (b, 3C, h, w)
+            logit = heads.hazard_logit(x, pooled[train_t.actions[idx]])  # (b,)
+            loss = F.binary_cross_entropy_with_logits(logit, train_t.ends[idx].float())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -331,16 +409,17 @@ def train(args: Args, command: list[str] | None = None) -> dict:
     summary = {"horizon": args.horizon, "termination": args.termination, "base_rate": base_rate,
                "args": {k: [str(p) for p in v] if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v
                         for k, v in dataclasses.asdict(args).items()},
-               "train": report(predict(heads, train_t, pooled), train_t, args.horizon, base_rate, sources)}
+               "train": calibration(heads, train_t, pooled, args.horizon, base_rate, sources)}
     print(format_report(summary["train"], "train"))
-    summary["held_out"] = None if held_t is None else report(predict(heads, held_t, pooled), held_t, args.horizon,
-                                                             base_rate, sources)
+    summary["held_out"] = None if held_t is None else calibration(heads, held_t, pooled, args.horizon, base_rate,
+                                                                  sources)
     print("held out: no labelled episode" if held_t is None else format_report(summary["held_out"], "held out"))
 
     world.heads = heads
     world.meta = {**world.meta, "hazard": summary}
     save_world(args.out, world, copied_recipe(args.world, command))
-    print(f"saved world model to {args.out}: hazard head (H = {args.horizon}), termination {args.termination!r}")
+    kind = f"recurrent hazard head (memory {args.memory})" if recurrent else "hazard head"
+    print(f"saved world model to {args.out}: {kind} (H = {args.horizon}), termination {args.termination!r}")
     return summary
 
 
