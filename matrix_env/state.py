@@ -13,12 +13,13 @@ with one batched forward per step::
 
 What it holds is what an episode's future depends on besides the actions: each stream's Swin-DPM
 window (the clean context frames and the frames in flight, with their control rows), its noise key
-and draw counter, the episode's step count (the vector env's time limit) and whether the episode
-ended at the last step. Restored episodes replay exactly: the same actions give the same frames,
-rewards and terminations. Not in it: the envs' ``np_random`` (which only draws the start context and
-noise key of *later* episodes: after a rewind, the episode that follows a replayed ending is drawn
-afresh, not repeated), and wrappers' own counters (``gym.make``'s ``TimeLimit``: restore the
-unwrapped env, or use the vector env, which counts steps itself).
+and draw counter, a recurrent hazard head's memory (if the world has one), the episode's step count
+(the vector env's time limit) and whether the episode ended at the last step. Restored episodes
+replay exactly: the same actions give the same frames, rewards and terminations. Not in it: the
+envs' ``np_random`` (which only draws the start context and noise key of *later* episodes: after a
+rewind, the episode that follows a replayed ending is drawn afresh, not repeated), and wrappers' own
+counters (``gym.make``'s ``TimeLimit``: restore the unwrapped env, or use the vector env, which
+counts steps itself).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ class EnvState:
     """N episodes of a MatrixWorld env (see the module docstring). Index it for a subset."""
 
     stream: SwinDPMState
-    """The simulator rows: (N, L, C, H, W) window latents, (N, L) controls, (N,) noise keys and counters."""
+    """The simulator rows: (N, L, C, H, W) window latents, (N, L) controls, (N,) noise keys and counters,
+    (N, M) hazard memory (M = 0 without a recurrent hazard head)."""
     elapsed: np.ndarray
     """(N,) int64 steps since each episode's reset."""
     ended: np.ndarray

@@ -214,7 +214,7 @@ class RewardTerminationHeads(nn.Module):
         """
         f = self.hazard_features(x, ctrl_pooled)  # (B, F)
         if self.cfg.hazard_memory > 0:
-            _, h = self.hazard["gru"](f[:, None], memory[None].to(f.dtype).contiguous())  # (1, B, M)
+            _, h = self.hazard["gru"](f[:, None], memory[None].contiguous())  # (1, B, M)
             memory = h[0]  # (B, M)
             f = torch.cat([f, memory], dim=-1)  # (B, F + M)
         return self.hazard["mlp"](f)[:, 0], memory

@@ -369,7 +369,9 @@ class Simulator:
             reward, term_logit, _ = self.heads(z_prev, z_next, ctrl, hazard=False)  # 2 x (B,)
         terminated = term_logit.float() > self.heads.cfg.term_threshold  # (B,)
         if self.termination == "hazard":  # an ending the frames cannot show, drawn at its rate
-            with self._autocast():  # (B,), (B, M): a recurrent head's memory advances with the stream
+            # float32 whatever the dtype (a tiny head): a recurrent memory rounded to bfloat16 every step
+            # would stop moving where it changes slowly (time on the grass), as it never does in training
+            with torch.autocast(self.device.type, enabled=False):  # (B,), (B, M)
                 hazard_logit, memory = self.heads.hazard_step(self.heads.transition(z_prev, z_next), ctrl,
                                                               self.state.memory)
             self.state.memory.copy_(memory)

@@ -11,9 +11,11 @@ away from the road is in the frames.
 
 With ``--memory M`` the head is recurrent (``HeadsConfig.hazard_memory``): a GRU over the
 per-transition features carries each stream's memory, so the hazard can depend on how long the car
-has been on open grass. It is trained on whole episodes from their first transition (the memory
-starts at zero, as at an env's reset), ``--sequence-batch`` episodes per step; censored transitions
-still feed the memory but carry no loss.
+has been on open grass. An env resets a stream from a recorded window anywhere along a drive with an
+empty memory, so each training sequence is an episode from a uniformly drawn transition to its end,
+the memory zero at its first transition (a whole episode is one such draw), ``--sequence-batch``
+sequences per step; censored transitions still feed the memory but carry no loss. The calibration
+report reads whole episodes from their first transition.
 
 Labels: transition k of an episode (frames k-1 -> k, ``actions[k]``) is positive when
 ``terminated[k : k + H]`` holds a termination. Episodes cut off by the recorder's step limit (the
@@ -220,7 +222,7 @@ def load_transitions(data: tuple[Path, ...], latents: tuple[Path, ...], horizon:
             src.append(torch.full((len(keep),), s, dtype=torch.long))
             names.append(f"{root}/{path.name}")
             ended.append(bool(np.asarray(rec["terminated"]).any()))
-    if not names:
+    if not names or not any(k.any() for k in kn):
         if split != "train":
             return None
         raise UsageError(f"no labelled {split} episode with uncensored transitions in {[str(d) for d in data]}")
@@ -229,17 +231,21 @@ def load_transitions(data: tuple[Path, ...], latents: tuple[Path, ...], horizon:
 
 
 def episode_logits(heads: torch.nn.Module, t: Transitions, pooled: torch.Tensor, episodes: torch.Tensor,
-                   spans: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """A recurrent head's hazard logits of whole episodes, each from its first transition (memory zero).
+                   spans: tuple[torch.Tensor, torch.Tensor],
+                   offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A recurrent head's hazard logits along episodes, the memory zero at each one's first transition read.
 
     Args:
         episodes: (E,) long episode indices; spans: :meth:`Transitions.episode_spans`.
+        offset: (E,) long transitions to skip at each episode's start (each < its length); None: none.
 
     Returns:
         ``(logits, index)``: (E, T) logits, T the longest episode's length, and (E, T) long transition
         indices into ``t``, -1 where an episode is shorter (padding: its logits there are meaningless).
     """
     start, length = spans[0][episodes], spans[1][episodes]  # (E,) each
+    if offset is not None:  # sequences that start mid-drive, as an env's reset does
+        start, length = start + offset, length - offset
     steps = torch.arange(int(length.max()))  # (T,)
     valid = steps[None] < length[:, None]  # (E, T)
     index = torch.where(valid, start[:, None] + steps[None], -1)  # (E, T)
@@ -292,9 +298,9 @@ def report(logits: torch.Tensor, t: Transitions, horizon: int, base_rate: float,
     log_survive = torch.log1p(-per_step_hazard(logits.double(), horizon).clamp(max=1 - 1e-12))  # (N,) log(1 - h)
     n_ep = len(t.names)
     survive = torch.zeros(n_ep, dtype=torch.float64).index_add_(0, t.episode, log_survive).exp()  # (E,)
-    ep_source = torch.zeros(n_ep, dtype=torch.long).index_copy_(0, t.episode, t.source)  # (E,)
+    ep_source = torch.full((n_ep,), -1, dtype=torch.long).index_copy_(0, t.episode, t.source)  # (E,), -1: none
     for s, name in enumerate(sources):
-        m, e = t.source == s, ep_source == s
+        m, e = t.source == s, ep_source == s  # episodes with no labelled transition here count nowhere
         if not m.any():
             continue
         out["sets"].append({"data": name, "episodes": int(e.sum()), "transitions": int(m.sum()),
@@ -385,11 +391,14 @@ def train(args: Args, command: list[str] | None = None) -> dict:
     heads.train()
     t0, n, spans = time.time(), len(train_t), train_t.episode_spans()
     for step in range(1, args.steps + 1):
-        if recurrent:  # whole episodes; the loss on their uncensored transitions
+        if recurrent:  # episodes from a uniform transition on; the loss on their uncensored transitions
             eps = torch.randint(0, len(train_t.names), (args.sequence_batch,), generator=gen)  # (E,)
-            logit, index = episode_logits(heads, train_t, pooled, eps, spans)  # (E, T) each
+            offset = (torch.rand(len(eps), generator=gen) * spans[1][eps]).long()  # (E,) in [0, length)
+            logit, index = episode_logits(heads, train_t, pooled, eps, spans, offset)  # (E, T) each
             idx = index[index >= 0]  # (n,) in the order of logit[index >= 0]
             logit, known = logit[index >= 0], train_t.known[idx]
+            if not known.any():  # every drawn sequence lies past the step limit's horizon: nothing to learn
+                continue
             loss = F.binary_cross_entropy_with_logits(logit[known], train_t.ends[idx][known].float())
         else:
             idx = torch.randint(0, n, (args.batch_size,), generator=gen)  # (b,)
