@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +78,7 @@ def test_the_hazard_reads_the_action_only_when_asked() -> None:
 
 def _hazard_world(bias: float, horizon: int = 10, memory: int = 0):
     """The tiny world with a hazard head whose logits are ~bias: its last layer zeroed, or, for a
-    recurrent head (``memory`` > 0), reading the memory alone, with weights that make it matter."""
+    recurrent head (``memory`` > 0), random (it reads the transition's features and the memory)."""
     import dataclasses
 
     world = build_tiny_world()
@@ -133,14 +134,18 @@ def test_the_simulator_keeps_a_recurrent_hazard_memory_per_stream() -> None:
     keys = torch.arange(4) * 131 + 7
     sim.reset(torch.ones(4, dtype=torch.bool), torch.arange(4) % sim.num_starts, noise_key=keys)
     assert sim.state.memory.shape == (4, 4) and not sim.state.memory.any()
+    ptr = sim.state.memory.data_ptr()
     for t in range(3):
         sim.step(torch.full((4,), t))
-    assert (sim.state.memory.abs().sum(1) > 0).all()
+    assert (sim.state.memory.abs().sum(1) > 0).all() and sim.state.memory.data_ptr() == ptr  # updated in place
     snap = sim.get_state()
     ends = torch.stack([sim.step(torch.full((4,), t % 9))[2] for t in range(20)])  # (20, 4)
     assert 0 < ends.float().mean() < 1
-    sim.set_state(snap)  # the memory comes back with the window: the same endings
+    after = sim.state.memory.clone()
+    sim.set_state(snap)  # the memory comes back with the window: the same endings, the same memory after
+    assert torch.equal(sim.state.memory, snap.memory) and not torch.equal(snap.memory, after)
     assert torch.equal(torch.stack([sim.step(torch.full((4,), t % 9))[2] for t in range(20)]), ends)
+    assert torch.equal(sim.state.memory, after)
     before = sim.state.memory.clone()
     sim.reset(torch.tensor([True, False, False, True]), torch.zeros(4, dtype=torch.long))
     assert not sim.state.memory[[0, 3]].any() and torch.equal(sim.state.memory[[1, 2]], before[[1, 2]])
@@ -148,6 +153,17 @@ def test_the_simulator_keeps_a_recurrent_hazard_memory_per_stream() -> None:
     assert per_transition.state.memory.shape == (4, 0)
     with pytest.raises(UsageError, match=r"hazard memory has width \(4,\) but this simulator's has \(0,\)"):
         per_transition.set_state(snap)
+    with warnings.catch_warnings():  # bfloat16 may be slow on this CPU (a warning): the memory stays float32
+        warnings.simplefilter("ignore")
+        half = Simulator(world, 4, "cpu", dtype=torch.bfloat16)
+    half.reset(torch.ones(4, dtype=torch.bool), torch.zeros(4, dtype=torch.long), noise_key=keys)
+    z_prev = half.latest.clone()
+    z_next = half.step(torch.full((4,), 2))[0]
+    with torch.no_grad():  # what the float32 head gives on the same latents: the step ran in float32
+        x = world.heads.transition(z_prev, z_next)
+        _, expect = world.heads.hazard_step(x, half.ctrl_pooled[torch.full((4,), 2)], torch.zeros(4, 4))
+    assert half.state.memory.dtype == torch.float32
+    torch.testing.assert_close(half.state.memory, expect, atol=1e-6, rtol=0)
     threshold = Simulator(world, 4, "cpu", termination="threshold")  # the head is stored, not used
     threshold.reset(torch.ones(4, dtype=torch.bool), torch.zeros(4, dtype=torch.long), noise_key=keys)
     threshold.step(torch.zeros(4, dtype=torch.long))
@@ -296,6 +312,43 @@ def test_endings_counts_hazard_endings_only_when_asked(tmp_path: Path) -> None:
     assert N.replay(world, cut, 2, 0)["world_ended"] == 0  # default: what the termination head reads
     row = N.replay(world, cut, 2, 0, termination="hazard")
     assert row["termination"] == "hazard" and row["world_first_end_steps"] == [1, 1]
+    recurrent = _hazard_world(400.0, memory=4)  # a recurrent head: the heads' verdict reads no hazard
+    assert N.replay(recurrent, cut, 2, 0)["world_ended"] == 0
+    assert N.replay(recurrent, cut, 2, 0, termination="hazard")["world_first_end_steps"] == [1, 1]
+
+
+def test_a_recurrent_head_reads_episodes_of_any_length_as_the_simulator_does() -> None:
+    from world_model.train.hazard import Transitions, episode_logits, predict
+
+    torch.manual_seed(0)
+    heads = RewardTerminationHeads(HeadsConfig(latent_channels=4, text_dim=12, hidden=16, hazard_horizon=5,
+                                               hazard_memory=3)).eval()
+    lengths = [3, 1, 5, 2] * 5  # 20 episodes: predict reads 16 at a time
+    n = sum(lengths)
+    episode = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    t = Transitions(torch.randn(n, 4, 9, 16), torch.randn(n, 4, 9, 16), torch.randint(0, 9, (n,)),
+                    torch.zeros(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool), episode,
+                    torch.zeros(n, dtype=torch.long), [str(i) for i in range(len(lengths))],
+                    torch.zeros(len(lengths), dtype=torch.bool))
+    pooled = torch.randn(10, 12)
+    logits = predict(heads, t, pooled)  # (N,)
+    start, length = t.episode_spans()
+    assert start.tolist()[:4] == [0, 3, 4, 9] and length.tolist()[:4] == lengths[:4]
+    with torch.no_grad():
+        for e in range(len(lengths)):
+            mem = torch.zeros(1, 3)
+            for i in range(int(start[e]), int(start[e] + length[e])):
+                logit, mem = heads.hazard_step(heads.transition(t.z_prev[i : i + 1], t.z_next[i : i + 1]),
+                                               pooled[t.actions[i : i + 1]], mem)
+                torch.testing.assert_close(logit, logits[i : i + 1], atol=1e-5, rtol=0)
+        # a sequence from mid-episode starts with an empty memory there, as an env's reset does
+        crop, index = episode_logits(heads, t, pooled, torch.tensor([2]), (start, length), torch.tensor([2]))
+        assert index.tolist() == [[int(start[2]) + 2, int(start[2]) + 3, int(start[2]) + 4]]
+        i = int(start[2]) + 2
+        first = heads.hazard_step(heads.transition(t.z_prev[i : i + 1], t.z_next[i : i + 1]),
+                                  pooled[t.actions[i : i + 1]], torch.zeros(1, 3))[0]
+        torch.testing.assert_close(crop[0, :1], first, atol=1e-5, rtol=0)
+        assert not torch.allclose(crop[0, 0], logits[i])  # the whole episode's memory differs there
 
 
 def test_step_limit_is_the_cut_off_length_and_refuses_two_limits(tmp_path: Path) -> None:

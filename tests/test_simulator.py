@@ -127,13 +127,13 @@ def test_memory_flat_over_200_steps(world) -> None:
     sim = started(world, 2)
     ptrs = [
         t.data_ptr()
-        for t in (sim.state.latents, sim.state.ctrl_idx, sim.state.noise_key, sim.state.noise_step)
+        for t in sim.state.fields()
     ]
     for i in range(200):
         latents, _, _ = sim.step(torch.tensor([i % 9, (i * 7) % 9]))
     assert [
         t.data_ptr()
-        for t in (sim.state.latents, sim.state.ctrl_idx, sim.state.noise_key, sim.state.noise_step)
+        for t in sim.state.fields()
     ] == ptrs
     assert sim.state.latents.shape[1] == sim.sampler.window_len and torch.isfinite(latents).all()
 

@@ -160,7 +160,7 @@ def test_reset_where_touches_only_masked_rows() -> None:
     state = init(sampler, ctx)
     for _ in range(3):
         state, _ = sampler.step(state, oracle(table), torch.tensor([0, 1, 2]))
-    before = {k: getattr(state, k).clone() for k in ("latents", "ctrl_idx", "noise_key", "noise_step")}
+    before = {k: getattr(state, k).clone() for k in ("latents", "ctrl_idx", "noise_key", "noise_step", "memory")}
     mask = torch.tensor([True, False, True])
     new_ctx = torch.randn(B, 2, C, H, W, generator=torch.Generator().manual_seed(7))
     keys = torch.tensor([11, 12, 13])
@@ -179,7 +179,7 @@ def test_memory_flat_over_many_steps() -> None:
     table = target_table()
     sampler, ctx = make("pipelined", ctx_noise=0.1)
     state = init(sampler, ctx)
-    ptrs = {k: getattr(state, k).data_ptr() for k in ("latents", "ctrl_idx", "noise_key", "noise_step")}
+    ptrs = {k: getattr(state, k).data_ptr() for k in ("latents", "ctrl_idx", "noise_key", "noise_step", "memory")}
     shapes = {k: getattr(state, k).shape for k in ptrs}
     for i in range(200):
         state, frame = sampler.step(state, oracle(table), torch.full((B,), i % NUM_CTRL))
