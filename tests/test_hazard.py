@@ -343,7 +343,8 @@ def test_a_recurrent_head_reads_episodes_of_any_length_as_the_simulator_does() -
                 torch.testing.assert_close(logit, logits[i : i + 1], atol=1e-5, rtol=0)
         # a sequence from mid-episode starts with an empty memory there, as an env's reset does
         crop, index = episode_logits(heads, t, pooled, torch.tensor([2]), (start, length), torch.tensor([2]))
-        assert index.tolist() == [[int(start[2]) + 2, int(start[2]) + 3, int(start[2]) + 4]]
+        assert index[index >= 0].tolist() == [int(start[2]) + 2, int(start[2]) + 3, int(start[2]) + 4]
+        assert (index[0, :3] >= 0).all() and (index[0, 3:] == -1).all()  # padded past the sequence's end
         i = int(start[2]) + 2
         first = heads.hazard_step(heads.transition(t.z_prev[i : i + 1], t.z_next[i : i + 1]),
                                   pooled[t.actions[i : i + 1]], torch.zeros(1, 3))[0]
