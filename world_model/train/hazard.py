@@ -71,7 +71,7 @@ class Args:
     the recording policy, and the head learns that instead of the scene (docs/EXPERIMENTS.md)."""
     memory: int = 0
     """M: a recurrent hazard head with an M-wide GRU memory per stream (HeadsConfig.hazard_memory), trained on
-    whole episodes; 0: the hazard reads each transition alone."""
+    episodes from a uniformly drawn transition on; 0: the hazard reads each transition alone."""
     termination: Literal["hazard", "threshold"] = "hazard"
     """The written world's termination rule (HeadsConfig.termination): "hazard" draws endings at the head's
     rate besides the thresholded termination logit; "threshold" stores the head without using it."""
@@ -80,7 +80,7 @@ class Args:
     batch_size: int = 256
     """Transitions per step (a per-transition head)."""
     sequence_batch: int = 8
-    """Whole episodes per step (a recurrent head, --memory > 0)."""
+    """Episode sequences per step (a recurrent head, --memory > 0)."""
     lr: float = 1e-3
     """AdamW learning rate (cosine decay to lr/10)."""
     weight_decay: float = 1e-4
@@ -247,7 +247,7 @@ def episode_logits(heads: torch.nn.Module, t: Transitions, pooled: torch.Tensor,
     if offset is not None:  # sequences that start mid-drive, as an env's reset does
         start, length = start + offset, length - offset
     # shapes rounded up to a few sizes (T to 32, n to 256 rows): with a new size at every training step,
-    # glibc's allocator fragments (peak RSS 4.9 GiB after 1,000 steps, 1.1 GiB with these buckets)
+    # glibc's allocator fragments (peak RSS 4.9 GiB after 1,000 steps, 1.4 GiB with these buckets)
     steps = torch.arange(-(-int(length.max()) // 32) * 32)  # (T,)
     valid = steps[None] < length[:, None]  # (E, T)
     index = torch.where(valid, start[:, None] + steps[None], -1)  # (E, T)
@@ -372,7 +372,7 @@ def train(args: Args, command: list[str] | None = None) -> dict:
     pooled = world.control_pooled.float()  # (A+1, Dt)
 
     t0 = time.time()
-    recurrent = args.memory > 0  # whole episodes, censored transitions included (they feed the memory)
+    recurrent = args.memory > 0  # episode sequences, censored transitions included (they feed the memory)
     train_t = load_transitions(args.data, args.latents, args.horizon, "train", args.holdout_fraction, args.seed,
                                keep_censored=recurrent)
     held_t = load_transitions(args.data, args.latents, args.horizon, "held-out", args.holdout_fraction, args.seed,
@@ -396,7 +396,8 @@ def train(args: Args, command: list[str] | None = None) -> dict:
     for step in range(1, args.steps + 1):
         if recurrent:  # episodes from a uniform transition on; the loss on their uncensored transitions
             eps = torch.randint(0, len(train_t.names), (args.sequence_batch,), generator=gen)  # (E,)
-            offset = (torch.rand(len(eps), generator=gen) * spans[1][eps]).long()  # (E,) in [0, length)
+            length = spans[1][eps]  # (E,)
+            offset = torch.minimum((torch.rand(len(eps), generator=gen) * length).long(), length - 1)  # (E,)
             logit, index = episode_logits(heads, train_t, pooled, eps, spans, offset)  # (E, T) each
             idx = index[index >= 0]  # (n,) in the order of logit[index >= 0]
             logit, known = logit[index >= 0], train_t.known[idx]
