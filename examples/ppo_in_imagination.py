@@ -48,7 +48,8 @@ parser.add_argument("--frame-stack", type=int, default=1, help="frames the agent
 parser.add_argument("--n-steps", type=int, default=128, help="PPO rollout length per env")
 parser.add_argument("--world", default="hold",
                     help="a shipped world's name (default: hold, the world for training agents) or a world directory")
-parser.add_argument("--dtype", default="float32", help="world dtype: float32 or bfloat16")
+parser.add_argument("--dtype", default="float32",
+                    help="world dtype: float32, bfloat16, or auto (bfloat16 where the hardware computes it)")
 parser.add_argument("--compile", action="store_true", help="torch.compile the world's DiT")
 parser.add_argument("--device", default="cpu", help="torch device of the world and the policy: cpu or cuda")
 parser.add_argument("--sampler-mode", default=None, choices=("pipelined", "reconditioned", "immediate"),

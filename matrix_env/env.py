@@ -55,12 +55,17 @@ def resolve_world(world: str | os.PathLike | WorldModel | None, device: torch.de
     return load_world(path, device)
 
 
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """'float32' | 'bfloat16' | 'float16' (or the torch dtype) -> torch dtype."""
+def parse_dtype(dtype: str | torch.dtype, device: torch.device | str = "cpu") -> torch.dtype:
+    """'float32' | 'bfloat16' | 'float16' (or the torch dtype) -> torch dtype; 'auto': the fastest on
+    ``device`` (``world_model.device.fast_dtype``: bfloat16 where the hardware computes it, else float32)."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        from world_model.device import check_device, fast_dtype
+
+        return fast_dtype(check_device(device))
     if dtype not in DTYPES:
-        raise UsageError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        raise UsageError(f"dtype must be one of {sorted(DTYPES) + ['auto']}, got {dtype!r}")
     return DTYPES[dtype]
 
 
@@ -271,7 +276,10 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
     * ``sampler``: other Swin-DPM settings to change (``world_model.swin_dpm.SwinDPMConfig``
       fields), e.g. ``{"guidance": 2.0}`` (classifier-free guidance on the actions) or
       ``{"ctx_noise": 0.25}``.
-    * ``device`` / ``dtype``: where and in which precision the networks run.
+    * ``device`` / ``dtype``: where and in which precision the networks run; ``dtype="auto"`` picks
+      bfloat16 where the hardware computes it (a GPU of compute capability >= 8.0, a CPU with
+      AVX512-BF16 or AMX) and float32 elsewhere. float32, the default, is what the determinism
+      guarantees below are tested in.
     * ``reward_fn``: replaces the reward head.
     * ``compile_model``: ``torch.compile`` the full-window DiT calls (a slow first step; see
       ``Simulator``). With ``dtype="bfloat16"`` it is the fastest torch setting on a CPU with
@@ -327,7 +335,7 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
             1,
             device,
             sampler_config(self.world, sampler_mode, sampler),
-            parse_dtype(dtype),
+            parse_dtype(dtype, device),
             reward_fn,
             compile_model,
             backend=backend,

@@ -181,6 +181,30 @@ def test_emulated_bfloat16_is_named_warned_and_not_trained_with(world, monkeypat
     assert slow_precision(cpu, torch.bfloat16) is None
 
 
+def test_auto_dtype_is_bfloat16_only_where_the_cpu_computes_it(monkeypatch) -> None:
+    from matrix_env.env import parse_dtype
+    from world_model.device import fast_dtype
+
+    cpu = torch.device("cpu")
+    for machine, bf16, want in (("x86_64", True, torch.bfloat16), ("x86_64", False, torch.float32),
+                                ("aarch64", True, torch.float32)):  # unknown hardware: float32
+        fake_cpu(monkeypatch, machine, bf16=bf16)
+        assert fast_dtype(cpu) == want and parse_dtype("auto", "cpu") == want, (machine, bf16)
+        if want == torch.bfloat16:
+            assert slow_precision(cpu, want) is None  # auto never picks what the env would warn about
+    fake_cpu(monkeypatch, "x86_64", bf16=True)
+    from matrix_env.env import MatrixWorldEnv
+    from matrix_env.vector import MatrixWorldVectorEnv
+
+    assert MatrixWorldEnv(world=build_tiny_world(), obs_type="latent", dtype="auto").sim.dtype == torch.bfloat16
+    envs = MatrixWorldVectorEnv(2, world=build_tiny_world(), obs_type="latent", dtype="auto")
+    assert envs.sim.dtype == torch.bfloat16
+    assert parse_dtype("bfloat16") == torch.bfloat16  # an explicit choice is kept
+    with pytest.raises(UsageError, match=r"dtype must be one of \['bfloat16', 'float16', 'float32', 'auto'\], "
+                                         r"got 'fast'"):
+        parse_dtype("fast")
+
+
 def test_terminal_reward_replaces_the_heads_reward_on_an_ending() -> None:
     """heads.cfg.terminal_reward (CarRacing: -100 for leaving the playfield, which the Huber-trained
     reward head predicts as about -1.5) is the reward of every terminated transition; a reward_fn
