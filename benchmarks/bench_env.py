@@ -193,6 +193,9 @@ def check_backends(args: BenchArgs) -> None:
         raise UsageError(f"--compile-mode must be one of {COMPILE_MODES}, got {args.compile_mode!r}")
     if args.compile_mode != "default" and not args.compile_model:
         raise UsageError(f"--compile-mode {args.compile_mode} needs --compile-model")
+    if args.dtype not in ("float32", "bfloat16", "float16"):  # one named precision per table
+        raise UsageError(f"--dtype must be float32, bfloat16 or float16 (a table measures one named precision; "
+                         f"the envs' 'auto' picks per machine and batch), got {args.dtype!r}")
     for backend in args.backends:
         if backend not in BACKENDS:
             raise UsageError(f"--backends: each must be one of {BACKENDS}, got {backend!r}")

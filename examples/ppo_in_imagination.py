@@ -49,7 +49,7 @@ parser.add_argument("--n-steps", type=int, default=128, help="PPO rollout length
 parser.add_argument("--world", default="hold",
                     help="a shipped world's name (default: hold, the world for training agents) or a world directory")
 parser.add_argument("--dtype", default="float32",
-                    help="world dtype: float32, bfloat16, or auto (bfloat16 where the hardware computes it)")
+                    help="world dtype: float32, bfloat16, or auto (the faster of the two on this device and batch)")
 parser.add_argument("--compile", action="store_true", help="torch.compile the world's DiT")
 parser.add_argument("--device", default="cpu", help="torch device of the world and the policy: cpu or cuda")
 parser.add_argument("--sampler-mode", default=None, choices=("pipelined", "reconditioned", "immediate"),
@@ -94,8 +94,8 @@ if args.train_in == "world":
         sampler={k: v for k, v in (("ctx_noise", args.ctx_noise), ("groups", args.groups)) if v is not None},
     )
     cfg = train_env.venv.sim.cfg
-    print(f"imagining {args.num_envs} envs on {args.device}: sampler {cfg.mode}, ctx_noise {cfg.ctx_noise}, "
-          f"groups {cfg.groups}")
+    print(f"imagining {args.num_envs} envs on {args.device} in {train_env.venv.sim.dtype}: sampler {cfg.mode}, "
+          f"ctx_noise {cfg.ctx_noise}, groups {cfg.groups}")
 else:  # the baseline: the same agent and samples, from the real game (250-step episodes too)
     train_env = VecMonitor(DummyVecEnv([lambda: RealCarRacingEnv(obs_size=(84, 84))] * args.num_envs))
     print(f"training in {args.num_envs} real CarRacing-v3 envs (no world)")

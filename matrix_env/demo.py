@@ -61,7 +61,7 @@ class DemoArgs:
     """Torch device of the model."""
     dtype: str = "float32"
     """Network precision: float32, bfloat16 or float16 (autocast; bfloat16 is fast only on a GPU or a
-    CPU with AVX512-BF16 / AMX, and warns elsewhere), or auto (bfloat16 where it is fast, else float32)."""
+    CPU with AVX512-BF16 / AMX, and warns elsewhere), or auto (the faster of the two here)."""
     backend: str = "torch"
     """Who runs the DiT's full-window calls: torch, onnxruntime (CPU/CUDA) or tensorrt (CUDA)."""
     label: bool = True

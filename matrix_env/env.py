@@ -55,15 +55,17 @@ def resolve_world(world: str | os.PathLike | WorldModel | None, device: torch.de
     return load_world(path, device)
 
 
-def parse_dtype(dtype: str | torch.dtype, device: torch.device | str = "cpu") -> torch.dtype:
-    """'float32' | 'bfloat16' | 'float16' (or the torch dtype) -> torch dtype; 'auto': the fastest on
-    ``device`` (``world_model.device.fast_dtype``: bfloat16 where the hardware computes it, else float32)."""
+def parse_dtype(dtype: str | torch.dtype, device: torch.device | str = "cpu", num_envs: int = 1,
+                backend: str = "torch") -> torch.dtype:
+    """'float32' | 'bfloat16' | 'float16' (or the torch dtype) -> torch dtype; 'auto': the faster one for
+    ``num_envs`` streams on ``device`` (``world_model.device.fast_dtype``), float32 for the exported
+    backends (they run float32 graphs)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
         from world_model.device import check_device, fast_dtype
 
-        return fast_dtype(check_device(device))
+        return fast_dtype(check_device(device), num_envs) if backend == "torch" else torch.float32
     if dtype not in DTYPES:
         raise UsageError(f"dtype must be one of {sorted(DTYPES) + ['auto']}, got {dtype!r}")
     return DTYPES[dtype]
@@ -257,7 +259,9 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
     ``termination="hazard"`` (a world with a hazard head, ``matrix-world train-hazard``) also at
     random, at the per-step rate the hazard head predicts for the frames (a car crossing open
     grass away from the road reaches the edge, though no world draws it coming; the draws come
-    from the stream's seeded random stream and leave the frames unchanged);
+    from the stream's seeded random stream and leave the frames unchanged; a recurrent hazard head
+    reads every frame since the reset, so after a reset, ``context_frames`` included, it starts
+    knowing nothing of what came before);
     truncated after ``max_episode_steps`` (1000 when made with ``gym.make``;
     ``gym.make(..., max_episode_steps=-1)`` for no limit).
 
@@ -277,9 +281,9 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
       fields), e.g. ``{"guidance": 2.0}`` (classifier-free guidance on the actions) or
       ``{"ctx_noise": 0.25}``.
     * ``device`` / ``dtype``: where and in which precision the networks run; ``dtype="auto"`` picks
-      bfloat16 where the hardware computes it (a GPU of compute capability >= 8.0, a CPU with
-      AVX512-BF16 or AMX) and float32 elsewhere. float32, the default, is what the determinism
-      guarantees below are tested in.
+      the faster of float32 and bfloat16 by this project's measurements: bfloat16 on a CPU with
+      AVX512-BF16 or AMX and on a GPU of compute capability >= 8.0 from 64 envs on, float32
+      elsewhere (and with an exported ``backend``); ``env.unwrapped.sim.dtype`` says which ran.
     * ``reward_fn``: replaces the reward head.
     * ``compile_model``: ``torch.compile`` the full-window DiT calls (a slow first step; see
       ``Simulator``). With ``dtype="bfloat16"`` it is the fastest torch setting on a CPU with
@@ -290,8 +294,10 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
       and the first use pays it) or "tensorrt" (CUDA). See ``world_model.export.onnx``.
     * ``termination``: "threshold" or "hazard" (see Episode End); None: the world's own setting.
 
-    Same seed, same actions -> identical frames (all sampling noise comes from a stream keyed by
-    ``np_random``).
+    Same seed, same actions -> identical frames on the same machine and dtype (all sampling noise
+    comes from a stream keyed by ``np_random``; float32, the default, is what this is tested in; in
+    bfloat16 the streams part from float32's after a few steps, and ``dtype="auto"`` resolves per
+    machine).
 
     ## Version History
     * v0: initial release.
@@ -335,7 +341,7 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
             1,
             device,
             sampler_config(self.world, sampler_mode, sampler),
-            parse_dtype(dtype, device),
+            parse_dtype(dtype, device, 1, backend),
             reward_fn,
             compile_model,
             backend=backend,

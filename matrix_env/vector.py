@@ -118,7 +118,7 @@ class MatrixWorldVectorEnv(VectorEnv):
             num_envs,
             device,
             sampler_config(self.world, sampler_mode, sampler),
-            parse_dtype(dtype, device),
+            parse_dtype(dtype, device, num_envs, backend),
             reward_fn,
             compile_model,
             backend=backend,

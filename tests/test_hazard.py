@@ -248,7 +248,8 @@ def test_train_hazard_learns_the_endings_and_leaves_the_rest_of_the_world(tmp_pa
     assert load_world(out).meta["hazard"]["held_out"] is None
 
 
-def test_train_hazard_trains_a_recurrent_head_on_whole_episodes(tmp_path: Path, tiny_world_dir: Path) -> None:
+def test_train_hazard_trains_a_recurrent_head_and_reads_episodes_as_the_simulator(tmp_path: Path,
+                                                                                   tiny_world_dir: Path) -> None:
     from world_model.checkpoint import load_world
     from world_model.data.latents import main as encode
     from world_model.train import hazard as H

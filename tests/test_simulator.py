@@ -199,7 +199,13 @@ def test_auto_dtype_is_bfloat16_only_where_the_cpu_computes_it(monkeypatch) -> N
     assert MatrixWorldEnv(world=build_tiny_world(), obs_type="latent", dtype="auto").sim.dtype == torch.bfloat16
     envs = MatrixWorldVectorEnv(2, world=build_tiny_world(), obs_type="latent", dtype="auto")
     assert envs.sim.dtype == torch.bfloat16
+    assert parse_dtype("auto", "cpu", 16, "onnxruntime") == torch.float32  # exported graphs run float32
     assert parse_dtype("bfloat16") == torch.bfloat16  # an explicit choice is kept
+    gpu = torch.device("cuda")  # a GPU: bfloat16 only where it was measured faster (64 envs and more)
+    for capability, envs, want in (((9, 0), 16, torch.float32), ((9, 0), 64, torch.bfloat16),
+                                   ((7, 5), 1024, torch.float32)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
+        assert fast_dtype(gpu, envs) == want, (capability, envs)
     with pytest.raises(UsageError, match=r"dtype must be one of \['bfloat16', 'float16', 'float32', 'auto'\], "
                                          r"got 'fast'"):
         parse_dtype("fast")

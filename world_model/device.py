@@ -43,16 +43,22 @@ def check_device(device: torch.device | str) -> torch.device:
 CPU_BF16_FEATURES = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
 
 
-def fast_dtype(device: torch.device) -> torch.dtype:
-    """The fastest precision for the env's networks on ``device`` (``dtype="auto"``): bfloat16 where the
-    hardware computes it (a CUDA GPU of compute capability >= 8.0; an x86 CPU whose AVX512-BF16 or AMX
-    feature bit torch reports), float32 everywhere else, unknown hardware included.
+# from this many streams on, bfloat16 beat float32 on one H200 (README, "On a GPU": 1.4x at 64 envs
+# and above; below, kernel launches bound a step and bfloat16's casts cost more than they save)
+CUDA_BF16_MIN_ENVS = 64
 
-    Measured (README, "Env speed"): the batched env at 16 envs ran 1.58-1.86x float32 eager in bfloat16
-    on CPUs with those features (2.9-3.3x with ``compile_model=True``), and 0.10-0.14x on one without.
+
+def fast_dtype(device: torch.device, num_envs: int = 1) -> torch.dtype:
+    """The faster precision for the env's networks on ``device`` with ``num_envs`` streams
+    (``dtype="auto"``), from this project's measurements: bfloat16 on an x86 CPU whose AVX512-BF16 or
+    AMX feature bit torch reports (the batched env at 16 envs ran 1.58-1.86x float32 eager there,
+    2.9-3.3x with ``compile_model=True``; 0.10-0.14x on a CPU without them) and on a CUDA GPU of
+    compute capability >= 8.0 from ``CUDA_BF16_MIN_ENVS`` streams on; float32 everywhere else,
+    unknown hardware included.
     """
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float32
+        native = torch.cuda.get_device_capability(device)[0] >= 8
+        return torch.bfloat16 if native and num_envs >= CUDA_BF16_MIN_ENVS else torch.float32
     if device.type == "cpu" and platform.machine().lower() in ("x86_64", "amd64"):
         probes = [getattr(torch.cpu, name, None) for name in CPU_BF16_FEATURES]
         if any(probe is not None and probe() for probe in probes):

@@ -11,11 +11,12 @@ away from the road is in the frames.
 
 With ``--memory M`` the head is recurrent (``HeadsConfig.hazard_memory``): a GRU over the
 per-transition features carries each stream's memory, so the hazard can depend on how long the car
-has been on open grass. An env resets a stream from a recorded window anywhere along a drive with an
-empty memory, so each training sequence is an episode from a uniformly drawn transition to its end,
-the memory zero at its first transition (a whole episode is one such draw), ``--sequence-batch``
-sequences per step; censored transitions still feed the memory but carry no loss. The calibration
-report reads whole episodes from their first transition.
+has been on open grass. An env resets a stream from a recorded window along a drive (from frame 15
+on, on the road) with an empty memory, so each training sequence is a uniformly drawn episode from a
+transition drawn uniformly along it to its end, the memory zero at its first transition (a whole
+episode is one such draw; starts before frame 15 or off the road are kept, a superset of the env's),
+``--sequence-batch`` sequences per step; censored transitions still feed the memory but carry no
+loss. The calibration report reads whole episodes from their first transition.
 
 Labels: transition k of an episode (frames k-1 -> k, ``actions[k]``) is positive when
 ``terminated[k : k + H]`` holds a termination. Episodes cut off by the recorder's step limit (the
@@ -71,7 +72,7 @@ class Args:
     the recording policy, and the head learns that instead of the scene (docs/EXPERIMENTS.md)."""
     memory: int = 0
     """M: a recurrent hazard head with an M-wide GRU memory per stream (HeadsConfig.hazard_memory), trained on
-    episodes from a uniformly drawn transition on; 0: the hazard reads each transition alone."""
+    episodes from a transition drawn uniformly along them; 0: the hazard reads each transition alone."""
     termination: Literal["hazard", "threshold"] = "hazard"
     """The written world's termination rule (HeadsConfig.termination): "hazard" draws endings at the head's
     rate besides the thresholded termination logit; "threshold" stores the head without using it."""
@@ -182,7 +183,7 @@ def step_limit(root: Path) -> int | None:
 def load_transitions(data: tuple[Path, ...], latents: tuple[Path, ...], horizon: int, split: str,
                      holdout_fraction: float, seed: int, keep_censored: bool = False) -> Transitions | None:
     """The labelled transitions of the ``split`` ("train" or "held-out") episodes of every data directory,
-    the censored ones too with ``keep_censored`` (a recurrent head reads whole episodes); None for an
+    the censored ones too with ``keep_censored`` (a recurrent head's memory runs through them); None for an
     empty held-out split."""
     from world_model.data import episodes as E
     from world_model.data.latents import LATENTS_FILE, resolve_caches
@@ -394,7 +395,7 @@ def train(args: Args, command: list[str] | None = None) -> dict:
     heads.train()
     t0, n, spans = time.time(), len(train_t), train_t.episode_spans()
     for step in range(1, args.steps + 1):
-        if recurrent:  # episodes from a uniform transition on; the loss on their uncensored transitions
+        if recurrent:  # uniform episodes from a uniform transition on; the loss on their uncensored transitions
             eps = torch.randint(0, len(train_t.names), (args.sequence_batch,), generator=gen)  # (E,)
             length = spans[1][eps]  # (E,)
             offset = torch.minimum((torch.rand(len(eps), generator=gen) * length).long(), length - 1)  # (E,)
@@ -402,6 +403,7 @@ def train(args: Args, command: list[str] | None = None) -> dict:
             idx = index[index >= 0]  # (n,) in the order of logit[index >= 0]
             logit, known = logit[index >= 0], train_t.known[idx]
             if not known.any():  # every drawn sequence lies past the step limit's horizon: nothing to learn
+                sched.step()  # the schedule keeps its length
                 continue
             loss = F.binary_cross_entropy_with_logits(logit[known], train_t.ends[idx][known].float())
         else:
