@@ -560,7 +560,7 @@ def test_endings_replays_recorded_endings_from_their_real_context(tmp_path: Path
     # the head is read on the real ending transition: the last two recorded frames and the last action
     z = S.encode_frames(world.vae, cut.last.reshape(4, 72, 128, 3)).reshape(2, 2, *world.start_latents.shape[2:])
     with torch.no_grad():
-        _, expect, _ = world.heads(z[:, 0], z[:, 1], world.control_pooled[torch.from_numpy(cut.actions[:, -1])])
+        _, expect = world.heads(z[:, 0], z[:, 1], world.control_pooled[torch.from_numpy(cut.actions[:, -1])])
     assert np.allclose(row["head_logit_on_real_ending"], expect.numpy(), atol=1e-6)
     bad = N.Endings(cut.names, cut.context, cut.actions.copy(), cut.last, 0)
     bad.actions[0, 0] = 9

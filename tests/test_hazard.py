@@ -55,12 +55,12 @@ def test_heads_config_checks_the_hazard_settings() -> None:
         HeadsConfig(termination="sometimes")
     heads = RewardTerminationHeads(HeadsConfig(latent_channels=4, text_dim=12, hidden=16))
     z = torch.randn(3, 4, 9, 16)
-    assert heads.hazard is None and heads(z, z, torch.randn(3, 12))[2] is None  # nothing allocated per step
+    assert heads.hazard is None  # nothing allocated
     with pytest.raises(ValueError, match=r"these heads have no hazard head"):
         heads.hazard_logit(heads.transition(z, z), torch.randn(3, 12))
     with_hazard = RewardTerminationHeads(HeadsConfig(latent_channels=4, text_dim=12, hidden=16, hazard_horizon=5))
-    assert with_hazard(z, z, torch.randn(3, 12))[2].shape == (3,)
-    assert with_hazard(z, z, torch.randn(3, 12), hazard=False)[2] is None  # skipped where it is not used
+    assert with_hazard.hazard_logit(with_hazard.transition(z, z), torch.randn(3, 12)).shape == (3,)
+    assert len(with_hazard(z, z, torch.randn(3, 12))) == 2  # reward and termination: the hazard is read apart
 
 
 def test_the_hazard_reads_the_action_only_when_asked() -> None:
@@ -72,7 +72,8 @@ def test_the_hazard_reads_the_action_only_when_asked() -> None:
                                                    hazard_action=action))
         assert ("ctrl" in heads.hazard) == action
         with torch.no_grad():
-            same = torch.equal(heads(z_prev, z_next, ctrl)[2], heads(z_prev, z_next, other)[2])
+            x = heads.transition(z_prev, z_next)
+            same = torch.equal(heads.hazard_logit(x, ctrl), heads.hazard_logit(x, other))
         assert same != action
 
 
@@ -116,7 +117,7 @@ def test_a_recurrent_hazard_head_steps_as_it_trains_and_remembers() -> None:
         other = heads.hazard_step(x[:, 5], ctrl, torch.randn(3, 6))[0]
         assert not torch.allclose(other, steps[-1])
     with pytest.raises(ValueError, match=r"recurrent hazard head .* use hazard_step"):
-        heads(z[:, 0], z[:, 1], ctrl)
+        heads.hazard_logit(heads.transition(z[:, 0], z[:, 1]), ctrl)
     with pytest.raises(ValueError, match=r"hazard_memory must be an int >= 0.*got 4 with hazard_horizon 0"):
         HeadsConfig(hazard_memory=4)
     per_transition = RewardTerminationHeads(HeadsConfig(latent_channels=4, text_dim=12, hidden=16, hazard_horizon=5))

@@ -11,7 +11,7 @@ def test_heads_shapes_loss_backward() -> None:
     heads = RewardTerminationHeads(cfg)
     z_prev, z_next = torch.randn(2, 3, 4, 9, 16).unbind(0)[:2]
     ctrl = torch.randn(3, 12)
-    reward, term, hazard = heads(z_prev, z_next, ctrl)
+    reward, term = heads(z_prev, z_next, ctrl)
     assert reward.shape == term.shape == (3,)
     losses = heads.loss(reward, term, torch.tensor([0.1, -0.1, 3.0]), torch.tensor([False, True, False]), 5.0)
     assert set(losses) == {"loss", "reward_loss", "term_loss"}

@@ -43,6 +43,17 @@ def check_device(device: torch.device | str) -> torch.device:
 CPU_BF16_FEATURES = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
 
 
+def cpu_bf16() -> bool | None:
+    """Whether this x86 CPU computes bfloat16 (one of ``CPU_BF16_FEATURES`` reported by torch's probes);
+    None where that cannot be told: another architecture, or a torch without the probes."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return None
+    probes = [getattr(torch.cpu, name, None) for name in CPU_BF16_FEATURES]
+    if any(probe is None for probe in probes):
+        return None
+    return any(probe() for probe in probes)
+
+
 # from this many streams on, bfloat16 beat float32 on one H200 (README, "On a GPU": 1.4x at 64 envs
 # and above; below, kernel launches bound a step and bfloat16's casts cost more than they save)
 CUDA_BF16_MIN_ENVS = 64
@@ -59,11 +70,7 @@ def fast_dtype(device: torch.device, num_envs: int = 1) -> torch.dtype:
     if device.type == "cuda":
         native = torch.cuda.get_device_capability(device)[0] >= 8
         return torch.bfloat16 if native and num_envs >= CUDA_BF16_MIN_ENVS else torch.float32
-    if device.type == "cpu" and platform.machine().lower() in ("x86_64", "amd64"):
-        probes = [getattr(torch.cpu, name, None) for name in CPU_BF16_FEATURES]
-        if any(probe is not None and probe() for probe in probes):
-            return torch.bfloat16
-    return torch.float32
+    return torch.bfloat16 if device.type == "cpu" and cpu_bf16() is True else torch.float32
 
 
 def slow_precision(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -81,10 +88,7 @@ def slow_precision(device: torch.device, dtype: torch.dtype) -> str | None:
             name = torch.cuda.get_device_name(device)
             return f"this GPU ({name}, compute capability {major}.{minor}) has no native bfloat16"
         return None
-    if device.type != "cpu" or platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
-        return None
-    probes = [getattr(torch.cpu, name, None) for name in CPU_BF16_FEATURES]
-    if any(probe is None for probe in probes) or any(probe() for probe in probes):
-        return None  # a feature present, or no probe in this torch: do not second-guess
+    if device.type != "cpu" or cpu_bf16() is not False:
+        return None  # a feature present, or nothing to tell it by: do not second-guess
     features = " / ".join(name.removeprefix("_is_").removesuffix("_supported").upper() for name in CPU_BF16_FEATURES)
     return f"this CPU has no {features}: bfloat16 is emulated there (measured at 0.10-0.14x float32 on an AVX2 CPU)"

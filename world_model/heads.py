@@ -160,27 +160,27 @@ class RewardTerminationHeads(nn.Module):
         return torch.cat([z_prev, z_next, z_next - z_prev], dim=1)
 
     def forward(
-        self, z_prev: torch.Tensor, z_next: torch.Tensor, ctrl_pooled: torch.Tensor, hazard: bool = True
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Predict reward, termination and hazard.
+        self, z_prev: torch.Tensor, z_next: torch.Tensor, ctrl_pooled: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predict reward and termination of a transition (the hazard: :meth:`hazard_logit`,
+        :meth:`hazard_step`, from the same :meth:`transition`).
 
         Args:
             z_prev: (B, C, H, W) previous clean latent.
             z_next: (B, C, H, W) new clean latent.
             ctrl_pooled: (B, Dt) pooled control embedding of the action taken.
-            hazard: run the hazard head (if there is one); False skips it where it is not used. A
-                recurrent hazard head needs the stream's memory: it raises here, use :meth:`hazard_step`.
 
         Returns:
-            ``(reward, term_logit, hazard_logit)``: (B,) each; ``hazard_logit`` is the log-odds of the
-            episode ending within ``cfg.hazard_horizon`` steps, None without a hazard head (or with
-            ``hazard=False``).
+            ``(reward, term_logit)``: (B,) each.
         """
-        x = self.transition(z_prev, z_next)  # (B, 3C, H, W)
+        return self.reward_termination(self.transition(z_prev, z_next), ctrl_pooled)
+
+    def reward_termination(self, x: torch.Tensor, ctrl_pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) reward and (B,) termination logit from the trunks' input x (B, 3C, H, W) and the (B, Dt)
+        pooled control embedding."""
         h = torch.cat([self.trunk(x), self.ctrl(ctrl_pooled)], dim=-1)  # (B, 2*hidden)
         reward, term_logit = self.mlp(h).unbind(dim=-1)  # 2 x (B,)
-        use = hazard and self.hazard is not None
-        return reward, term_logit, self.hazard_logit(x, ctrl_pooled) if use else None
+        return reward, term_logit
 
     def hazard_features(self, x: torch.Tensor, ctrl_pooled: torch.Tensor) -> torch.Tensor:
         """(B, F) the hazard head's per-transition features of x (B, 3C, H, W) (:meth:`transition`) and the

@@ -365,15 +365,15 @@ class Simulator:
             self.state, self._denoise, actions, context_fn=self._context_fn
         )  # (B, C, H, W)
         ctrl = self.ctrl_pooled[actions]  # (B, Dt)
+        x = self.heads.transition(z_prev, z_next)  # (B, 3C, H, W) float32, what every head reads
         with self._autocast():
-            reward, term_logit, _ = self.heads(z_prev, z_next, ctrl, hazard=False)  # 2 x (B,)
+            reward, term_logit = self.heads.reward_termination(x, ctrl)  # 2 x (B,)
         terminated = term_logit.float() > self.heads.cfg.term_threshold  # (B,)
         if self.termination == "hazard":  # an ending the frames cannot show, drawn at its rate
             # float32 whatever the dtype (a tiny head): a recurrent memory rounded to bfloat16 every step
             # would stop moving where it changes slowly (time on the grass), as it never does in training
             with torch.autocast(self.device.type, enabled=False):  # (B,), (B, M)
-                hazard_logit, memory = self.heads.hazard_step(self.heads.transition(z_prev, z_next), ctrl,
-                                                              self.state.memory)
+                hazard_logit, memory = self.heads.hazard_step(x, ctrl, self.state.memory)
             self.state.memory.copy_(memory)
             u = stream_uniform(self.state.noise_key, self.state.noise_step)  # (B,) per-stream, frames untouched
             terminated = terminated | (u < per_step_hazard(hazard_logit.float(), self.heads.cfg.hazard_horizon))

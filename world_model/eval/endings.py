@@ -160,8 +160,7 @@ def replay(world: WorldModel, cut: Endings, after: int, seed: int, mode: str | N
     # the head on the real ending transitions (latents of the recorded frames), as the env would see them
     z = encode_frames(world.vae, cut.last.reshape(2 * s, *cut.last.shape[2:])).reshape(s, 2, *ctx.shape[1:])
     with torch.no_grad():
-        _, logit, _ = world.heads(z[:, 0], z[:, 1], world.control_pooled.float()[torch.from_numpy(cut.actions[:, -1])],
-                                  hazard=False)
+        _, logit = world.heads(z[:, 0], z[:, 1], world.control_pooled.float()[torch.from_numpy(cut.actions[:, -1])])
     logit = logit.float().numpy()  # (S,)
     ended = first > 0
     return {"before": before, "after": after, "mode": cfg.mode, "termination": termination, "latency": latency,

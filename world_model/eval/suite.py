@@ -719,7 +719,7 @@ def heads_metrics(world: WorldModel, seg: Segments, reward_baseline: float, devi
             s, j = s_idx[i : i + 256], j_idx[i : i + 256]
             z_prev = seg.latents[s, j - 1].to(device)
             z_next = seg.latents[s, j].to(device)
-            r, lg, _ = heads(z_prev, z_next, pooled[torch.from_numpy(seg.actions[s, j]).to(device)], hazard=False)
+            r, lg = heads(z_prev, z_next, pooled[torch.from_numpy(seg.actions[s, j]).to(device)])
             rewards.append(r.float().cpu().numpy())
             logits.append(lg.float().cpu().numpy())
     pred_r, logit = np.concatenate(rewards), np.concatenate(logits)

@@ -272,7 +272,7 @@ class DiTWithHeads(nn.Module):
             ``(v, reward, term_logit)``: (B, T, C, H, W), (M,), (M,).
         """
         v = self.dit(x_t, t, ctrl_tokens, ctrl_mask)
-        reward, term_logit, _ = self.heads(z_prev, z_next, ctrl_pooled, hazard=False)
+        reward, term_logit = self.heads(z_prev, z_next, ctrl_pooled)
         return v, reward, term_logit
 
 
@@ -496,7 +496,7 @@ def evaluate(
         for k, v in compute_losses(model, inp, pos_weight, args.heads_weight).items():
             sums[k] = sums.get(k, 0.0) + float(v)
         n_batches += 1
-        reward, term_logit, _ = model.heads(inp.z_prev, inp.z_next, inp.ctrl_pooled, hazard=False)  # (M,), (M,)
+        reward, term_logit = model.heads(inp.z_prev, inp.z_next, inp.ctrl_pooled)  # (M,), (M,)
         m = inp.head_mask
         abs_err += float((reward[m] - inp.reward[m]).abs().sum())
         correct += int(((term_logit[m] > 0) == inp.terminated[m]).sum())
