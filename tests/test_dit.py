@@ -42,7 +42,15 @@ def cfg() -> DiTConfig:
     return replace(DIT_PRESETS["tiny"], text_dim=TEXT_DIM)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"latent_channels": 8, "latent_hw": (9, 16)}, {"patch": 2}])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"latent_channels": 8, "latent_hw": (9, 16)},
+        {"patch": 2},
+        {"latent_channels": 8, "latent_hw": (9, 16), "patch": 2},
+    ],
+)
 def test_shape(cfg: DiTConfig, overrides: dict) -> None:
     cfg = replace(cfg, **overrides)
     model = make(cfg)
@@ -122,12 +130,31 @@ def test_too_many_frames(cfg: DiTConfig) -> None:
 
 
 def test_bad_config() -> None:
-    with pytest.raises(ValueError, match="patch"):
-        VideoDiT(replace(DIT_PRESETS["tiny"], latent_hw=(9, 16), patch=2))
+    with pytest.raises(ValueError, match="patch must be >= 1, got 0"):
+        VideoDiT(replace(DIT_PRESETS["tiny"], patch=0))
 
 
-def test_context_cache_equals_the_full_window(cfg: DiTConfig) -> None:
+def test_padded_patch_grid(cfg: DiTConfig) -> None:
+    """A 9x16 latent at patch 2 is zero-padded at the bottom to 10x16 (5x8 tokens per frame): the same
+    model on a 10x16 latent with a zero last row gives the same velocities, cropped to 9 rows."""
+    cfg = replace(cfg, latent_channels=8, latent_hw=(9, 16), patch=2)
+    model = make(cfg)
+    perturb_zero_init(model)
+    assert model.grid == (5, 8) and model.pos_spatial.shape == (40, cfg.dim)
+    padded = VideoDiT(replace(cfg, latent_hw=(10, 16)))
+    padded.load_state_dict(model.state_dict())
+    x, t, ctrl, mask = inputs(cfg, t=3)
+    with torch.no_grad():
+        out = model(x, t, ctrl, mask)  # (B, 3, 8, 9, 16)
+        want = padded(torch.nn.functional.pad(x, (0, 0, 0, 1)), t, ctrl, mask)  # (B, 3, 8, 10, 16)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out, want[..., :9, :], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"latent_channels": 8, "latent_hw": (9, 16), "patch": 2}])
+def test_context_cache_equals_the_full_window(cfg: DiTConfig, overrides: dict) -> None:
     """encode_context(first frames) + forward(later frames, cache) == forward(whole window)[later]."""
+    cfg = replace(cfg, **overrides)
     model = make(cfg).eval()
     perturb_zero_init(model)
     x, t, ctrl, mask = inputs(cfg, t=6)

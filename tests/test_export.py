@@ -58,6 +58,26 @@ def test_exported_dit_matches_torch_at_any_batch_and_is_cached(world, cache: Pat
     assert wm_onnx.OnnxDiT.from_dit(world.dit, frames, tokens).path == files[0]
 
 
+def test_padded_patch_dit_exports(cache: Path) -> None:
+    """A DiT whose patch does not divide the latent (9x16 at patch 2: padded, then cropped) exports too."""
+    from dataclasses import replace
+
+    from world_model.dit import DIT_PRESETS, VideoDiT
+
+    torch.manual_seed(0)
+    dit = VideoDiT(replace(DIT_PRESETS["tiny"], latent_channels=8, latent_hw=(9, 16), patch=2, text_dim=16)).eval()
+    with torch.no_grad():
+        for p in dit.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # leave adaLN-Zero's all-zero output
+    fn = wm_onnx.OnnxDiT.from_dit(dit, 6, 3)
+    args = wm_onnx.example_inputs(dit, 6, 3, 2)
+    with torch.inference_mode():
+        want = dit(*args)
+    got = fn(*args)
+    assert got.shape == want.shape == (2, 6, 8, 9, 16) and want.abs().max() > 0
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_export_key_follows_weights_and_window(world) -> None:
     key = wm_onnx.export_key(world.dit, 8, 4)
     assert key == wm_onnx.export_key(world.dit, 8, 4)

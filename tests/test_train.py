@@ -880,6 +880,8 @@ def test_missing_latents_and_mismatched_resume_config(cli, data, footage, latent
     assert "--road-weight 0.0: expected a finite number > 0" in capsys.readouterr().err
     assert cli(["train-dit", *dit_args((data, footage), latents, tmp_path / "r3"), "--curve-weight", "nan"]) == 2
     assert "--curve-weight nan: expected a finite number > 0" in capsys.readouterr().err
+    assert cli(["train-dit", *dit_args((data, footage), latents, tmp_path / "r4"), "--patch", "0"]) == 2
+    assert "--patch 0: expected a patch size >= 1" in capsys.readouterr().err
     assert cli(["train-dit", *args, "--lr", "0.5", "--window", "6"]) == 2
     err = capsys.readouterr().err
     assert "lr" in err and "window" in err and "0.5" in err
@@ -887,3 +889,20 @@ def test_missing_latents_and_mismatched_resume_config(cli, data, footage, latent
         from world_model.train import dit
 
         dit.main([*args, "--preset", "S"])
+
+
+def test_a_run_resumes_after_the_trainer_gains_a_field_at_its_default(tmp_path):
+    """A run's config.json written before a field existed: the field at its default resumes, another value does not."""
+    from world_model.train import common
+    from world_model.train.dit import Args
+
+    defaults = common.field_defaults(Args)
+    assert defaults["patch"] is None and defaults["road_weight"] == 1.0 and "data" not in defaults
+    now = {**defaults, "data": ["/d"], "latents": ["/l"], "lr": 0.001}  # the Args of the resumed run
+    stored = {k: v for k, v in now.items() if k != "patch"}  # written before --patch existed
+    (tmp_path / common.RUN_CONFIG).write_text(json.dumps(stored))
+    common.check_run_config(tmp_path, now, (), resuming=True, write=False, defaults=defaults)
+    with pytest.raises(UsageError, match="patch"):
+        common.check_run_config(tmp_path, now, (), resuming=True, write=False)  # without the defaults
+    with pytest.raises(UsageError, match=r"patch: run has None, now 2"):
+        common.check_run_config(tmp_path, {**now, "patch": 2}, (), resuming=True, write=False, defaults=defaults)

@@ -35,9 +35,11 @@ class DiTConfig:
     latent_channels: int = 8
     """C, channels of the (normalised) VAE latent."""
     latent_hw: tuple[int, int] = (9, 16)
-    """(H, W) of the latent; must be divisible by ``patch``."""
+    """(H, W) of the latent."""
     patch: int = 1
-    """Patch size; tokens per frame P = (H / patch) * (W / patch)."""
+    """Patch size; tokens per frame P = ceil(H / patch) * ceil(W / patch). A latent whose sides
+    are not multiples of ``patch`` is zero-padded at the bottom/right and the output cropped back
+    (9x16 at patch 2: 5x8 = 40 tokens instead of 144)."""
     dim: int = 192
     """D, hidden width."""
     depth: int = 6
@@ -287,12 +289,13 @@ class VideoDiT(nn.Module):
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
         h, w = cfg.latent_hw
-        if h % cfg.patch or w % cfg.patch:
-            raise ValueError(f"latent_hw={cfg.latent_hw} is not divisible by patch={cfg.patch}")
+        if cfg.patch < 1:
+            raise ValueError(f"patch must be >= 1, got {cfg.patch}")
         if cfg.cross_every < 1:
             raise ValueError(f"cross_every must be >= 1, got {cfg.cross_every}")
         self.cfg = cfg
-        self.grid = (h // cfg.patch, w // cfg.patch)
+        self.grid = (-(-h // cfg.patch), -(-w // cfg.patch))  # ceil: padded bottom/right
+        self.pad = (self.grid[0] * cfg.patch - h, self.grid[1] * cfg.patch - w)  # (rows, cols) of zeros
         d = cfg.dim
         patch_dim = cfg.latent_channels * cfg.patch**2
 
@@ -391,6 +394,8 @@ class VideoDiT(nn.Module):
         if offset + n_frames > self.cfg.max_frames:
             raise ValueError(f"T={offset + n_frames} exceeds max_frames={self.cfg.max_frames}")
 
+        if any(self.pad):
+            x = F.pad(x, (0, self.pad[1], 0, self.pad[0]))  # (B, T, C, gh*p, gw*p)
         # (B, T, P, C*p*p)
         tokens = rearrange(x, "b t c (gh p1) (gw p2) -> b t (gh gw) (c p1 p2)", p1=p, p2=p)
         tokens = self.patch_embed(tokens)  # (B, T, P, D)
@@ -414,5 +419,5 @@ class VideoDiT(nn.Module):
 
         shift, scale = self.final_ada(c).chunk(2, dim=-1)  # 2 x (B, T, D)
         out = self.final(modulate(self.final_norm(tokens), shift, scale))  # (B, T, P, C*p*p)
-        v = rearrange(out, "b t (gh gw) (c p1 p2) -> b t c (gh p1) (gw p2)", gh=h // p, p1=p, p2=p)
-        return v, ContextCache(kv=kvs, frames=n_frames)  # (B, T, C, H, W)
+        v = rearrange(out, "b t (gh gw) (c p1 p2) -> b t c (gh p1) (gw p2)", gh=self.grid[0], p1=p, p2=p)
+        return v[..., :h, :w], ContextCache(kv=kvs, frames=n_frames)  # (B, T, C, H, W)

@@ -496,8 +496,24 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
+def field_defaults(cls: type) -> dict[str, Any]:
+    """The JSON values of a dataclass's field defaults (fields without one are left out)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = to_jsonable(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = to_jsonable(f.default_factory())
+    return out
+
+
 def check_run_config(
-    run_dir: Path, config: dict[str, Any], ignore: tuple[str, ...], resuming: bool, write: bool = True
+    run_dir: Path,
+    config: dict[str, Any],
+    ignore: tuple[str, ...],
+    resuming: bool,
+    write: bool = True,
+    defaults: dict[str, Any] | None = None,
 ) -> None:
     """Write ``RUN/config.json``, or, when resuming, check the new Args against it.
 
@@ -508,13 +524,15 @@ def check_run_config(
             e.g. ``ckpt_every`` or ``num_workers``).
         resuming: a checkpoint exists; a mismatch is then an error.
         write: write the file (rank 0); every rank checks, so every rank raises the same error.
+        defaults: the Args' field defaults (:func:`field_defaults`): a field the stored config lacks
+            (added to the trainer after the run began) counts as its default, so such a run resumes.
 
     Raises:
         UsageError: naming every differing field with both values.
     """
     path = Path(run_dir) / RUN_CONFIG
     if resuming and path.exists():
-        old = json.loads(path.read_text())
+        old = {**(defaults or {}), **json.loads(path.read_text())}
         keep = lambda d: {k: v for k, v in d.items() if k not in ignore}  # noqa: E731
         fields = _diff(keep(old), keep(config))
         if fields:

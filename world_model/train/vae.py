@@ -539,7 +539,10 @@ def train(args: Args, command: list[str] | None = None) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = common.latest_checkpoint(run_dir)
     config = common.to_jsonable(args)
-    common.check_run_config(run_dir, config, RESUME_FREE, resuming=ckpt is not None, write=info.is_main)
+    common.check_run_config(
+        run_dir, config, RESUME_FREE, resuming=ckpt is not None, write=info.is_main,
+        defaults=common.field_defaults(type(args)),
+    )
     common.clean_stale_tmp(run_dir, info)
 
     common.seed_everything(args.seed)  # same init on every rank
