@@ -60,6 +60,9 @@ class BenchArgs:
     """Batch sizes of the 84x84 vector-env rows."""
     hd: bool = True
     """Also measure the 720p rows."""
+    parts: bool = False
+    """Where a vector-env step's time goes: time the DiT calls and the observation decode inside each
+    batched step (ms per batch step; "rest" is the heads, the sampler's own ops and the env)."""
 
 
 def sampler_overrides(args: BenchArgs) -> dict[str, float | int]:
@@ -154,10 +157,28 @@ def bench_single(args: BenchArgs, obs_size: tuple[int, int], steps: int, backend
     return steps / time_steps(step, steps)
 
 
+def timed(obj: object, name: str, totals: dict[str, float], key: str, sync) -> None:
+    """Replace the method ``obj.name`` by a wrapper that adds its wall time to ``totals[key]``."""
+    method = getattr(obj, name)
+
+    def wrapper(*a, **k):
+        sync()
+        t0 = time.perf_counter()
+        out = method(*a, **k)
+        sync()
+        totals[key] += time.perf_counter() - t0
+        return out
+
+    setattr(obj, name, wrapper)
+
+
 def bench_vector(
     args: BenchArgs, num_envs: int, obs_size: tuple[int, int], steps: int, backend: str = "torch"
-) -> float:
-    """Env steps/s (all sub-envs together) of one MatrixWorldVectorEnv."""
+) -> tuple[float, dict[str, float] | None]:
+    """Env steps/s (all sub-envs together) of one MatrixWorldVectorEnv, and with ``--parts`` the ms per
+    batched step of its DiT calls, its observation decode and the rest."""
+    import torch
+
     from matrix_env.vector import MatrixWorldVectorEnv
 
     envs = MatrixWorldVectorEnv(
@@ -174,11 +195,27 @@ def bench_vector(
     )
     envs.reset(seed=0)
     rng = np.random.default_rng(0)
+    totals = {"dit": 0.0, "decode": 0.0}
+    if args.parts:  # on a GPU each timed call waits for its kernels: a little slower than the plain rows
+        sync = torch.cuda.synchronize if args.device.startswith("cuda") else lambda: None
+        timed(envs.sim, "_denoise", totals, "dit", sync)
+        timed(envs.sim, "decode", totals, "decode", sync)
 
     def step() -> None:
         envs.step(rng.integers(envs.single_action_space.n, size=num_envs))
 
-    return num_envs * steps / time_steps(step, steps)
+    for _ in range(WARMUP_STEPS):  # outside the totals: compilation, first-call allocations
+        step()
+    totals.update(dit=0.0, decode=0.0)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    seconds = time.perf_counter() - t0
+    parts = None
+    if args.parts:
+        ms = {k: 1000 * v / steps for k, v in totals.items()}
+        parts = {**ms, "rest": 1000 * seconds / steps - ms["dit"] - ms["decode"]}
+    return num_envs * steps / seconds, parts
 
 
 def check_backends(args: BenchArgs) -> None:
@@ -250,11 +287,12 @@ def run(args: BenchArgs) -> list[dict[str, object]]:
         )
     for (name, n, size), backend in itertools.product(configs, args.backends):
         reset_gpu_peak(args.device)
+        parts = None
         if n is None:
             rate = bench_single(args, size, steps, backend)
             batch = 1
         else:
-            rate = bench_vector(args, n, size, max(2, steps // max(1, n // 4)), backend)
+            rate, parts = bench_vector(args, n, size, max(2, steps // max(1, n // 4)), backend)
             batch = n
         rows.append(
             {
@@ -266,6 +304,7 @@ def run(args: BenchArgs) -> list[dict[str, object]]:
                 "ms_step": 1000 * batch / rate,
                 "rss": peak_rss_mib(),
                 "gpu": peak_gpu_mib(args.device),
+                "parts": parts,
             }
         )
     for row in rows:
@@ -276,17 +315,21 @@ def run(args: BenchArgs) -> list[dict[str, object]]:
 def format_table(rows: list[dict[str, object]]) -> str:
     """Markdown table of the rows; a "peak GPU MiB" column (each row's own peak) on CUDA."""
     gpu = any(r.get("gpu") is not None for r in rows)
+    parts = any(r.get("parts") for r in rows)  # --parts: ms per batched step of the DiT, decode, rest
     lines = [
         "| env | backend | num_envs | obs | env steps/s | ms / step (batch) | x CarRacing | peak RSS MiB |"
-        + (" peak GPU MiB |" if gpu else ""),
-        "|---|---|---:|---|---:|---:|---:|---:|" + ("---:|" if gpu else ""),
+        + (" peak GPU MiB |" if gpu else "")
+        + (" DiT ms | decode ms | rest ms |" if parts else ""),
+        "|---|---|---:|---|---:|---:|---:|---:|" + ("---:|" if gpu else "") + ("---:|---:|---:|" if parts else ""),
     ]
     for r in rows:
         cell = "" if r.get("gpu") is None else f"{r['gpu']:.0f}"
         ratio = "-" if r.get("vs_carracing") is None else f"{r['vs_carracing']:.2f}"
+        p = r.get("parts")
+        split = " | | |" if not p else f" {p['dit']:.1f} | {p['decode']:.1f} | {p['rest']:.1f} |"
         lines.append(
             f"| {r['env']} | {r['backend']} | {r['num_envs']} | {r['obs']} | {r['steps_s']:.1f} | {r['ms_step']:.1f} | "
-            f"{ratio} | {r['rss']:.0f} |" + (f" {cell} |" if gpu else "")
+            f"{ratio} | {r['rss']:.0f} |" + (f" {cell} |" if gpu else "") + (split if parts else "")
         )
     return "\n".join(lines)
 

@@ -57,3 +57,18 @@ def test_bench_env_backends_side_by_side(
     lines = capsys.readouterr().out.splitlines()
     rows = [line for line in lines if line.startswith("| MatrixWorldVectorEnv |")]
     assert [r.split(" | ")[1] for r in rows] == ["torch", "onnxruntime"]  # adjacent rows, same config
+
+
+def test_bench_env_parts_split_a_vector_step(tiny_world_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    """--parts: the DiT, the decode and the rest of a batched step add up to the row's ms per step."""
+    argv = ["--world", str(tiny_world_dir), "--steps", "2", "--no-carracing", "--no-hd", "--num-envs", "2",
+            "--threads", "1", "--parts"]
+    assert bench_env.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.endswith("| DiT ms | decode ms | rest ms |") for line in lines)
+    cells = next(line for line in lines if line.startswith("| MatrixWorldVectorEnv |")).strip("| ").split(" | ")
+    ms_step, dit, decode, rest = float(cells[5]), float(cells[8]), float(cells[9]), float(cells[10])
+    assert dit > 0 and decode > 0 and rest >= 0
+    assert abs(dit + decode + rest - ms_step) <= 0.2, cells  # rounding of the printed values only
+    single = next(line for line in lines if line.startswith("| MatrixWorldEnv |"))
+    assert single.endswith("| | | |")  # no split for the single env's rows
