@@ -85,7 +85,8 @@ class Args:
     """DiT size preset (world_model.dit.DIT_PRESETS); latent shape and text width come from the data."""
     patch: int | None = None
     """Patch size of the DiT's tokens (default: the preset's, 1). 2 on a 9x16 latent pads it to 10x16:
-    40 tokens per frame instead of 144, ~3.6x less compute per env step (``world="fast"``)."""
+    40 tokens per frame instead of 144, ~3.3x less DiT time per env step (docs/EXPERIMENTS.md, "A fast world":
+    trained from nothing, it lost the road)."""
     causal: bool = True
     """Block-causal temporal attention (frame i attends frames <= i); --no-causal trains bidirectional."""
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
