@@ -321,6 +321,67 @@ def test_dit_warm_start_loads_parent_weights_and_records_lineage(data, footage, 
         dit.main([*dit_args((data, footage), latents, tmp_path / "bad", "--init-from", str(parent)), "--preset", "S"])
 
 
+def test_patch_inflation_computes_the_parent_on_the_pooled_latent():
+    """inflate_patch: on a latent constant over each 2x2 patch, the inflated DiT is the parent on the pooled latent."""
+    import torch.nn.functional as F
+
+    from world_model.dit import VideoDiT, get_preset
+    from world_model.train.dit import inflate_patch
+
+    torch.manual_seed(0)
+    parent = VideoDiT(get_preset("tiny", latent_hw=(8, 8)))
+    with torch.no_grad():
+        for prm in parent.parameters():  # the final layer and the gates start at zero: randomise everything
+            prm.normal_(0.0, 0.2)
+    pooled_parent = VideoDiT(get_preset("tiny", latent_hw=(4, 4)))  # same weights, the pooled grid's positions
+    pooled_parent.load_state_dict(parent.state_dict())
+    student = VideoDiT(get_preset("tiny", latent_hw=(8, 8), patch=2))
+    student.load_state_dict(inflate_patch(parent.state_dict(), 2))
+
+    b, t, n = 2, 3, 5
+    small = torch.randn(b, t, 4, 4, 4)  # (B, T, C, 4, 4)
+    big = small.repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1)  # (B, T, C, 8, 8), 2x2-constant
+    levels = torch.rand(b, t)
+    tokens, mask = torch.randn(b, t, n, parent.cfg.text_dim), torch.ones(b, t, n, dtype=torch.bool)
+    with torch.no_grad():
+        want = pooled_parent(small, levels, tokens, mask)  # (B, T, C, 4, 4)
+        got = student(big, levels, tokens, mask)  # (B, T, C, 8, 8)
+    torch.testing.assert_close(got, want.repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1))
+    assert got.abs().mean() > 0.1  # not a trivially zero output
+    with torch.no_grad():  # and on a latent that is not patch-constant the student is not the parent
+        x = torch.randn(b, t, 4, 8, 8)
+        assert (student(x, levels, tokens, mask) - parent(x, levels, tokens, mask)).abs().mean() > 1e-3
+
+
+def test_distillation_targets_the_teacher_and_inflates_a_patch_1_parent(data, footage, latents, dit_run, tmp_path):
+    """--teacher: a student equal to its teacher has zero distillation loss; --patch 2 starts from the inflated parent."""
+    from world_model.train import dit
+
+    parent = dit_run / "model"
+    run = tmp_path / "self"
+    dit.main(dit_args((data, footage), latents, run, "--init-from", str(parent), "--teacher", str(parent),
+                      "--lr", "0", "--steps", "1"))  # fmt: skip
+    summary = json.loads((run / "model" / "train_dit.json").read_text())
+    assert summary["eval"]["eval/distill"] < 1e-10 < 1e-3 < summary["eval"]["eval/flow"]
+    parent_cmd = json.loads((parent / "train_dit.json").read_text())["command"]
+    assert summary["teacher"]["command"] == parent_cmd
+
+    run = tmp_path / "patch2"
+    dit.main(dit_args((data, footage), latents, run, "--init-from", str(parent), "--teacher", str(parent),
+                      "--patch", "2", "--lr", "0", "--steps", "1"))  # fmt: skip
+    before, after = load_file(parent / "dit.safetensors"), load_file(run / "model" / "dit.safetensors")
+    assert after.keys() == before.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.split(".")[0] not in ("patch_embed", "final"))
+    torch.testing.assert_close(after["patch_embed.weight"], before["patch_embed.weight"].repeat_interleave(4, 1) / 4)
+    torch.testing.assert_close(after["final.weight"], before["final.weight"].repeat_interleave(4, 0))
+    got = json.loads((run / "model" / "train_dit.json").read_text())["eval"]
+    assert 1e-6 < got["eval/distill"] < got["eval/flow"]  # close to the teacher, not equal to it
+
+    with pytest.raises(UsageError, match="at most 16 frames"):
+        dit.main([*dit_args((data, footage), latents, tmp_path / "long", "--teacher", str(parent)),
+                  "--window", "17"])  # fmt: skip
+
+
 def test_hr_only_retrains_the_720p_head_and_nothing_else(data, vae_dir, tmp_path):
     """--hr-only --hr-base bilinear --hr-kernel 3: a new head; every other weight and the latent space stay."""
     from safetensors.torch import load_file

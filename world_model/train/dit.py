@@ -96,7 +96,15 @@ class Args:
     init_from: Path | None = None
     """Warm start: a train-dit model dir or a world dir, whose DiT + heads weights (same preset, latent
     shape, text width) initialise this run; the optimiser, schedule and EMA start fresh, its control
-    table is reused and its recipe is recorded in this run's train_dit.json."""
+    table is reused and its recipe is recorded in this run's train_dit.json. A patch-1 parent may start a
+    DiT with larger patches (--patch P): its patch embedding and output layer are inflated (each token
+    embeds the mean of its P x P latent pixels as the parent embeds one pixel, and the output repeats the
+    parent's velocity over the patch), every other weight is copied."""
+    teacher: Path | None = None
+    """Distillation: a train-dit model dir or a world dir whose DiT (same latent shape and control
+    table) gives the regression target, its velocity on the same noisy window and controls, in place of
+    the noise-minus-data flow target. The heads still learn from the data's labels. With --init-from the
+    same dir and --patch 2, this distils the default world into a DiT with 3.6x fewer tokens."""
     window: int = 8
     """T, frames per training window (context + noise groups)."""
     context: int = 4
@@ -446,15 +454,26 @@ def make_inputs(
 
 
 def compute_losses(
-    model: nn.Module, inp: StepInputs, pos_weight: float, heads_weight: float
+    model: nn.Module,
+    inp: StepInputs,
+    pos_weight: float,
+    heads_weight: float,
+    teacher: nn.Module | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Flow-matching loss on the noisy frames plus the heads' loss on labelled transitions."""
+    """Flow-matching loss on the noisy frames plus the heads' loss on labelled transitions.
+
+    With a ``teacher`` DiT the velocity target is the teacher's on the same inputs (distillation).
+    """
     from world_model.heads import RewardTerminationHeads
 
     v, reward, term_logit = model(
         inp.x_t, inp.t, inp.ctrl_tokens, inp.ctrl_mask, inp.z_prev, inp.z_next, inp.ctrl_pooled
     )
-    per_frame = (v.float() - inp.v_target).pow(2).mean(dim=(2, 3, 4))  # (B, T)
+    v_target = inp.v_target  # (B, T, C, H, W)
+    if teacher is not None:
+        with torch.no_grad():
+            v_target = teacher(inp.x_t, inp.t, inp.ctrl_tokens, inp.ctrl_mask).float()  # (B, T, C, H, W)
+    per_frame = (v.float() - v_target).pow(2).mean(dim=(2, 3, 4))  # (B, T)
     flow = (per_frame * inp.weight).sum() / inp.weight.sum().clamp(min=1e-8)
     m = inp.head_mask
     if bool(m.any()):
@@ -480,12 +499,14 @@ def evaluate(
     args: Args,
     pos_weight: float,
     device: torch.device,
+    teacher: nn.Module | None = None,
 ) -> dict[str, float]:
     """Held-out losses of the (EMA) model with a fixed RNG and no control dropout, plus heads metrics.
 
     Returns:
-        eval/{total,flow,reward,termination} losses, eval/reward_mae and eval/termination_accuracy
-        (over labelled transitions, when there are any).
+        eval/{total,flow,reward,termination} losses (flow against the data's target, comparable across
+        runs), eval/distill (the flow loss against the ``teacher``'s velocity, with one), and
+        eval/reward_mae and eval/termination_accuracy (over labelled transitions, when there are any).
     """
     model.eval()
     eval_args = dataclasses.replace(args, ctrl_dropout=0.0)
@@ -499,6 +520,9 @@ def evaluate(
         inp = make_inputs(batch, table, eval_args, gen, device)
         for k, v in compute_losses(model, inp, pos_weight, args.heads_weight).items():
             sums[k] = sums.get(k, 0.0) + float(v)
+        if teacher is not None:
+            distill = compute_losses(model, inp, pos_weight, args.heads_weight, teacher)["loss/flow"]
+            sums["loss/distill"] = sums.get("loss/distill", 0.0) + float(distill)
         n_batches += 1
         reward, term_logit = model.heads(inp.z_prev, inp.z_next, inp.ctrl_pooled)  # (M,), (M,)
         m = inp.head_mask
@@ -513,6 +537,39 @@ def evaluate(
 
 
 # ----------------------------------------------------------------------------- main
+def inflate_patch(state: dict[str, torch.Tensor], patch: int) -> dict[str, torch.Tensor]:
+    """A patch-1 DiT's weights as a patch-``patch`` DiT's (every other weight unchanged).
+
+    Tokens are laid out ``(c p1 p2)`` (``VideoDiT._run``): the new embedding gives each of a patch's
+    p*p pixels 1/p^2 of the old per-pixel weight (the token embeds the patch's mean pixel), and the new
+    output layer repeats the old one's rows over the patch (every pixel gets the token's velocity).
+    So on a latent constant over each patch the inflated DiT computes the old one on the pooled
+    latent, upsampled (tests/test_train.py).
+    """
+    pp = patch * patch
+    out = dict(state)
+    out["patch_embed.weight"] = state["patch_embed.weight"].repeat_interleave(pp, dim=1) / pp  # (D, C*p*p)
+    out["final.weight"] = state["final.weight"].repeat_interleave(pp, dim=0)  # (C*p*p, D)
+    out["final.bias"] = state["final.bias"].repeat_interleave(pp, dim=0)  # (C*p*p,)
+    return out
+
+
+def load_teacher(model_dir: Path, dit_cfg: object, window: int, device: torch.device) -> nn.Module:
+    """The frozen teacher DiT of ``--teacher`` (a train-dit model dir or a world dir), checked against this run."""
+    from world_model.checkpoint import load_module
+    from world_model.dit import DiTConfig, VideoDiT
+
+    teacher = load_module(model_dir, "dit", VideoDiT, DiTConfig)
+    for k in ("latent_channels", "latent_hw", "text_dim"):
+        got, want = getattr(teacher.cfg, k), getattr(dit_cfg, k)
+        if tuple(np.atleast_1d(got)) != tuple(np.atleast_1d(want)):
+            raise UsageError(f"--teacher {model_dir}: its DiT has {k}={got!r}, this run's data needs {want!r}")
+    if teacher.cfg.max_frames < window:
+        raise UsageError(f"--teacher {model_dir}: its DiT takes at most {teacher.cfg.max_frames} frames, "
+                         f"this run's windows have {window}")
+    return teacher.to(device).eval().requires_grad_(False)
+
+
 def warm_start(model: DiTWithHeads, model_dir: Path, dit_cfg: object, heads_cfg: object) -> None:
     """Copy the DiT + heads weights of a train-dit model dir into ``model`` (configs must match exactly)."""
     from world_model.checkpoint import load_module
@@ -528,6 +585,10 @@ def warm_start(model: DiTWithHeads, model_dir: Path, dit_cfg: object, heads_cfg:
                                     terminal_reward=heads_cfg.terminal_reward,
                                     hazard_horizon=heads_cfg.hazard_horizon, termination=heads_cfg.termination,
                                     hazard_action=heads_cfg.hazard_action, hazard_memory=heads_cfg.hazard_memory)
+    state = dit.state_dict()
+    if dit.cfg.patch == 1 and dit_cfg.patch > 1:  # inflate a patch-1 parent to this run's patches
+        state = inflate_patch(state, dit_cfg.patch)
+        dit.cfg = dataclasses.replace(dit.cfg, patch=dit_cfg.patch)
     for name, got, want in (("dit", dit.cfg, dit_cfg), ("heads", heads.cfg, heads_cfg)):
         if got != want:
             diff = {
@@ -538,7 +599,7 @@ def warm_start(model: DiTWithHeads, model_dir: Path, dit_cfg: object, heads_cfg:
             raise UsageError(
                 f"--init-from {model_dir}: its {name} config differs from this run's (found, expected): {diff}"
             )
-    model.dit.load_state_dict(dit.state_dict())
+    model.dit.load_state_dict(state)
     model.heads.load_state_dict({k: v for k, v in heads.state_dict().items() if not k.startswith("hazard.")})
     if had_hazard:
         print(f"--init-from {model_dir}: its hazard head is not carried over (rerun matrix-world train-hazard "
@@ -598,8 +659,9 @@ def train(args: Args, command: list[str] | None = None) -> dict:
     table_path = run_dir / CONTROL_TABLE_FILE
     if info.is_main and not table_path.exists():
         reuse = args.control_table
-        if reuse is None and args.init_from is not None:
-            reuse = Path(args.init_from).expanduser() / CONTROL_TABLE_FILE
+        for parent in (args.init_from, args.teacher):  # a parent's rows, so its weights read the same controls
+            if reuse is None and parent is not None:
+                reuse = Path(parent).expanduser() / CONTROL_TABLE_FILE
         if reuse is not None:
             table, stored = load_control_table(reuse)  # a train-dit run dir's, or a world's
             if stored != sentences:
@@ -613,6 +675,10 @@ def train(args: Args, command: list[str] | None = None) -> dict:
         raise UsageError(
             f"{table_path} encodes other sentences than this data's action table; use a new --run-dir"
         )
+    if args.teacher is not None:
+        teacher_table, _ = load_control_table(Path(args.teacher).expanduser() / CONTROL_TABLE_FILE)
+        if not torch.equal(teacher_table.pooled.float(), table.pooled.float()):
+            raise UsageError(f"--teacher {args.teacher}: its control table differs from this run's ({table_path})")
     table = table.to(info.device)
 
     common.seed_everything(args.seed)  # same init on every rank
@@ -631,6 +697,9 @@ def train(args: Args, command: list[str] | None = None) -> dict:
     model = DiTWithHeads(VideoDiT(dit_cfg), RewardTerminationHeads(heads_cfg)).to(info.device)
     if args.init_from is not None and ckpt is None:  # on resume the checkpoint already holds the weights
         warm_start(model, Path(args.init_from).expanduser(), dit_cfg, heads_cfg)
+    teacher = None if args.teacher is None else load_teacher(
+        Path(args.teacher).expanduser(), dit_cfg, args.window, info.device
+    )
     ema = common.EMA(model, args.ema_decay)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay
@@ -685,7 +754,7 @@ def train(args: Args, command: list[str] | None = None) -> dict:
         lr = common.cosine_lr(step, args.steps, args.lr, args.warmup)
         common.set_lr(optimizer, lr)
         with common.autocast(info.device, bf16):
-            losses = compute_losses(step_fn, inp, pos_weight, args.heads_weight)
+            losses = compute_losses(step_fn, inp, pos_weight, args.heads_weight, teacher)
         optimizer.zero_grad(set_to_none=True)
         losses["loss/total"].backward()
         grad_norm = nn.utils.clip_grad_norm_(
@@ -723,7 +792,7 @@ def train(args: Args, command: list[str] | None = None) -> dict:
         eval_eps = heldout_eps or train_eps
         try:
             eval_set = common.window_dataset(eval_eps, args.window, source="latents", latents=caches)
-            metrics = evaluate(final, eval_set, table, args, pos_weight, info.device)
+            metrics = evaluate(final, eval_set, table, args, pos_weight, info.device, teacher)
             metrics["eval/split"] = "heldout" if heldout_eps else "train (no held-out episodes)"
         except UsageError as err:  # held-out episodes shorter than a window
             metrics = {"eval/skipped": str(err)}
@@ -750,6 +819,7 @@ def train(args: Args, command: list[str] | None = None) -> dict:
             "heldout_episodes": [str(p) for p in heldout_eps],
             "termination_pos_weight": pos_weight,
             "init_from": common.parent_summary(args.init_from, "train_dit.json"),
+            "teacher": common.parent_summary(args.teacher, "train_dit.json"),
             "eval": metrics,
         }
         (out_dir / "train_dit.json").write_text(json.dumps(summary, indent=2))
