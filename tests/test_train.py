@@ -354,7 +354,7 @@ def test_patch_inflation_computes_the_parent_on_the_pooled_latent():
 
 
 def test_distillation_targets_the_teacher_and_inflates_a_patch_1_parent(data, footage, latents, dit_run, tmp_path):
-    """--teacher: a student equal to its teacher has zero distillation loss; --patch 2 starts from the inflated parent."""
+    """--teacher: a student equal to its teacher has zero distillation loss; --patch 2 inflates the parent."""
     from world_model.train import dit
 
     parent = dit_run / "model"
