@@ -323,7 +323,6 @@ def test_dit_warm_start_loads_parent_weights_and_records_lineage(data, footage, 
 
 def test_patch_inflation_computes_the_parent_on_the_pooled_latent():
     """inflate_patch: on a latent constant over each 2x2 patch, the inflated DiT is the parent on the pooled latent."""
-    import torch.nn.functional as F
 
     from world_model.dit import VideoDiT, get_preset
     from world_model.train.dit import inflate_patch
