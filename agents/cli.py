@@ -42,6 +42,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "world_model.train.hazard:main",
         "train a world's hazard head (ends within H steps, calibrated) on latents; the rest of the world unchanged",
     ),
+    "train-obs-decoder": (
+        "world_model.train.obs_decoder:main",
+        "train a narrow decoder for agent-sized observations to match a world's VAE; the rest of the world unchanged",
+    ),
     "set-sampler": (
         "world_model.train.build_world:set_sampler_main",
         "copy a world with other default sampler settings (e.g. --groups 2); no data needed",

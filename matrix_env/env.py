@@ -269,7 +269,7 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
     ```python
     gym.make("MatrixWorld-v0", world=None, render_mode=None, obs_size=None, obs_type="rgb",
              sampler_mode=None, device="cpu", dtype="float32", reward_fn=None, compile_model=False,
-             sampler=None, backend="torch", termination=None)
+             sampler=None, backend="torch", termination=None, obs_decoder=True)
     ```
     * ``world``: a shipped world's name, ``"default"`` (used when None) or ``"hold"`` (the world for
       training agents that go to the real game; README), a checkpoint directory, or a loaded
@@ -293,6 +293,10 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
       "onnxruntime" (CPU or CUDA, float32, equal to torch to ~1e-5; the export is cached on disk
       and the first use pays it) or "tensorrt" (CUDA). See ``world_model.export.onnx``.
     * ``termination``: "threshold" or "hazard" (see Episode End); None: the world's own setting.
+    * ``obs_decoder``: agent-sized RGB observations (``obs_size`` up to twice 72x128 per side) come
+      from the world's narrow observation decoder when it has one (``matrix-world
+      train-obs-decoder``: a few times cheaper, trained to match the VAE's decode); False decodes
+      them with the VAE, as in a world without one. 720p frames always come from the VAE.
 
     Same seed, same actions -> identical frames on the same machine and dtype (all sampling noise
     comes from a stream keyed by ``np_random``; float32, the default, is what this is tested in; in
@@ -326,6 +330,7 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
         sampler: dict | None = None,
         backend: str = "torch",
         termination: str | None = None,
+        obs_decoder: bool = True,
     ) -> None:
         """Load the world model and allocate one stream. See the class docstring for arguments."""
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
@@ -346,6 +351,7 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
             compile_model,
             backend=backend,
             termination=termination,
+            obs_decoder=obs_decoder,
         )
         self.metadata = {**self.metadata, "render_fps": int(self.world.meta.get("fps", DEFAULT_FPS))}
         self.action_meanings = list(self.world.action_names)

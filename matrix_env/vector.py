@@ -102,6 +102,7 @@ class MatrixWorldVectorEnv(VectorEnv):
         sampler: dict | None = None,
         backend: str = "torch",
         termination: str | None = None,
+        obs_decoder: bool = True,
     ) -> None:
         """Load the world model and allocate ``num_envs`` streams."""
         if not (as_int(num_envs) or 0) >= 1:
@@ -123,6 +124,7 @@ class MatrixWorldVectorEnv(VectorEnv):
             compile_model,
             backend=backend,
             termination=termination,
+            obs_decoder=obs_decoder,
         )
         self.metadata = {**self.metadata, "render_fps": int(self.world.meta.get("fps", DEFAULT_FPS))}
         self.action_meanings = list(self.world.action_names)

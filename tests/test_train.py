@@ -381,6 +381,63 @@ def test_distillation_targets_the_teacher_and_inflates_a_patch_1_parent(data, fo
                   "--window", "17"])  # fmt: skip
 
 
+def test_obs_decoder_learns_the_vae_decode_and_serves_agent_observations(
+    data, footage, vae_dir, latents, dit_run, tmp_path
+):
+    """train-obs-decoder: a narrow decoder fitted to the VAE's decode; the world gains it and nothing else
+    changes; agent-sized observations come from it (obs_decoder=False: the VAE's), 720p frames from the VAE."""
+    import torch.nn.functional as F
+
+    from world_model.checkpoint import load_world
+    from world_model.data.latents import latent_space_sha256
+    from world_model.simulator import Simulator
+    from world_model.train import build_world, obs_decoder
+    from world_model.vae import ObsDecoder, ObsDecoderConfig, tensor_to_frames
+
+    world = tmp_path / "world"
+    build_world.main([
+        "--vae", str(vae_dir), "--dit", str(dit_run / "model"), "--data", str(data), str(footage),
+        "--latents", str(latents[0]), str(latents[1]), "--out", str(world), "--starts", "2",
+    ])  # fmt: skip
+    out = tmp_path / "world_obs"
+    argv = ["--world", str(world), "--latents", str(latents[0]), str(latents[1]), "--out", str(out),
+            "--channels", "4", "4", "4", "--steps", "150", "--batch-size", "16", "--lr", "1e-2", "--warmup", "5"]
+    torch.manual_seed(0)
+    obs_decoder.main(argv)
+    src, got = load_world(world), load_world(out)
+    manifest = lambda d: json.loads((d / "manifest.json").read_text())  # noqa: E731
+    for f in ("vae.safetensors", "dit.safetensors", "heads.safetensors", "control.safetensors"):
+        assert manifest(world)["files"][f] == manifest(out)["files"][f]
+    assert manifest(out)["recipe"]["commands"][-1][:2] == ["matrix-world", "train-obs-decoder"]
+    assert src.obs_decoder is None and isinstance(got.obs_decoder, ObsDecoder)
+    report = got.meta["obs_decoder"]
+
+    fresh = ObsDecoder(ObsDecoderConfig(latent_channels=4, channels=(4, 4, 4)))  # untrained, same statistics
+    fresh.latent_shift.copy_(src.vae.latent_shift)
+    fresh.latent_scale.copy_(src.vae.latent_scale)
+    pool, _ = obs_decoder.load_pool(obs_decoder.Args(world=world, latents=latents, out=out),
+                                    latent_space_sha256(world), (4, 9, 16))  # fmt: skip
+    held = pool[:: obs_decoder.HELDOUT_EVERY]  # the report's held-out latents
+    before = obs_decoder.compare(src.vae, fresh, held, False, torch.device("cpu"))
+    assert report["psnr_native_db"] > before["psnr_native_db"] + 3.0  # it learnt the VAE's decode
+    assert report["psnr_84_db"] >= report["psnr_native_db"] - 1.0  # resizing down does not add error
+
+    z = torch.randn(3, 4, 9, 16)
+    sim, plain = Simulator(got, 3), Simulator(got, 3, obs_decoder=False)
+    with torch.no_grad():
+        want = F.interpolate(got.obs_decoder(z).float(), size=(20, 20), mode="bilinear", antialias=True,
+                             align_corners=False)  # fmt: skip
+        np.testing.assert_array_equal(sim.decode(z, (20, 20)).numpy(), tensor_to_frames(want).numpy())
+        assert not torch.equal(sim.decode(z, (20, 20)), plain.decode(z, (20, 20)))
+        assert torch.equal(plain.decode(z, (20, 20)), Simulator(src, 3).decode(z, (20, 20)))
+        assert torch.equal(sim.decode(z, "720p"), plain.decode(z, "720p"))
+
+    with pytest.raises(UsageError, match="one width per upsampling"):
+        obs_decoder.main([*argv[:7], "--channels", "4", "4", "--steps", "1"])
+    with pytest.raises(UsageError, match="--gen-latents"):
+        obs_decoder.main(["--world", str(world), "--out", str(tmp_path / "none"), "--latents"])
+
+
 def test_hr_only_retrains_the_720p_head_and_nothing_else(data, vae_dir, tmp_path):
     """--hr-only --hr-base bilinear --hr-kernel 3: a new head; every other weight and the latent space stay."""
     from safetensors.torch import load_file

@@ -8,6 +8,7 @@ stored config. A world model is a directory::
     vae.safetensors          + vae_config.json
     dit.safetensors          + dit_config.json
     heads.safetensors        + heads_config.json
+    obs_decoder.safetensors  + obs_decoder_config.json (optional: ``matrix-world train-obs-decoder``)
     control.safetensors      control tokens / mask / pooled (A+1 rows) and start latents
     manifest.json            sha256 of every file, library versions, the recipe that produced it
 
@@ -37,7 +38,7 @@ from world_model.device import check_device
 from world_model.dit import DiTConfig, VideoDiT
 from world_model.errors import UsageError
 from world_model.heads import HeadsConfig, RewardTerminationHeads
-from world_model.vae import FrameVAE, VAEConfig
+from world_model.vae import FrameVAE, ObsDecoder, ObsDecoderConfig, VAEConfig
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -231,6 +232,7 @@ class WorldModel:
         start_latents: (S, Tc, C, H, W) float32 normalised latents of real recorded context windows.
         sampler: default Swin-DPM settings (free-form JSON).
         meta: free-form JSON (data source, training steps, metrics ...).
+        obs_decoder: optional narrow decoder for agent-sized observations (``train-obs-decoder``).
     """
 
     vae: FrameVAE
@@ -244,6 +246,7 @@ class WorldModel:
     start_latents: torch.Tensor
     sampler: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    obs_decoder: ObsDecoder | None = None
 
     @property
     def num_actions(self) -> int:
@@ -283,6 +286,15 @@ class WorldModel:
              f"start_latents shape {tuple(self.start_latents.shape)}, expected "
              f"(S, Tc<={dcfg.max_frames}, {dcfg.latent_channels}, {dcfg.latent_hw[0]}, {dcfg.latent_hw[1]})"),
         ]
+        if self.obs_decoder is not None:
+            od, vae = self.obs_decoder, self.vae
+            checks.append((od.cfg.latent_channels == vcfg.latent_channels
+                           and len(od.cfg.channels) == len(vcfg.channels)
+                           and torch.equal(od.latent_shift.cpu(), vae.latent_shift.cpu())
+                           and torch.equal(od.latent_scale.cpu(), vae.latent_scale.cpu()),
+                           f"obs_decoder (latent_channels {od.cfg.latent_channels}, {len(od.cfg.channels)} "
+                           f"upsamplings) does not decode this VAE's latents ({vcfg.latent_channels} channels, "
+                           f"{len(vcfg.channels)} upsamplings, the same latent statistics)"))
         for ok, msg in checks:
             if not ok:
                 raise CheckpointError(f"{where}: {msg}")
@@ -325,6 +337,8 @@ def save_world(directory: str | os.PathLike, world: WorldModel, recipe: dict[str
 
     modules = {"vae": (world.vae, world.vae.cfg), "dit": (world.dit, world.dit.cfg),
                "heads": (world.heads, world.heads.cfg)}
+    if world.obs_decoder is not None:
+        modules["obs_decoder"] = (world.obs_decoder, world.obs_decoder.cfg)
     for name, (module, cfg) in modules.items():
         save_module(tmp, name, module, cfg)
     _atomic_save_tensors(tmp / CONTROL_FILE, {
@@ -427,6 +441,8 @@ def load_world(directory: str | os.PathLike, device: torch.device | str = "cpu")
 
     classes = {"vae": (FrameVAE, VAEConfig), "dit": (VideoDiT, DiTConfig),
                "heads": (RewardTerminationHeads, HeadsConfig)}
+    if "obs_decoder" in cfg:  # optional (train-obs-decoder)
+        classes["obs_decoder"] = (ObsDecoder, ObsDecoderConfig)
     modules: dict[str, nn.Module] = {}
     for name, (module_cls, config_cls) in classes.items():
         module = load_module(directory, name, module_cls, config_cls, map_location=device)
@@ -452,6 +468,7 @@ def load_world(directory: str | os.PathLike, device: torch.device | str = "cpu")
         start_latents=control["start_latents"],
         sampler=cfg.get("sampler", {}),
         meta=cfg.get("meta", {}),
+        obs_decoder=modules.get("obs_decoder"),  # type: ignore[arg-type]
     )
     world.validate(str(directory))
     return world

@@ -112,6 +112,7 @@ class Simulator:
         context_cache: bool = True,
         backend: str = "torch",
         termination: str | None = None,
+        obs_decoder: bool = True,
     ) -> None:
         """Move the model to ``device``, cache the control tables and allocate the stream state.
 
@@ -142,6 +143,9 @@ class Simulator:
             termination: how a step ends an episode (``HeadsConfig.termination``): "threshold" (the
                 termination logit above its threshold) or "hazard" (that, or a draw at the hazard
                 head's per-step rate; a world with a hazard head only); None: the world's own.
+            obs_decoder: decode agent-sized frames (up to ``HR_THRESHOLD`` x the native size per side)
+                with the world's narrow observation decoder when it has one (``train-obs-decoder``);
+                False: with the VAE's own ``decode``, as in a world without one.
 
         Raises:
             UsageError: the sampler window does not fit the model or the start contexts.
@@ -173,6 +177,9 @@ class Simulator:
                 f"frames; the checkpoint's have {world.start_latents.shape[1]}"
             )
         self.vae = world.vae.to(self.device).eval()
+        # agent-sized frames: the world's narrow decoder if it has one, else the VAE's
+        use_obs = obs_decoder and world.obs_decoder is not None
+        self._decode_small = world.obs_decoder.to(self.device).eval() if use_obs else self.vae.decode
         self.dit = world.dit.to(self.device).eval()
         self._context_fn = self._encode_context if context_cache and self.dit.cfg.causal else None
         self._dit_fn = self._full_window_fn(backend, compile_model)
@@ -499,7 +506,8 @@ class Simulator:
         """Decode latents to uint8 frames on the device.
 
         ``"720p"`` (or the VAE's high-res size) uses the super-resolving ``decode_hr``; ``"native"``
-        the training-resolution ``decode``. Another ``(h, w)`` uses ``decode`` and an antialiased
+        the training-resolution ``decode`` (the world's observation decoder when it has one and the
+        simulator was built with ``obs_decoder=True``). Another ``(h, w)`` uses ``decode`` and an antialiased
         resize when it is at most ``HR_THRESHOLD`` x the native size per side (so agent-sized
         observations such as 84x84 never pay for the 720p decoder), otherwise ``decode_hr``
         resized down.
@@ -531,7 +539,7 @@ class Simulator:
             if hw == hr:
                 x = self.vae.decode_hr(latents)  # (B, 3, *hr)
             elif hw[0] <= HR_THRESHOLD * native[0] and hw[1] <= HR_THRESHOLD * native[1]:
-                x = self.vae.decode(latents)  # (B, 3, *native)
+                x = self._decode_small(latents)  # (B, 3, *native): the observation decoder or the VAE's
             else:
                 x = self.vae.decode_hr(latents)  # (B, 3, *hr)
         x = x.float()

@@ -106,6 +106,26 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
+def decoder_trunk(cz: int, chans: tuple[int, ...]) -> nn.Sequential:
+    """The decoder's trunk: (B, Cz, h, w) -> (B, chans[0], 2^n h, 2^n w), n = len(chans), normalised and activated.
+
+    A conv and a ResBlock at the latent's size, then per entry of ``chans`` (widest last) a nearest 2x
+    upsampling, a conv and (except at full resolution) a ResBlock.
+    """
+    dec: list[nn.Module] = [nn.Conv2d(cz, chans[-1], 3, padding=1), ResBlock(chans[-1], chans[-1])]
+    widths = (*chans[::-1], chans[0])  # e.g. (128, 64, 32, 32): in/out width of each upsampling
+    for i in range(len(chans)):
+        dec += [
+            nn.Upsample(scale_factor=2, mode="nearest"),
+            nn.Conv2d(widths[i], widths[i + 1], 3, padding=1),
+        ]
+        # No ResBlock at full resolution: it would dominate decode cost on CPU.
+        if i < len(chans) - 1:
+            dec.append(ResBlock(widths[i + 1], widths[i + 1]))
+    dec += [_norm(chans[0]), nn.SiLU()]
+    return nn.Sequential(*dec)
+
+
 class FrameVAE(nn.Module):
     """Convolutional frame VAE with a training-resolution decoder and a 720p super-resolving head.
 
@@ -131,19 +151,7 @@ class FrameVAE(nn.Module):
         enc += [ResBlock(prev, prev), _norm(prev), nn.SiLU(), nn.Conv2d(prev, 2 * cz, 3, padding=1)]
         self.encoder = nn.Sequential(*enc)
 
-        # Decoder trunk: (B, Cz, h, w) -> (B, chans[0], 8h, 8w)
-        dec: list[nn.Module] = [nn.Conv2d(cz, chans[-1], 3, padding=1), ResBlock(chans[-1], chans[-1])]
-        widths = (*chans[::-1], chans[0])  # e.g. (128, 64, 32, 32): in/out width of each upsampling
-        for i in range(len(chans)):
-            dec += [
-                nn.Upsample(scale_factor=2, mode="nearest"),
-                nn.Conv2d(widths[i], widths[i + 1], 3, padding=1),
-            ]
-            # No ResBlock at full resolution: it would dominate decode cost on CPU.
-            if i < len(chans) - 1:
-                dec.append(ResBlock(widths[i + 1], widths[i + 1]))
-        dec += [_norm(chans[0]), nn.SiLU()]
-        self.decoder = nn.Sequential(*dec)
+        self.decoder = decoder_trunk(cz, chans)  # (B, Cz, h, w) -> (B, chans[0], 8h, 8w)
         self.to_rgb = nn.Conv2d(chans[0], 3, 3, padding=1)
 
         # Super-resolving head on the decoder's last feature map.
@@ -314,6 +322,42 @@ class FrameVAE(nn.Module):
         z_raw = mean + torch.exp(0.5 * logvar) * eps  # (B, Cz, h, w)
         recon = self.decode(self._normalise(z_raw))
         return {"recon": recon, "mean": mean, "logvar": logvar}
+
+
+@dataclass
+class ObsDecoderConfig:
+    """A narrow training-resolution decoder for agent-sized observations (``matrix-world train-obs-decoder``)."""
+
+    latent_channels: int = 8
+    """Cz, channels of the latent (the world's VAE's)."""
+    channels: tuple[int, ...] = (16, 32, 64)
+    """Widths as in ``VAEConfig.channels`` (the VAE's: (32, 64, 128)); one 2x upsampling per entry."""
+
+
+class ObsDecoder(nn.Module):
+    """The VAE's ``decode`` (latent -> frame at training resolution) at a fraction of its cost.
+
+    Same layout as the VAE's decoder trunk and ``to_rgb``, narrower; trained to reproduce the VAE's
+    ``decode`` of the same latents (distillation), so observations at 84x84 look like the VAE's
+    frames resized. It reads normalised latents and holds a copy of the VAE's latent statistics.
+    """
+
+    latent_shift: torch.Tensor
+    latent_scale: torch.Tensor
+
+    def __init__(self, cfg: ObsDecoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        chans = tuple(cfg.channels)
+        self.decoder = decoder_trunk(cfg.latent_channels, chans)
+        self.to_rgb = nn.Conv2d(chans[0], 3, 3, padding=1)
+        self.register_buffer("latent_shift", torch.zeros(cfg.latent_channels))
+        self.register_buffer("latent_scale", torch.ones(cfg.latent_channels))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, Cz, h, w) normalised latents -> (B, 3, 2^n h, 2^n w) frames, roughly in [-1, 1]."""
+        raw = z * self.latent_scale[:, None, None] + self.latent_shift[:, None, None]  # (B, Cz, h, w)
+        return self.to_rgb(self.decoder(raw))
 
 
 def kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

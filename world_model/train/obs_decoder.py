@@ -1,0 +1,216 @@
+"""Train a world's observation decoder (``matrix-world train-obs-decoder``).
+
+Agents see small frames (84x84): the vector env decodes every latent with the VAE's
+training-resolution decoder (72x128) and resizes. Once the DiT is cheap that decode is a third of a
+batched step on a CPU (README, "Env speed"). :class:`world_model.vae.ObsDecoder` is the same decoder
+at a fraction of the width; this command trains it to reproduce the world's VAE ``decode`` of the
+same latents (distillation: no frames are read, the VAE is the target), on the latents of recorded
+episodes (``encode-latents`` caches) and, with ``--gen-latents``, on latents the world generated
+(``rollout-latents``: what the decoder meets at play time). The world is written to ``--out`` as a copy
+with the decoder added (VAE, DiT, heads, starts, sampler unchanged; the command appended to its
+recipe); the env then uses it for agent-sized observations (``obs_decoder=False`` turns it off).
+
+The report compares the two decoders on held-out latents (every 20th latent of the pool, never
+trained on) in PSNR against the VAE's decode, at the native size and at 84x84 after the env's
+resize, and times both at batch 16. The run takes minutes on a CPU; a killed run is simply rerun
+(the world is written atomically at the end, nothing partial is left).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from world_model.errors import UsageError
+
+HELDOUT_EVERY = 20  # every 20th latent of the pool is held out
+REPORT_HW = (84, 84)  # the agents' observation size of the report
+
+
+@dataclass
+class Args:
+    """Train a narrow decoder for agent-sized observations to match a world's VAE; write the world with it."""
+
+    world: Path
+    """The world whose VAE ``decode`` is the target and that gets the decoder."""
+    latents: tuple[Path, ...]
+    """Latent caches of recorded episodes (``encode-latents`` with this world's VAE or latent space)."""
+    out: Path
+    """Where the world with the decoder is written (may equal --world: replaced atomically)."""
+    gen_latents: tuple[Path, ...] = ()
+    """Generated latents (``matrix-world rollout-latents`` of a world in the same latent space)."""
+    channels: tuple[int, ...] = (16, 32, 64)
+    """Decoder widths (``ObsDecoderConfig.channels``; the VAE's (32, 64, 128)), one per upsampling."""
+    steps: int = 1500
+    """Optimiser steps."""
+    batch_size: int = 64
+    """Latents per step."""
+    lr: float = 2e-3
+    """Peak AdamW learning rate (cosine decay to lr/10 after the warmup)."""
+    warmup: int = 50
+    """Linear warmup steps."""
+    bf16: bool = False
+    """bf16 autocast for both decoders (a CPU with AVX512-BF16/AMX, or a bf16 GPU)."""
+    seed: int = 0
+    """Seed of the init and the batch order."""
+    device: str = "cpu"
+    """Torch device."""
+
+
+def load_pool(args: Args, latent_space: str, shape: tuple[int, ...]) -> tuple[torch.Tensor, list[dict]]:
+    """Every latent of the caches and generated sets, (N, C, h, w) float32, checked against the world.
+
+    Raises:
+        UsageError: no source, a cache of another latent space or shape.
+    """
+    from world_model.data.latents import LATENTS_FILE, read_info
+    from world_model.train import rollouts
+
+    if not args.latents and not args.gen_latents:
+        raise UsageError("give --latents (encode-latents caches) and/or --gen-latents (rollout-latents sets)")
+    parts, sources = [], []
+    for cache in args.latents:
+        cache = Path(cache).expanduser()
+        info = read_info(cache)
+        if info.get("vae_sha256") != latent_space or tuple(info.get("latent_shape", ())) != shape:
+            raise UsageError(
+                f"--latents {str(cache)!r} holds latents of shape {info.get('latent_shape')} from latent space "
+                f"{str(info.get('vae_sha256'))[:12]}; the world decodes {shape} from {latent_space[:12]}"
+            )
+        files = sorted((cache / "episodes").glob(f"*/{LATENTS_FILE}"))
+        if not files:
+            raise UsageError(f"--latents {str(cache)!r} holds no encoded episodes")
+        parts += [torch.from_numpy(np.load(f).astype(np.float32)) for f in files]  # (S+1, C, h, w) each
+        sources.append({"path": str(cache), "episodes": len(files)})
+    for path in args.gen_latents:
+        z, info = rollouts.load(path, latent_space, shape)
+        parts.append(z)
+        sources.append({"path": info["path"], "latents": len(z), "command": info.get("command")})
+    return torch.cat(parts), sources  # (N, C, h, w)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of two uint8-range frame batches (B, 3, H, W) in [-1, 1], after the env's clamp."""
+    a, b = a.clamp(-1, 1), b.clamp(-1, 1)
+    mse = float((a - b).pow(2).mean()) * (255.0 / 2.0) ** 2
+    return 10.0 * math.log10(255.0**2 / max(mse, 1e-10))
+
+
+def resized(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, 3, 84, 84), the env's resize (antialiased bilinear)."""
+    return F.interpolate(x, size=REPORT_HW, mode="bilinear", antialias=True, align_corners=False)
+
+
+@torch.no_grad()
+def compare(vae: torch.nn.Module, dec: torch.nn.Module, z: torch.Tensor, bf16: bool, device: torch.device) -> dict:
+    """PSNR of ``dec`` against the VAE's decode on ``z`` (native and 84x84), and both decoders' ms at batch 16."""
+    from world_model.train.common import autocast
+
+    out: dict = {"latents": len(z)}
+    ref, got = [], []
+    with autocast(device, bf16):
+        for i in range(0, len(z), 64):
+            zb = z[i : i + 64].to(device)
+            ref.append(vae.decode(zb).float().cpu())
+            got.append(dec(zb).float().cpu())
+    ref_t, got_t = torch.cat(ref), torch.cat(got)  # (N, 3, H, W)
+    out["psnr_native_db"] = psnr(got_t, ref_t)
+    out["psnr_84_db"] = psnr(resized(got_t), resized(ref_t))
+    zb = z[:16].to(device)
+    for name, fn in (("vae_decode_ms", vae.decode), ("obs_decoder_ms", dec)):
+        with autocast(device, bf16):
+            fn(zb)  # warm-up
+            t0 = time.perf_counter()
+            for _ in range(5):
+                fn(zb)
+        out[name] = (time.perf_counter() - t0) / 5 * 1000.0
+    return out
+
+
+def train(args: Args, command: list[str] | None = None) -> dict:
+    """Train the decoder, write the world with it; returns the report (also in the world's meta)."""
+    from world_model.checkpoint import load_world, save_world
+    from world_model.data.latents import latent_space_sha256
+    from world_model.device import check_device
+    from world_model.train.build_world import check_world_copy, copied_recipe
+    from world_model.train.common import autocast, cosine_lr, set_lr
+    from world_model.vae import ObsDecoder, ObsDecoderConfig
+
+    for name, value in (("--steps", args.steps), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise UsageError(f"{name} {value}: expected an integer >= 1")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise UsageError(f"--lr {args.lr}: expected a finite number > 0")
+    if not args.channels or min(args.channels) < 1:
+        raise UsageError(f"--channels {args.channels}: expected one width >= 1 per upsampling")
+    world_dir, out = Path(args.world).expanduser(), Path(args.out).expanduser()
+    check_world_copy(world_dir, out)
+    device = check_device(args.device)
+    world = load_world(world_dir, device)
+    vae = world.vae
+    if len(args.channels) != len(vae.cfg.channels):
+        raise UsageError(
+            f"--channels {args.channels}: the world's VAE upsamples {len(vae.cfg.channels)} times "
+            f"({vae.cfg.channels}); give one width per upsampling"
+        )
+    shape = (vae.cfg.latent_channels, *vae.cfg.latent_hw)
+    pool, sources = load_pool(args, latent_space_sha256(world_dir), shape)  # (N, C, h, w)
+    held = torch.zeros(len(pool), dtype=torch.bool)
+    held[::HELDOUT_EVERY] = True
+    train_z, eval_z = pool[~held], pool[held]  # (N_train, C, h, w), (N_eval, C, h, w)
+
+    torch.manual_seed(args.seed)
+    cfg = ObsDecoderConfig(latent_channels=shape[0], channels=tuple(args.channels))
+    dec = ObsDecoder(cfg).to(device)
+    dec.latent_shift.copy_(vae.latent_shift)
+    dec.latent_scale.copy_(vae.latent_scale)
+    opt = torch.optim.AdamW(dec.parameters(), lr=args.lr, betas=(0.9, 0.99))
+    gen = torch.Generator().manual_seed(args.seed)
+    print(f"train-obs-decoder: {sum(p.numel() for p in dec.parameters()) / 1e3:.0f}k params, "
+          f"{len(train_z)} training / {len(eval_z)} held-out latents", flush=True)
+    t0 = time.monotonic()
+    for step in range(args.steps):
+        idx = torch.randint(len(train_z), (args.batch_size,), generator=gen)  # (B,)
+        z = train_z[idx].to(device)  # (B, C, h, w)
+        set_lr(opt, cosine_lr(step, args.steps, args.lr, args.warmup))
+        with autocast(device, args.bf16):
+            with torch.no_grad():
+                target = vae.decode(z).float()  # (B, 3, H, W)
+            loss = (dec(z).float() - target).abs().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step + 1 == args.steps:
+            print(f"step {step + 1}/{args.steps} L1 {float(loss.detach()):.4f} ({time.monotonic() - t0:.0f} s)", flush=True)
+    dec.eval().requires_grad_(False)
+
+    report = compare(vae, dec, eval_z, args.bf16, device)
+    report.update(steps=args.steps, train_latents=len(train_z), sources=sources,
+                  minutes=(time.monotonic() - t0) / 60.0)
+    print(json.dumps({k: v for k, v in report.items() if k != "sources"}, indent=1), flush=True)
+    world.obs_decoder = dec
+    world.meta = {**world.meta, "obs_decoder": report}
+    save_world(out, world, copied_recipe(world_dir, command))
+    print(f"wrote {out} with an observation decoder")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``matrix-world train-obs-decoder``: parse Args and train."""
+    import tyro
+
+    args = tyro.cli(Args, args=argv, prog="matrix-world train-obs-decoder", description=__doc__.split("\n\n")[0])
+    train(args, command=["matrix-world", "train-obs-decoder", *(sys.argv[1:] if argv is None else argv)])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
