@@ -189,7 +189,8 @@ def train(args: Args, command: list[str] | None = None) -> dict:
         loss.backward()
         opt.step()
         if step % 100 == 0 or step + 1 == args.steps:
-            print(f"step {step + 1}/{args.steps} L1 {float(loss.detach()):.4f} ({time.monotonic() - t0:.0f} s)", flush=True)
+            took = time.monotonic() - t0
+            print(f"step {step + 1}/{args.steps} L1 {float(loss.detach()):.4f} ({took:.0f} s)", flush=True)
     dec.eval().requires_grad_(False)
 
     report = compare(vae, dec, eval_z, args.bf16, device)
