@@ -60,6 +60,10 @@ class BenchArgs:
     """Batch sizes of the 84x84 vector-env rows."""
     hd: bool = True
     """Also measure the 720p rows."""
+    obs_decoders: tuple[bool, ...] = (True,)
+    """For the 84x84 rows: decode observations with the world's observation decoder when it has one
+    (``train-obs-decoder``; True, the envs' default) or with the VAE (False); ``--obs-decoders True False``
+    gives adjacent rows measured in the same run (the VAE's marked "(VAE)" in the obs column)."""
     parts: bool = False
     """Where a vector-env step's time goes: time the DiT calls and the observation decode inside each
     batched step (ms per batch step; "rest" is the heads, the sampler's own ops and the env)."""
@@ -132,7 +136,9 @@ def bench_carracing(steps: int, frame_skip: int = FRAME_SKIP) -> float:
     return steps / seconds
 
 
-def bench_single(args: BenchArgs, obs_size: tuple[int, int], steps: int, backend: str = "torch") -> float:
+def bench_single(
+    args: BenchArgs, obs_size: tuple[int, int], steps: int, backend: str = "torch", obs_decoder: bool = True
+) -> float:
     """Env steps/s of one MatrixWorldEnv."""
     from matrix_env.env import MatrixWorldEnv
 
@@ -145,6 +151,7 @@ def bench_single(args: BenchArgs, obs_size: tuple[int, int], steps: int, backend
         dtype=args.dtype,
         compile_model=compiled(args),
         backend=backend,
+        obs_decoder=obs_decoder,
     )
     env.reset(seed=0)
     rng = np.random.default_rng(0)
@@ -173,7 +180,12 @@ def timed(obj: object, name: str, totals: dict[str, float], key: str, sync) -> N
 
 
 def bench_vector(
-    args: BenchArgs, num_envs: int, obs_size: tuple[int, int], steps: int, backend: str = "torch"
+    args: BenchArgs,
+    num_envs: int,
+    obs_size: tuple[int, int],
+    steps: int,
+    backend: str = "torch",
+    obs_decoder: bool = True,
 ) -> tuple[float, dict[str, float] | None]:
     """Env steps/s (all sub-envs together) of one MatrixWorldVectorEnv, and with ``--parts`` the ms per
     batched step of its DiT calls, its observation decode and the rest."""
@@ -192,6 +204,7 @@ def bench_vector(
         max_episode_steps=1000,
         compile_model=compiled(args),
         backend=backend,
+        obs_decoder=obs_decoder,
     )
     envs.reset(seed=0)
     rng = np.random.default_rng(0)
@@ -285,21 +298,23 @@ def run(args: BenchArgs) -> list[dict[str, object]]:
                 "rss": peak_rss_mib(),
             }
         )
-    for (name, n, size), backend in itertools.product(configs, args.backends):
+    for (name, n, size), backend, obs_dec in itertools.product(configs, args.backends, args.obs_decoders):
+        if size == hd and not obs_dec:  # 720p frames always come from the VAE
+            continue
         reset_gpu_peak(args.device)
         parts = None
         if n is None:
-            rate = bench_single(args, size, steps, backend)
+            rate = bench_single(args, size, steps, backend, obs_dec)
             batch = 1
         else:
-            rate, parts = bench_vector(args, n, size, max(2, steps // max(1, n // 4)), backend)
+            rate, parts = bench_vector(args, n, size, max(2, steps // max(1, n // 4)), backend, obs_dec)
             batch = n
         rows.append(
             {
                 "env": name,
                 "backend": backend,
                 "num_envs": batch,
-                "obs": f"{size[0]}x{size[1]}",
+                "obs": f"{size[0]}x{size[1]}" + ("" if obs_dec else " (VAE)"),
                 "steps_s": rate,
                 "ms_step": 1000 * batch / rate,
                 "rss": peak_rss_mib(),

@@ -80,3 +80,22 @@ def tiny_world_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("worlds") / "tiny"
     save_world(directory, build_tiny_world(), recipe={"command": "tests/conftest.py:build_tiny_world"})
     return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_obs_world_dir(tiny_world_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny world with a random observation decoder (``train-obs-decoder``'s module), saved once."""
+    import torch
+
+    from world_model.checkpoint import load_world, save_world
+    from world_model.vae import ObsDecoder, ObsDecoderConfig
+
+    world = load_world(tiny_world_dir)
+    torch.manual_seed(1)
+    dec = ObsDecoder(ObsDecoderConfig(latent_channels=world.vae.cfg.latent_channels, channels=(4, 4, 4)))
+    dec.latent_shift.copy_(world.vae.latent_shift)
+    dec.latent_scale.copy_(world.vae.latent_scale)
+    world.obs_decoder = dec.eval().requires_grad_(False)
+    directory = tmp_path_factory.mktemp("worlds") / "tiny_obs"
+    save_world(directory, world, recipe={"command": "tests/conftest.py:tiny_obs_world_dir"})
+    return directory

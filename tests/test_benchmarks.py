@@ -72,3 +72,15 @@ def test_bench_env_parts_split_a_vector_step(tiny_world_dir: Path, capsys: pytes
     assert abs(dit + decode + rest - ms_step) <= 0.2, cells  # rounding of the printed values only
     single = next(line for line in lines if line.startswith("| MatrixWorldEnv |"))
     assert single.endswith("| | | |")  # no split for the single env's rows
+
+
+def test_bench_env_obs_decoders_side_by_side(tiny_obs_world_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    """--obs-decoders True False: adjacent 84x84 rows with the world's observation decoder and with the VAE."""
+    argv = ["--world", str(tiny_obs_world_dir), "--steps", "1", "--no-carracing",
+            "--threads", "1", "--obs-decoders", "True", "False", "--quick"]
+    assert bench_env.main(argv) == 0
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| MatrixWorld")]
+    small = [(r[0], r[2], r[3]) for r in rows if r[3].startswith("84x84")]
+    assert small[:2] == [("| MatrixWorldEnv", "1", "84x84"), ("| MatrixWorldEnv", "1", "84x84 (VAE)")]
+    assert ("| MatrixWorldVectorEnv", "4", "84x84 (VAE)") in small  # --quick: 1 and 4 envs
+    assert sum(r[3] == "720x1280" for r in rows) == 2  # 720p rows once each (single, vector): always the VAE's

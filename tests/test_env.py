@@ -66,6 +66,34 @@ def test_spaces_info_and_meanings(tiny_world_dir: Path) -> None:
     assert lat.observation_space.shape == (4, 9, 16) and lat.observation_space.dtype == np.float32
 
 
+def test_observation_decoder_serves_agent_frames_only(tiny_world_dir: Path, tiny_obs_world_dir: Path) -> None:
+    """A world with an observation decoder: agent-sized observations come from it (obs_decoder=False, or the
+    world without it: the VAE's), the generated stream and the 720p frames do not change; make_vec agrees."""
+    import torch.nn.functional as F
+
+    from world_model.vae import tensor_to_frames
+
+    actions = [1, 1, 2, 0]
+    plain = rollout(MatrixWorldEnv(world=tiny_world_dir, obs_size=SMALL), 3, actions)
+    off = rollout(MatrixWorldEnv(world=tiny_obs_world_dir, obs_size=SMALL, obs_decoder=False), 3, actions)
+    env = MatrixWorldEnv(world=tiny_obs_world_dir, obs_size=SMALL, render_mode="rgb_array")
+    on = rollout(env, 3, actions)
+    for a, b in zip(plain, off, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert all(not np.array_equal(a, b) for a, b in zip(plain, on, strict=True))
+    with torch.no_grad():  # what the decoder draws for the env's own latent, resized like the VAE's frames
+        x = env.unwrapped.world.obs_decoder(env.unwrapped._latent.float())  # (1, 3, 72, 128)
+        want = tensor_to_frames(F.interpolate(x, size=SMALL, mode="bilinear", antialias=True, align_corners=False))
+    np.testing.assert_array_equal(on[-1], want[0].numpy())
+    hd = MatrixWorldEnv(world=tiny_world_dir, render_mode="rgb_array")
+    rollout(hd, 3, actions)
+    np.testing.assert_array_equal(env.render(), hd.render())  # 720p: the VAE's, the same stream
+    envs = gym.make_vec("MatrixWorld-v0", num_envs=2, world=tiny_obs_world_dir, obs_size=SMALL)
+    obs, _ = envs.reset(seed=[3, 4])
+    np.testing.assert_array_equal(obs[0], on[0])
+    envs.close()
+
+
 def test_default_is_720p_and_render(tiny_world_dir: Path) -> None:
     env = MatrixWorldEnv(world=tiny_world_dir, render_mode="rgb_array")
     obs, _ = env.reset(seed=0)

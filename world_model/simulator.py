@@ -112,7 +112,7 @@ class Simulator:
         context_cache: bool = True,
         backend: str = "torch",
         termination: str | None = None,
-        obs_decoder: bool = True,
+        obs_decoder: bool = False,
     ) -> None:
         """Move the model to ``device``, cache the control tables and allocate the stream state.
 
@@ -143,9 +143,10 @@ class Simulator:
             termination: how a step ends an episode (``HeadsConfig.termination``): "threshold" (the
                 termination logit above its threshold) or "hazard" (that, or a draw at the hazard
                 head's per-step rate; a world with a hazard head only); None: the world's own.
-            obs_decoder: decode agent-sized frames (up to ``HR_THRESHOLD`` x the native size per side)
-                with the world's narrow observation decoder when it has one (``train-obs-decoder``);
-                False: with the VAE's own ``decode``, as in a world without one.
+            obs_decoder: decode observations of a given (h, w) up to ``HR_THRESHOLD`` x the native size
+                per side with the world's narrow observation decoder when it has one
+                (``train-obs-decoder``); the envs pass True. False (here the default, so that the
+                evaluations measure the world's own frames): with the VAE's ``decode``.
 
         Raises:
             UsageError: the sampler window does not fit the model or the start contexts.
@@ -506,11 +507,12 @@ class Simulator:
         """Decode latents to uint8 frames on the device.
 
         ``"720p"`` (or the VAE's high-res size) uses the super-resolving ``decode_hr``; ``"native"``
-        the training-resolution ``decode`` (the world's observation decoder when it has one and the
-        simulator was built with ``obs_decoder=True``). Another ``(h, w)`` uses ``decode`` and an antialiased
-        resize when it is at most ``HR_THRESHOLD`` x the native size per side (so agent-sized
-        observations such as 84x84 never pay for the 720p decoder), otherwise ``decode_hr``
-        resized down.
+        the VAE's training-resolution ``decode`` (what the road follower and the evaluations read).
+        Another ``(h, w)``, an observation, is decoded at the training resolution and resized
+        (antialiased) when it is at most ``HR_THRESHOLD`` x the native size per side, so agent-sized
+        observations such as 84x84 never pay for the 720p decoder, by the world's observation decoder
+        when it has one and the simulator was built with ``obs_decoder=True``, else by the VAE's
+        ``decode``; larger sizes come from ``decode_hr`` resized down.
 
         Args:
             latents: (B, C, H, W) normalised latents.
@@ -520,10 +522,11 @@ class Simulator:
             (B, h, w, 3) uint8.
         """
         native, hr = self.native_hw, self.hr_hw
+        decode_small = self._decode_small  # an observation's decoder
         if size == "720p":
             hw = hr
         elif size == "native":
-            hw = native
+            hw, decode_small = native, self.vae.decode
         else:  # (h, w), or an int n for (n, n)
             try:
                 pair = isinstance(size, tuple | list)
@@ -539,7 +542,7 @@ class Simulator:
             if hw == hr:
                 x = self.vae.decode_hr(latents)  # (B, 3, *hr)
             elif hw[0] <= HR_THRESHOLD * native[0] and hw[1] <= HR_THRESHOLD * native[1]:
-                x = self._decode_small(latents)  # (B, 3, *native): the observation decoder or the VAE's
+                x = decode_small(latents)  # (B, 3, *native): the observation decoder or the VAE's
             else:
                 x = self.vae.decode_hr(latents)  # (B, 3, *hr)
         x = x.float()

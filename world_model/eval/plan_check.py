@@ -157,7 +157,7 @@ def check(args: Args) -> list[dict]:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     sampler = None if args.ctx_noise is None else {"ctx_noise": args.ctx_noise}
-    kw = {"sampler_mode": args.sampler_mode, "sampler": sampler}
+    kw = {"sampler_mode": args.sampler_mode, "sampler": sampler, "obs_decoder": False}  # the VAE's frames
     anchor = MatrixWorldEnv(world=args.world, obs_type="latent", **kw)  # starts from real frames
     if not is_carracing(anchor.world):
         env_id = anchor.world.meta.get("env_id", "no env_id")
