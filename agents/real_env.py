@@ -39,6 +39,8 @@ class RealCarRacingEnv(gym.Env):
         vae: a world's frame VAE (``load_world(path).vae``): each 72x128 frame is encoded (posterior
             mean) and decoded by it before the resize, so an agent trained in that world sees the
             real game drawn by the world's own decoder (no kerb stripes, the same textures).
+        decoder: with ``vae``, decode with this instead of ``vae.decode``: a world's observation
+            decoder (``load_world(path).obs_decoder``), which draws what that world's envs show an agent.
 
     CarRacing's own time limit (1000 physics steps = 250 env steps at frame_skip 4) truncates episodes.
     """
@@ -52,6 +54,7 @@ class RealCarRacingEnv(gym.Env):
         domain_randomize: bool = False,
         render_mode: str | None = None,
         vae: torch.nn.Module | None = None,
+        decoder: torch.nn.Module | None = None,
     ) -> None:
         if (as_int(frame_skip) or 0) < 1:
             raise ValueError(f"frame_skip must be an int >= 1, got {frame_skip!r}")
@@ -65,7 +68,9 @@ class RealCarRacingEnv(gym.Env):
         self.action_space = spaces.Discrete(len(DRIVING_ACTIONS))
         self.observation_space = spaces.Box(0, 255, (*self.obs_size, 3), np.uint8)
         self._hd: np.ndarray | None = None
-        self.vae = vae
+        if decoder is not None and vae is None:
+            raise ValueError("decoder= needs vae= (the encoder of the frames it decodes)")
+        self.vae, self.decoder = vae, decoder if decoder is not None else vae
 
     def get_action_meanings(self) -> list[str]:
         """Names of the nine driving actions, in action-id order."""
@@ -76,7 +81,7 @@ class RealCarRacingEnv(gym.Env):
             self._hd = np.asarray(self.env.render(), dtype=np.uint8)  # (720, 1280, 3)
         small = to_train_res(self._hd)  # (72, 128, 3), the recorder's training frame
         if self.vae is not None:
-            small = decode_latents(self.vae, encode_frames(self.vae, small[None]))[0]  # (72, 128, 3) uint8
+            small = decode_latents(self.decoder, encode_frames(self.vae, small[None]))[0]  # (72, 128, 3) uint8
         return resize_frame(small, self.obs_size[1], self.obs_size[0])
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):

@@ -134,16 +134,18 @@ if args.episodes == 0:
     raise SystemExit(0)
 
 
-def real_returns(act, vae=None) -> tuple[list[float], int]:
+def real_returns(act, world=None) -> tuple[list[float], int]:
     """Returns of ``act(obs) -> actions`` over --episodes real episodes, seeds --eval-seed, +1, ...,
     and how many of them ended early (the car left the playfield: CarRacing's -100) rather than at
     the 250-step limit.
 
-    With ``vae`` the agent sees each real frame encoded and decoded by the world's VAE first.
+    With ``world`` the agent sees each real frame encoded by the world's VAE and decoded as the world's
+    envs decode its observations (its observation decoder if it has one, else the VAE).
     """
     out, ended = [], 0
+    codec = {} if world is None else {"vae": world.vae, "decoder": world.obs_decoder}
     for ep in range(args.episodes):
-        real = stacked(DummyVecEnv([lambda: RealCarRacingEnv(obs_size=(84, 84), vae=vae)]))
+        real = stacked(DummyVecEnv([lambda: RealCarRacingEnv(obs_size=(84, 84), **codec)]))
         real.seed(args.eval_seed + ep)
         obs, total, done = real.reset(), 0.0, False
         while not done:
@@ -157,16 +159,16 @@ def real_returns(act, vae=None) -> tuple[list[float], int]:
 
 rng = np.random.default_rng(args.seed)
 follower = RoadFollower(DRIVING_ACTIONS)
-vae = load_world(world_path(args.world)).vae.eval() if args.train_in == "world" else None
-model.set_random_seed(args.seed)  # after the VAE's construction, which draws from torch's RNG
+world = load_world(world_path(args.world)) if args.train_in == "world" else None
+model.set_random_seed(args.seed)  # after the world's construction, which draws from torch's RNG
 trained = "PPO trained in imagination" if args.train_in == "world" else "PPO trained in the real game"
 rows = {
     trained: real_returns(lambda obs: model.predict(obs, deterministic=False)[0]),
     "the same, greedy": real_returns(lambda obs: model.predict(obs, deterministic=True)[0]),
 }
-if vae is not None:
+if world is not None:
     rows["the same, real frames through the world's VAE"] = real_returns(
-        lambda obs: model.predict(obs, deterministic=False)[0], vae
+        lambda obs: model.predict(obs, deterministic=False)[0], world
     )
 if not args.no_baselines:
     rows["random policy"] = real_returns(lambda obs: rng.integers(9, size=1))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from agents.real_env import RealCarRacingEnv
 
@@ -49,3 +50,13 @@ def test_real_env_through_a_world_vae_shows_its_decoded_frames() -> None:
     assert np.array_equal(through.reset(seed=5)[0], seen)  # deterministic: the posterior mean, no sampling
     plain.close()
     through.close()
+
+    from world_model.vae import ObsDecoder, ObsDecoderConfig  # a world's observation decoder draws instead
+
+    torch.manual_seed(0)
+    dec = ObsDecoder(ObsDecoderConfig(latent_channels=vae.cfg.latent_channels, channels=(4, 4, 4))).eval()
+    drawn, _ = RealCarRacingEnv(obs_size=(84, 84), vae=vae, decoder=dec).reset(seed=5)
+    by_hand = decode_latents(dec, encode_frames(vae, native[None]))
+    assert np.array_equal(drawn, resize_frame(by_hand[0], 84, 84)) and not np.array_equal(drawn, seen)
+    with pytest.raises(ValueError, match="decoder= needs vae="):
+        RealCarRacingEnv(decoder=dec)

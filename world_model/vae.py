@@ -354,10 +354,14 @@ class ObsDecoder(nn.Module):
         self.register_buffer("latent_shift", torch.zeros(cfg.latent_channels))
         self.register_buffer("latent_scale", torch.ones(cfg.latent_channels))
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """(B, Cz, h, w) normalised latents -> (B, 3, 2^n h, 2^n w) frames, roughly in [-1, 1]."""
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, Cz, h, w) normalised latents -> (B, 3, 2^n h, 2^n w) frames in about [-1, 1], as ``FrameVAE.decode``."""
         raw = z * self.latent_scale[:, None, None] + self.latent_shift[:, None, None]  # (B, Cz, h, w)
         return self.to_rgb(self.decoder(raw))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Same as :meth:`decode`."""
+        return self.decode(z)
 
 
 def kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

@@ -291,7 +291,8 @@ class FrameSource(Protocol):
 
 
 def decode_latents(vae: torch.nn.Module, latents: torch.Tensor, batch: int = 64) -> np.ndarray:
-    """Normalised latents (N, C, h, w) -> uint8 frames (N, 72, 128, 3) with the VAE's native decoder."""
+    """Normalised latents (N, C, h, w) -> uint8 frames (N, 72, 128, 3) with the VAE's native decoder (or any
+    module with the same ``decode``, such as a world's observation decoder)."""
     from world_model.vae import tensor_to_frames
 
     device = next(vae.parameters()).device
