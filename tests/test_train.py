@@ -382,7 +382,7 @@ def test_distillation_targets_the_teacher_and_inflates_a_patch_1_parent(data, fo
 
 
 def test_obs_decoder_learns_the_vae_decode_and_serves_agent_observations(
-    data, footage, vae_dir, latents, dit_run, tmp_path
+    data, footage, vae_dir, latents, dit_run, tiny_world_dir, tmp_path
 ):
     """train-obs-decoder: a narrow decoder fitted to the VAE's decode; the world gains it and nothing else
     changes; agent-sized observations come from it (obs_decoder=False: the VAE's), 720p frames from the VAE."""
@@ -391,7 +391,7 @@ def test_obs_decoder_learns_the_vae_decode_and_serves_agent_observations(
     from world_model.checkpoint import load_world
     from world_model.data.latents import latent_space_sha256
     from world_model.simulator import Simulator
-    from world_model.train import build_world, obs_decoder
+    from world_model.train import build_world, obs_decoder, rollouts
     from world_model.vae import ObsDecoder, ObsDecoderConfig, tensor_to_frames
 
     world = tmp_path / "world"
@@ -399,9 +399,13 @@ def test_obs_decoder_learns_the_vae_decode_and_serves_agent_observations(
         "--vae", str(vae_dir), "--dit", str(dit_run / "model"), "--data", str(data), str(footage),
         "--latents", str(latents[0]), str(latents[1]), "--out", str(world), "--starts", "2",
     ])  # fmt: skip
+    gen = tmp_path / "gen"  # latents the world generates, the other kind the decoder meets
+    rollouts.main(["--checkpoint", str(world), "--envs", "2", "--steps", "4", "--skip", "1", "--threads", "1",
+                   "--out", str(gen)])  # fmt: skip
     out = tmp_path / "world_obs"
     argv = ["--world", str(world), "--latents", str(latents[0]), str(latents[1]), "--out", str(out),
-            "--channels", "4", "4", "4", "--steps", "150", "--batch-size", "16", "--lr", "1e-2", "--warmup", "5"]
+            "--channels", "4", "4", "4", "--steps", "150", "--batch-size", "16", "--lr", "1e-2", "--warmup", "5",
+            "--gen-latents", str(gen)]
     torch.manual_seed(0)
     obs_decoder.main(argv)
     src, got = load_world(world), load_world(out)
@@ -415,12 +419,15 @@ def test_obs_decoder_learns_the_vae_decode_and_serves_agent_observations(
     fresh = ObsDecoder(ObsDecoderConfig(latent_channels=4, channels=(4, 4, 4)))  # untrained, same statistics
     fresh.latent_shift.copy_(src.vae.latent_shift)
     fresh.latent_scale.copy_(src.vae.latent_scale)
-    pool, _ = obs_decoder.load_pool(obs_decoder.Args(world=world, latents=latents, out=out),
-                                    latent_space_sha256(world), (4, 9, 16))  # fmt: skip
-    held = pool[:: obs_decoder.HELDOUT_EVERY]  # the report's held-out latents
+    pools, _ = obs_decoder.load_pool(obs_decoder.Args(world=world, latents=latents, out=out),
+                                     latent_space_sha256(world), (4, 9, 16))  # fmt: skip
+    held = pools["recorded"][:: obs_decoder.HELDOUT_EVERY]  # the report's held-out latents
     before = obs_decoder.compare(src.vae, fresh, held, False, torch.device("cpu"))
-    assert report["psnr_native_db"] > before["psnr_native_db"] + 3.0  # it learnt the VAE's decode
-    assert report["psnr_84_db"] >= report["psnr_native_db"] - 1.0  # resizing down does not add error
+    after = report["heldout_recorded"]
+    assert after["latents"] == len(held) and report["heldout_generated"]["latents"] == 1  # 6 generated: 1 held out
+    assert after["psnr_native_db"] > before["psnr_native_db"] + 3.0  # it learnt the VAE's decode
+    assert after["psnr_84_db"] >= after["psnr_native_db"] - 1.0  # resizing down does not add error
+    assert 0.0 <= after["follower_same_action"] <= 1.0 and report["obs_decoder_ms"] > 0
 
     z = torch.randn(3, 4, 9, 16)
     sim, plain = Simulator(got, 3, obs_decoder=True), Simulator(got, 3)
@@ -435,8 +442,10 @@ def test_obs_decoder_learns_the_vae_decode_and_serves_agent_observations(
 
     with pytest.raises(UsageError, match="one width per upsampling"):
         obs_decoder.main([*argv[:7], "--channels", "4", "4", "--steps", "1"])
+    with pytest.raises(UsageError, match="latent space"):  # generated latents of another world's latent space
+        obs_decoder.main(["--world", str(tiny_world_dir), "--gen-latents", str(gen), "--out", str(tmp_path / "x")])
     with pytest.raises(UsageError, match="--gen-latents"):
-        obs_decoder.main(["--world", str(world), "--out", str(tmp_path / "none"), "--latents"])
+        obs_decoder.main(["--world", str(world), "--out", str(tmp_path / "none")])
 
 
 def test_hr_only_retrains_the_720p_head_and_nothing_else(data, vae_dir, tmp_path):

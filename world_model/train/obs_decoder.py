@@ -10,9 +10,10 @@ episodes (``encode-latents`` caches) and, with ``--gen-latents``, on latents the
 with the decoder added (VAE, DiT, heads, starts, sampler unchanged; the command appended to its
 recipe); the env then uses it for agent-sized observations (``obs_decoder=False`` turns it off).
 
-The report compares the two decoders on held-out latents (every 20th latent of the pool, never
-trained on) in PSNR against the VAE's decode, at the native size and at 84x84 after the env's
-resize, and times both at batch 16. The run takes minutes on a CPU; a killed run is simply rerun
+The report compares the two decoders on held-out latents (every 20th recorded and every 20th
+generated latent, never trained on): PSNR against the VAE's decode at the native size and at 84x84
+after the env's resize, and how often the road follower picks the same action from the two 84x84
+frames; and it times both decoders at batch 16. The run takes minutes on a CPU; a killed run is simply rerun
 (the world is written atomically at the end, nothing partial is left).
 """
 
@@ -41,10 +42,10 @@ class Args:
 
     world: Path
     """The world whose VAE ``decode`` is the target and that gets the decoder."""
-    latents: tuple[Path, ...]
-    """Latent caches of recorded episodes (``encode-latents`` with this world's VAE or latent space)."""
     out: Path
     """Where the world with the decoder is written (may equal --world: replaced atomically)."""
+    latents: tuple[Path, ...] = ()
+    """Latent caches of recorded episodes (``encode-latents`` with this world's VAE or latent space)."""
     gen_latents: tuple[Path, ...] = ()
     """Generated latents (``matrix-world rollout-latents`` of a world in the same latent space)."""
     channels: tuple[int, ...] = (16, 32, 64)
@@ -65,8 +66,9 @@ class Args:
     """Torch device."""
 
 
-def load_pool(args: Args, latent_space: str, shape: tuple[int, ...]) -> tuple[torch.Tensor, list[dict]]:
-    """Every latent of the caches and generated sets, (N, C, h, w) float32, checked against the world.
+def load_pool(args: Args, latent_space: str, shape: tuple[int, ...]) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Every latent of the caches ("recorded") and of the generated sets ("generated"), each (N, C, h, w)
+    float32, checked against the world.
 
     Raises:
         UsageError: no source, a cache of another latent space or shape.
@@ -76,7 +78,8 @@ def load_pool(args: Args, latent_space: str, shape: tuple[int, ...]) -> tuple[to
 
     if not args.latents and not args.gen_latents:
         raise UsageError("give --latents (encode-latents caches) and/or --gen-latents (rollout-latents sets)")
-    parts, sources = [], []
+    parts: dict[str, list[torch.Tensor]] = {"recorded": [], "generated": []}
+    sources = []
     for cache in args.latents:
         cache = Path(cache).expanduser()
         info = read_info(cache)
@@ -88,13 +91,13 @@ def load_pool(args: Args, latent_space: str, shape: tuple[int, ...]) -> tuple[to
         files = sorted((cache / "episodes").glob(f"*/{LATENTS_FILE}"))
         if not files:
             raise UsageError(f"--latents {str(cache)!r} holds no encoded episodes")
-        parts += [torch.from_numpy(np.load(f).astype(np.float32)) for f in files]  # (S+1, C, h, w) each
+        parts["recorded"] += [torch.from_numpy(np.load(f).astype(np.float32)) for f in files]  # (S+1, C, h, w)
         sources.append({"path": str(cache), "episodes": len(files)})
     for path in args.gen_latents:
         z, info = rollouts.load(path, latent_space, shape)
-        parts.append(z)
+        parts["generated"].append(z)
         sources.append({"path": info["path"], "latents": len(z), "command": info.get("command")})
-    return torch.cat(parts), sources  # (N, C, h, w)
+    return {k: torch.cat(v) for k, v in parts.items() if v}, sources
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -111,10 +114,13 @@ def resized(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def compare(vae: torch.nn.Module, dec: torch.nn.Module, z: torch.Tensor, bf16: bool, device: torch.device) -> dict:
-    """PSNR of ``dec`` against the VAE's decode on ``z`` (native and 84x84), and both decoders' ms at batch 16."""
+    """``dec`` against the VAE's decode on latents ``z`` (N, C, h, w): PSNR at the native size and at 84x84,
+    and how often the road follower picks the same action from the two 84x84 frames."""
+    from world_model.actions import DRIVING_ACTIONS
+    from world_model.road_follower import RoadFollower
     from world_model.train.common import autocast
+    from world_model.vae import tensor_to_frames
 
-    out: dict = {"latents": len(z)}
     ref, got = [], []
     with autocast(device, bf16):
         for i in range(0, len(z), 64):
@@ -122,8 +128,22 @@ def compare(vae: torch.nn.Module, dec: torch.nn.Module, z: torch.Tensor, bf16: b
             ref.append(vae.decode(zb).float().cpu())
             got.append(dec(zb).float().cpu())
     ref_t, got_t = torch.cat(ref), torch.cat(got)  # (N, 3, H, W)
-    out["psnr_native_db"] = psnr(got_t, ref_t)
-    out["psnr_84_db"] = psnr(resized(got_t), resized(ref_t))
+    follower = RoadFollower(DRIVING_ACTIONS)
+    same = follower(tensor_to_frames(resized(got_t)).numpy()) == follower(tensor_to_frames(resized(ref_t)).numpy())
+    return {
+        "latents": len(z),
+        "psnr_native_db": psnr(got_t, ref_t),
+        "psnr_84_db": psnr(resized(got_t), resized(ref_t)),
+        "follower_same_action": float(same.mean()),
+    }
+
+
+@torch.no_grad()
+def decode_ms(vae: torch.nn.Module, dec: torch.nn.Module, z: torch.Tensor, bf16: bool, device: torch.device) -> dict:
+    """Milliseconds per call of the VAE's decode and of ``dec`` on a batch of 16 latents (5 calls after one)."""
+    from world_model.train.common import autocast
+
+    out = {}
     zb = z[:16].to(device)
     for name, fn in (("vae_decode_ms", vae.decode), ("obs_decoder_ms", dec)):
         with autocast(device, bf16):
@@ -162,10 +182,10 @@ def train(args: Args, command: list[str] | None = None) -> dict:
             f"({vae.cfg.channels}); give one width per upsampling"
         )
     shape = (vae.cfg.latent_channels, *vae.cfg.latent_hw)
-    pool, sources = load_pool(args, latent_space_sha256(world_dir), shape)  # (N, C, h, w)
-    held = torch.zeros(len(pool), dtype=torch.bool)
-    held[::HELDOUT_EVERY] = True
-    train_z, eval_z = pool[~held], pool[held]  # (N_train, C, h, w), (N_eval, C, h, w)
+    pools, sources = load_pool(args, latent_space_sha256(world_dir), shape)  # kind -> (N, C, h, w)
+    held = {k: torch.arange(len(z)) % HELDOUT_EVERY == 0 for k, z in pools.items()}  # every 20th of each kind
+    train_z = torch.cat([z[~held[k]] for k, z in pools.items()])  # (N_train, C, h, w)
+    eval_z = {k: z[held[k]] for k, z in pools.items()}  # kind -> (N_eval, C, h, w)
 
     torch.manual_seed(args.seed)
     cfg = ObsDecoderConfig(latent_channels=shape[0], channels=tuple(args.channels))
@@ -175,7 +195,8 @@ def train(args: Args, command: list[str] | None = None) -> dict:
     opt = torch.optim.AdamW(dec.parameters(), lr=args.lr, betas=(0.9, 0.99))
     gen = torch.Generator().manual_seed(args.seed)
     print(f"train-obs-decoder: {sum(p.numel() for p in dec.parameters()) / 1e3:.0f}k params, "
-          f"{len(train_z)} training / {len(eval_z)} held-out latents", flush=True)
+          f"{len(train_z)} training latents, held out: {', '.join(f'{len(z)} {k}' for k, z in eval_z.items())}",
+          flush=True)
     t0 = time.monotonic()
     for step in range(args.steps):
         idx = torch.randint(len(train_z), (args.batch_size,), generator=gen)  # (B,)
@@ -193,10 +214,11 @@ def train(args: Args, command: list[str] | None = None) -> dict:
             print(f"step {step + 1}/{args.steps} L1 {float(loss.detach()):.4f} ({took:.0f} s)", flush=True)
     dec.eval().requires_grad_(False)
 
-    report = compare(vae, dec, eval_z, args.bf16, device)
-    report.update(steps=args.steps, train_latents=len(train_z), sources=sources,
-                  minutes=(time.monotonic() - t0) / 60.0)
-    print(json.dumps({k: v for k, v in report.items() if k != "sources"}, indent=1), flush=True)
+    report = {f"heldout_{k}": compare(vae, dec, z, args.bf16, device) for k, z in eval_z.items()}
+    report.update(decode_ms(vae, dec, train_z, args.bf16, device), channels=list(args.channels), steps=args.steps,
+                  train_latents=len(train_z), minutes=(time.monotonic() - t0) / 60.0)
+    print(json.dumps(report, indent=1), flush=True)
+    report["sources"] = sources
     world.obs_decoder = dec
     world.meta = {**world.meta, "obs_decoder": report}
     save_world(out, world, copied_recipe(world_dir, command))
