@@ -191,7 +191,7 @@ def test_shipped_world_turns_the_road_the_right_way(name: str) -> None:
     float32): default 8 of 8 streams, mean shift 0.037; hold 8 of 8, 0.044."""
     errors = {}
     for act in ("DL", "DR"):
-        envs = gym.make_vec("MatrixWorld-v0", num_envs=8, world=name, obs_size=(72, 128))
+        envs = gym.make_vec("MatrixWorld-v0", num_envs=8, world=name, obs_size=(72, 128), obs_decoder=False)
         try:
             obs, _ = envs.reset(seed=11)
             ids = np.full(8, envs.unwrapped.get_action_meanings().index(act))
