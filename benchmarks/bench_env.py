@@ -63,7 +63,8 @@ class BenchArgs:
     obs_decoders: tuple[bool, ...] = (True,)
     """For the 84x84 rows: decode observations with the world's observation decoder when it has one
     (``train-obs-decoder``; True, the envs' default) or with the VAE (False); ``--obs-decoders True False``
-    gives adjacent rows measured in the same run (the VAE's marked "(VAE)" in the obs column)."""
+    gives adjacent rows measured in the same run. The obs column names the decoder a row actually used
+    when it is not the VAE's ("(obs decoder)"); 720p rows are measured once (always the VAE's)."""
     parts: bool = False
     """Where a vector-env step's time goes: time the DiT calls and the observation decode inside each
     batched step (ms per batch step; "rest" is the heads, the sampler's own ops and the env)."""
@@ -138,8 +139,8 @@ def bench_carracing(steps: int, frame_skip: int = FRAME_SKIP) -> float:
 
 def bench_single(
     args: BenchArgs, obs_size: tuple[int, int], steps: int, backend: str = "torch", obs_decoder: bool = True
-) -> float:
-    """Env steps/s of one MatrixWorldEnv."""
+) -> tuple[float, str]:
+    """Env steps/s of one MatrixWorldEnv and the decoder its observations came from."""
     from matrix_env.env import MatrixWorldEnv
 
     env = MatrixWorldEnv(
@@ -161,7 +162,7 @@ def bench_single(
         if terminated or truncated:
             env.reset()
 
-    return steps / time_steps(step, steps)
+    return steps / time_steps(step, steps), env.sim.decoder_name(obs_size)
 
 
 def timed(obj: object, name: str, totals: dict[str, float], key: str, sync) -> None:
@@ -186,9 +187,9 @@ def bench_vector(
     steps: int,
     backend: str = "torch",
     obs_decoder: bool = True,
-) -> tuple[float, dict[str, float] | None]:
-    """Env steps/s (all sub-envs together) of one MatrixWorldVectorEnv, and with ``--parts`` the ms per
-    batched step of its DiT calls, its observation decode and the rest."""
+) -> tuple[float, dict[str, float] | None, str]:
+    """Env steps/s (all sub-envs together) of one MatrixWorldVectorEnv, with ``--parts`` the ms per
+    batched step of its DiT calls, its observation decode and the rest, and the decoder of its observations."""
     import torch
 
     from matrix_env.vector import MatrixWorldVectorEnv
@@ -228,7 +229,7 @@ def bench_vector(
     if args.parts:
         ms = {k: 1000 * v / steps for k, v in totals.items()}
         parts = {**ms, "rest": 1000 * seconds / steps - ms["dit"] - ms["decode"]}
-    return num_envs * steps / seconds, parts
+    return num_envs * steps / seconds, parts, envs.sim.decoder_name(obs_size)
 
 
 def check_backends(args: BenchArgs) -> None:
@@ -299,22 +300,22 @@ def run(args: BenchArgs) -> list[dict[str, object]]:
             }
         )
     for (name, n, size), backend, obs_dec in itertools.product(configs, args.backends, args.obs_decoders):
-        if size == hd and not obs_dec:  # 720p frames always come from the VAE
+        if size == hd and obs_dec != args.obs_decoders[0]:  # 720p frames always come from the VAE: once
             continue
         reset_gpu_peak(args.device)
         parts = None
         if n is None:
-            rate = bench_single(args, size, steps, backend, obs_dec)
+            rate, decoder = bench_single(args, size, steps, backend, obs_dec)
             batch = 1
         else:
-            rate, parts = bench_vector(args, n, size, max(2, steps // max(1, n // 4)), backend, obs_dec)
+            rate, parts, decoder = bench_vector(args, n, size, max(2, steps // max(1, n // 4)), backend, obs_dec)
             batch = n
         rows.append(
             {
                 "env": name,
                 "backend": backend,
                 "num_envs": batch,
-                "obs": f"{size[0]}x{size[1]}" + ("" if obs_dec else " (VAE)"),
+                "obs": f"{size[0]}x{size[1]}" + (" (obs decoder)" if decoder == "observation decoder" else ""),
                 "steps_s": rate,
                 "ms_step": 1000 * batch / rate,
                 "rss": peak_rss_mib(),

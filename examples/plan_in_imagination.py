@@ -76,7 +76,8 @@ def main() -> None:
           "sampler": None if args.ctx_noise is None else {"ctx_noise": args.ctx_noise}}
     try:  # a bad --world, --device or sampler setting: one line, not a traceback
         if args.act_in == "world":
-            env = MatrixWorldEnv(world=args.world, obs_size=NATIVE, **kw)
+            # the VAE's frames, as the real game's row is scored from (no observation decoder)
+            env = MatrixWorldEnv(world=args.world, obs_size=NATIVE, obs_decoder=False, **kw)
             anchor = env
         else:
             from agents.real_env import RealCarRacingEnv

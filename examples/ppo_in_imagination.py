@@ -167,7 +167,7 @@ rows = {
     "the same, greedy": real_returns(lambda obs: model.predict(obs, deterministic=True)[0]),
 }
 if world is not None:
-    rows["the same, real frames through the world's VAE"] = real_returns(
+    rows["the same, real frames encoded and decoded as the world's envs do"] = real_returns(
         lambda obs: model.predict(obs, deterministic=False)[0], world
     )
 if not args.no_baselines:

@@ -81,6 +81,12 @@ def test_bench_env_obs_decoders_side_by_side(tiny_obs_world_dir: Path, capsys: p
     assert bench_env.main(argv) == 0
     rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| MatrixWorld")]
     small = [(r[0], r[2], r[3]) for r in rows if r[3].startswith("84x84")]
-    assert small[:2] == [("| MatrixWorldEnv", "1", "84x84"), ("| MatrixWorldEnv", "1", "84x84 (VAE)")]
-    assert ("| MatrixWorldVectorEnv", "4", "84x84 (VAE)") in small  # --quick: 1 and 4 envs
+    assert small[:2] == [("| MatrixWorldEnv", "1", "84x84 (obs decoder)"), ("| MatrixWorldEnv", "1", "84x84")]
+    assert ("| MatrixWorldVectorEnv", "4", "84x84") in small  # --quick: 1 and 4 envs
     assert sum(r[3] == "720x1280" for r in rows) == 2  # 720p rows once each (single, vector): always the VAE's
+
+    # the VAE alone still measures 720p; a world without an observation decoder is labelled by what it used
+    capsys.readouterr()
+    assert bench_env.main([*argv[:-4], "--obs-decoders", "False", "--quick"]) == 0
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| MatrixWorld")]
+    assert sum(r[3] == "720x1280" for r in rows) == 2 and not any("obs decoder" in r[3] for r in rows)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -323,6 +324,7 @@ def test_dit_warm_start_loads_parent_weights_and_records_lineage(data, footage, 
 
 def test_patch_inflation_computes_the_parent_on_the_pooled_latent():
     """inflate_patch: on a latent constant over each 2x2 patch, the inflated DiT is the parent on the pooled latent."""
+    import torch.nn.functional as F
 
     from world_model.dit import VideoDiT, get_preset
     from world_model.train.dit import inflate_patch
@@ -347,14 +349,16 @@ def test_patch_inflation_computes_the_parent_on_the_pooled_latent():
         got = student(big, levels, tokens, mask)  # (B, T, C, 8, 8)
     torch.testing.assert_close(got, want.repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1))
     assert got.abs().mean() > 0.1  # not a trivially zero output
-    with torch.no_grad():  # and on a latent that is not patch-constant the student is not the parent
-        x = torch.randn(b, t, 4, 8, 8)
-        assert (student(x, levels, tokens, mask) - parent(x, levels, tokens, mask)).abs().mean() > 1e-3
+    with torch.no_grad():  # on any latent the student reads each patch's mean: the parent on the 2x2-pooled latent
+        x = torch.randn(b, t, 4, 8, 8)  # (B, T, C, 8, 8), not patch-constant
+        pooled = F.avg_pool2d(x.flatten(0, 1), 2).unflatten(0, (b, t))  # (B, T, C, 4, 4)
+        want = pooled_parent(pooled, levels, tokens, mask).repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1)
+        torch.testing.assert_close(student(x, levels, tokens, mask), want)
 
 
 def test_distillation_targets_the_teacher_and_inflates_a_patch_1_parent(data, footage, latents, dit_run, tmp_path):
     """--teacher: a student equal to its teacher has zero distillation loss; --patch 2 inflates the parent."""
-    from world_model.train import dit
+    from world_model.train import common, dit
 
     parent = dit_run / "model"
     run = tmp_path / "self"
@@ -364,6 +368,7 @@ def test_distillation_targets_the_teacher_and_inflates_a_patch_1_parent(data, fo
     assert summary["eval"]["eval/distill"] < 1e-10 < 1e-3 < summary["eval"]["eval/flow"]
     parent_cmd = json.loads((parent / "train_dit.json").read_text())["command"]
     assert summary["teacher"]["command"] == parent_cmd
+    assert common.stage_commands(summary) == [parent_cmd, summary["command"]]  # the teacher's lineage, once
 
     run = tmp_path / "patch2"
     dit.main(dit_args((data, footage), latents, run, "--init-from", str(parent), "--teacher", str(parent),
@@ -373,12 +378,30 @@ def test_distillation_targets_the_teacher_and_inflates_a_patch_1_parent(data, fo
     assert all(torch.equal(before[k], after[k]) for k in before if k.split(".")[0] not in ("patch_embed", "final"))
     torch.testing.assert_close(after["patch_embed.weight"], before["patch_embed.weight"].repeat_interleave(4, 1) / 4)
     torch.testing.assert_close(after["final.weight"], before["final.weight"].repeat_interleave(4, 0))
+    torch.testing.assert_close(after["final.bias"], before["final.bias"].repeat_interleave(4, 0))
     got = json.loads((run / "model" / "train_dit.json").read_text())["eval"]
     assert 1e-6 < got["eval/distill"] < got["eval/flow"]  # close to the teacher, not equal to it
 
     with pytest.raises(UsageError, match="at most 16 frames"):
         dit.main([*dit_args((data, footage), latents, tmp_path / "long", "--teacher", str(parent)),
                   "--window", "17"])  # fmt: skip
+
+    acausal = tmp_path / "acausal"  # the parent with full temporal attention: velocities that read the future
+    shutil.copytree(parent, acausal)
+    cfg = json.loads((acausal / "dit_config.json").read_text())
+    (acausal / "dit_config.json").write_text(json.dumps({**cfg, "causal": False}))
+    with pytest.raises(UsageError, match="causal=False"):
+        dit.main(dit_args((data, footage), latents, tmp_path / "ac", "--teacher", str(acausal)))
+
+    other = tmp_path / "other_controls"  # a teacher that reads other control rows than the warm start's
+    shutil.copytree(parent, other)
+    table, sentences = dit.load_control_table(other / dit.CONTROL_TABLE_FILE)
+    dit.save_control_table(other / dit.CONTROL_TABLE_FILE, type(table)(table.tokens * 2, table.mask, table.pooled),
+                           sentences, {})  # fmt: skip
+    with pytest.raises(UsageError, match="control table's tokens differ"):
+        dit.main(dit_args((data, footage), latents, tmp_path / "ct", "--init-from", str(parent),
+                          "--teacher", str(other)))  # fmt: skip
+    assert not (tmp_path / "ct" / dit.CONTROL_TABLE_FILE).exists()  # refused before the run dir held a table
 
 
 def test_obs_decoder_learns_the_vae_decode_and_serves_agent_observations(
@@ -419,12 +442,18 @@ def test_obs_decoder_learns_the_vae_decode_and_serves_agent_observations(
     fresh = ObsDecoder(ObsDecoderConfig(latent_channels=4, channels=(4, 4, 4)))  # untrained, same statistics
     fresh.latent_shift.copy_(src.vae.latent_shift)
     fresh.latent_scale.copy_(src.vae.latent_scale)
-    pools, _ = obs_decoder.load_pool(obs_decoder.Args(world=world, latents=latents, out=out),
+    pools, _ = obs_decoder.load_pool(obs_decoder.Args(world=world, latents=latents, gen_latents=(gen,), out=out),
                                      latent_space_sha256(world), (4, 9, 16))  # fmt: skip
-    held = pools["recorded"][:: obs_decoder.HELDOUT_EVERY]  # the report's held-out latents
+    episodes = pools["recorded"]  # one (S+1, C, h, w) per recorded episode
+    trained, held = obs_decoder.split(episodes, "recorded")  # the report's held-out latents: whole episodes
+    assert len(held) == sum(len(e) for e in episodes[:: obs_decoder.HELDOUT_EVERY])
+    assert torch.equal(held[0], episodes[0][0])  # the first episode is held out, whole
+    assert len(trained) + len(held) == sum(len(e) for e in episodes)
     before = obs_decoder.compare(src.vae, fresh, held, False, torch.device("cpu"))
     after = report["heldout_recorded"]
-    assert after["latents"] == len(held) and report["heldout_generated"]["latents"] == 1  # 6 generated: 1 held out
+    assert after["latents"] == len(held) and report["heldout_generated"]["latents"] == 3  # 2 streams of 3: one held out
+    with pytest.raises(UsageError, match="1 generated streams"):
+        obs_decoder.split(pools["generated"][:1], "generated")
     assert after["psnr_native_db"] > before["psnr_native_db"] + 3.0  # it learnt the VAE's decode
     assert after["psnr_84_db"] >= after["psnr_native_db"] - 1.0  # resizing down does not add error
     assert 0.0 <= after["follower_same_action"] <= 1.0 and report["obs_decoder_ms"] > 0
@@ -439,6 +468,8 @@ def test_obs_decoder_learns_the_vae_decode_and_serves_agent_observations(
         assert torch.equal(plain.decode(z, (20, 20)), Simulator(src, 3, obs_decoder=True).decode(z, (20, 20)))
         assert torch.equal(sim.decode(z, "native"), plain.decode(z, "native"))  # what the evaluations read
         assert torch.equal(sim.decode(z, "720p"), plain.decode(z, "720p"))
+    assert (sim.decoder_name((20, 20)), plain.decoder_name((20, 20))) == ("observation decoder", "VAE")
+    assert (sim.decoder_name("native"), sim.decoder_name("720p")) == ("VAE", "VAE high-res")
 
     with pytest.raises(UsageError, match="one width per upsampling"):
         obs_decoder.main([*argv[:7], "--channels", "4", "4", "--steps", "1"])

@@ -179,8 +179,8 @@ class Simulator:
             )
         self.vae = world.vae.to(self.device).eval()
         # agent-sized frames: the world's narrow decoder if it has one, else the VAE's
-        use_obs = obs_decoder and world.obs_decoder is not None
-        self._decode_small = world.obs_decoder.to(self.device).eval() if use_obs else self.vae.decode
+        self._uses_obs_decoder = obs_decoder and world.obs_decoder is not None
+        self._decode_small = world.obs_decoder.to(self.device).eval() if self._uses_obs_decoder else self.vae.decode
         self.dit = world.dit.to(self.device).eval()
         self._context_fn = self._encode_context if context_cache and self.dit.cfg.causal else None
         self._dit_fn = self._full_window_fn(backend, compile_model)
@@ -502,6 +502,35 @@ class Simulator:
         self.state.write(idx, state)
         return self.latest.clone()
 
+    def _decoder(self, size: FrameSize) -> tuple[tuple[int, int], Callable[[torch.Tensor], torch.Tensor], str]:
+        """The (h, w) of ``size``, the decoder that makes frames of it and that decoder's name.
+
+        Raises:
+            UsageError: a size that is none of "720p", "native", an int n or (h, w) with h, w >= 1.
+        """
+        native, hr = self.native_hw, self.hr_hw
+        if size == "720p":
+            hw = hr
+        elif size == "native":
+            return native, self.vae.decode, "VAE"
+        else:  # (h, w), or an int n for (n, n)
+            try:
+                pair = isinstance(size, tuple | list)
+                hw = tuple(map(operator.index, size)) if pair else (operator.index(size),) * 2
+            except TypeError:  # not an int, nor a pair of ints (numpy ints count as ints)
+                hw = ()
+            if len(hw) != 2 or min(hw) < 1:
+                raise UsageError(
+                    f"frame size must be '720p', 'native', an int n or (h, w) with h, w >= 1, got {size!r}"
+                )
+        if hw != hr and hw[0] <= HR_THRESHOLD * native[0] and hw[1] <= HR_THRESHOLD * native[1]:
+            return hw, self._decode_small, "observation decoder" if self._uses_obs_decoder else "VAE"
+        return hw, self.vae.decode_hr, "VAE high-res"
+
+    def decoder_name(self, size: FrameSize) -> str:
+        """Which decoder makes frames of ``size``: "observation decoder", "VAE" or "VAE high-res"."""
+        return self._decoder(size)[2]
+
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor, size: FrameSize = "720p") -> torch.Tensor:
         """Decode latents to uint8 frames on the device.
@@ -521,30 +550,10 @@ class Simulator:
         Returns:
             (B, h, w, 3) uint8.
         """
-        native, hr = self.native_hw, self.hr_hw
-        decode_small = self._decode_small  # an observation's decoder
-        if size == "720p":
-            hw = hr
-        elif size == "native":
-            hw, decode_small = native, self.vae.decode
-        else:  # (h, w), or an int n for (n, n)
-            try:
-                pair = isinstance(size, tuple | list)
-                hw = tuple(map(operator.index, size)) if pair else (operator.index(size),) * 2
-            except TypeError:  # not an int, nor a pair of ints (numpy ints count as ints)
-                hw = ()
-            if len(hw) != 2 or min(hw) < 1:
-                raise UsageError(
-                    f"frame size must be '720p', 'native', an int n or (h, w) with h, w >= 1, got {size!r}"
-                )
+        hw, decoder, _ = self._decoder(size)
         latents = latents.to(self.device, torch.float32)
         with self._autocast():
-            if hw == hr:
-                x = self.vae.decode_hr(latents)  # (B, 3, *hr)
-            elif hw[0] <= HR_THRESHOLD * native[0] and hw[1] <= HR_THRESHOLD * native[1]:
-                x = decode_small(latents)  # (B, 3, *native): the observation decoder or the VAE's
-            else:
-                x = self.vae.decode_hr(latents)  # (B, 3, *hr)
+            x = decoder(latents)  # (B, 3, *native) or (B, 3, *hr)
         x = x.float()
         if tuple(x.shape[-2:]) != hw:
             x = F.interpolate(

@@ -458,18 +458,27 @@ def read_summary(model_dir: Path, summary_file: str) -> dict | None:
 
 
 def stage_commands(summary: dict) -> list[list[str]]:
-    """The commands that produced a model, warm-start parents first (follows ``init_from``).
+    """The commands that produced a model, parents first (follows ``init_from`` and ``teacher``).
 
     A world parent (``world_recipe``, see :func:`parent_summary`) contributes its whole recipe, and
     so does the world of every generated-latent set a ``train-vae --gen-latents`` run used, followed
-    by its ``rollout-latents`` command.
+    by its ``rollout-latents`` command. A distilled DiT's teacher (``train-dit --teacher``) contributes
+    its own lineage before the student's command. A command reached twice (the same world as
+    warm start and teacher) is listed once, at its first place.
     """
-    parent = summary.get("init_from")
+    parents = [summary.get(k) for k in ("init_from", "teacher")]
     own = [summary["command"]] if summary.get("command") else []
     gen = summary.get("gen_latents") or []
     rollouts = [c for g in gen for c in [*g.get("world_recipe", []), g.get("command")] if c]
-    return [*summary.get("world_recipe", []), *(stage_commands(parent) if isinstance(parent, dict) else []),
-            *rollouts, *own]
+    lineage = [c for parent in parents if isinstance(parent, dict) for c in stage_commands(parent)]
+    commands = [*summary.get("world_recipe", []), *lineage, *rollouts, *own]
+    seen: set[tuple[str, ...]] = set()
+    unique = []
+    for c in commands:
+        if tuple(c) not in seen:
+            seen.add(tuple(c))
+            unique.append(c)
+    return unique
 
 
 # ----------------------------------------------------------------------------- config

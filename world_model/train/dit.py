@@ -554,6 +554,23 @@ def inflate_patch(state: dict[str, torch.Tensor], patch: int) -> dict[str, torch
     return out
 
 
+def check_teacher_controls(teacher_dir: Path, table: ControlEmbeddings, sentences: list[str], what: str) -> None:
+    """The teacher must read the same control rows as the student (tokens, mask, pooled and sentences):
+    its velocity for "turn left" is the student's target for "turn left".
+
+    Raises:
+        UsageError: the teacher's control table differs, naming the part.
+    """
+    theirs, their_sentences = load_control_table(Path(teacher_dir).expanduser() / CONTROL_TABLE_FILE)
+    if their_sentences != sentences:
+        raise UsageError(f"--teacher {teacher_dir}: its control table encodes other sentences than {what}")
+    for part in ("tokens", "mask", "pooled"):
+        a, b = getattr(theirs, part), getattr(table, part)
+        if a.shape != b.shape or not torch.equal(a.float().cpu(), b.float().cpu()):
+            raise UsageError(f"--teacher {teacher_dir}: its control table's {part} differ from {what}; give the "
+                             "teacher's table (--control-table TEACHER) or train the student with the same --text")
+
+
 def load_teacher(model_dir: Path, dit_cfg: object, window: int, device: torch.device) -> nn.Module:
     """The frozen teacher DiT of ``--teacher`` (a train-dit model dir or a world dir), checked against this run."""
     from world_model.checkpoint import load_module
@@ -564,6 +581,9 @@ def load_teacher(model_dir: Path, dit_cfg: object, window: int, device: torch.de
         got, want = getattr(teacher.cfg, k), getattr(dit_cfg, k)
         if tuple(np.atleast_1d(got)) != tuple(np.atleast_1d(want)):
             raise UsageError(f"--teacher {model_dir}: its DiT has {k}={got!r}, this run's data needs {want!r}")
+    if dit_cfg.causal and not teacher.cfg.causal:
+        raise UsageError(f"--teacher {model_dir}: its DiT attends to future frames (causal=False); a block-causal "
+                         "student cannot match velocities that read frames it never sees; use a causal teacher")
     if teacher.cfg.max_frames < window:
         raise UsageError(f"--teacher {model_dir}: its DiT takes at most {teacher.cfg.max_frames} frames, "
                          f"this run's windows have {window}")
@@ -668,6 +688,8 @@ def train(args: Args, command: list[str] | None = None) -> dict:
                 raise UsageError(f"control table {reuse} encodes other sentences than this data's")
         else:
             table = build_control_table(sentences, args.text)
+        if args.teacher is not None:  # checked before the run dir holds a table the teacher cannot read
+            check_teacher_controls(args.teacher, table, sentences, f"the one chosen for this run ({reuse or 'new'})")
         save_control_table(table_path, table, sentences, common.to_jsonable(args.text))
     common.barrier()
     table, stored = load_control_table(table_path)
@@ -675,10 +697,8 @@ def train(args: Args, command: list[str] | None = None) -> dict:
         raise UsageError(
             f"{table_path} encodes other sentences than this data's action table; use a new --run-dir"
         )
-    if args.teacher is not None:
-        teacher_table, _ = load_control_table(Path(args.teacher).expanduser() / CONTROL_TABLE_FILE)
-        if not torch.equal(teacher_table.pooled.float(), table.pooled.float()):
-            raise UsageError(f"--teacher {args.teacher}: its control table differs from this run's ({table_path})")
+    if args.teacher is not None:  # a resumed run (or another rank) with a teacher given now
+        check_teacher_controls(args.teacher, table, sentences, f"this run's {table_path}")
     table = table.to(info.device)
 
     common.seed_everything(args.seed)  # same init on every rank

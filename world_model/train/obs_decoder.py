@@ -10,11 +10,13 @@ episodes (``encode-latents`` caches) and, with ``--gen-latents``, on latents the
 with the decoder added (VAE, DiT, heads, starts, sampler unchanged; the command appended to its
 recipe); the env then uses it for agent-sized observations (``obs_decoder=False`` turns it off).
 
-The report compares the two decoders on held-out latents (every 20th recorded and every 20th
-generated latent, never trained on): PSNR against the VAE's decode at the native size and at 84x84
-after the env's resize, and how often the road follower picks the same action from the two 84x84
-frames; and it times both decoders at batch 16. The run takes minutes on a CPU; a killed run is simply rerun
-(the world is written atomically at the end, nothing partial is left).
+The report compares the two decoders on held-out latents, never trained on: every 20th recorded
+episode and every 20th generated stream, whole (a neighbouring frame of the same drive would make the
+score optimistic). It gives the PSNR of the uint8 frames against the VAE's float32 decode at the
+native size and at 84x84 after the env's resize, and how often the road follower picks the same
+action from the two 84x84 frames; and it times both decoders at batch 16. The target is always the
+VAE's float32 decode (``--bf16`` speeds up the student only). The run takes minutes on a CPU; a
+killed run is simply rerun (the world is written atomically at the end, nothing partial is left).
 """
 
 from __future__ import annotations
@@ -66,9 +68,11 @@ class Args:
     """Torch device."""
 
 
-def load_pool(args: Args, latent_space: str, shape: tuple[int, ...]) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """Every latent of the caches ("recorded") and of the generated sets ("generated"), each (N, C, h, w)
-    float32, checked against the world.
+def load_pool(
+    args: Args, latent_space: str, shape: tuple[int, ...]
+) -> tuple[dict[str, list[torch.Tensor]], list[dict]]:
+    """The latents of the caches ("recorded", one tensor per episode) and of the generated sets
+    ("generated", one tensor per stream), each (n, C, h, w) float32, checked against the world.
 
     Raises:
         UsageError: no source, a cache of another latent space or shape.
@@ -94,17 +98,25 @@ def load_pool(args: Args, latent_space: str, shape: tuple[int, ...]) -> tuple[di
         parts["recorded"] += [torch.from_numpy(np.load(f).astype(np.float32)) for f in files]  # (S+1, C, h, w)
         sources.append({"path": str(cache), "episodes": len(files)})
     for path in args.gen_latents:
-        z, info = rollouts.load(path, latent_space, shape)
-        parts["generated"].append(z)
+        z, info = rollouts.load(path, latent_space, shape)  # (N, C, h, w), step-major over info["envs"] streams
+        envs = int(info.get("envs", 1))
+        parts["generated"] += [z[s::envs] for s in range(envs)]  # one (steps, C, h, w) per stream
         sources.append({"path": info["path"], "latents": len(z), "command": info.get("command")})
-    return {k: torch.cat(v) for k, v in parts.items() if v}, sources
+    return {k: v for k, v in parts.items() if v}, sources
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR in dB of two uint8-range frame batches (B, 3, H, W) in [-1, 1], after the env's clamp."""
-    a, b = a.clamp(-1, 1), b.clamp(-1, 1)
-    mse = float((a - b).pow(2).mean()) * (255.0 / 2.0) ** 2
-    return 10.0 * math.log10(255.0**2 / max(mse, 1e-10))
+def split(units: list[torch.Tensor], kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training, held-out) latents of one kind: every HELDOUT_EVERY-th unit (episode or stream), whole,
+    is held out, the first included.
+
+    Raises:
+        UsageError: fewer than 2 units (nothing would be left on one side).
+    """
+    if len(units) < 2:
+        what = "recorded episodes" if kind == "recorded" else "generated streams (rollout-latents --envs)"
+        raise UsageError(f"{len(units)} {what}: need at least 2 to hold one out for the report")
+    pick = lambda held: torch.cat([u for i, u in enumerate(units) if (i % HELDOUT_EVERY == 0) == held])  # noqa: E731
+    return pick(False), pick(True)
 
 
 def resized(x: torch.Tensor) -> torch.Tensor:
@@ -114,27 +126,30 @@ def resized(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def compare(vae: torch.nn.Module, dec: torch.nn.Module, z: torch.Tensor, bf16: bool, device: torch.device) -> dict:
-    """``dec`` against the VAE's decode on latents ``z`` (N, C, h, w): PSNR at the native size and at 84x84,
-    and how often the road follower picks the same action from the two 84x84 frames."""
+    """``dec`` (under bf16 autocast if asked) against the VAE's float32 decode on latents ``z`` (N, C, h, w):
+    PSNR of the uint8 frames at the native size and at 84x84, and how often the road follower picks the
+    same action from the two 84x84 frames."""
     from world_model.actions import DRIVING_ACTIONS
+    from world_model.eval.metrics import psnr
     from world_model.road_follower import RoadFollower
     from world_model.train.common import autocast
     from world_model.vae import tensor_to_frames
 
     ref, got = [], []
-    with autocast(device, bf16):
-        for i in range(0, len(z), 64):
-            zb = z[i : i + 64].to(device)
-            ref.append(vae.decode(zb).float().cpu())
+    for i in range(0, len(z), 64):
+        zb = z[i : i + 64].to(device)
+        ref.append(vae.decode(zb).float().cpu())
+        with autocast(device, bf16):
             got.append(dec(zb).float().cpu())
     ref_t, got_t = torch.cat(ref), torch.cat(got)  # (N, 3, H, W)
+    frames = lambda x: tensor_to_frames(x).numpy()  # noqa: E731  (N, H, W, 3) uint8, the env's clamp
+    small_ref, small_got = frames(resized(ref_t)), frames(resized(got_t))  # (N, 84, 84, 3)
     follower = RoadFollower(DRIVING_ACTIONS)
-    same = follower(tensor_to_frames(resized(got_t)).numpy()) == follower(tensor_to_frames(resized(ref_t)).numpy())
     return {
         "latents": len(z),
-        "psnr_native_db": psnr(got_t, ref_t),
-        "psnr_84_db": psnr(resized(got_t), resized(ref_t)),
-        "follower_same_action": float(same.mean()),
+        "psnr_native_db": psnr(frames(got_t), frames(ref_t)),
+        "psnr_84_db": psnr(small_got, small_ref),
+        "follower_same_action": float((follower(small_got) == follower(small_ref)).mean()),
     }
 
 
@@ -183,9 +198,9 @@ def train(args: Args, command: list[str] | None = None) -> dict:
         )
     shape = (vae.cfg.latent_channels, *vae.cfg.latent_hw)
     pools, sources = load_pool(args, latent_space_sha256(world_dir), shape)  # kind -> (N, C, h, w)
-    held = {k: torch.arange(len(z)) % HELDOUT_EVERY == 0 for k, z in pools.items()}  # every 20th of each kind
-    train_z = torch.cat([z[~held[k]] for k, z in pools.items()])  # (N_train, C, h, w)
-    eval_z = {k: z[held[k]] for k, z in pools.items()}  # kind -> (N_eval, C, h, w)
+    splits = {k: split(units, k) for k, units in pools.items()}  # kind -> (training, held out)
+    train_z = torch.cat([tr for tr, _ in splits.values()])  # (N_train, C, h, w)
+    eval_z = {k: ev for k, (_, ev) in splits.items()}  # kind -> (N_eval, C, h, w)
 
     torch.manual_seed(args.seed)
     cfg = ObsDecoderConfig(latent_channels=shape[0], channels=tuple(args.channels))
@@ -202,9 +217,9 @@ def train(args: Args, command: list[str] | None = None) -> dict:
         idx = torch.randint(len(train_z), (args.batch_size,), generator=gen)  # (B,)
         z = train_z[idx].to(device)  # (B, C, h, w)
         set_lr(opt, cosine_lr(step, args.steps, args.lr, args.warmup))
+        with torch.no_grad():
+            target = vae.decode(z).float()  # (B, 3, H, W), always the float32 decode
         with autocast(device, args.bf16):
-            with torch.no_grad():
-                target = vae.decode(z).float()  # (B, 3, H, W)
             loss = (dec(z).float() - target).abs().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
