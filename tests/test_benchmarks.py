@@ -85,7 +85,7 @@ def test_bench_env_obs_decoders_side_by_side(tiny_obs_world_dir: Path, capsys: p
     assert ("| MatrixWorldVectorEnv", "4", "84x84") in small  # --quick: 1 and 4 envs
     assert sum(r[3] == "720x1280" for r in rows) == 2  # 720p rows once each (single, vector): always the VAE's
 
-    # the VAE alone still measures 720p; a world without an observation decoder is labelled by what it used
+    # --obs-decoders False alone still measures the 720p rows, and no row claims the observation decoder
     capsys.readouterr()
     assert bench_env.main([*argv[:-4], "--obs-decoders", "False", "--quick"]) == 0
     rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| MatrixWorld")]

@@ -369,6 +369,7 @@ def test_distillation_targets_the_teacher_and_inflates_a_patch_1_parent(data, fo
     parent_cmd = json.loads((parent / "train_dit.json").read_text())["command"]
     assert summary["teacher"]["command"] == parent_cmd
     assert common.stage_commands(summary) == [parent_cmd, summary["command"]]  # the teacher's lineage, once
+    assert common.stage_commands({**summary, "init_from": None}) == [parent_cmd, summary["command"]]  # teacher alone
 
     run = tmp_path / "patch2"
     dit.main(dit_args((data, footage), latents, run, "--init-from", str(parent), "--teacher", str(parent),
@@ -392,6 +393,7 @@ def test_distillation_targets_the_teacher_and_inflates_a_patch_1_parent(data, fo
     (acausal / "dit_config.json").write_text(json.dumps({**cfg, "causal": False}))
     with pytest.raises(UsageError, match="causal=False"):
         dit.main(dit_args((data, footage), latents, tmp_path / "ac", "--teacher", str(acausal)))
+    assert not (tmp_path / "ac").exists()  # refused before the run dir was made
 
     other = tmp_path / "other_controls"  # a teacher that reads other control rows than the warm start's
     shutil.copytree(parent, other)
@@ -452,6 +454,8 @@ def test_obs_decoder_learns_the_vae_decode_and_serves_agent_observations(
     before = obs_decoder.compare(src.vae, fresh, held, False, torch.device("cpu"))
     after = report["heldout_recorded"]
     assert after["latents"] == len(held) and report["heldout_generated"]["latents"] == 3  # 2 streams of 3: one held out
+    z_gen, _ = rollouts.load(gen, latent_space_sha256(world), (4, 9, 16))  # (6, C, h, w): step-major over 2 streams
+    assert torch.equal(pools["generated"][0], z_gen[0::2]) and torch.equal(pools["generated"][1], z_gen[1::2])
     with pytest.raises(UsageError, match="1 generated streams"):
         obs_decoder.split(pools["generated"][:1], "generated")
     assert after["psnr_native_db"] > before["psnr_native_db"] + 3.0  # it learnt the VAE's decode

@@ -571,6 +571,24 @@ def check_teacher_controls(teacher_dir: Path, table: ControlEmbeddings, sentence
                              "teacher's table (--control-table TEACHER) or train the student with the same --text")
 
 
+def check_teacher_causal(model_dir: Path, causal: bool) -> None:
+    """A block-causal student needs a block-causal teacher (read from its ``dit_config.json``, before
+    anything is written to the run dir).
+
+    Raises:
+        UsageError: a missing or unreadable config, or a non-causal teacher for a causal student.
+    """
+    from world_model.checkpoint import CheckpointError, _read_json
+
+    try:
+        teacher_causal = bool(_read_json(Path(model_dir).expanduser() / "dit_config.json").get("causal", True))
+    except CheckpointError as err:
+        raise UsageError(f"--teacher {model_dir}: {err}") from err
+    if causal and not teacher_causal:
+        raise UsageError(f"--teacher {model_dir}: its DiT attends to future frames (causal=False); a block-causal "
+                         "student cannot match velocities that read frames it never sees; use a causal teacher")
+
+
 def load_teacher(model_dir: Path, dit_cfg: object, window: int, device: torch.device) -> nn.Module:
     """The frozen teacher DiT of ``--teacher`` (a train-dit model dir or a world dir), checked against this run."""
     from world_model.checkpoint import load_module
@@ -581,9 +599,6 @@ def load_teacher(model_dir: Path, dit_cfg: object, window: int, device: torch.de
         got, want = getattr(teacher.cfg, k), getattr(dit_cfg, k)
         if tuple(np.atleast_1d(got)) != tuple(np.atleast_1d(want)):
             raise UsageError(f"--teacher {model_dir}: its DiT has {k}={got!r}, this run's data needs {want!r}")
-    if dit_cfg.causal and not teacher.cfg.causal:
-        raise UsageError(f"--teacher {model_dir}: its DiT attends to future frames (causal=False); a block-causal "
-                         "student cannot match velocities that read frames it never sees; use a causal teacher")
     if teacher.cfg.max_frames < window:
         raise UsageError(f"--teacher {model_dir}: its DiT takes at most {teacher.cfg.max_frames} frames, "
                          f"this run's windows have {window}")
@@ -664,6 +679,8 @@ def train(args: Args, command: list[str] | None = None) -> dict:
     lat_info = lat_infos[0]
     c, h, w = lat_info["latent_shape"]
 
+    if args.teacher is not None:
+        check_teacher_causal(args.teacher, args.causal)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = common.latest_checkpoint(run_dir)
     config = common.to_jsonable(args)
