@@ -446,18 +446,20 @@ def test_obs_decoder_learns_the_vae_decode_and_serves_agent_observations(
     fresh.latent_scale.copy_(src.vae.latent_scale)
     pools, _ = obs_decoder.load_pool(obs_decoder.Args(world=world, latents=latents, gen_latents=(gen,), out=out),
                                      latent_space_sha256(world), (4, 9, 16))  # fmt: skip
-    episodes = pools["recorded"]  # one (S+1, C, h, w) per recorded episode
+    assert list(pools) == [f"recorded {latents[0].name}", f"recorded {latents[1].name}", f"generated {gen.name}"]
+    episodes = pools[f"recorded {latents[0].name}"]  # one (S+1, C, h, w) per recorded episode of the first cache
     trained, held = obs_decoder.split(episodes, "recorded")  # the report's held-out latents: whole episodes
     assert len(held) == sum(len(e) for e in episodes[:: obs_decoder.HELDOUT_EVERY])
     assert torch.equal(held[0], episodes[0][0])  # the first episode is held out, whole
     assert len(trained) + len(held) == sum(len(e) for e in episodes)
     before = obs_decoder.compare(src.vae, fresh, held, False, torch.device("cpu"))
-    after = report["heldout_recorded"]
-    assert after["latents"] == len(held) and report["heldout_generated"]["latents"] == 3  # 2 streams of 3: one held out
+    after = report["heldout"][f"recorded {latents[0].name}"]
+    assert after["latents"] == len(held) and report["heldout"][f"generated {gen.name}"]["latents"] == 3  # 2 of 3
     z_gen, _ = rollouts.load(gen, latent_space_sha256(world), (4, 9, 16))  # (6, C, h, w): step-major over 2 streams
-    assert torch.equal(pools["generated"][0], z_gen[0::2]) and torch.equal(pools["generated"][1], z_gen[1::2])
-    with pytest.raises(UsageError, match="1 generated streams"):
-        obs_decoder.split(pools["generated"][:1], "generated")
+    streams = pools[f"generated {gen.name}"]
+    assert torch.equal(streams[0], z_gen[0::2]) and torch.equal(streams[1], z_gen[1::2])
+    with pytest.raises(UsageError, match="1 streams"):
+        obs_decoder.split(streams[:1], "generated x")
     assert after["psnr_native_db"] > before["psnr_native_db"] + 3.0  # it learnt the VAE's decode
     assert after["psnr_84_db"] >= after["psnr_native_db"] - 1.0  # resizing down does not add error
     assert 0.0 <= after["follower_same_action"] <= 1.0 and report["obs_decoder_ms"] > 0

@@ -10,13 +10,14 @@ episodes (``encode-latents`` caches) and, with ``--gen-latents``, on latents the
 with the decoder added (VAE, DiT, heads, starts, sampler unchanged; the command appended to its
 recipe); the env then uses it for agent-sized observations (``obs_decoder=False`` turns it off).
 
-The report compares the two decoders on held-out latents, never trained on: every 20th recorded
-episode and every 20th generated stream, whole (a neighbouring frame of the same drive would make the
-score optimistic). It gives the PSNR of the uint8 frames against the VAE's float32 decode at the
-native size and at 84x84 after the env's resize, and how often the road follower picks the same
-action from the two 84x84 frames; and it times both decoders at batch 16. The target is always the
-VAE's float32 decode (``--bf16`` speeds up the student only). The run takes minutes on a CPU; a
-killed run is simply rerun (the world is written atomically at the end, nothing partial is left).
+The report compares the two decoders on held-out latents, never trained on, per source (each
+``--latents`` cache and each ``--gen-latents`` set: other-domain footage scores apart from the game's):
+every 20th recorded episode and every 20th generated stream of each, whole (a neighbouring frame of
+the same drive would make the score optimistic). It gives the PSNR of the uint8 frames against the
+VAE's float32 decode at the native size and at 84x84 after the env's resize, and how often the road
+follower picks the same action from the two 84x84 frames; and it times both decoders at batch 16.
+The target is always the VAE's float32 decode (``--bf16`` speeds up the student only). The run takes
+minutes on a CPU; a killed run is simply rerun (the world is written atomically at the end).
 """
 
 from __future__ import annotations
@@ -49,10 +50,10 @@ class Args:
     """Where the world with the decoder is written (may equal --world: replaced atomically)."""
     latents: tuple[Path, ...] = ()
     """Latent caches of recorded episodes (``encode-latents`` with this world's VAE or latent space);
-    at least 2 episodes in all, as every 20th (the first included) is held out whole for the report."""
+    at least 2 episodes in each, as every 20th (the first included) is held out whole for the report."""
     gen_latents: tuple[Path, ...] = ()
     """Generated latents (``matrix-world rollout-latents`` of a world in the same latent space); at least 2
-    streams (``--envs``) in all, every 20th held out whole."""
+    streams (``--envs``) in each, every 20th held out whole."""
     channels: tuple[int, ...] = (16, 32, 64)
     """Decoder widths (``ObsDecoderConfig.channels``; the VAE's (32, 64, 128)), one per upsampling."""
     steps: int = 1500
@@ -75,8 +76,8 @@ class Args:
 def load_pool(
     args: Args, latent_space: str, shape: tuple[int, ...]
 ) -> tuple[dict[str, list[torch.Tensor]], list[dict]]:
-    """The latents of the caches ("recorded", one tensor per episode) and of the generated sets
-    ("generated", one tensor per stream), each (n, C, h, w) float32, checked against the world.
+    """The latents of each source, named "recorded <cache dir>" (one tensor per episode) or "generated
+    <set dir>" (one tensor per stream), each (n, C, h, w) float32, checked against the world.
 
     Raises:
         UsageError: no source, a cache of another latent space or shape.
@@ -86,8 +87,12 @@ def load_pool(
 
     if not args.latents and not args.gen_latents:
         raise UsageError("give --latents (encode-latents caches) and/or --gen-latents (rollout-latents sets)")
-    parts: dict[str, list[torch.Tensor]] = {"recorded": [], "generated": []}
+    parts: dict[str, list[torch.Tensor]] = {}
     sources = []
+
+    def name(kind: str, path: Path) -> str:  # "recorded carracing"; a repeated name gets " #2", " #3", ...
+        key = f"{kind} {path.name}"
+        return key if key not in parts else f"{key} #{sum(k.startswith(key) for k in parts) + 1}"
     for cache in args.latents:
         cache = Path(cache).expanduser()
         info = read_info(cache)
@@ -99,26 +104,27 @@ def load_pool(
         files = sorted((cache / "episodes").glob(f"*/{LATENTS_FILE}"))
         if not files:
             raise UsageError(f"--latents {str(cache)!r} holds no encoded episodes")
-        parts["recorded"] += [torch.from_numpy(np.load(f).astype(np.float32)) for f in files]  # (S+1, C, h, w)
+        episodes = [torch.from_numpy(np.load(f).astype(np.float32)) for f in files]  # each (S+1, C, h, w)
+        parts[name("recorded", cache)] = episodes
         sources.append({"path": str(cache), "episodes": len(files)})
     for path in args.gen_latents:
         z, info = rollouts.load(path, latent_space, shape)  # (N, C, h, w), step-major over info["envs"] streams
         envs = int(info.get("envs", 1))
-        parts["generated"] += [z[s::envs] for s in range(envs)]  # one (steps, C, h, w) per stream
+        parts[name("generated", Path(info["path"]))] = [z[s::envs] for s in range(envs)]  # each (steps, C, h, w)
         sources.append({"path": info["path"], "latents": len(z), "command": info.get("command")})
-    return {k: v for k, v in parts.items() if v}, sources
+    return parts, sources
 
 
-def split(units: list[torch.Tensor], kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(training, held-out) latents of one kind: every HELDOUT_EVERY-th unit (episode or stream), whole,
+def split(units: list[torch.Tensor], source: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training, held-out) latents of one source: every HELDOUT_EVERY-th unit (episode or stream), whole,
     is held out, the first included.
 
     Raises:
         UsageError: fewer than 2 units (nothing would be left on one side).
     """
     if len(units) < 2:
-        what = "recorded episodes" if kind == "recorded" else "generated streams (rollout-latents --envs)"
-        raise UsageError(f"{len(units)} {what}: need at least 2 to hold one out for the report")
+        what = "episodes" if source.startswith("recorded") else "streams (rollout-latents --envs)"
+        raise UsageError(f"{source}: {len(units)} {what}; need at least 2 to hold one out for the report")
     pick = lambda held: torch.cat([u for i, u in enumerate(units) if (i % HELDOUT_EVERY == 0) == held])  # noqa: E731
     return pick(False), pick(True)
 
@@ -201,10 +207,10 @@ def train(args: Args, command: list[str] | None = None) -> dict:
             f"({vae.cfg.channels}); give one width per upsampling"
         )
     shape = (vae.cfg.latent_channels, *vae.cfg.latent_hw)
-    pools, sources = load_pool(args, latent_space_sha256(world_dir), shape)  # kind -> (N, C, h, w)
-    splits = {k: split(units, k) for k, units in pools.items()}  # kind -> (training, held out)
+    pools, sources = load_pool(args, latent_space_sha256(world_dir), shape)  # source -> [(n, C, h, w)]
+    splits = {k: split(units, k) for k, units in pools.items()}  # source -> (training, held out)
     train_z = torch.cat([tr for tr, _ in splits.values()])  # (N_train, C, h, w)
-    eval_z = {k: ev for k, (_, ev) in splits.items()}  # kind -> (N_eval, C, h, w)
+    eval_z = {k: ev for k, (_, ev) in splits.items()}  # source -> (N_eval, C, h, w)
 
     torch.manual_seed(args.seed)
     cfg = ObsDecoderConfig(latent_channels=shape[0], channels=tuple(args.channels))
@@ -233,7 +239,7 @@ def train(args: Args, command: list[str] | None = None) -> dict:
             print(f"step {step + 1}/{args.steps} L1 {float(loss.detach()):.4f} ({took:.0f} s)", flush=True)
     dec.eval().requires_grad_(False)
 
-    report = {f"heldout_{k}": compare(vae, dec, z, args.bf16, device) for k, z in eval_z.items()}
+    report = {"heldout": {k: compare(vae, dec, z, args.bf16, device) for k, z in eval_z.items()}}
     report.update(decode_ms(vae, dec, train_z, args.bf16, device), channels=list(args.channels), steps=args.steps,
                   train_latents=len(train_z), minutes=(time.monotonic() - t0) / 60.0)
     print(json.dumps(report, indent=1), flush=True)
