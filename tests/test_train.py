@@ -322,6 +322,56 @@ def test_dit_warm_start_loads_parent_weights_and_records_lineage(data, footage, 
         dit.main([*dit_args((data, footage), latents, tmp_path / "bad", "--init-from", str(parent)), "--preset", "S"])
 
 
+def test_action_distillation_runs_each_window_under_another_known_action():
+    """--action-distill-weight: every frame gets another known action's control (never its own, never the
+    unknown row); the loss is zero for a student equal to its teacher and grows with their difference."""
+    from world_model.dit import VideoDiT, get_preset
+    from world_model.text import ControlEmbeddings
+    from world_model.train.dit import Args, compute_losses, make_inputs
+
+    torch.manual_seed(0)
+    b, t, n_act, n_tok, dt = 64, 6, 9, 3, 12
+    tokens = torch.randn(n_act + 1, n_tok, dt)  # (A+1, N, Dt): row A is the unknown action
+    table = ControlEmbeddings(tokens, torch.ones(n_act + 1, n_tok, dtype=torch.bool), tokens.mean(1))
+    actions = torch.randint(-1, n_act, (b, t))  # -1: an unlabelled frame
+    batch = {"latents": torch.randn(b, t, 4, 4, 4), "actions": actions, "rewards": torch.zeros(b, t),
+             "terminated": torch.zeros(b, t, dtype=torch.bool), "labelled": torch.ones(b, dtype=torch.bool),
+             "has_rewards": torch.ones(b, dtype=torch.bool)}  # fmt: skip
+    args = Args(data=(), latents=(), ctrl_dropout=0.3, action_distill_weight=1.0, context=2, window=t)
+    inp = make_inputs(batch, table, args, torch.Generator().manual_seed(0), torch.device("cpu"))
+    row_of = lambda tok: (tok[:, :, :1, None, :] == tokens[None, None, None, :, 0]).all(-1)[:, :, 0].int().argmax(-1)  # noqa: E731
+    rows_in, alt = row_of(inp.ctrl_tokens), row_of(inp.alt_ctrl_tokens)  # (B, T) table rows
+    assert (alt != rows_in).all() and (alt < n_act).all()  # another known action, everywhere
+    assert set(alt[rows_in == n_act].tolist()) == set(range(n_act))  # a dropped frame: any known action
+    assert set(alt[rows_in == 0].tolist()) == set(range(1, n_act))  # others: uniform over the rest
+
+    teacher = VideoDiT(get_preset("tiny", latent_hw=(4, 4), text_dim=dt, max_frames=t)).eval()
+    with torch.no_grad():
+        for prm in teacher.parameters():  # the final layer and the gates start at zero: randomise everything
+            prm.normal_(0.0, 0.2)
+    student = VideoDiT(teacher.cfg)
+    student.load_state_dict(teacher.state_dict())
+
+    class Model(torch.nn.Module):  # the DiT with no heads: what compute_losses calls
+        def __init__(self, dit):
+            super().__init__()
+            self.dit = dit
+
+        def forward(self, x, lv, tok, msk, z_prev, z_next, pooled):
+            return self.dit(x, lv, tok, msk), torch.zeros(len(z_prev)), torch.zeros(len(z_prev))
+
+    inp.head_mask[:] = False  # the heads are not under test
+    with torch.no_grad():
+        same = compute_losses(Model(student), inp, 1.0, 1.0, teacher, 1.0)
+        for name, prm in student.named_parameters():
+            if name.startswith(("interactive", "ctrl_embed")):  # the action pathway only
+                prm.add_(0.3 * torch.randn_like(prm))
+        other = compute_losses(Model(student), inp, 1.0, 1.0, teacher, 1.0)
+        plain = compute_losses(Model(student), inp, 1.0, 1.0, teacher)  # weight 0: no second pass, no loss/action
+    assert float(same["loss/action"]) < 1e-10 and float(other["loss/action"]) > 1e-4
+    assert "loss/action" not in plain and float(other["loss/total"]) > float(plain["loss/total"])
+
+
 def test_patch_inflation_computes_the_parent_on_the_pooled_latent():
     """inflate_patch: on a latent constant over each 2x2 patch, the inflated DiT is the parent on the pooled latent."""
     import torch.nn.functional as F
@@ -363,9 +413,10 @@ def test_distillation_targets_the_teacher_and_inflates_a_patch_1_parent(data, fo
     parent = dit_run / "model"
     run = tmp_path / "self"
     dit.main(dit_args((data, footage), latents, run, "--init-from", str(parent), "--teacher", str(parent),
-                      "--lr", "0", "--steps", "1"))  # fmt: skip
+                      "--lr", "0", "--steps", "1", "--action-distill-weight", "1"))  # fmt: skip
     summary = json.loads((run / "model" / "train_dit.json").read_text())
     assert summary["eval"]["eval/distill"] < 1e-10 < 1e-3 < summary["eval"]["eval/flow"]
+    assert summary["eval"]["eval/action"] < 1e-10  # the same response to another action as the teacher's
     parent_cmd = json.loads((parent / "train_dit.json").read_text())["command"]
     assert summary["teacher"]["command"] == parent_cmd
     assert common.stage_commands(summary) == [parent_cmd, summary["command"]]  # the teacher's lineage, once
@@ -373,7 +424,7 @@ def test_distillation_targets_the_teacher_and_inflates_a_patch_1_parent(data, fo
 
     run = tmp_path / "patch2"
     dit.main(dit_args((data, footage), latents, run, "--init-from", str(parent), "--teacher", str(parent),
-                      "--patch", "2", "--lr", "0", "--steps", "1"))  # fmt: skip
+                      "--patch", "2", "--lr", "0", "--steps", "1", "--action-distill-weight", "1"))  # fmt: skip
     before, after = load_file(parent / "dit.safetensors"), load_file(run / "model" / "dit.safetensors")
     assert after.keys() == before.keys()
     assert all(torch.equal(before[k], after[k]) for k in before if k.split(".")[0] not in ("patch_embed", "final"))
@@ -382,6 +433,9 @@ def test_distillation_targets_the_teacher_and_inflates_a_patch_1_parent(data, fo
     torch.testing.assert_close(after["final.bias"], before["final.bias"].repeat_interleave(4, 0))
     got = json.loads((run / "model" / "train_dit.json").read_text())["eval"]
     assert 1e-6 < got["eval/distill"] < got["eval/flow"]  # close to the teacher, not equal to it
+    assert got["eval/action"] >= 0.0  # reported (the 4-step parent barely responds to actions: near 0 here)
+    with pytest.raises(UsageError, match="give --teacher"):
+        dit.main([*dit_args((data, footage), latents, tmp_path / "nt"), "--action-distill-weight", "1"])
 
     with pytest.raises(UsageError, match="at most 16 frames"):
         dit.main([*dit_args((data, footage), latents, tmp_path / "long", "--teacher", str(parent)),

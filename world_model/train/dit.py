@@ -105,6 +105,14 @@ class Args:
     table) gives the regression target, its velocity on the same noisy window and controls, in place of
     the noise-minus-data flow target. The heads still learn from the data's labels. With --init-from the
     same dir and --patch 2, this distils the default world into a DiT with 3.6x fewer tokens."""
+    action_distill_weight: float = 0.0
+    """With --teacher: also match the teacher's response to the action. Each window is run a second time
+    with every frame's control replaced by another action's (drawn uniformly among the others), and the
+    loss adds this weight times the squared difference between the student's and the teacher's velocity
+    change, (v(a) - v(a')) against (v_T(a) - v_T(a')). The plain distillation target is dominated by the
+    picture; the action's effect on the velocity is a small part of it, and a student can lose it
+    (a distilled world that barely turns, docs/EXPERIMENTS.md). 0 = off (one pass per step; > 0 doubles
+    the batch through both DiTs)."""
     window: int = 8
     """T, frames per training window (context + noise groups)."""
     context: int = 4
@@ -401,6 +409,8 @@ class StepInputs:
     reward: torch.Tensor  # (B*(T-1),)
     terminated: torch.Tensor  # (B*(T-1),)
     head_mask: torch.Tensor  # (B*(T-1),) bool: labelled transitions
+    alt_ctrl_tokens: torch.Tensor | None = None  # (B, T, N, Dt): another action per frame (--action-distill-weight)
+    alt_ctrl_mask: torch.Tensor | None = None  # (B, T, N)
 
 
 def make_inputs(
@@ -437,6 +447,12 @@ def make_inputs(
 
     labelled = (batch["labelled"] & batch["has_rewards"]).to(device)  # (B,)
     head_mask = (actions[:, 1:] >= 0) & labelled[:, None]  # (B, T-1)
+    alt = None
+    if args.action_distill_weight > 0:  # another known action per frame (never the unknown row, never rows_in)
+        other = torch.randint(0, unknown - 1, (b, n_frames), generator=generator, device=device)  # (B, T)
+        other = torch.where(other >= rows_in, other + 1, other)  # uniform over the known actions but rows_in
+        any_known = torch.randint(0, unknown, (b, n_frames), generator=generator, device=device)  # (B, T)
+        alt = torch.where(rows_in < unknown, other, any_known)  # a dropped (unknown) frame: any known action
     return StepInputs(
         x_t=x_t,
         t=t,
@@ -450,6 +466,8 @@ def make_inputs(
         reward=batch["rewards"][:, 1:].to(device).flatten(),
         terminated=batch["terminated"][:, 1:].to(device).flatten(),
         head_mask=head_mask.flatten(),
+        alt_ctrl_tokens=None if alt is None else table.tokens[alt],
+        alt_ctrl_mask=None if alt is None else table.mask[alt],
     )
 
 
@@ -459,22 +477,36 @@ def compute_losses(
     pos_weight: float,
     heads_weight: float,
     teacher: nn.Module | None = None,
+    action_weight: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """Flow-matching loss on the noisy frames plus the heads' loss on labelled transitions.
 
-    With a ``teacher`` DiT the velocity target is the teacher's on the same inputs (distillation).
+    With a ``teacher`` DiT the velocity target is the teacher's on the same inputs (distillation); with
+    ``action_weight`` > 0 and the inputs' other actions, the window also runs under those (one doubled batch
+    through each DiT) and the student's velocity change matches the teacher's ("loss/action").
     """
     from world_model.heads import RewardTerminationHeads
 
-    v, reward, term_logit = model(
-        inp.x_t, inp.t, inp.ctrl_tokens, inp.ctrl_mask, inp.z_prev, inp.z_next, inp.ctrl_pooled
-    )
+    b = inp.x_t.shape[0]
+    x_t, t, tokens, mask = inp.x_t, inp.t, inp.ctrl_tokens, inp.ctrl_mask
+    contrast = teacher is not None and action_weight > 0 and inp.alt_ctrl_tokens is not None
+    if contrast:  # (2B, ...): the window under its actions, then under the other actions
+        x_t, t = torch.cat([x_t, x_t]), torch.cat([t, t])
+        tokens, mask = torch.cat([tokens, inp.alt_ctrl_tokens]), torch.cat([mask, inp.alt_ctrl_mask])
+    v_all, reward, term_logit = model(x_t, t, tokens, mask, inp.z_prev, inp.z_next, inp.ctrl_pooled)
+    v = v_all[:b]  # (B, T, C, H, W)
     v_target = inp.v_target  # (B, T, C, H, W)
     if teacher is not None:
         with torch.no_grad():
-            v_target = teacher(inp.x_t, inp.t, inp.ctrl_tokens, inp.ctrl_mask).float()  # (B, T, C, H, W)
+            vt_all = teacher(x_t, t, tokens, mask).float()  # (B or 2B, T, C, H, W)
+        v_target = vt_all[:b]
     per_frame = (v.float() - v_target).pow(2).mean(dim=(2, 3, 4))  # (B, T)
     flow = (per_frame * inp.weight).sum() / inp.weight.sum().clamp(min=1e-8)
+    action = None
+    if contrast:
+        dv = (v_all[:b] - v_all[b:]).float() - (vt_all[:b] - vt_all[b:])  # (B, T, C, H, W)
+        per_frame = dv.pow(2).mean(dim=(2, 3, 4))  # (B, T)
+        action = (per_frame * inp.weight).sum() / inp.weight.sum().clamp(min=1e-8)
     m = inp.head_mask
     if bool(m.any()):
         h = RewardTerminationHeads.loss(
@@ -483,12 +515,15 @@ def compute_losses(
     else:  # no labelled transition in this batch: keep every head parameter in the graph (DDP)
         zero = 0.0 * (reward.sum() + term_logit.sum())
         h = {"loss": zero, "reward_loss": zero.detach(), "term_loss": zero.detach()}
-    return {
-        "loss/total": flow + heads_weight * h["loss"],
+    out = {
+        "loss/total": flow + heads_weight * h["loss"] + (0.0 if action is None else action_weight * action),
         "loss/flow": flow,
         "loss/reward": h["reward_loss"],
         "loss/termination": h["term_loss"],
     }
+    if action is not None:
+        out["loss/action"] = action
+    return out
 
 
 @torch.no_grad()
@@ -521,8 +556,10 @@ def evaluate(
         for k, v in compute_losses(model, inp, pos_weight, args.heads_weight).items():
             sums[k] = sums.get(k, 0.0) + float(v)
         if teacher is not None:
-            distill = compute_losses(model, inp, pos_weight, args.heads_weight, teacher)["loss/flow"]
-            sums["loss/distill"] = sums.get("loss/distill", 0.0) + float(distill)
+            got = compute_losses(model, inp, pos_weight, args.heads_weight, teacher, args.action_distill_weight)
+            sums["loss/distill"] = sums.get("loss/distill", 0.0) + float(got["loss/flow"])
+            if "loss/action" in got:  # eval/action: the velocity change under another action vs the teacher's
+                sums["loss/action"] = sums.get("loss/action", 0.0) + float(got["loss/action"])
         n_batches += 1
         reward, term_logit = model.heads(inp.z_prev, inp.z_next, inp.ctrl_pooled)  # (M,), (M,)
         m = inp.head_mask
@@ -679,6 +716,11 @@ def train(args: Args, command: list[str] | None = None) -> dict:
     lat_info = lat_infos[0]
     c, h, w = lat_info["latent_shape"]
 
+    if not (math.isfinite(args.action_distill_weight) and args.action_distill_weight >= 0):
+        raise UsageError(f"--action-distill-weight {args.action_distill_weight}: expected a finite number >= 0")
+    if args.action_distill_weight > 0 and args.teacher is None:
+        raise UsageError(f"--action-distill-weight {args.action_distill_weight} matches a teacher's response to "
+                         "the action: give --teacher")
     if args.teacher is not None:
         check_teacher_causal(args.teacher, args.causal)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -717,6 +759,9 @@ def train(args: Args, command: list[str] | None = None) -> dict:
     if args.teacher is not None:  # a resumed run (or another rank) with a teacher given now
         check_teacher_controls(args.teacher, table, sentences, f"this run's {table_path}")
     table = table.to(info.device)
+    if args.action_distill_weight > 0 and table.tokens.shape[0] - 1 < 2:
+        raise UsageError(f"--action-distill-weight needs at least 2 actions to contrast; the data has "
+                         f"{table.tokens.shape[0] - 1}")
 
     common.seed_everything(args.seed)  # same init on every rank
     dit_cfg: DiTConfig = get_preset(
@@ -791,7 +836,7 @@ def train(args: Args, command: list[str] | None = None) -> dict:
         lr = common.cosine_lr(step, args.steps, args.lr, args.warmup)
         common.set_lr(optimizer, lr)
         with common.autocast(info.device, bf16):
-            losses = compute_losses(step_fn, inp, pos_weight, args.heads_weight, teacher)
+            losses = compute_losses(step_fn, inp, pos_weight, args.heads_weight, teacher, args.action_distill_weight)
         optimizer.zero_grad(set_to_none=True)
         losses["loss/total"].backward()
         grad_norm = nn.utils.clip_grad_norm_(
