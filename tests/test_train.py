@@ -330,7 +330,7 @@ def test_action_distillation_runs_each_window_under_another_known_action():
     from world_model.train.dit import Args, compute_losses, make_inputs
 
     torch.manual_seed(0)
-    b, t, n_act, n_tok, dt = 64, 6, 9, 3, 12
+    b, t, n_act, n_tok, dt = 256, 6, 9, 3, 12
     tokens = torch.randn(n_act + 1, n_tok, dt)  # (A+1, N, Dt): row A is the unknown action
     table = ControlEmbeddings(tokens, torch.ones(n_act + 1, n_tok, dtype=torch.bool), tokens.mean(1))
     actions = torch.randint(-1, n_act, (b, t))  # -1: an unlabelled frame

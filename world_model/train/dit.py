@@ -489,7 +489,9 @@ def compute_losses(
 
     b = inp.x_t.shape[0]
     x_t, t, tokens, mask = inp.x_t, inp.t, inp.ctrl_tokens, inp.ctrl_mask
-    contrast = teacher is not None and action_weight > 0 and inp.alt_ctrl_tokens is not None
+    contrast = teacher is not None and action_weight > 0
+    if contrast and inp.alt_ctrl_tokens is None:
+        raise ValueError("action_weight > 0 needs inputs made with args.action_distill_weight > 0 (other actions)")
     if contrast:  # (2B, ...): the window under its actions, then under the other actions
         x_t, t = torch.cat([x_t, x_t]), torch.cat([t, t])
         tokens, mask = torch.cat([tokens, inp.alt_ctrl_tokens]), torch.cat([mask, inp.alt_ctrl_mask])
