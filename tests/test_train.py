@@ -501,6 +501,9 @@ def test_obs_decoder_learns_the_vae_decode_and_serves_agent_observations(
     pools, _ = obs_decoder.load_pool(obs_decoder.Args(world=world, latents=latents, gen_latents=(gen,), out=out),
                                      latent_space_sha256(world), (4, 9, 16))  # fmt: skip
     assert list(pools) == [f"recorded {latents[0].name}", f"recorded {latents[1].name}", f"generated {gen.name}"]
+    twice, _ = obs_decoder.load_pool(obs_decoder.Args(world=world, latents=(latents[0],) * 3, out=out),
+                                     latent_space_sha256(world), (4, 9, 16))  # fmt: skip
+    assert list(twice) == [f"recorded {latents[0].name}{n}" for n in ("", " #2", " #3")]  # a source per argument
     episodes = pools[f"recorded {latents[0].name}"]  # one (S+1, C, h, w) per recorded episode of the first cache
     trained, held = obs_decoder.split(episodes, "recorded")  # the report's held-out latents: whole episodes
     assert len(held) == sum(len(e) for e in episodes[:: obs_decoder.HELDOUT_EVERY])

@@ -710,6 +710,11 @@ def train(args: Args, command: list[str] | None = None) -> dict:
         raise UsageError(f"--curve-weight {args.curve_weight}: expected a finite number > 0 (1 = off)")
     if not (math.isfinite(args.leave_weight) and args.leave_weight > 0):
         raise UsageError(f"--leave-weight {args.leave_weight}: expected a finite number > 0 (1 = off)")
+    if not (math.isfinite(args.action_distill_weight) and args.action_distill_weight >= 0):
+        raise UsageError(f"--action-distill-weight {args.action_distill_weight}: expected a finite number >= 0")
+    if args.action_distill_weight > 0 and args.teacher is None:
+        raise UsageError(f"--action-distill-weight {args.action_distill_weight} matches a teacher's response to "
+                         "the action: give --teacher")
     info = common.setup_distributed(args.device)
     run_dir = Path(args.run_dir).expanduser()
     out_dir = Path(args.out).expanduser() if args.out else run_dir / "model"
@@ -718,11 +723,6 @@ def train(args: Args, command: list[str] | None = None) -> dict:
     lat_info = lat_infos[0]
     c, h, w = lat_info["latent_shape"]
 
-    if not (math.isfinite(args.action_distill_weight) and args.action_distill_weight >= 0):
-        raise UsageError(f"--action-distill-weight {args.action_distill_weight}: expected a finite number >= 0")
-    if args.action_distill_weight > 0 and args.teacher is None:
-        raise UsageError(f"--action-distill-weight {args.action_distill_weight} matches a teacher's response to "
-                         "the action: give --teacher")
     if args.teacher is not None:
         check_teacher_causal(args.teacher, args.causal)
     run_dir.mkdir(parents=True, exist_ok=True)

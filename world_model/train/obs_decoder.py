@@ -91,8 +91,13 @@ def load_pool(
     sources = []
 
     def name(kind: str, path: Path) -> str:  # "recorded carracing"; a repeated name gets " #2", " #3", ...
-        key = f"{kind} {path.name}"
-        return key if key not in parts else f"{key} #{sum(k.startswith(key) for k in parts) + 1}"
+        base = f"{kind} {path.name}"
+        key, n = base, 1
+        while key in parts:
+            n += 1
+            key = f"{base} #{n}"
+        return key
+
     for cache in args.latents:
         cache = Path(cache).expanduser()
         info = read_info(cache)
