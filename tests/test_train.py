@@ -372,6 +372,100 @@ def test_action_distillation_runs_each_window_under_another_known_action():
     assert "loss/action" not in plain and float(other["loss/total"]) > float(plain["loss/total"])
 
 
+def _toy_batch(b: int, t: int, n_act: int = 9, n_tok: int = 3, dt: int = 12):
+    """A control table (A+1 rows, the last unknown) and a collated batch of random 4x4 latent windows."""
+    from world_model.text import ControlEmbeddings
+
+    tokens = torch.randn(n_act + 1, n_tok, dt)  # (A+1, N, Dt)
+    table = ControlEmbeddings(tokens, torch.ones(n_act + 1, n_tok, dtype=torch.bool), tokens.mean(1))
+    batch = {"latents": torch.randn(b, t, 4, 4, 4), "actions": torch.randint(-1, n_act, (b, t)),
+             "rewards": torch.zeros(b, t), "terminated": torch.zeros(b, t, dtype=torch.bool),
+             "labelled": torch.ones(b, dtype=torch.bool), "has_rewards": torch.ones(b, dtype=torch.bool)}  # fmt: skip
+    return table, batch
+
+
+def test_stream_consistency_targets_the_teachers_mean_velocity_over_one_shift():
+    """--consistency-weight: the sampler's window before a shift (its levels, context at ctx_noise), and a
+    target that is the teacher's k Euler steps' mean velocity: exact for a linear teacher, 0 for a constant one."""
+    from world_model.swin_dpm import SwinDPM, SwinDPMConfig
+    from world_model.train.dit import Args, consistency_loss, make_inputs
+
+    torch.manual_seed(0)
+    b, t = 512, 6
+    table, batch = _toy_batch(b, t)
+    scm = SwinDPM(SwinDPMConfig(context=2, groups=2, steps_per_shift=3, ctx_noise=0.4, level_shift=2.0))
+    args = Args(data=(), latents=(), context=2, window=t)
+    inp = make_inputs(batch, table, args, torch.Generator().manual_seed(0), torch.device("cpu"), scm)
+    torch.testing.assert_close(inp.cons_t, scm.t_in)
+    torch.testing.assert_close(inp.cons_dt, scm.dt)
+    assert inp.cons_x.shape == (b, 4, 4, 4, 4) and inp.cons_t[0, :2].tolist() == pytest.approx([0.4, 0.4])
+    lv = inp.cons_t[0][None, :, None, None, None]  # (1, L, 1, 1, 1)
+    noise = inp.cons_x - (1.0 - lv) * batch["latents"][:, :4]  # (B, L, ...) = t eps
+    torch.testing.assert_close(noise.std(dim=(0, 2, 3, 4)), inp.cons_t[0], rtol=0.03, atol=0.0)
+
+    class Linear(torch.nn.Module):  # v = a x + c(controls): Euler steps have a closed form
+        def __init__(self, a):
+            super().__init__()
+            self.a = a
+
+        def forward(self, x, lv, tok, msk):
+            return self.a * x + tok.mean(dim=(2, 3))[:, :, None, None, None]
+
+    for a in (0.0, 0.7):
+        teacher = Linear(a)
+        x0 = inp.cons_x[:, 2:]  # (B, G, C, H, W) the frames in flight
+        c = inp.ctrl_tokens[:, 2:4].mean(dim=(2, 3))[:, :, None, None, None]  # (B, G, 1, 1, 1)
+        v_student = teacher(inp.cons_x, None, inp.ctrl_tokens[:, :4], None)  # one call: v at the start
+        if a == 0.0:  # a constant velocity: k steps move exactly as one
+            assert float(consistency_loss(v_student, inp, teacher)) < 1e-12
+            continue
+        grow = torch.prod(1.0 + a * scm.dt, dim=0)[None, :, None, None, None]  # (1, G, 1, 1, 1)
+        x_k = (x0 + c / a) * grow - c / a  # the k Euler steps of x' = a x + c
+        target = (x_k - x0) / scm.dt.sum(0)[None, :, None, None, None]
+        want = (v_student[:, 2:] - target).pow(2).mean()
+        assert float(want) > 1e-4
+        torch.testing.assert_close(consistency_loss(v_student, inp, teacher), want)
+
+
+def test_stream_consistency_rows_join_the_students_batch_unseen_by_its_other_frames():
+    """compute_losses: the sampler's windows ride in the student's one batch, padded with the window's later
+    frames, which a causal DiT never reads: the loss equals the student run on the L frames alone."""
+    from world_model.dit import VideoDiT, get_preset
+    from world_model.swin_dpm import SwinDPM, SwinDPMConfig
+    from world_model.train.dit import Args, compute_losses, consistency_loss, make_inputs
+
+    torch.manual_seed(0)
+    b, t = 8, 6
+    table, batch = _toy_batch(b, t)
+    scm = SwinDPM(SwinDPMConfig(context=2, groups=2, steps_per_shift=2, ctx_noise=0.2, level_shift=2.0))
+    args = Args(data=(), latents=(), context=2, window=t, action_distill_weight=1.0)
+    inp = make_inputs(batch, table, args, torch.Generator().manual_seed(0), torch.device("cpu"), scm)
+    inp.head_mask[:] = False
+    dits = [VideoDiT(get_preset("tiny", latent_hw=(4, 4), text_dim=12, max_frames=t, causal=True)) for _ in range(2)]
+    with torch.no_grad():
+        for prm in (p for d in dits for p in d.parameters()):  # the final layer and gates start at zero
+            prm.normal_(0.0, 0.2)
+    student, teacher = dits[0], dits[1].eval()
+
+    class Model(torch.nn.Module):
+        def __init__(self, dit):
+            super().__init__()
+            self.dit = dit
+
+        def forward(self, x, lv, tok, msk, z_prev, z_next, pooled):
+            return self.dit(x, lv, tok, msk), torch.zeros(len(z_prev)), torch.zeros(len(z_prev))
+
+    with torch.no_grad():
+        got = compute_losses(Model(student), inp, 1.0, 1.0, teacher, 1.0, 2.0)
+        alone = student(inp.cons_x, inp.cons_t[0].expand(b, 4), inp.ctrl_tokens[:, :4], inp.ctrl_mask[:, :4])
+        want = consistency_loss(alone, inp, teacher)
+        without = compute_losses(Model(student), inp, 1.0, 1.0, teacher, 1.0)
+    torch.testing.assert_close(got["loss/consistency"], want)
+    assert float(want) > 1e-4 and "loss/consistency" not in without
+    torch.testing.assert_close(got["loss/total"], without["loss/total"] + 2.0 * want)
+    torch.testing.assert_close(got["loss/action"], without["loss/action"])
+
+
 def test_patch_inflation_computes_the_parent_on_the_pooled_latent():
     """inflate_patch: on a latent constant over each 2x2 patch, the inflated DiT is the parent on the pooled latent."""
     import torch.nn.functional as F
@@ -458,6 +552,38 @@ def test_distillation_targets_the_teacher_and_inflates_a_patch_1_parent(data, fo
         dit.main(dit_args((data, footage), latents, tmp_path / "ct", "--init-from", str(parent),
                           "--teacher", str(other)))  # fmt: skip
     assert not (tmp_path / "ct" / dit.CONTROL_TABLE_FILE).exists()  # refused before the run dir held a table
+
+
+def test_consistency_run_distils_the_teacher_worlds_sampler(data, footage, latents, dit_run, tmp_path):
+    """train-dit --consistency-weight: reads the teacher world's sampler, reports eval/consistency, and refuses
+    what cannot be distilled, naming the value, before the run dir is made."""
+    from world_model.train import dit
+
+    parent = dit_run / "model"
+    world = tmp_path / "world"  # the parent's DiT as a world: a sampler in its config.json
+    shutil.copytree(parent, world)
+    (world / "config.json").write_text(json.dumps({"sampler": {"context": 4, "groups": 4, "ctx_noise": 0.4,
+                                                               "level_shift": 2.0}}))  # fmt: skip
+    run = tmp_path / "scm"
+    dit.main(dit_args((data, footage), latents, run, "--init-from", str(parent), "--teacher", str(world),
+                      "--lr", "0", "--steps", "1", "--consistency-weight", "1"))  # fmt: skip
+    got = json.loads((run / "model" / "train_dit.json").read_text())["eval"]
+    assert got["eval/distill"] < 1e-10 and 0.0 <= got["eval/consistency"] < got["eval/flow"]
+    assert json.loads((run / "config.json").read_text())["consistency_groups"] == 2
+
+    bad = [
+        ((), "give --teacher"),
+        (("--teacher", str(parent)), "has no sampler settings|must be a world dir"),
+        (("--teacher", str(world), "--consistency-substeps", "1"), "k >= 2"),
+        (("--teacher", str(world), "--consistency-groups", "5"), "must fit in --window 8"),
+        (("--teacher", str(world), "--context", "3"), "holds 4 context frames, this run --context 3"),
+        (("--teacher", str(world), "--no-causal"), "block-causal"),
+        (("--teacher", str(world), "--consistency-weight", "nan"), "finite number"),
+    ]
+    for i, (extra, match) in enumerate(bad):
+        with pytest.raises(UsageError, match=match):
+            dit.main([*dit_args((data, footage), latents, tmp_path / f"bad{i}"), "--consistency-weight", "1", *extra])
+        assert not (tmp_path / f"bad{i}").exists()
 
 
 def test_obs_decoder_learns_the_vae_decode_and_serves_agent_observations(

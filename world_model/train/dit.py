@@ -46,6 +46,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader
 
 from world_model.errors import UsageError
+from world_model.swin_dpm import SwinDPM, SwinDPMConfig
 from world_model.text import ControlEmbeddings, TextEncoderConfig
 from world_model.train import common
 
@@ -113,6 +114,19 @@ class Args:
     picture; the action's effect on the velocity is a small part of it, and a student can lose it
     (a distilled world that barely turns, docs/EXPERIMENTS.md). 0 = off (one pass per step; > 0 doubles
     the batch through both DiTs)."""
+    consistency_weight: float = 0.0
+    """Stream consistency (The Matrix's SCM), with a --teacher *world*: also train the student to do in one
+    model call per shift what the teacher's own sampler does in ``--consistency-substeps``. Each window's
+    first ``context + G`` frames (G = ``--consistency-groups``) are put at the levels the student's sampler
+    holds them before a shift (pipelined, the teacher world's level shift and context noise); the teacher
+    runs its k Euler steps over them, and the student's velocity at those levels must equal the teacher's
+    mean velocity over the shift, (x_after - x_before) / (t_after - t_before). A G=2 student then draws what
+    the teacher's G=2, k-step sampler draws, at a k-th of its calls. 0 = off; > 0 adds B windows to the
+    student's batch and k teacher passes."""
+    consistency_groups: int = 2
+    """G of the student's sampler that --consistency-weight distils for (frames in flight)."""
+    consistency_substeps: int = 2
+    """k, the teacher's Euler steps per shift that the student's one step must match (>= 2)."""
     window: int = 8
     """T, frames per training window (context + noise groups)."""
     context: int = 4
@@ -411,6 +425,10 @@ class StepInputs:
     head_mask: torch.Tensor  # (B*(T-1),) bool: labelled transitions
     alt_ctrl_tokens: torch.Tensor | None = None  # (B, T, N, Dt): another action per frame (--action-distill-weight)
     alt_ctrl_mask: torch.Tensor | None = None  # (B, T, N)
+    # --consistency-weight: the first L = C + G frames at the student sampler's levels before a shift
+    cons_x: torch.Tensor | None = None  # (B, L, C, H, W): context noised to ctx_noise, frames in flight at their level
+    cons_t: torch.Tensor | None = None  # (k, L): the teacher's model-input times for each of its k Euler steps
+    cons_dt: torch.Tensor | None = None  # (k, G): the level change of the frames in flight at each Euler step
 
 
 def make_inputs(
@@ -419,6 +437,7 @@ def make_inputs(
     args: Args,
     generator: torch.Generator,
     device: torch.device,
+    scm: SwinDPM | None = None,
 ) -> StepInputs:
     """Noise a batch of latent windows and gather its control embeddings.
 
@@ -429,6 +448,7 @@ def make_inputs(
         args: the run's Args (levels, dropout).
         generator: RNG for levels, noise and dropout, on ``device``.
         device: compute device.
+        scm: the teacher's sampler for ``--consistency-weight`` (:func:`consistency_sampler`), or None.
     """
     x0 = batch["latents"].to(device, non_blocking=True)  # (B, T, C, H, W)
     actions = batch["actions"].to(device)  # (B, T), -1 = unknown
@@ -453,6 +473,13 @@ def make_inputs(
         other = torch.where(other >= rows_in, other + 1, other)  # uniform over the known actions but rows_in
         any_known = torch.randint(0, unknown, (b, n_frames), generator=generator, device=device)  # (B, T)
         alt = torch.where(rows_in < unknown, other, any_known)  # a dropped (unknown) frame: any known action
+    cons = None
+    if scm is not None:  # the sampler's window before a shift: x = (1 - t) x0 + t eps at its model-input times
+        n = scm.window_len
+        t_in = scm.t_in.to(device)  # (k, L): row 0 = context at ctx_noise, frames in flight at their level
+        eps_c = torch.randn(x0[:, :n].shape, generator=generator, device=device)  # (B, L, C, H, W)
+        tt0 = t_in[0][None, :, None, None, None]  # (1, L, 1, 1, 1)
+        cons = ((1.0 - tt0) * x0[:, :n] + tt0 * eps_c, t_in, scm.dt.to(device))
     return StepInputs(
         x_t=x_t,
         t=t,
@@ -468,6 +495,9 @@ def make_inputs(
         head_mask=head_mask.flatten(),
         alt_ctrl_tokens=None if alt is None else table.tokens[alt],
         alt_ctrl_mask=None if alt is None else table.mask[alt],
+        cons_x=None if cons is None else cons[0],
+        cons_t=None if cons is None else cons[1],
+        cons_dt=None if cons is None else cons[2],
     )
 
 
@@ -478,24 +508,36 @@ def compute_losses(
     heads_weight: float,
     teacher: nn.Module | None = None,
     action_weight: float = 0.0,
+    consistency_weight: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """Flow-matching loss on the noisy frames plus the heads' loss on labelled transitions.
 
     With a ``teacher`` DiT the velocity target is the teacher's on the same inputs (distillation); with
     ``action_weight`` > 0 and the inputs' other actions, the window also runs under those (one doubled batch
-    through each DiT) and the student's velocity change matches the teacher's ("loss/action").
+    through each DiT) and the student's velocity change matches the teacher's ("loss/action"); with
+    ``consistency_weight`` > 0 and the inputs' sampler windows, the student's velocity there matches the
+    teacher's mean velocity over its k Euler steps of one shift ("loss/consistency", stream consistency).
     """
     from world_model.heads import RewardTerminationHeads
 
     b = inp.x_t.shape[0]
     x_t, t, tokens, mask = inp.x_t, inp.t, inp.ctrl_tokens, inp.ctrl_mask
     contrast = teacher is not None and action_weight > 0
+    consist = teacher is not None and consistency_weight > 0
     if contrast and inp.alt_ctrl_tokens is None:
         raise ValueError("action_weight > 0 needs inputs made with args.action_distill_weight > 0 (other actions)")
+    if consist and inp.cons_x is None:
+        raise ValueError("consistency_weight > 0 needs inputs made with a consistency sampler (make_inputs scm=...)")
     if contrast:  # (2B, ...): the window under its actions, then under the other actions
         x_t, t = torch.cat([x_t, x_t]), torch.cat([t, t])
         tokens, mask = torch.cat([tokens, inp.alt_ctrl_tokens]), torch.cat([mask, inp.alt_ctrl_mask])
-    v_all, reward, term_logit = model(x_t, t, tokens, mask, inp.z_prev, inp.z_next, inp.ctrl_pooled)
+    x_s, t_s, tokens_s, mask_s = x_t, t, tokens, mask  # the student's batch
+    if consist:  # + B rows: the sampler's first L frames, then the window's own (a causal DiT never reads them)
+        n = inp.cons_x.shape[1]
+        x_s = torch.cat([x_s, torch.cat([inp.cons_x, inp.x_t[:, n:]], dim=1)])
+        t_s = torch.cat([t_s, torch.cat([inp.cons_t[0].expand(b, n), inp.t[:, n:]], dim=1)])
+        tokens_s, mask_s = torch.cat([tokens_s, inp.ctrl_tokens]), torch.cat([mask_s, inp.ctrl_mask])
+    v_all, reward, term_logit = model(x_s, t_s, tokens_s, mask_s, inp.z_prev, inp.z_next, inp.ctrl_pooled)
     v = v_all[:b]  # (B, T, C, H, W)
     v_target = inp.v_target  # (B, T, C, H, W)
     if teacher is not None:
@@ -506,9 +548,12 @@ def compute_losses(
     flow = (per_frame * inp.weight).sum() / inp.weight.sum().clamp(min=1e-8)
     action = None
     if contrast:
-        dv = (v_all[:b] - v_all[b:]).float() - (vt_all[:b] - vt_all[b:])  # (B, T, C, H, W)
+        dv = (v_all[:b] - v_all[b : 2 * b]).float() - (vt_all[:b] - vt_all[b:])  # (B, T, C, H, W)
         per_frame = dv.pow(2).mean(dim=(2, 3, 4))  # (B, T)
         action = (per_frame * inp.weight).sum() / inp.weight.sum().clamp(min=1e-8)
+    consistency = None
+    if consist:
+        consistency = consistency_loss(v_all[-b:, : inp.cons_x.shape[1]], inp, teacher)
     m = inp.head_mask
     if bool(m.any()):
         h = RewardTerminationHeads.loss(
@@ -518,14 +563,71 @@ def compute_losses(
         zero = 0.0 * (reward.sum() + term_logit.sum())
         h = {"loss": zero, "reward_loss": zero.detach(), "term_loss": zero.detach()}
     out = {
-        "loss/total": flow + heads_weight * h["loss"] + (0.0 if action is None else action_weight * action),
+        "loss/total": flow + heads_weight * h["loss"] + (0.0 if action is None else action_weight * action)
+        + (0.0 if consistency is None else consistency_weight * consistency),
         "loss/flow": flow,
         "loss/reward": h["reward_loss"],
         "loss/termination": h["term_loss"],
     }
     if action is not None:
         out["loss/action"] = action
+    if consistency is not None:
+        out["loss/consistency"] = consistency
     return out
+
+
+def consistency_loss(v: torch.Tensor, inp: StepInputs, teacher: nn.Module) -> torch.Tensor:
+    """Stream consistency: the student's one-call velocity ``v`` (B, L, C, H, W) on the sampler's window
+    ``inp.cons_x`` against the teacher's mean velocity over the shift, from its k Euler steps over the
+    whole window (context input fixed, as in :meth:`SwinDPM.step`). Only the G frames in flight count.
+    """
+    b, n = inp.cons_x.shape[:2]
+    g = inp.cons_dt.shape[1]
+    with torch.no_grad():
+        x = inp.cons_x.float().clone()  # (B, L, C, H, W)
+        tokens, mask = inp.ctrl_tokens[:, :n], inp.ctrl_mask[:, :n]  # (B, L, N, Dt), (B, L, N)
+        for j in range(inp.cons_t.shape[0]):
+            vj = teacher(x, inp.cons_t[j].expand(b, n), tokens, mask).float()  # (B, L, C, H, W)
+            x[:, -g:] += inp.cons_dt[j][None, :, None, None, None] * vj[:, -g:]
+        span = inp.cons_dt.sum(dim=0)[None, :, None, None, None]  # (1, G, 1, 1, 1): t_after - t_before < 0
+        target = (x[:, -g:] - inp.cons_x[:, -g:].float()) / span  # (B, G, C, H, W)
+    return (v[:, -g:].float() - target).pow(2).mean()
+
+
+def consistency_sampler(args: Args) -> SwinDPM:
+    """The teacher's sampler that ``--consistency-weight`` distils: the teacher world's level shift and context
+    noise, pipelined, ``--consistency-groups`` frames in flight, ``--consistency-substeps`` Euler steps per shift.
+
+    Raises:
+        UsageError: no teacher, a non-world teacher, a bidirectional student, or G / k / context that do not fit.
+    """
+    from world_model.checkpoint import CheckpointError, _read_json
+
+    w, g, k = args.consistency_weight, args.consistency_groups, args.consistency_substeps
+    if args.teacher is None:
+        raise UsageError(f"--consistency-weight {w} distils a teacher's sampler: give --teacher (a world dir)")
+    if not args.causal:
+        raise UsageError(f"--consistency-weight {w} reads each window's first --context + --consistency-groups "
+                         "frames alone, which needs a block-causal student: drop --no-causal")
+    if g < 1 or k < 2:
+        raise UsageError(f"--consistency-groups {g} / --consistency-substeps {k}: expected G >= 1 frames in flight "
+                         "and k >= 2 teacher steps per shift (k = 1 is plain distillation)")
+    if args.context + g > args.window:
+        raise UsageError(f"--consistency-groups {g}: --context {args.context} + G frames must fit in --window "
+                         f"{args.window}")
+    try:
+        sampler = _read_json(Path(args.teacher).expanduser() / "config.json").get("sampler")
+    except CheckpointError as err:
+        raise UsageError(f"--consistency-weight {w}: --teacher {args.teacher} must be a world dir: {err}") from err
+    if not isinstance(sampler, dict):
+        raise UsageError(f"--consistency-weight {w}: --teacher {args.teacher} has no sampler settings (a train-dit "
+                         "model dir?); give a world dir, whose level shift and context noise the student learns")
+    if sampler.get("context") != args.context:
+        raise UsageError(f"--consistency-weight {w}: the teacher world's sampler holds {sampler.get('context')} "
+                         f"context frames, this run --context {args.context}")
+    cfg = SwinDPMConfig(context=args.context, groups=g, steps_per_shift=k, mode="pipelined",
+                        ctx_noise=float(sampler["ctx_noise"]), level_shift=float(sampler["level_shift"]))
+    return SwinDPM(cfg)
 
 
 @torch.no_grad()
@@ -537,6 +639,7 @@ def evaluate(
     pos_weight: float,
     device: torch.device,
     teacher: nn.Module | None = None,
+    scm: SwinDPM | None = None,
 ) -> dict[str, float]:
     """Held-out losses of the (EMA) model with a fixed RNG and no control dropout, plus heads metrics.
 
@@ -554,14 +657,17 @@ def evaluate(
     for i, batch in enumerate(loader):
         if i >= args.eval_batches:
             break
-        inp = make_inputs(batch, table, eval_args, gen, device)
+        inp = make_inputs(batch, table, eval_args, gen, device, scm)
         for k, v in compute_losses(model, inp, pos_weight, args.heads_weight).items():
             sums[k] = sums.get(k, 0.0) + float(v)
         if teacher is not None:
-            got = compute_losses(model, inp, pos_weight, args.heads_weight, teacher, args.action_distill_weight)
+            got = compute_losses(model, inp, pos_weight, args.heads_weight, teacher, args.action_distill_weight,
+                                 args.consistency_weight)
             sums["loss/distill"] = sums.get("loss/distill", 0.0) + float(got["loss/flow"])
             if "loss/action" in got:  # eval/action: the velocity change under another action vs the teacher's
                 sums["loss/action"] = sums.get("loss/action", 0.0) + float(got["loss/action"])
+            if "loss/consistency" in got:  # eval/consistency: one call per shift vs the teacher's k
+                sums["loss/consistency"] = sums.get("loss/consistency", 0.0) + float(got["loss/consistency"])
         n_batches += 1
         reward, term_logit = model.heads(inp.z_prev, inp.z_next, inp.ctrl_pooled)  # (M,), (M,)
         m = inp.head_mask
@@ -715,6 +821,11 @@ def train(args: Args, command: list[str] | None = None) -> dict:
     if args.action_distill_weight > 0 and args.teacher is None:
         raise UsageError(f"--action-distill-weight {args.action_distill_weight} matches a teacher's response to "
                          "the action: give --teacher")
+    if not (math.isfinite(args.consistency_weight) and args.consistency_weight >= 0):
+        raise UsageError(f"--consistency-weight {args.consistency_weight}: expected a finite number >= 0")
+    scm = None
+    if args.consistency_weight > 0:
+        scm = consistency_sampler(args)
     info = common.setup_distributed(args.device)
     run_dir = Path(args.run_dir).expanduser()
     out_dir = Path(args.out).expanduser() if args.out else run_dir / "model"
@@ -834,11 +945,12 @@ def train(args: Args, command: list[str] | None = None) -> dict:
     deadline = None if args.max_minutes is None else time.monotonic() + 60.0 * args.max_minutes
     for step in range(start, end):
         batch = next(batches)
-        inp = make_inputs(batch, table, args, gen, info.device)
+        inp = make_inputs(batch, table, args, gen, info.device, scm)
         lr = common.cosine_lr(step, args.steps, args.lr, args.warmup)
         common.set_lr(optimizer, lr)
         with common.autocast(info.device, bf16):
-            losses = compute_losses(step_fn, inp, pos_weight, args.heads_weight, teacher, args.action_distill_weight)
+            losses = compute_losses(step_fn, inp, pos_weight, args.heads_weight, teacher, args.action_distill_weight,
+                                    args.consistency_weight)
         optimizer.zero_grad(set_to_none=True)
         losses["loss/total"].backward()
         grad_norm = nn.utils.clip_grad_norm_(
@@ -876,7 +988,7 @@ def train(args: Args, command: list[str] | None = None) -> dict:
         eval_eps = heldout_eps or train_eps
         try:
             eval_set = common.window_dataset(eval_eps, args.window, source="latents", latents=caches)
-            metrics = evaluate(final, eval_set, table, args, pos_weight, info.device, teacher)
+            metrics = evaluate(final, eval_set, table, args, pos_weight, info.device, teacher, scm)
             metrics["eval/split"] = "heldout" if heldout_eps else "train (no held-out episodes)"
         except UsageError as err:  # held-out episodes shorter than a window
             metrics = {"eval/skipped": str(err)}
