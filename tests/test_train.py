@@ -427,6 +427,49 @@ def test_stream_consistency_targets_the_teachers_mean_velocity_over_one_shift():
         torch.testing.assert_close(consistency_loss(v_student, inp, teacher), want)
 
 
+@pytest.mark.parametrize("cached", [False, True])
+def test_stream_consistency_target_is_where_the_sampler_lands_after_one_shift(cached):
+    """consistency_loss against SwinDPM.step itself: a student velocity that lands, in one Euler step, where
+    the teacher's sampler lands after its k steps of one shift (with and without the context cache) has
+    zero loss; the teacher's own one-call velocity does not."""
+    from world_model.dit import VideoDiT, get_preset
+    from world_model.swin_dpm import SwinDPM, SwinDPMConfig, SwinDPMState
+    from world_model.train.dit import StepInputs, consistency_loss
+
+    torch.manual_seed(0)
+    b, c_ctx, g, k, s = 3, 2, 2, 3, 0.3
+    dit = VideoDiT(get_preset("tiny", latent_hw=(4, 4), text_dim=12, max_frames=6, causal=True)).eval()
+    with torch.no_grad():
+        for prm in dit.parameters():  # the final layer and the gates start at zero: randomise everything
+            prm.normal_(0.0, 0.2)
+    tokens, mask = torch.randn(10, 3, 12), torch.ones(10, 3, dtype=torch.bool)  # (A+1, N, Dt), (A+1, N)
+    scm = SwinDPM(SwinDPMConfig(context=c_ctx, groups=g, steps_per_shift=k, ctx_noise=s, level_shift=2.0))
+    x0, eps = torch.randn(b, c_ctx + g, 4, 4, 4), torch.randn(b, c_ctx + g, 4, 4, 4)
+    lv = scm.levels[0][None, :, None, None, None]  # (1, L, 1, 1, 1): context 0, in flight at their levels
+    window = (1.0 - lv) * x0 + lv * eps  # (B, L, C, H, W)
+    ctrl = torch.randint(0, 9, (b, c_ctx + g))  # (B, L) control rows
+    eps_ctx = torch.randn((b, c_ctx, 4, 4, 4), generator=torch.Generator().manual_seed(5))  # step()'s draw
+    zeros = torch.zeros(b, dtype=torch.long)
+    state = SwinDPMState(window.clone(), ctrl.clone(), zeros, zeros.clone(), torch.zeros(b, 0))
+    denoise = lambda x, t, c, cache=None: dit(x, t, tokens[c], mask[c], cache=cache)  # noqa: E731
+    context_fn = (lambda x, t, c: dit.encode_context(x, t, tokens[c], mask[c])) if cached else None  # noqa: E731
+    with torch.no_grad():
+        _, head = scm.step(state, denoise, ctrl[:, -1], torch.Generator().manual_seed(5), context_fn)
+    after = torch.stack([head, state.latents[:, c_ctx]], dim=1)  # (B, G, ...): the head, the old tail
+    span = scm.dt.sum(0)[None, :, None, None, None]  # (1, G, 1, 1, 1)
+    cons_x = torch.cat([(1.0 - s) * x0[:, :c_ctx] + s * eps_ctx, window[:, c_ctx:]], dim=1)  # what the DiT saw
+    unused = dict.fromkeys(("x_t", "t", "v_target", "weight", "z_prev", "z_next", "ctrl_pooled", "reward",
+                            "terminated", "head_mask"))  # fmt: skip
+    inp = StepInputs(**unused, ctrl_tokens=tokens[ctrl], ctrl_mask=mask[ctrl], cons_x=cons_x, cons_t=scm.t_in,
+                     cons_dt=scm.dt)  # fmt: skip
+    v = torch.zeros_like(cons_x)
+    v[:, c_ctx:] = (after - window[:, c_ctx:]) / span  # one Euler step to where the sampler landed
+    assert float(consistency_loss(v, inp, dit)) < 1e-10
+    with torch.no_grad():
+        one_call = dit(cons_x, scm.t_in[0].expand(b, -1), tokens[ctrl], mask[ctrl])
+    assert float(consistency_loss(one_call, inp, dit)) > 1e-4  # k steps differ from one
+
+
 def test_stream_consistency_rows_join_the_students_batch_unseen_by_its_other_frames():
     """compute_losses: the sampler's windows ride in the student's one batch, padded with the window's later
     frames, which a causal DiT never reads: the loss equals the student run on the L frames alone."""
@@ -554,10 +597,11 @@ def test_distillation_targets_the_teacher_and_inflates_a_patch_1_parent(data, fo
     assert not (tmp_path / "ct" / dit.CONTROL_TABLE_FILE).exists()  # refused before the run dir held a table
 
 
-def test_consistency_run_distils_the_teacher_worlds_sampler(data, footage, latents, dit_run, tmp_path):
-    """train-dit --consistency-weight: reads the teacher world's sampler, reports eval/consistency, and refuses
-    what cannot be distilled, naming the value, before the run dir is made."""
-    from world_model.train import dit
+def test_consistency_run_distils_the_teacher_worlds_sampler(data, footage, vae_dir, latents, dit_run, tmp_path):
+    """train-dit --consistency-weight: reads the teacher world's sampler, reports eval/consistency, build-world
+    defaults to the distilled sampler, and what cannot be distilled is refused, naming the value, before the run
+    dir is made."""
+    from world_model.train import build_world, dit
 
     parent = dit_run / "model"
     world = tmp_path / "world"  # the parent's DiT as a world: a sampler in its config.json
@@ -570,6 +614,16 @@ def test_consistency_run_distils_the_teacher_worlds_sampler(data, footage, laten
     got = json.loads((run / "model" / "train_dit.json").read_text())["eval"]
     assert got["eval/distill"] < 1e-10 and 0.0 <= got["eval/consistency"] < got["eval/flow"]
     assert json.loads((run / "config.json").read_text())["consistency_groups"] == 2
+    built = tmp_path / "built"  # build-world's default sampler: the one the student was distilled for
+    build_world.main(["--vae", str(vae_dir), "--dit", str(run / "model"), "--data", str(data), "--latents",
+                      str(latents[0]), "--out", str(built), "--starts", "2"])  # fmt: skip
+    sampler = json.loads((built / "config.json").read_text())["sampler"]
+    assert {k: sampler[k] for k in ("groups", "steps_per_shift", "level_shift", "ctx_noise", "mode")} == {
+        "groups": 2, "steps_per_shift": 1, "level_shift": 2.0, "ctx_noise": 0.4, "mode": "pipelined"}
+
+    guided = tmp_path / "guided"
+    shutil.copytree(world, guided)
+    (guided / "config.json").write_text(json.dumps({"sampler": {"context": 4, "guidance": 1.5}}))
 
     bad = [
         ((), "give --teacher"),
@@ -579,6 +633,8 @@ def test_consistency_run_distils_the_teacher_worlds_sampler(data, footage, laten
         (("--teacher", str(world), "--context", "3"), "holds 4 context frames, this run --context 3"),
         (("--teacher", str(world), "--no-causal"), "block-causal"),
         (("--teacher", str(world), "--consistency-weight", "nan"), "finite number"),
+        (("--teacher", str(guided),), "uses guidance 1.5"),
+        (("--teacher", str(world), "--consistency-weight", "0", "--consistency-groups", "3"), "give a weight > 0"),
     ]
     for i, (extra, match) in enumerate(bad):
         with pytest.raises(UsageError, match=match):

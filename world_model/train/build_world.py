@@ -228,8 +228,9 @@ def build(args: Args, command: list[str] | None = None) -> Path:
     dit_args = dit_summary.get("args", {})
     context = args.context or int(dit_summary["context"])
     trained_groups = max(1, int(dit_summary["window"]) - int(dit_summary["context"]))
-    # defaults: a world's own settings when --dit is a world, else the teacher's
-    inherited = dit_summary.get("world_sampler") or {
+    # defaults: a world's own settings when --dit is a world, the sampler a stream-consistency student was
+    # distilled for (train-dit --consistency-weight), else the teacher's
+    inherited = dit_summary.get("world_sampler") or dit_summary.get("consistency_sampler") or {
         "mode": "pipelined", "steps_per_shift": 8, "level_shift": 1.0,
         "ctx_noise": float(dit_args.get("ctx_noise", 0.0)) / 2,
     }  # fmt: skip

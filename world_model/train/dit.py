@@ -438,6 +438,7 @@ def make_inputs(
     generator: torch.Generator,
     device: torch.device,
     scm: SwinDPM | None = None,
+    extra_generator: torch.Generator | None = None,
 ) -> StepInputs:
     """Noise a batch of latent windows and gather its control embeddings.
 
@@ -449,6 +450,9 @@ def make_inputs(
         generator: RNG for levels, noise and dropout, on ``device``.
         device: compute device.
         scm: the teacher's sampler for ``--consistency-weight`` (:func:`consistency_sampler`), or None.
+        extra_generator: RNG for the draws only distillation options make (other actions, the sampler
+            windows' noise); default ``generator``. Evaluation passes its own, so the plain losses see the
+            same levels and noise with or without those options.
     """
     x0 = batch["latents"].to(device, non_blocking=True)  # (B, T, C, H, W)
     actions = batch["actions"].to(device)  # (B, T), -1 = unknown
@@ -467,19 +471,20 @@ def make_inputs(
 
     labelled = (batch["labelled"] & batch["has_rewards"]).to(device)  # (B,)
     head_mask = (actions[:, 1:] >= 0) & labelled[:, None]  # (B, T-1)
+    extra = generator if extra_generator is None else extra_generator
     alt = None
     if args.action_distill_weight > 0:  # another known action per frame (never the unknown row, never rows_in)
-        other = torch.randint(0, unknown - 1, (b, n_frames), generator=generator, device=device)  # (B, T)
+        other = torch.randint(0, unknown - 1, (b, n_frames), generator=extra, device=device)  # (B, T)
         other = torch.where(other >= rows_in, other + 1, other)  # uniform over the known actions but rows_in
-        any_known = torch.randint(0, unknown, (b, n_frames), generator=generator, device=device)  # (B, T)
+        any_known = torch.randint(0, unknown, (b, n_frames), generator=extra, device=device)  # (B, T)
         alt = torch.where(rows_in < unknown, other, any_known)  # a dropped (unknown) frame: any known action
     cons = None
     if scm is not None:  # the sampler's window before a shift: x = (1 - t) x0 + t eps at its model-input times
         n = scm.window_len
-        t_in = scm.t_in.to(device)  # (k, L): row 0 = context at ctx_noise, frames in flight at their level
-        eps_c = torch.randn(x0[:, :n].shape, generator=generator, device=device)  # (B, L, C, H, W)
+        t_in = scm.t_in  # (k, L): row 0 = context at ctx_noise, frames in flight at their level
+        eps_c = torch.randn(x0[:, :n].shape, generator=extra, device=device)  # (B, L, C, H, W)
         tt0 = t_in[0][None, :, None, None, None]  # (1, L, 1, 1, 1)
-        cons = ((1.0 - tt0) * x0[:, :n] + tt0 * eps_c, t_in, scm.dt.to(device))
+        cons = ((1.0 - tt0) * x0[:, :n] + tt0 * eps_c, t_in, scm.dt)
     return StepInputs(
         x_t=x_t,
         t=t,
@@ -594,12 +599,16 @@ def consistency_loss(v: torch.Tensor, inp: StepInputs, teacher: nn.Module) -> to
     return (v[:, -g:].float() - target).pow(2).mean()
 
 
-def consistency_sampler(args: Args) -> SwinDPM:
+def consistency_sampler(args: Args) -> SwinDPMConfig:
     """The teacher's sampler that ``--consistency-weight`` distils: the teacher world's level shift and context
     noise, pipelined, ``--consistency-groups`` frames in flight, ``--consistency-substeps`` Euler steps per shift.
 
+    Returns:
+        The teacher's sampler config, ``steps_per_shift`` = k (the student's own sampler is the same with 1).
+
     Raises:
-        UsageError: no teacher, a non-world teacher, a bidirectional student, or G / k / context that do not fit.
+        UsageError: no teacher, a non-world teacher, a guided sampler, a bidirectional student, or G / k /
+            context that do not fit.
     """
     from world_model.checkpoint import CheckpointError, _read_json
 
@@ -622,12 +631,20 @@ def consistency_sampler(args: Args) -> SwinDPM:
     if not isinstance(sampler, dict):
         raise UsageError(f"--consistency-weight {w}: --teacher {args.teacher} has no sampler settings (a train-dit "
                          "model dir?); give a world dir, whose level shift and context noise the student learns")
-    if sampler.get("context") != args.context:
-        raise UsageError(f"--consistency-weight {w}: the teacher world's sampler holds {sampler.get('context')} "
-                         f"context frames, this run --context {args.context}")
-    cfg = SwinDPMConfig(context=args.context, groups=g, steps_per_shift=k, mode="pipelined",
-                        ctx_noise=float(sampler["ctx_noise"]), level_shift=float(sampler["level_shift"]))
-    return SwinDPM(cfg)
+    base = SwinDPMConfig()  # a world's sampler dict may leave settings at their defaults, as the env reads it
+    context = sampler.get("context", base.context)
+    if context != args.context:
+        raise UsageError(f"--consistency-weight {w}: the teacher world's sampler holds {context} context frames, "
+                         f"this run --context {args.context}")
+    if sampler.get("guidance", base.guidance) != 1.0:
+        raise UsageError(f"--consistency-weight {w}: the teacher world's sampler uses guidance "
+                         f"{sampler.get('guidance')}; the consistency target is unguided: give a world with guidance 1")
+    try:
+        return SwinDPMConfig(context=args.context, groups=g, steps_per_shift=k, mode="pipelined",
+                             ctx_noise=sampler.get("ctx_noise", base.ctx_noise),
+                             level_shift=sampler.get("level_shift", base.level_shift))
+    except (TypeError, ValueError) as err:
+        raise UsageError(f"--consistency-weight {w}: --teacher {args.teacher}'s sampler settings: {err}") from err
 
 
 @torch.no_grad()
@@ -651,13 +668,14 @@ def evaluate(
     model.eval()
     eval_args = dataclasses.replace(args, ctrl_dropout=0.0)
     gen = torch.Generator(device=device).manual_seed(12345)
+    extra = torch.Generator(device=device).manual_seed(54321)  # distillation-only draws: gen's stream unchanged
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False)
     sums: dict[str, float] = {}
     n_batches, abs_err, correct, count = 0, 0.0, 0, 0
     for i, batch in enumerate(loader):
         if i >= args.eval_batches:
             break
-        inp = make_inputs(batch, table, eval_args, gen, device, scm)
+        inp = make_inputs(batch, table, eval_args, gen, device, scm, extra)
         for k, v in compute_losses(model, inp, pos_weight, args.heads_weight).items():
             sums[k] = sums.get(k, 0.0) + float(v)
         if teacher is not None:
@@ -823,9 +841,12 @@ def train(args: Args, command: list[str] | None = None) -> dict:
                          "the action: give --teacher")
     if not (math.isfinite(args.consistency_weight) and args.consistency_weight >= 0):
         raise UsageError(f"--consistency-weight {args.consistency_weight}: expected a finite number >= 0")
-    scm = None
+    scm_cfg = None
     if args.consistency_weight > 0:
-        scm = consistency_sampler(args)
+        scm_cfg = consistency_sampler(args)
+    elif (args.consistency_groups, args.consistency_substeps) != (2, 2):
+        raise UsageError(f"--consistency-groups {args.consistency_groups} / --consistency-substeps "
+                         f"{args.consistency_substeps} set the sampler --consistency-weight distils: give a weight > 0")
     info = common.setup_distributed(args.device)
     run_dir = Path(args.run_dir).expanduser()
     out_dir = Path(args.out).expanduser() if args.out else run_dir / "model"
@@ -892,6 +913,7 @@ def train(args: Args, command: list[str] | None = None) -> dict:
     model = DiTWithHeads(VideoDiT(dit_cfg), RewardTerminationHeads(heads_cfg)).to(info.device)
     if args.init_from is not None and ckpt is None:  # on resume the checkpoint already holds the weights
         warm_start(model, Path(args.init_from).expanduser(), dit_cfg, heads_cfg)
+    scm = None if scm_cfg is None else SwinDPM(scm_cfg, info.device)  # level tables on the device
     teacher = None if args.teacher is None else load_teacher(
         Path(args.teacher).expanduser(), dit_cfg, args.window, info.device
     )
@@ -1016,6 +1038,9 @@ def train(args: Args, command: list[str] | None = None) -> dict:
             "termination_pos_weight": pos_weight,
             "init_from": common.parent_summary(args.init_from, "train_dit.json"),
             "teacher": common.parent_summary(args.teacher, "train_dit.json"),
+            # --consistency-weight: the sampler this DiT was distilled for, one call per shift (build-world's default)
+            "consistency_sampler": None if scm_cfg is None
+            else dataclasses.asdict(dataclasses.replace(scm_cfg, steps_per_shift=1)),
             "eval": metrics,
         }
         (out_dir / "train_dit.json").write_text(json.dumps(summary, indent=2))
