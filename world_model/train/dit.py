@@ -120,9 +120,10 @@ class Args:
     first ``context + G`` frames (G = ``--consistency-groups``) are put at the levels the student's sampler
     holds them before a shift (pipelined, the teacher world's level shift and context noise); the teacher
     runs its k Euler steps over them, and the student's velocity at those levels must equal the teacher's
-    mean velocity over the shift, (x_after - x_before) / (t_after - t_before). A G=2 student then draws what
-    the teacher's G=2, k-step sampler draws, at a k-th of its calls. 0 = off; > 0 adds B windows to the
-    student's batch and k teacher passes."""
+    mean velocity over the shift, (x_after - x_before) / (t_after - t_before): the student's one step aims to
+    land where the teacher's k land, at a k-th of the calls (the 2x2-patch student so trained kept its
+    turning but not its car: docs/EXPERIMENTS.md, "Stream consistency"). 0 = off; > 0 adds B windows to
+    the student's batch and k teacher passes."""
     consistency_groups: int = 2
     """G of the student's sampler that --consistency-weight distils for (frames in flight)."""
     consistency_substeps: int = 2
