@@ -322,56 +322,6 @@ def test_dit_warm_start_loads_parent_weights_and_records_lineage(data, footage, 
         dit.main([*dit_args((data, footage), latents, tmp_path / "bad", "--init-from", str(parent)), "--preset", "S"])
 
 
-def test_action_distillation_runs_each_window_under_another_known_action():
-    """--action-distill-weight: every frame gets another known action's control (never its own, never the
-    unknown row); the loss is zero for a student equal to its teacher and grows with their difference."""
-    from world_model.dit import VideoDiT, get_preset
-    from world_model.text import ControlEmbeddings
-    from world_model.train.dit import Args, compute_losses, make_inputs
-
-    torch.manual_seed(0)
-    b, t, n_act, n_tok, dt = 256, 6, 9, 3, 12
-    tokens = torch.randn(n_act + 1, n_tok, dt)  # (A+1, N, Dt): row A is the unknown action
-    table = ControlEmbeddings(tokens, torch.ones(n_act + 1, n_tok, dtype=torch.bool), tokens.mean(1))
-    actions = torch.randint(-1, n_act, (b, t))  # -1: an unlabelled frame
-    batch = {"latents": torch.randn(b, t, 4, 4, 4), "actions": actions, "rewards": torch.zeros(b, t),
-             "terminated": torch.zeros(b, t, dtype=torch.bool), "labelled": torch.ones(b, dtype=torch.bool),
-             "has_rewards": torch.ones(b, dtype=torch.bool)}  # fmt: skip
-    args = Args(data=(), latents=(), ctrl_dropout=0.3, action_distill_weight=1.0, context=2, window=t)
-    inp = make_inputs(batch, table, args, torch.Generator().manual_seed(0), torch.device("cpu"))
-    row_of = lambda tok: (tok[:, :, :1, None, :] == tokens[None, None, None, :, 0]).all(-1)[:, :, 0].int().argmax(-1)  # noqa: E731
-    rows_in, alt = row_of(inp.ctrl_tokens), row_of(inp.alt_ctrl_tokens)  # (B, T) table rows
-    assert (alt != rows_in).all() and (alt < n_act).all()  # another known action, everywhere
-    assert set(alt[rows_in == n_act].tolist()) == set(range(n_act))  # a dropped frame: any known action
-    assert set(alt[rows_in == 0].tolist()) == set(range(1, n_act))  # others: uniform over the rest
-
-    teacher = VideoDiT(get_preset("tiny", latent_hw=(4, 4), text_dim=dt, max_frames=t)).eval()
-    with torch.no_grad():
-        for prm in teacher.parameters():  # the final layer and the gates start at zero: randomise everything
-            prm.normal_(0.0, 0.2)
-    student = VideoDiT(teacher.cfg)
-    student.load_state_dict(teacher.state_dict())
-
-    class Model(torch.nn.Module):  # the DiT with no heads: what compute_losses calls
-        def __init__(self, dit):
-            super().__init__()
-            self.dit = dit
-
-        def forward(self, x, lv, tok, msk, z_prev, z_next, pooled):
-            return self.dit(x, lv, tok, msk), torch.zeros(len(z_prev)), torch.zeros(len(z_prev))
-
-    inp.head_mask[:] = False  # the heads are not under test
-    with torch.no_grad():
-        same = compute_losses(Model(student), inp, 1.0, 1.0, teacher, 1.0)
-        for name, prm in student.named_parameters():
-            if name.startswith(("interactive", "ctrl_embed")):  # the action pathway only
-                prm.add_(0.3 * torch.randn_like(prm))
-        other = compute_losses(Model(student), inp, 1.0, 1.0, teacher, 1.0)
-        plain = compute_losses(Model(student), inp, 1.0, 1.0, teacher)  # weight 0: no second pass, no loss/action
-    assert float(same["loss/action"]) < 1e-10 and float(other["loss/action"]) > 1e-4
-    assert "loss/action" not in plain and float(other["loss/total"]) > float(plain["loss/total"])
-
-
 def _toy_batch(b: int, t: int, n_act: int = 9, n_tok: int = 3, dt: int = 12):
     """A control table (A+1 rows, the last unknown) and a collated batch of random 4x4 latent windows."""
     from world_model.text import ControlEmbeddings
@@ -382,6 +332,59 @@ def _toy_batch(b: int, t: int, n_act: int = 9, n_tok: int = 3, dt: int = 12):
              "rewards": torch.zeros(b, t), "terminated": torch.zeros(b, t, dtype=torch.bool),
              "labelled": torch.ones(b, dtype=torch.bool), "has_rewards": torch.ones(b, dtype=torch.bool)}  # fmt: skip
     return table, batch
+
+
+def _randomised(dit: torch.nn.Module) -> torch.nn.Module:
+    """``dit`` with every weight drawn N(0, 0.2): its final layer and gates start at zero, so a fresh one is trivial."""
+    with torch.no_grad():
+        for prm in dit.parameters():
+            prm.normal_(0.0, 0.2)
+    return dit
+
+
+class _NoHeads(torch.nn.Module):
+    """A DiT as ``compute_losses`` calls the DiT with heads, the heads predicting zeros (not under test)."""
+
+    def __init__(self, dit: torch.nn.Module) -> None:
+        super().__init__()
+        self.dit = dit
+
+    def forward(self, x, lv, tok, msk, z_prev, z_next, pooled):
+        return self.dit(x, lv, tok, msk), torch.zeros(len(z_prev)), torch.zeros(len(z_prev))
+
+
+def test_action_distillation_runs_each_window_under_another_known_action():
+    """--action-distill-weight: every frame gets another known action's control (never its own, never the
+    unknown row); the loss is zero for a student equal to its teacher and grows with their difference."""
+    from world_model.dit import VideoDiT, get_preset
+    from world_model.train.dit import Args, compute_losses, make_inputs
+
+    torch.manual_seed(0)
+    b, t, n_act, dt = 256, 6, 9, 12
+    table, batch = _toy_batch(b, t, n_act=n_act, dt=dt)
+    tokens = table.tokens  # (A+1, N, Dt): row A is the unknown action
+    args = Args(data=(), latents=(), ctrl_dropout=0.3, action_distill_weight=1.0, context=2, window=t)
+    inp = make_inputs(batch, table, args, torch.Generator().manual_seed(0), torch.device("cpu"))
+    row_of = lambda tok: (tok[:, :, :1, None, :] == tokens[None, None, None, :, 0]).all(-1)[:, :, 0].int().argmax(-1)  # noqa: E731
+    rows_in, alt = row_of(inp.ctrl_tokens), row_of(inp.alt_ctrl_tokens)  # (B, T) table rows
+    assert (alt != rows_in).all() and (alt < n_act).all()  # another known action, everywhere
+    assert set(alt[rows_in == n_act].tolist()) == set(range(n_act))  # a dropped frame: any known action
+    assert set(alt[rows_in == 0].tolist()) == set(range(1, n_act))  # others: uniform over the rest
+
+    teacher = _randomised(VideoDiT(get_preset("tiny", latent_hw=(4, 4), text_dim=dt, max_frames=t))).eval()
+    student = VideoDiT(teacher.cfg)
+    student.load_state_dict(teacher.state_dict())
+
+    inp.head_mask[:] = False  # the heads are not under test
+    with torch.no_grad():
+        same = compute_losses(_NoHeads(student), inp, 1.0, 1.0, teacher, 1.0)
+        for name, prm in student.named_parameters():
+            if name.startswith(("interactive", "ctrl_embed")):  # the action pathway only
+                prm.add_(0.3 * torch.randn_like(prm))
+        other = compute_losses(_NoHeads(student), inp, 1.0, 1.0, teacher, 1.0)
+        plain = compute_losses(_NoHeads(student), inp, 1.0, 1.0, teacher)  # weight 0: no second pass, no loss/action
+    assert float(same["loss/action"]) < 1e-10 and float(other["loss/action"]) > 1e-4
+    assert "loss/action" not in plain and float(other["loss/total"]) > float(plain["loss/total"])
 
 
 def test_stream_consistency_targets_the_teachers_mean_velocity_over_one_shift():
@@ -438,10 +441,7 @@ def test_stream_consistency_target_is_where_the_sampler_lands_after_one_shift(ca
 
     torch.manual_seed(0)
     b, c_ctx, g, k, s = 3, 2, 2, 3, 0.3
-    dit = VideoDiT(get_preset("tiny", latent_hw=(4, 4), text_dim=12, max_frames=6, causal=True)).eval()
-    with torch.no_grad():
-        for prm in dit.parameters():  # the final layer and the gates start at zero: randomise everything
-            prm.normal_(0.0, 0.2)
+    dit = _randomised(VideoDiT(get_preset("tiny", latent_hw=(4, 4), text_dim=12, max_frames=6, causal=True))).eval()
     tokens, mask = torch.randn(10, 3, 12), torch.ones(10, 3, dtype=torch.bool)  # (A+1, N, Dt), (A+1, N)
     scm = SwinDPM(SwinDPMConfig(context=c_ctx, groups=g, steps_per_shift=k, ctx_noise=s, level_shift=2.0))
     x0, eps = torch.randn(b, c_ctx + g, 4, 4, 4), torch.randn(b, c_ctx + g, 4, 4, 4)
@@ -484,25 +484,14 @@ def test_stream_consistency_rows_join_the_students_batch_unseen_by_its_other_fra
     args = Args(data=(), latents=(), context=2, window=t, action_distill_weight=1.0)
     inp = make_inputs(batch, table, args, torch.Generator().manual_seed(0), torch.device("cpu"), scm)
     inp.head_mask[:] = False
-    dits = [VideoDiT(get_preset("tiny", latent_hw=(4, 4), text_dim=12, max_frames=t, causal=True)) for _ in range(2)]
-    with torch.no_grad():
-        for prm in (p for d in dits for p in d.parameters()):  # the final layer and gates start at zero
-            prm.normal_(0.0, 0.2)
-    student, teacher = dits[0], dits[1].eval()
-
-    class Model(torch.nn.Module):
-        def __init__(self, dit):
-            super().__init__()
-            self.dit = dit
-
-        def forward(self, x, lv, tok, msk, z_prev, z_next, pooled):
-            return self.dit(x, lv, tok, msk), torch.zeros(len(z_prev)), torch.zeros(len(z_prev))
+    cfg = get_preset("tiny", latent_hw=(4, 4), text_dim=12, max_frames=t, causal=True)
+    student, teacher = _randomised(VideoDiT(cfg)), _randomised(VideoDiT(cfg)).eval()
 
     with torch.no_grad():
-        got = compute_losses(Model(student), inp, 1.0, 1.0, teacher, 1.0, 2.0)
+        got = compute_losses(_NoHeads(student), inp, 1.0, 1.0, teacher, 1.0, 2.0)
         alone = student(inp.cons_x, inp.cons_t[0].expand(b, 4), inp.ctrl_tokens[:, :4], inp.ctrl_mask[:, :4])
         want = consistency_loss(alone, inp, teacher)
-        without = compute_losses(Model(student), inp, 1.0, 1.0, teacher, 1.0)
+        without = compute_losses(_NoHeads(student), inp, 1.0, 1.0, teacher, 1.0)
     torch.testing.assert_close(got["loss/consistency"], want)
     assert float(want) > 1e-4 and "loss/consistency" not in without
     torch.testing.assert_close(got["loss/total"], without["loss/total"] + 2.0 * want)
@@ -517,10 +506,7 @@ def test_patch_inflation_computes_the_parent_on_the_pooled_latent():
     from world_model.train.dit import inflate_patch
 
     torch.manual_seed(0)
-    parent = VideoDiT(get_preset("tiny", latent_hw=(8, 8)))
-    with torch.no_grad():
-        for prm in parent.parameters():  # the final layer and the gates start at zero: randomise everything
-            prm.normal_(0.0, 0.2)
+    parent = _randomised(VideoDiT(get_preset("tiny", latent_hw=(8, 8))))
     pooled_parent = VideoDiT(get_preset("tiny", latent_hw=(4, 4)))  # same weights, the pooled grid's positions
     pooled_parent.load_state_dict(parent.state_dict())
     student = VideoDiT(get_preset("tiny", latent_hw=(8, 8), patch=2))

@@ -52,8 +52,13 @@ def sampler_config(world: WorldModel, mode: str | None = None, overrides: dict |
     Raises:
         UsageError: unknown fields (in the checkpoint or in ``overrides``), or invalid values.
     """
+    return sampler_config_from(world.sampler, mode, overrides)
+
+
+def sampler_config_from(stored: dict, mode: str | None = None, overrides: dict | None = None) -> SwinDPMConfig:
+    """:func:`sampler_config` from a world's stored ``sampler`` dict (its ``config.json``), unloaded."""
     known = {f.name for f in dataclasses.fields(SwinDPMConfig)}
-    unknown = sorted(set(world.sampler) - known)
+    unknown = sorted(set(stored) - known)
     if unknown:
         raise UsageError(f"checkpoint sampler settings have unknown fields {unknown}; known: {sorted(known)}")
     if overrides is not None and not isinstance(overrides, dict):
@@ -66,7 +71,7 @@ def sampler_config(world: WorldModel, mode: str | None = None, overrides: dict |
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise UsageError(f"sampler overrides have unknown fields {unknown}; known: {sorted(known)}")
-    settings = {**world.sampler, **overrides}
+    settings = {**stored, **overrides}
     if mode is not None:
         if mode not in MODES:
             raise UsageError(f"sampler_mode must be None or one of {MODES}, got {mode!r}")

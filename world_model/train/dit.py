@@ -612,6 +612,7 @@ def consistency_sampler(args: Args) -> SwinDPMConfig:
             context that do not fit.
     """
     from world_model.checkpoint import CheckpointError, _read_json
+    from world_model.simulator import sampler_config_from
 
     w, g, k = args.consistency_weight, args.consistency_groups, args.consistency_substeps
     if args.teacher is None:
@@ -632,20 +633,17 @@ def consistency_sampler(args: Args) -> SwinDPMConfig:
     if not isinstance(sampler, dict):
         raise UsageError(f"--consistency-weight {w}: --teacher {args.teacher} has no sampler settings (a train-dit "
                          "model dir?); give a world dir, whose level shift and context noise the student learns")
-    base = SwinDPMConfig()  # a world's sampler dict may leave settings at their defaults, as the env reads it
-    context = sampler.get("context", base.context)
-    if context != args.context:
-        raise UsageError(f"--consistency-weight {w}: the teacher world's sampler holds {context} context frames, "
-                         f"this run --context {args.context}")
-    if sampler.get("guidance", base.guidance) != 1.0:
-        raise UsageError(f"--consistency-weight {w}: the teacher world's sampler uses guidance "
-                         f"{sampler.get('guidance')}; the consistency target is unguided: give a world with guidance 1")
-    try:
-        return SwinDPMConfig(context=args.context, groups=g, steps_per_shift=k, mode="pipelined",
-                             ctx_noise=sampler.get("ctx_noise", base.ctx_noise),
-                             level_shift=sampler.get("level_shift", base.level_shift))
-    except (TypeError, ValueError) as err:
+    try:  # read as the env reads a world's sampler (defaults for missing fields, bad values named)
+        cfg = sampler_config_from(sampler, "pipelined", {"groups": g, "steps_per_shift": k})
+    except UsageError as err:
         raise UsageError(f"--consistency-weight {w}: --teacher {args.teacher}'s sampler settings: {err}") from err
+    if cfg.context != args.context:
+        raise UsageError(f"--consistency-weight {w}: the teacher world's sampler holds {cfg.context} context frames, "
+                         f"this run --context {args.context}")
+    if cfg.guidance != 1.0:
+        raise UsageError(f"--consistency-weight {w}: the teacher world's sampler uses guidance {cfg.guidance}; "
+                         "the consistency target is unguided: give a world with guidance 1")
+    return cfg
 
 
 @torch.no_grad()
@@ -845,7 +843,7 @@ def train(args: Args, command: list[str] | None = None) -> dict:
     scm_cfg = None
     if args.consistency_weight > 0:
         scm_cfg = consistency_sampler(args)
-    elif (args.consistency_groups, args.consistency_substeps) != (2, 2):
+    elif (args.consistency_groups, args.consistency_substeps) != (Args.consistency_groups, Args.consistency_substeps):
         raise UsageError(f"--consistency-groups {args.consistency_groups} / --consistency-substeps "
                          f"{args.consistency_substeps} set the sampler --consistency-weight distils: give a weight > 0")
     info = common.setup_distributed(args.device)
