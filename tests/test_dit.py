@@ -49,6 +49,7 @@ def cfg() -> DiTConfig:
         {"latent_channels": 8, "latent_hw": (9, 16)},
         {"patch": 2},
         {"latent_channels": 8, "latent_hw": (9, 16), "patch": 2},
+        {"latent_channels": 8, "latent_hw": (9, 16), "patch": 2, "patch_shift": 1},
     ],
 )
 def test_shape(cfg: DiTConfig, overrides: dict) -> None:
@@ -132,6 +133,10 @@ def test_too_many_frames(cfg: DiTConfig) -> None:
 def test_bad_config() -> None:
     with pytest.raises(ValueError, match="patch must be >= 1, got 0"):
         VideoDiT(replace(DIT_PRESETS["tiny"], patch=0))
+    with pytest.raises(ValueError, match=r"patch_shift must be in \[0, patch=2\), got 2"):
+        VideoDiT(replace(DIT_PRESETS["tiny"], patch=2, patch_shift=2))
+    with pytest.raises(ValueError, match=r"patch_shift must be in \[0, patch=1\), got 1"):
+        VideoDiT(replace(DIT_PRESETS["tiny"], patch_shift=1))
 
 
 def test_padded_patch_grid(cfg: DiTConfig) -> None:
@@ -151,7 +156,28 @@ def test_padded_patch_grid(cfg: DiTConfig) -> None:
     torch.testing.assert_close(out, want[..., :9, :], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"latent_channels": 8, "latent_hw": (9, 16), "patch": 2}])
+def test_shifted_patch_grid(cfg: DiTConfig) -> None:
+    """patch_shift=1 is the same DiT on the latent rolled left by one column, its velocity rolled back:
+    the grid moves, the token count (5x8 on 9x16 at patch 2) and the weights do not."""
+    cfg = replace(cfg, latent_channels=8, latent_hw=(9, 16), patch=2)
+    plain = make(cfg)
+    perturb_zero_init(plain)
+    shifted = VideoDiT(replace(cfg, patch_shift=1))
+    shifted.load_state_dict(plain.state_dict())
+    assert shifted.grid == plain.grid == (5, 8)
+    x, t, ctrl, mask = inputs(cfg, t=3)
+    with torch.no_grad():
+        got = shifted(x, t, ctrl, mask)  # (B, 3, 8, 9, 16)
+        want = plain(x.roll(-1, dims=-1), t, ctrl, mask).roll(1, dims=-1)
+        assert not torch.allclose(got, plain(x, t, ctrl, mask), atol=1e-4)  # the grid did move
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"latent_channels": 8, "latent_hw": (9, 16), "patch": 2},
+     {"latent_channels": 8, "latent_hw": (9, 16), "patch": 2, "patch_shift": 1}],
+)
 def test_context_cache_equals_the_full_window(cfg: DiTConfig, overrides: dict) -> None:
     """encode_context(first frames) + forward(later frames, cache) == forward(whole window)[later]."""
     cfg = replace(cfg, **overrides)

@@ -58,14 +58,17 @@ def test_exported_dit_matches_torch_at_any_batch_and_is_cached(world, cache: Pat
     assert wm_onnx.OnnxDiT.from_dit(world.dit, frames, tokens).path == files[0]
 
 
-def test_padded_patch_dit_exports(cache: Path) -> None:
-    """A DiT whose patch does not divide the latent (9x16 at patch 2: padded, then cropped) exports too."""
+@pytest.mark.parametrize("shift", [0, 1])
+def test_padded_patch_dit_exports(cache: Path, shift: int) -> None:
+    """A DiT whose patch does not divide the latent (9x16 at patch 2: padded, then cropped) exports too,
+    and so does one on a shifted grid (patch_shift: rolled, then rolled back)."""
     from dataclasses import replace
 
     from world_model.dit import DIT_PRESETS, VideoDiT
 
     torch.manual_seed(0)
-    dit = VideoDiT(replace(DIT_PRESETS["tiny"], latent_channels=8, latent_hw=(9, 16), patch=2, text_dim=16)).eval()
+    dit = VideoDiT(replace(DIT_PRESETS["tiny"], latent_channels=8, latent_hw=(9, 16), patch=2, patch_shift=shift,
+                                   text_dim=16)).eval()
     with torch.no_grad():
         for p in dit.parameters():
             p.add_(0.05 * torch.randn_like(p))  # leave adaLN-Zero's all-zero output

@@ -40,6 +40,12 @@ class DiTConfig:
     """Patch size; tokens per frame P = ceil(H / patch) * ceil(W / patch). A latent whose sides
     are not multiples of ``patch`` is zero-padded at the bottom/right and the output cropped back
     (9x16 at patch 2: 5x8 = 40 tokens instead of 144)."""
+    patch_shift: int = 0
+    """Columns the patch grid is moved by, in [0, patch): the latent is rolled left by this many columns
+    before patching and the velocity rolled back, so the grid lines fall elsewhere at no cost in tokens
+    (the wrapped token holds the latent's first and last columns; the spatial position table tells it
+    apart). CarRacing's car sits on latent columns 7-8 of 16, across a line of the patch-2 grid; with 1
+    its two columns share one token column (docs/EXPERIMENTS.md, "A patch grid around the car")."""
     dim: int = 192
     """D, hidden width."""
     depth: int = 6
@@ -291,6 +297,8 @@ class VideoDiT(nn.Module):
         h, w = cfg.latent_hw
         if cfg.patch < 1:
             raise ValueError(f"patch must be >= 1, got {cfg.patch}")
+        if not 0 <= cfg.patch_shift < cfg.patch:
+            raise ValueError(f"patch_shift must be in [0, patch={cfg.patch}), got {cfg.patch_shift}")
         if cfg.cross_every < 1:
             raise ValueError(f"cross_every must be >= 1, got {cfg.cross_every}")
         self.cfg = cfg
@@ -394,6 +402,9 @@ class VideoDiT(nn.Module):
         if offset + n_frames > self.cfg.max_frames:
             raise ValueError(f"T={offset + n_frames} exceeds max_frames={self.cfg.max_frames}")
 
+        s = self.cfg.patch_shift
+        if s:  # roll left: latent column s lands on the grid's first column (slices export to ONNX)
+            x = torch.cat([x[..., s:], x[..., :s]], dim=-1)  # (B, T, C, H, W)
         if any(self.pad):
             x = F.pad(x, (0, self.pad[1], 0, self.pad[0]))  # (B, T, C, gh*p, gw*p)
         # (B, T, P, C*p*p)
@@ -420,4 +431,7 @@ class VideoDiT(nn.Module):
         shift, scale = self.final_ada(c).chunk(2, dim=-1)  # 2 x (B, T, D)
         out = self.final(modulate(self.final_norm(tokens), shift, scale))  # (B, T, P, C*p*p)
         v = rearrange(out, "b t (gh gw) (c p1 p2) -> b t c (gh p1) (gw p2)", gh=self.grid[0], p1=p, p2=p)
-        return v[..., :h, :w], ContextCache(kv=kvs, frames=n_frames)  # (B, T, C, H, W)
+        v = v[..., :h, :w]  # (B, T, C, H, W)
+        if s:  # roll back right
+            v = torch.cat([v[..., w - s :], v[..., : w - s]], dim=-1)
+        return v, ContextCache(kv=kvs, frames=n_frames)  # (B, T, C, H, W)

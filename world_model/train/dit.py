@@ -88,6 +88,10 @@ class Args:
     """Patch size of the DiT's tokens (default: the preset's, 1). 2 on a 9x16 latent pads it to 10x16:
     40 tokens per frame instead of 144, ~3.3x less DiT time per env step (docs/EXPERIMENTS.md, "A fast world":
     trained from nothing, it lost the road)."""
+    patch_shift: int | None = None
+    """Columns the patch grid is moved by, in [0, patch) (default 0; DiTConfig.patch_shift): 1 at patch 2
+    puts CarRacing's car, latent columns 7-8, in one token column instead of across two. With --init-from
+    a parent on another grid, its weights are copied and only the grid moves."""
     causal: bool = True
     """Block-causal temporal attention (frame i attends frames <= i); --no-causal trains bidirectional."""
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
@@ -786,6 +790,8 @@ def warm_start(model: DiTWithHeads, model_dir: Path, dit_cfg: object, heads_cfg:
     if dit.cfg.patch == 1 and dit_cfg.patch > 1:  # inflate a patch-1 parent to this run's patches
         state = inflate_patch(state, dit_cfg.patch)
         dit.cfg = dataclasses.replace(dit.cfg, patch=dit_cfg.patch)
+    if dit.cfg.patch == dit_cfg.patch:  # same weights on a moved grid (--patch-shift)
+        dit.cfg = dataclasses.replace(dit.cfg, patch_shift=dit_cfg.patch_shift)
     for name, got, want in (("dit", dit.cfg, dit_cfg), ("heads", heads.cfg, heads_cfg)):
         if got != want:
             diff = {
@@ -825,6 +831,9 @@ def train(args: Args, command: list[str] | None = None) -> dict:
         raise UsageError(f"--stop-at {args.stop_at}: expected a step count >= 1 (or leave it out)")
     if args.patch is not None and args.patch < 1:
         raise UsageError(f"--patch {args.patch}: expected a patch size >= 1 (or leave it out: the preset's)")
+    patch = get_preset(args.preset).patch if args.patch is None else args.patch
+    if args.patch_shift is not None and not 0 <= args.patch_shift < patch:
+        raise UsageError(f"--patch-shift {args.patch_shift}: expected columns in [0, {patch}) (the patch size)")
     if args.max_minutes is not None and not (math.isfinite(args.max_minutes) and args.max_minutes > 0):
         raise UsageError(f"--max-minutes {args.max_minutes}: expected a number of minutes > 0 (or leave it out)")
     if not (math.isfinite(args.road_weight) and args.road_weight > 0):
@@ -905,6 +914,7 @@ def train(args: Args, command: list[str] | None = None) -> dict:
         max_frames=max(DiTConfig().max_frames, args.window),
         causal=args.causal,
         **({} if args.patch is None else {"patch": args.patch}),
+        **({} if args.patch_shift is None else {"patch_shift": args.patch_shift}),
     )
     heads_cfg = HeadsConfig(
         latent_channels=c, latent_hw=(h, w), text_dim=table.tokens.shape[-1], hidden=args.heads_hidden
