@@ -30,7 +30,7 @@ class BenchArgs:
     """Benchmark MatrixWorld env throughput against CarRacing-v3."""
 
     world: str = "default"
-    """A shipped world's name ("default", "hold") or a checkpoint directory."""
+    """A shipped world's name ("default", "hold", "fast") or a checkpoint directory."""
     steps: int = 30
     """Timed steps per configuration (after warm-up)."""
     quick: bool = False

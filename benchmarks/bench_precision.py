@@ -27,7 +27,7 @@ class PrecisionArgs:
     """Compare float32 / bfloat16 and eager / compiled DiT evaluation of the batched env."""
 
     world: str = "default"
-    """A shipped world's name ("default", "hold") or a checkpoint directory."""
+    """A shipped world's name ("default", "hold", "fast") or a checkpoint directory."""
     num_envs: int = 16
     """Streams in the batched env."""
     steps: int = 20

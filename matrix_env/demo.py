@@ -48,7 +48,7 @@ class DemoArgs:
     out: Path = Path("demo.mp4")
     """Output .mp4 path."""
     world: str = "default"
-    """A shipped world's name ("default", "hold") or a checkpoint directory."""
+    """A shipped world's name ("default", "hold", "fast") or a checkpoint directory."""
     seed: int = 0
     """Seed of the episode."""
     fps: int = 15

@@ -26,7 +26,7 @@ class PlayArgs:
     """Play MatrixWorld with the keyboard."""
 
     world: str = "default"
-    """A shipped world's name ("default", "hold") or a checkpoint directory."""
+    """A shipped world's name ("default", "hold", "fast") or a checkpoint directory."""
     seed: int = 0
     """Seed of the first episode."""
     fps: int = 15
