@@ -563,6 +563,9 @@ def test_distillation_targets_the_teacher_and_inflates_a_patch_1_parent(data, fo
     shifted = load_file(moved / "model" / "dit.safetensors")
     assert shifted.keys() == after.keys() and all(torch.equal(after[k], shifted[k]) for k in after)
     assert json.loads((moved / "model" / "dit_config.json").read_text())["patch_shift"] == 1
+    with pytest.raises(UsageError, match=r"config differs .*'patch_shift': \(1, 0\)"):  # never moved back silently
+        dit.main(dit_args((data, footage), latents, tmp_path / "back", "--init-from", str(moved / "model"),
+                          "--patch", "2"))  # fmt: skip
     with pytest.raises(UsageError, match=r"--patch-shift 2: expected columns in \[0, 2\)"):
         dit.main(dit_args((data, footage), latents, tmp_path / "bad", "--patch", "2", "--patch-shift", "2"))
     assert not (tmp_path / "bad").exists()

@@ -90,8 +90,9 @@ class Args:
     trained from nothing, it lost the road)."""
     patch_shift: int | None = None
     """Columns the patch grid is moved by, in [0, patch) (default 0; DiTConfig.patch_shift): 1 at patch 2
-    puts CarRacing's car, latent columns 7-8, in one token column instead of across two. With --init-from
-    a parent on another grid, its weights are copied and only the grid moves."""
+    puts CarRacing's car, latent columns 7-8, in one token column instead of across two. Given with
+    --init-from, a parent on another grid keeps its weights and only the grid moves; left out, the parent's
+    grid must be the preset's (e.g. fine-tuning world "fast" needs --patch 2 --patch-shift 1)."""
     causal: bool = True
     """Block-causal temporal attention (frame i attends frames <= i); --no-causal trains bidirectional."""
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
@@ -771,8 +772,11 @@ def load_teacher(model_dir: Path, dit_cfg: object, window: int, device: torch.de
     return teacher.to(device).eval().requires_grad_(False)
 
 
-def warm_start(model: DiTWithHeads, model_dir: Path, dit_cfg: object, heads_cfg: object) -> None:
-    """Copy the DiT + heads weights of a train-dit model dir into ``model`` (configs must match exactly)."""
+def warm_start(model: DiTWithHeads, model_dir: Path, dit_cfg: object, heads_cfg: object,
+               move_grid: bool = False) -> None:
+    """Copy the DiT + heads weights of a train-dit model dir into ``model`` (configs must match exactly,
+    but a patch-1 parent is inflated to larger patches and, with ``move_grid`` (``--patch-shift`` given),
+    a parent on another patch grid keeps its weights on this run's grid)."""
     from world_model.checkpoint import load_module
     from world_model.dit import DiTConfig, VideoDiT
     from world_model.heads import HeadsConfig, RewardTerminationHeads
@@ -790,7 +794,7 @@ def warm_start(model: DiTWithHeads, model_dir: Path, dit_cfg: object, heads_cfg:
     if dit.cfg.patch == 1 and dit_cfg.patch > 1:  # inflate a patch-1 parent to this run's patches
         state = inflate_patch(state, dit_cfg.patch)
         dit.cfg = dataclasses.replace(dit.cfg, patch=dit_cfg.patch)
-    if dit.cfg.patch == dit_cfg.patch:  # same weights on a moved grid (--patch-shift)
+    if move_grid and dit.cfg.patch == dit_cfg.patch:  # same weights on a moved grid
         dit.cfg = dataclasses.replace(dit.cfg, patch_shift=dit_cfg.patch_shift)
     for name, got, want in (("dit", dit.cfg, dit_cfg), ("heads", heads.cfg, heads_cfg)):
         if got != want:
@@ -921,7 +925,7 @@ def train(args: Args, command: list[str] | None = None) -> dict:
     )
     model = DiTWithHeads(VideoDiT(dit_cfg), RewardTerminationHeads(heads_cfg)).to(info.device)
     if args.init_from is not None and ckpt is None:  # on resume the checkpoint already holds the weights
-        warm_start(model, Path(args.init_from).expanduser(), dit_cfg, heads_cfg)
+        warm_start(model, Path(args.init_from).expanduser(), dit_cfg, heads_cfg, move_grid=args.patch_shift is not None)
     scm = None if scm_cfg is None else SwinDPM(scm_cfg, info.device)  # level tables on the device
     teacher = None if args.teacher is None else load_teacher(
         Path(args.teacher).expanduser(), dit_cfg, args.window, info.device
