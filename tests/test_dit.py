@@ -133,10 +133,12 @@ def test_too_many_frames(cfg: DiTConfig) -> None:
 def test_bad_config() -> None:
     with pytest.raises(ValueError, match="patch must be >= 1, got 0"):
         VideoDiT(replace(DIT_PRESETS["tiny"], patch=0))
-    with pytest.raises(ValueError, match=r"patch_shift must be in \[0, patch=2\), got 2"):
+    with pytest.raises(ValueError, match=r"patch_shift must be in \[0, patch=2\) .* got 2"):
         VideoDiT(replace(DIT_PRESETS["tiny"], patch=2, patch_shift=2))
-    with pytest.raises(ValueError, match=r"patch_shift must be in \[0, patch=1\), got 1"):
+    with pytest.raises(ValueError, match=r"patch_shift must be in \[0, patch=1\) .* got 1"):
         VideoDiT(replace(DIT_PRESETS["tiny"], patch_shift=1))
+    with pytest.raises(ValueError, match=r"below the latent width 2, got 3"):
+        VideoDiT(replace(DIT_PRESETS["tiny"], latent_hw=(2, 2), patch=4, patch_shift=3))
 
 
 def test_padded_patch_grid(cfg: DiTConfig) -> None:
@@ -156,15 +158,17 @@ def test_padded_patch_grid(cfg: DiTConfig) -> None:
     torch.testing.assert_close(out, want[..., :9, :], rtol=0, atol=0)
 
 
-def test_shifted_patch_grid(cfg: DiTConfig) -> None:
+@pytest.mark.parametrize("hw, grid", [((9, 16), (5, 8)), ((9, 15), (5, 8))])
+def test_shifted_patch_grid(cfg: DiTConfig, hw: tuple[int, int], grid: tuple[int, int]) -> None:
     """patch_shift=1 is the same DiT on the latent rolled left by one column, its velocity rolled back:
-    the grid moves, the token count (5x8 on 9x16 at patch 2) and the weights do not."""
-    cfg = replace(cfg, latent_channels=8, latent_hw=(9, 16), patch=2)
+    the grid moves, the token count (5x8 on 9x16 at patch 2) and the weights do not; with a padded
+    column (9x15) the padding stays at the right of the rolled latent."""
+    cfg = replace(cfg, latent_channels=8, latent_hw=hw, patch=2)
     plain = make(cfg)
     perturb_zero_init(plain)
     shifted = VideoDiT(replace(cfg, patch_shift=1))
     shifted.load_state_dict(plain.state_dict())
-    assert shifted.grid == plain.grid == (5, 8)
+    assert shifted.grid == plain.grid == grid
     x, t, ctrl, mask = inputs(cfg, t=3)
     with torch.no_grad():
         got = shifted(x, t, ctrl, mask)  # (B, 3, 8, 9, 16)

@@ -174,8 +174,8 @@ def test_world_names_and_paths(tmp_path: Path) -> None:
 
 
 def test_shipped_worlds_share_starts_and_differ_in_dynamics() -> None:
-    """Every shipped world has the default world's decoder and start contexts, and its own DiT: the same
-    start latents, then different ones under the same actions (a fine-tune: ~5% of the latent scale)."""
+    """Every shipped world has the default world's VAE and start contexts, and its own DiT (a fine-tune or,
+    for "fast", a distilled student): the same start latents, then different ones under the same actions."""
     latents = {}
     for name in SHIPPED_WORLDS:
         env = MatrixWorldEnv(world=name, obs_type="latent")

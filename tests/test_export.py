@@ -67,8 +67,8 @@ def test_padded_patch_dit_exports(cache: Path, shift: int) -> None:
     from world_model.dit import DIT_PRESETS, VideoDiT
 
     torch.manual_seed(0)
-    dit = VideoDiT(replace(DIT_PRESETS["tiny"], latent_channels=8, latent_hw=(9, 16), patch=2, patch_shift=shift,
-                                   text_dim=16)).eval()
+    cfg = replace(DIT_PRESETS["tiny"], latent_channels=8, latent_hw=(9, 16), patch=2, patch_shift=shift, text_dim=16)
+    dit = VideoDiT(cfg).eval()
     with torch.no_grad():
         for p in dit.parameters():
             p.add_(0.05 * torch.randn_like(p))  # leave adaLN-Zero's all-zero output
@@ -87,6 +87,18 @@ def test_export_key_follows_weights_and_window(world) -> None:
     assert key != wm_onnx.export_key(world.dit, 5, 4)
     other = build_tiny_world(seed=1).dit
     assert key != wm_onnx.export_key(other, 8, 4)
+
+
+def test_export_key_follows_the_patch_grid() -> None:
+    """Same weights on a moved patch grid (patch_shift) are another graph: another cache entry."""
+    from dataclasses import replace
+
+    from world_model.dit import DIT_PRESETS, VideoDiT
+
+    cfg = replace(DIT_PRESETS["tiny"], latent_channels=8, latent_hw=(9, 16), patch=2, text_dim=16)
+    plain, moved = VideoDiT(cfg), VideoDiT(replace(cfg, patch_shift=1))
+    moved.load_state_dict(plain.state_dict())
+    assert wm_onnx.export_key(plain, 6, 3) != wm_onnx.export_key(moved, 6, 3)
 
 
 def test_onnxruntime_backend_rollout_matches_torch(world, cache: Path) -> None:

@@ -547,7 +547,8 @@ def test_distillation_targets_the_teacher_and_inflates_a_patch_1_parent(data, fo
 
     run = tmp_path / "patch2"
     dit.main(dit_args((data, footage), latents, run, "--init-from", str(parent), "--teacher", str(parent),
-                      "--patch", "2", "--lr", "0", "--steps", "1", "--action-distill-weight", "1"))  # fmt: skip
+                      "--patch", "2", "--patch-shift", "1", "--lr", "0", "--steps", "1",
+                      "--action-distill-weight", "1"))  # fmt: skip
     before, after = load_file(parent / "dit.safetensors"), load_file(run / "model" / "dit.safetensors")
     assert after.keys() == before.keys()
     assert all(torch.equal(before[k], after[k]) for k in before if k.split(".")[0] not in ("patch_embed", "final"))
@@ -556,20 +557,21 @@ def test_distillation_targets_the_teacher_and_inflates_a_patch_1_parent(data, fo
     torch.testing.assert_close(after["final.bias"], before["final.bias"].repeat_interleave(4, 0))
     got = json.loads((run / "model" / "train_dit.json").read_text())["eval"]
     assert 1e-6 < got["eval/distill"] < got["eval/flow"]  # close to the teacher, not equal to it
+    assert got["eval/action"] >= 0.0  # reported (the 4-step parent barely responds to actions: near 0 here)
+    assert json.loads((run / "model" / "dit_config.json").read_text())["patch_shift"] == 1  # inflated and moved
 
-    moved = tmp_path / "shift1"  # the patch-2 student on a grid moved one column: same weights, new grid
+    moved = tmp_path / "shift0"  # that student's grid moved back one column: same weights, new grid
     dit.main(dit_args((data, footage), latents, moved, "--init-from", str(run / "model"), "--patch", "2",
-                      "--patch-shift", "1", "--lr", "0", "--steps", "1"))  # fmt: skip
+                      "--patch-shift", "0", "--lr", "0", "--steps", "1"))  # fmt: skip
     shifted = load_file(moved / "model" / "dit.safetensors")
     assert shifted.keys() == after.keys() and all(torch.equal(after[k], shifted[k]) for k in after)
-    assert json.loads((moved / "model" / "dit_config.json").read_text())["patch_shift"] == 1
-    with pytest.raises(UsageError, match=r"config differs .*'patch_shift': \(1, 0\)"):  # never moved back silently
-        dit.main(dit_args((data, footage), latents, tmp_path / "back", "--init-from", str(moved / "model"),
+    assert json.loads((moved / "model" / "dit_config.json").read_text())["patch_shift"] == 0
+    with pytest.raises(UsageError, match=r"'patch_shift': \(1, 0\)\} \(give --patch-shift 1 to keep"):  # not silently
+        dit.main(dit_args((data, footage), latents, tmp_path / "back", "--init-from", str(run / "model"),
                           "--patch", "2"))  # fmt: skip
     with pytest.raises(UsageError, match=r"--patch-shift 2: expected columns in \[0, 2\)"):
         dit.main(dit_args((data, footage), latents, tmp_path / "bad", "--patch", "2", "--patch-shift", "2"))
     assert not (tmp_path / "bad").exists()
-    assert got["eval/action"] >= 0.0  # reported (the 4-step parent barely responds to actions: near 0 here)
     with pytest.raises(UsageError, match="give --teacher"):
         dit.main([*dit_args((data, footage), latents, tmp_path / "nt"), "--action-distill-weight", "1"])
 

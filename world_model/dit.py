@@ -297,8 +297,9 @@ class VideoDiT(nn.Module):
         h, w = cfg.latent_hw
         if cfg.patch < 1:
             raise ValueError(f"patch must be >= 1, got {cfg.patch}")
-        if not 0 <= cfg.patch_shift < cfg.patch:
-            raise ValueError(f"patch_shift must be in [0, patch={cfg.patch}), got {cfg.patch_shift}")
+        if not 0 <= cfg.patch_shift < min(cfg.patch, w):
+            raise ValueError(f"patch_shift must be in [0, patch={cfg.patch}) and below the latent width {w}, "
+                             f"got {cfg.patch_shift}")
         if cfg.cross_every < 1:
             raise ValueError(f"cross_every must be >= 1, got {cfg.cross_every}")
         self.cfg = cfg

@@ -803,8 +803,11 @@ def warm_start(model: DiTWithHeads, model_dir: Path, dit_cfg: object, heads_cfg:
                 for k in dataclasses.asdict(want)
                 if getattr(got, k) != getattr(want, k)
             }
+            hint = ""
+            if "patch_shift" in diff:
+                hint = f" (give --patch-shift {got.patch_shift} to keep its patch grid, or another value to move it)"
             raise UsageError(
-                f"--init-from {model_dir}: its {name} config differs from this run's (found, expected): {diff}"
+                f"--init-from {model_dir}: its {name} config differs from this run's (found, expected): {diff}{hint}"
             )
     model.dit.load_state_dict(state)
     model.heads.load_state_dict({k: v for k, v in heads.state_dict().items() if not k.startswith("hazard.")})
