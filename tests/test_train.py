@@ -8,6 +8,7 @@ and bitwise equality between a resumed and an uninterrupted run needs equal thre
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -387,6 +388,36 @@ def test_action_distillation_runs_each_window_under_another_known_action():
     assert "loss/action" not in plain and float(other["loss/total"]) > float(plain["loss/total"])
 
 
+def test_focus_box_weighs_the_velocity_errors_inside_it():
+    """--focus-box / --focus-weight: the map has mean 1 and the given ratio; an error confined to the box
+    counts weight / mean(map) times its plain share in the flow loss (the action and consistency losses
+    square their errors through the same weighting)."""
+    from world_model.train.dit import Args, compute_losses, focus_map, make_inputs
+
+    m = focus_map((1, 3, 1, 3), 5.0, (4, 4), torch.device("cpu"))  # 4 of 16 positions inside
+    assert m.shape == (4, 4) and abs(float(m.mean()) - 1.0) < 1e-6
+    assert float(m[1, 1]) / float(m[0, 0]) == pytest.approx(5.0) and float(m[2, 2]) == pytest.approx(2.5)
+    box_only = focus_map((1, 3, 1, 3), math.inf, (4, 4), torch.device("cpu"))
+    assert float(box_only[0, 0]) == 0.0 and float(box_only[1, 2]) == pytest.approx(4.0)
+
+    table, batch = _toy_batch(3, 6)
+    delta = torch.zeros(4, 4)
+    delta[1:3, 1:3] = 1.0  # the student is off by 1 inside the box only
+
+    class Off(torch.nn.Module):  # a DiT with heads whose velocity is the target plus delta
+        def forward(self, x, lv, tok, msk, z_prev, z_next, pooled):
+            return self.target + delta, torch.zeros(len(z_prev)), torch.zeros(len(z_prev))
+
+    flows = {}
+    for w in (1.0, 5.0):
+        args = Args(data=(), latents=(), focus_box=None if w == 1.0 else (1, 3, 1, 3), focus_weight=w)
+        inp = make_inputs(batch, table, args, torch.Generator().manual_seed(0), torch.device("cpu"))
+        model = Off()
+        model.target = inp.v_target
+        flows[w] = float(compute_losses(model, inp, 1.0, 1.0)["loss/flow"])
+    assert flows[1.0] == pytest.approx(0.25) and flows[5.0] == pytest.approx(0.25 * 2.5)  # 4/16 inside, x 5/2
+
+
 def test_stream_consistency_targets_the_teachers_mean_velocity_over_one_shift():
     """--consistency-weight: the sampler's window before a shift (its levels, context at ctx_noise), and a
     target that is the teacher's k Euler steps' mean velocity: exact for a linear teacher, 0 for a constant one."""
@@ -574,6 +605,23 @@ def test_distillation_targets_the_teacher_and_inflates_a_patch_1_parent(data, fo
     assert not (tmp_path / "bad").exists()
     with pytest.raises(UsageError, match="give --teacher"):
         dit.main([*dit_args((data, footage), latents, tmp_path / "nt"), "--action-distill-weight", "1"])
+
+    focus = tmp_path / "focus"  # the teacher's own weights with the car's box weighed 4x: still zero, box reported
+    dit.main(dit_args((data, footage), latents, focus, "--init-from", str(parent), "--teacher", str(parent),
+                      "--lr", "0", "--steps", "1", "--focus-box", "5", "8", "7", "9",
+                      "--focus-weight", "4"))  # fmt: skip
+    got = json.loads((focus / "model" / "train_dit.json").read_text())["eval"]
+    assert got["eval/focus"] < 1e-10 and got["eval/distill"] < 1e-10 < 1e-3 < got["eval/flow"]
+    for bad, match in (
+        (["--focus-box", "5", "10", "7", "9", "--focus-weight", "4"], r"--focus-box 5 10 7 9: expected .* 9x16"),
+        (["--focus-box", "5", "5", "7", "9", "--focus-weight", "4"], r"0 <= ROW0 < ROW1 <= 9"),
+        (["--focus-box", "5", "8", "7", "9"], "give both"),
+        (["--focus-weight", "4"], "give both"),
+        (["--focus-box", "5", "8", "7", "9", "--focus-weight", "0"], r"--focus-weight 0.0: expected a finite"),
+    ):
+        with pytest.raises(UsageError, match=match):
+            dit.main([*dit_args((data, footage), latents, tmp_path / "badfocus"), *bad])
+        assert not (tmp_path / "badfocus").exists()
 
     with pytest.raises(UsageError, match="at most 16 frames"):
         dit.main([*dit_args((data, footage), latents, tmp_path / "long", "--teacher", str(parent)),

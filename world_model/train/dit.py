@@ -186,6 +186,17 @@ class Args:
     frame, off it in the last. 1 = off. Generated roads stay under a car that ignores them (a held
     "D" keeps the road far longer than in the game; docs/EXPERIMENTS.md); these are the windows that
     show the opposite."""
+    focus_box: tuple[int, int, int, int] | None = None
+    """ROW0 ROW1 COL0 COL1: a box of latent positions (rows ROW0..ROW1-1, columns COL0..COL1-1 of the
+    latent grid) whose velocity errors weigh --focus-weight times the rest in every velocity loss (flow
+    or distillation, action, consistency). For what the camera keeps in one place and the eye checks
+    first: CarRacing's car sits in rows 5-7, columns 7-8 of the 9x16 latent (``5 8 7 9``), 6 of 144
+    positions, so a plain mean barely sees it (the 2x2-patch students fade it; docs/EXPERIMENTS.md,
+    "A loss that looks at the car"). The weights are scaled to mean 1 over the frame, so the loss keeps its
+    scale; held-out eval/flow and eval/distill stay unweighted (comparable across runs) and eval/focus adds
+    the error inside the box alone."""
+    focus_weight: float = 1.0
+    """Weight of the --focus-box positions' velocity errors relative to the others' (1 = off)."""
     heads_hidden: int = 128
     """Width of the heads (HeadsConfig.hidden)."""
     bf16: bool = False
@@ -435,6 +446,17 @@ class StepInputs:
     cons_x: torch.Tensor | None = None  # (B, L, C, H, W): context noised to ctx_noise, frames in flight at their level
     cons_t: torch.Tensor | None = None  # (k, L): the teacher's model-input times for each of its k Euler steps
     cons_dt: torch.Tensor | None = None  # (k, G): the level change of the frames in flight at each Euler step
+    focus: torch.Tensor | None = None  # (H, W), mean 1: weights of the velocity errors by latent position (--focus-box)
+
+
+def focus_map(box: tuple[int, int, int, int], weight: float, hw: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """(H, W) weights of the velocity errors: ``weight`` inside ``box`` (rows r0..r1-1, columns c0..c1-1),
+    1 outside, scaled to mean 1 (``weight`` = inf: the box alone, i.e. the mean error inside it)."""
+    r0, r1, c0, c1 = box
+    inside = torch.zeros(hw, device=device)  # (H, W)
+    inside[r0:r1, c0:c1] = 1.0
+    w = inside if math.isinf(weight) else 1.0 + (weight - 1.0) * inside
+    return w / w.mean()
 
 
 def make_inputs(
@@ -509,6 +531,7 @@ def make_inputs(
         cons_x=None if cons is None else cons[0],
         cons_t=None if cons is None else cons[1],
         cons_dt=None if cons is None else cons[2],
+        focus=None if args.focus_box is None else focus_map(args.focus_box, args.focus_weight, x0.shape[-2:], device),
     )
 
 
@@ -555,12 +578,12 @@ def compute_losses(
         with torch.no_grad():
             vt_all = teacher(x_t, t, tokens, mask).float()  # (B or 2B, T, C, H, W)
         v_target = vt_all[:b]
-    per_frame = (v.float() - v_target).pow(2).mean(dim=(2, 3, 4))  # (B, T)
+    per_frame = _squared(v.float() - v_target, inp.focus).mean(dim=(2, 3, 4))  # (B, T)
     flow = (per_frame * inp.weight).sum() / inp.weight.sum().clamp(min=1e-8)
     action = None
     if contrast:
         dv = (v_all[:b] - v_all[b : 2 * b]).float() - (vt_all[:b] - vt_all[b:])  # (B, T, C, H, W)
-        per_frame = dv.pow(2).mean(dim=(2, 3, 4))  # (B, T)
+        per_frame = _squared(dv, inp.focus).mean(dim=(2, 3, 4))  # (B, T)
         action = (per_frame * inp.weight).sum() / inp.weight.sum().clamp(min=1e-8)
     consistency = None
     if consist:
@@ -587,6 +610,11 @@ def compute_losses(
     return out
 
 
+def _squared(err: torch.Tensor, focus: torch.Tensor | None) -> torch.Tensor:
+    """err ** 2 (..., H, W), weighted by latent position when a focus map (H, W) is given."""
+    return err.pow(2) if focus is None else err.pow(2) * focus
+
+
 def consistency_loss(v: torch.Tensor, inp: StepInputs, teacher: nn.Module) -> torch.Tensor:
     """Stream consistency: the student's one-call velocity ``v`` (B, L, C, H, W) on the sampler's window
     ``inp.cons_x`` against the teacher's mean velocity over the shift, from its k Euler steps over the
@@ -602,7 +630,7 @@ def consistency_loss(v: torch.Tensor, inp: StepInputs, teacher: nn.Module) -> to
             x[:, -g:] += inp.cons_dt[j][None, :, None, None, None] * vj[:, -g:]
         span = inp.cons_dt.sum(dim=0)[None, :, None, None, None]  # (1, G, 1, 1, 1): t_after - t_before < 0
         target = (x[:, -g:] - inp.cons_x[:, -g:].float()) / span  # (B, G, C, H, W)
-    return (v[:, -g:].float() - target).pow(2).mean()
+    return _squared(v[:, -g:].float() - target, inp.focus).mean()
 
 
 def consistency_sampler(args: Args) -> SwinDPMConfig:
@@ -670,7 +698,7 @@ def evaluate(
         eval/reward_mae and eval/termination_accuracy (over labelled transitions, when there are any).
     """
     model.eval()
-    eval_args = dataclasses.replace(args, ctrl_dropout=0.0)
+    eval_args = dataclasses.replace(args, ctrl_dropout=0.0, focus_box=None)  # unweighted: comparable across runs
     gen = torch.Generator(device=device).manual_seed(12345)
     extra = torch.Generator(device=device).manual_seed(54321)  # distillation-only draws: gen's stream unchanged
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False)
@@ -682,6 +710,11 @@ def evaluate(
         inp = make_inputs(batch, table, eval_args, gen, device, scm, extra)
         for k, v in compute_losses(model, inp, pos_weight, args.heads_weight).items():
             sums[k] = sums.get(k, 0.0) + float(v)
+        if args.focus_box is not None:  # eval/focus: the distillation (or flow) error inside the box alone
+            box = dataclasses.replace(inp, focus=focus_map(args.focus_box, math.inf, inp.x_t.shape[-2:], device))
+            sums["loss/focus"] = sums.get("loss/focus", 0.0) + float(
+                compute_losses(model, box, pos_weight, args.heads_weight, teacher)["loss/flow"]
+            )
         if teacher is not None:
             got = compute_losses(model, inp, pos_weight, args.heads_weight, teacher, args.action_distill_weight,
                                  args.consistency_weight)
@@ -849,6 +882,11 @@ def train(args: Args, command: list[str] | None = None) -> dict:
         raise UsageError(f"--curve-weight {args.curve_weight}: expected a finite number > 0 (1 = off)")
     if not (math.isfinite(args.leave_weight) and args.leave_weight > 0):
         raise UsageError(f"--leave-weight {args.leave_weight}: expected a finite number > 0 (1 = off)")
+    if not (math.isfinite(args.focus_weight) and args.focus_weight > 0):
+        raise UsageError(f"--focus-weight {args.focus_weight}: expected a finite number > 0 (1 = off)")
+    if (args.focus_box is None) != (args.focus_weight == 1.0):
+        raise UsageError(f"--focus-box {args.focus_box} / --focus-weight {args.focus_weight}: give both (a box and "
+                         "a weight other than 1) or neither")
     if not (math.isfinite(args.action_distill_weight) and args.action_distill_weight >= 0):
         raise UsageError(f"--action-distill-weight {args.action_distill_weight}: expected a finite number >= 0")
     if args.action_distill_weight > 0 and args.teacher is None:
@@ -869,6 +907,11 @@ def train(args: Args, command: list[str] | None = None) -> dict:
     caches, lat_infos = resolve_caches(args.data, args.latents)
     lat_info = lat_infos[0]
     c, h, w = lat_info["latent_shape"]
+    if args.focus_box is not None:
+        r0, r1, c0, c1 = args.focus_box
+        if not (0 <= r0 < r1 <= h and 0 <= c0 < c1 <= w):
+            raise UsageError(f"--focus-box {r0} {r1} {c0} {c1}: expected ROW0 ROW1 COL0 COL1 with 0 <= ROW0 < ROW1 <= "
+                             f"{h} and 0 <= COL0 < COL1 <= {w} (the latent is {h}x{w})")
 
     if args.teacher is not None:
         check_teacher_causal(args.teacher, args.causal)
