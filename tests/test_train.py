@@ -392,7 +392,7 @@ def test_focus_box_weighs_the_velocity_errors_inside_it():
     """--focus-box / --focus-weight: the map has mean 1 and the given ratio; an error confined to the box
     counts weight / mean(map) times its plain share in the flow loss (the action and consistency losses
     square their errors through the same weighting)."""
-    from world_model.train.dit import Args, compute_losses, focus_map, make_inputs
+    from world_model.train.dit import Args, compute_losses, evaluate, focus_map, make_inputs
 
     m = focus_map((1, 3, 1, 3), 5.0, (4, 4), torch.device("cpu"))  # 4 of 16 positions inside
     assert m.shape == (4, 4) and abs(float(m.mean()) - 1.0) < 1e-6
@@ -416,6 +416,31 @@ def test_focus_box_weighs_the_velocity_errors_inside_it():
         model.target = inp.v_target
         flows[w] = float(compute_losses(model, inp, 1.0, 1.0)["loss/flow"])
     assert flows[1.0] == pytest.approx(0.25) and flows[5.0] == pytest.approx(0.25 * 2.5)  # 4/16 inside, x 5/2
+
+    class Zero(torch.nn.Module):  # a student with heads that predicts zero velocity
+        def forward(self, x, lv, tok, msk, z_prev, z_next, pooled):
+            return torch.zeros_like(x), torch.zeros(len(z_prev)), torch.zeros(len(z_prev))
+
+        def heads(self, z_prev, z_next, pooled):
+            return torch.zeros(len(z_prev)), torch.zeros(len(z_prev))
+
+    class InBox(torch.nn.Module):  # a teacher whose velocity is delta times a number its action's tokens give
+        def forward(self, x, lv, tok, msk):
+            return delta * tok[:, :, 0, :1, None, None]  # (B, T, 1, 4, 4): every error lies in the box
+
+    got = {}
+    for w in (1.0, 5.0):
+        args = Args(data=(), latents=(), action_distill_weight=1.0, context=2, window=6,
+                    focus_box=None if w == 1.0 else (1, 3, 1, 3), focus_weight=w)  # fmt: skip
+        inp = make_inputs(batch, table, args, torch.Generator().manual_seed(0), torch.device("cpu"))
+        got[w] = compute_losses(Zero(), inp, 1.0, 1.0, InBox(), action_weight=1.0)
+        dataset = [{k: v[i] for k, v in batch.items()} for i in range(3)]
+        got[w] |= evaluate(Zero(), dataset, table, args, 1.0, torch.device("cpu"), InBox())
+    for key in ("loss/flow", "loss/action"):  # the distillation and the action's effect, both x 5/2
+        assert float(got[1.0][key]) > 0 and float(got[5.0][key]) == pytest.approx(2.5 * float(got[1.0][key]))
+    assert got[5.0]["eval/distill"] == pytest.approx(got[1.0]["eval/distill"])  # held-out losses unweighted
+    assert got[5.0]["eval/action"] == pytest.approx(got[1.0]["eval/action"])
+    assert "eval/focus" not in got[1.0] and got[5.0]["eval/focus"] == pytest.approx(4 * got[5.0]["eval/distill"])
 
 
 def test_stream_consistency_targets_the_teachers_mean_velocity_over_one_shift():
@@ -613,8 +638,10 @@ def test_distillation_targets_the_teacher_and_inflates_a_patch_1_parent(data, fo
     got = json.loads((focus / "model" / "train_dit.json").read_text())["eval"]
     assert got["eval/focus"] < 1e-10 and got["eval/distill"] < 1e-10 < 1e-3 < got["eval/flow"]
     for bad, match in (
-        (["--focus-box", "5", "10", "7", "9", "--focus-weight", "4"], r"--focus-box 5 10 7 9: expected .* 9x16"),
+        (["--focus-box", "5", "10", "7", "9", "--focus-weight", "4"], r"--focus-box 5 10 7 9: .*latent \(9x16\)"),
         (["--focus-box", "5", "5", "7", "9", "--focus-weight", "4"], r"0 <= ROW0 < ROW1 <= 9"),
+        (["--focus-box", "-1", "8", "7", "9", "--focus-weight", "4"], r"--focus-box -1 8 7 9: expected"),
+        (["--focus-box", "0", "9", "0", "16", "--focus-weight", "4"], r"not the whole latent \(9x16\)"),
         (["--focus-box", "5", "8", "7", "9"], "give both"),
         (["--focus-weight", "4"], "give both"),
         (["--focus-box", "5", "8", "7", "9", "--focus-weight", "0"], r"--focus-weight 0.0: expected a finite"),

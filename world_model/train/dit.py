@@ -193,8 +193,8 @@ class Args:
     first: CarRacing's car sits in rows 5-7, columns 7-8 of the 9x16 latent (``5 8 7 9``), 6 of 144
     positions, so a plain mean barely sees it (the 2x2-patch students fade it; docs/EXPERIMENTS.md,
     "A loss that looks at the car"). The weights are scaled to mean 1 over the frame, so the loss keeps its
-    scale; held-out eval/flow and eval/distill stay unweighted (comparable across runs) and eval/focus adds
-    the error inside the box alone."""
+    scale, but the training log's loss/* are weighted; held-out eval/* stay unweighted (comparable across
+    runs) and eval/focus adds the error inside the box alone (one more pass of both DiTs per eval batch)."""
     focus_weight: float = 1.0
     """Weight of the --focus-box positions' velocity errors relative to the others' (1 = off)."""
     heads_hidden: int = 128
@@ -694,7 +694,9 @@ def evaluate(
 
     Returns:
         eval/{total,flow,reward,termination} losses (flow against the data's target, comparable across
-        runs), eval/distill (the flow loss against the ``teacher``'s velocity, with one), and
+        runs), eval/distill (the flow loss against the ``teacher``'s velocity, with one), eval/action and
+        eval/consistency (with their options), all unweighted by ``--focus-box``; eval/focus (with a box:
+        the error inside it alone, against the teacher when there is one, else the data's target); and
         eval/reward_mae and eval/termination_accuracy (over labelled transitions, when there are any).
     """
     model.eval()
@@ -885,7 +887,8 @@ def train(args: Args, command: list[str] | None = None) -> dict:
     if not (math.isfinite(args.focus_weight) and args.focus_weight > 0):
         raise UsageError(f"--focus-weight {args.focus_weight}: expected a finite number > 0 (1 = off)")
     if (args.focus_box is None) != (args.focus_weight == 1.0):
-        raise UsageError(f"--focus-box {args.focus_box} / --focus-weight {args.focus_weight}: give both (a box and "
+        box = "(none)" if args.focus_box is None else " ".join(map(str, args.focus_box))
+        raise UsageError(f"--focus-box {box} / --focus-weight {args.focus_weight}: give both (a box and "
                          "a weight other than 1) or neither")
     if not (math.isfinite(args.action_distill_weight) and args.action_distill_weight >= 0):
         raise UsageError(f"--action-distill-weight {args.action_distill_weight}: expected a finite number >= 0")
@@ -909,9 +912,9 @@ def train(args: Args, command: list[str] | None = None) -> dict:
     c, h, w = lat_info["latent_shape"]
     if args.focus_box is not None:
         r0, r1, c0, c1 = args.focus_box
-        if not (0 <= r0 < r1 <= h and 0 <= c0 < c1 <= w):
+        if not (0 <= r0 < r1 <= h and 0 <= c0 < c1 <= w) or (r1 - r0, c1 - c0) == (h, w):
             raise UsageError(f"--focus-box {r0} {r1} {c0} {c1}: expected ROW0 ROW1 COL0 COL1 with 0 <= ROW0 < ROW1 <= "
-                             f"{h} and 0 <= COL0 < COL1 <= {w} (the latent is {h}x{w})")
+                             f"{h} and 0 <= COL0 < COL1 <= {w}, not the whole latent ({h}x{w})")
 
     if args.teacher is not None:
         check_teacher_causal(args.teacher, args.causal)
