@@ -24,9 +24,8 @@ ENV_ID = "MatrixWorld-v0"
 # "hold"; "hold" is fine-tuned on open-loop holds, so ignoring the road costs what it costs in the
 # real game: the world to train agents in (docs/EXPERIMENTS.md, "Data that punishes ignoring the road"
 # and "The float32 agent test on a GPU"); "fast" is the default world's DiT distilled into 2x2 latent
-# patches, run with 2 frames in flight and a small observation decoder: 3.6-3.7x the default's batched
-# env steps/s for agents on a CPU, with a car that fades under a held straight action (docs/EXPERIMENTS.md,
-# "A patch grid around the car").
+# patches, run with 2 frames in flight and a small observation decoder: 4.0-4.4x the default's batched
+# env steps/s for agents on a CPU, with a coarser picture (docs/EXPERIMENTS.md, "A loss that looks at the car").
 WORLDS_DIR = Path(__file__).resolve().parent / "worlds"
 SHIPPED_WORLDS = ("default", "hold", "fast")
 DEFAULT_WORLD = WORLDS_DIR / "default"

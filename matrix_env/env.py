@@ -272,7 +272,7 @@ class MatrixWorldEnv(gym.Env[np.ndarray, np.int64]):
              sampler=None, backend="torch", termination=None, obs_decoder=True)
     ```
     * ``world``: a shipped world's name, ``"default"`` (used when None), ``"hold"`` (the world for
-      training agents that go to the real game; README) or ``"fast"`` (batched agents on a CPU: 3.6-3.7x
+      training agents that go to the real game; README) or ``"fast"`` (batched agents on a CPU: 4.0-4.4x
       the default's env steps/s, a coarser picture; README), a checkpoint directory, or a loaded
       :class:`~world_model.checkpoint.WorldModel`.
     * ``render_mode``: None, "rgb_array" (720p frames) or "human" (a pygame window).
