@@ -390,8 +390,8 @@ def test_action_distillation_runs_each_window_under_another_known_action():
 
 def test_focus_box_weighs_the_velocity_errors_inside_it():
     """--focus-box / --focus-weight: the map has mean 1 and the given ratio; an error confined to the box
-    counts weight / mean(map) times its plain share in the flow loss (the action and consistency losses
-    square their errors through the same weighting)."""
+    counts weight / mean(map) times its plain share in the flow (distillation) and action losses, while the
+    held-out eval/* stay unweighted and eval/focus is the error inside the box alone."""
     from world_model.train.dit import Args, compute_losses, evaluate, focus_map, make_inputs
 
     m = focus_map((1, 3, 1, 3), 5.0, (4, 4), torch.device("cpu"))  # 4 of 16 positions inside
